@@ -1,0 +1,324 @@
+"""The iCD edit loop over backend sessions (``icd_spec.md`` §7.2). No backend branches here.
+
+>>> editor = Editor.open("bundle")
+>>> inv = editor.invert("cat.png", "a photo of a cat", seed=0)
+>>> dog = editor.edit(inv, "a photo of a dog", blend=("cat", "dog"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from icd_edge import p2p
+from icd_edge.errors import InputError
+from icd_edge.image import array_to_pil, image_to_tensor, load_image, tensor_to_array
+from icd_edge.manifest import Bundle, open_bundle
+from icd_edge.schedule import consistency_step, dynamic_guidance
+from icd_edge.tokenizer import ClipTokenizer, Tokens
+
+MODES = ("auto", "refine", "replace")
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """A photo encoded to noise by the forward model; reusable for any number of edits.
+
+    Attributes:
+        latent: (1, 4, h, w) float32 x_999 (read-only).
+        source_prompt: the prompt the photo was inverted with.
+        seed: seed of the t = 19 start noise.
+        image_size: (width, height) of the input photo.
+        bundle_id: the bundle it belongs to (edits with another bundle are refused).
+    """
+
+    latent: np.ndarray
+    source_prompt: str
+    seed: int
+    image_size: tuple[int, int]
+    bundle_id: str
+
+
+def _check_prompt(prompt, what: str) -> str:
+    if not isinstance(prompt, str):
+        raise InputError(f"{what} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise InputError(f"{what} is empty; describe the picture, e.g. 'a photo of a cat'")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in prompt):
+        raise InputError(f"{what} contains control characters; remove them")
+    return prompt
+
+
+def _check_range(value, lo: float, hi: float, what: str, hint: str = "") -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number in [{lo:g}, {hi:g}], got {value!r}") from None
+    if not (math.isfinite(v) and lo <= v <= hi):
+        raise InputError(f"{what} must be in [{lo:g}, {hi:g}], got {value!r}{hint}")
+    return v
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return int(seed)
+
+
+class Editor:
+    """Runs invert / edit / reconstruct / generate from one bundle on one backend.
+
+    Sessions open lazily on first use and stay open; the object is safe to share between
+    threads (sessions are created under a lock and runs are independent).
+
+    Args:
+        bundle: an opened :class:`~icd_edge.manifest.Bundle`.
+        backend: a backend instance (see :func:`icd_edge.runtimes.select_backend`).
+        progress: show a progress bar on calls that take more than a second.
+    """
+
+    def __init__(self, bundle: Bundle, backend, progress: bool = False):
+        self.bundle = bundle
+        self.backend = backend
+        self.progress = progress
+        self.profile: list[tuple[str, float]] | None = None  # set to [] to record (stage, ms)
+        m = bundle.manifest
+        self.image_hw = int(m["dims"]["H"])
+        self.latent_hw = int(m["dims"]["h"])
+        self.vae_scale = float(m["vae"]["scaling_factor"])
+        self.forward_steps = [(int(t), int(s), float(c1), float(c2)) for (t, s), (c1, c2) in
+                              zip(m["schedule"]["forward"], m["schedule"]["coefficients"]["forward"])]
+        self.reverse_steps = [(int(t), int(s), float(c1), float(c2)) for (t, s), (c1, c2) in
+                              zip(m["schedule"]["reverse"], m["schedule"]["coefficients"]["reverse"])]
+        self.start_a, self.start_sigma = m["schedule"]["encoder_start"]["alpha_sigma"]
+        self.max_guidance = float(m["guidance"]["max"])
+        self.blend_threshold = float(m["p2p"]["blend_threshold"])
+        self.tokenizer = ClipTokenizer(bundle.path(m["tokenizer"]["file"]))
+        self._sessions: dict = {}
+        self._lock = threading.Lock()
+        self._prompt_cache: dict[str, tuple[Tokens, np.ndarray]] = {}
+
+    @classmethod
+    def open(cls, bundle: str | Path | Bundle, backend: str = "auto", *, verify: bool = True,
+             progress: bool = False, **backend_options) -> "Editor":
+        """Open a bundle folder and pick a backend (``"auto"``, ``"onnxruntime"``, ``"torch"``, ...)."""
+        from icd_edge.runtimes import select_backend
+
+        b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
+        return cls(b, select_backend(backend, b, **backend_options), progress=progress)
+
+    # ------------------------------------------------------------------ plumbing
+    def _session(self, graph: str):
+        with self._lock:
+            if graph not in self._sessions:
+                with self._timed(f"load:{graph}"):
+                    self._sessions[graph] = self.backend.open_session(self.bundle, graph)
+            return self._sessions[graph]
+
+    def _run(self, graph: str, stage: str, **feeds) -> dict[str, np.ndarray]:
+        sess = self._session(graph)
+        with self._timed(stage):
+            return sess.run(feeds)
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        if self.profile is not None:
+            self.profile.append((stage, (time.perf_counter() - t0) * 1000.0))
+
+    def _bar(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, delay=1.0, disable=not self.progress, leave=False)
+
+    def close(self) -> None:
+        with self._lock:
+            for s in self._sessions.values():
+                s.close()
+            self._sessions.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def encode_prompt(self, prompt: str) -> tuple[Tokens, np.ndarray]:
+        """(tokens, (1, 77, D) embedding); cached per prompt."""
+        with self._lock:
+            hit = self._prompt_cache.get(prompt)
+        if hit is not None:
+            return hit
+        tokens = self.tokenizer(prompt)
+        emb = self._run("text_encoder", "text_encoder", input_ids=tokens.ids[None])["last_hidden_state"]
+        with self._lock:
+            if len(self._prompt_cache) > 64:
+                self._prompt_cache.clear()
+            self._prompt_cache[prompt] = (tokens, emb)
+        return tokens, emb
+
+    def _wemb(self, w: float) -> np.ndarray:
+        return self.bundle.guidance_embedding(w)[None]
+
+    def _decode(self, latent: np.ndarray, output_type: str):
+        img = self._run("vae_decoder", "vae_decoder", latent=(latent / np.float32(self.vae_scale)).astype(np.float32))["image"]
+        arr = tensor_to_array(img)
+        return arr if output_type == "np" else array_to_pil(arr)
+
+    def _check_inversion(self, inv) -> None:
+        if not isinstance(inv, Inversion):
+            raise InputError(f"expected an Inversion from Editor.invert, got {type(inv).__name__}")
+        if inv.bundle_id != self.bundle.bundle_id:
+            raise InputError("this inversion was made with another bundle; invert the photo again with this editor")
+
+    @staticmethod
+    def _check_output_type(output_type: str) -> None:
+        if output_type not in ("pil", "np"):
+            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+    # ------------------------------------------------------------------ public API
+    def invert(self, image, source_prompt: str, *, seed: int = 0) -> Inversion:
+        """Encode a photo to x_999 with the forward model under the source prompt (w = 0).
+
+        Args:
+            image: a path, PIL image or HxWx3 uint8 array; resized to the bundle's side.
+            source_prompt: what the photo shows.
+            seed: seed of the noise added at t = 19 (numpy PCG64).
+        """
+        _check_prompt(source_prompt, "source prompt")
+        seed = _check_seed(seed)
+        img = load_image(image)
+        with self._bar(2 + len(self.forward_steps), "invert") as bar:
+            _, emb = self.encode_prompt(source_prompt)
+            pixels = image_to_tensor(img, self.image_hw)
+            z0 = self._run("vae_encoder", "vae_encoder", image=pixels)["latent_mean"] * np.float32(self.vae_scale)
+            bar.update(2)
+            noise = np.random.default_rng(seed).standard_normal(z0.shape, dtype=np.float32)
+            x = (np.float32(self.start_a) * z0 + np.float32(self.start_sigma) * noise).astype(np.float32)
+            w0 = self._wemb(0.0)
+            for i, (t, _s, c1, c2) in enumerate(self.forward_steps):
+                eps = self._run("unet_forward", f"forward_{i}", sample=x, timestep=np.array([t], np.float32),
+                                encoder_hidden_states=emb, timestep_cond=w0)["eps"]
+                x = consistency_step(x, eps, c1, c2)
+                bar.update(1)
+        x.setflags(write=False)
+        return Inversion(x, source_prompt, seed, img.size, self.bundle.bundle_id)
+
+    def edit_controls(self, source_prompt: str, target_prompt: str, *, cross_replace: float = 0.2,
+                      self_replace: float = 0.2, amplify: dict | None = None, blend=None,
+                      mode: str = "auto") -> p2p.EditControls:
+        """The Prompt-to-Prompt inputs for an edit (validated)."""
+        cross_replace = _check_range(cross_replace, 0.0, 1.0, "cross_replace")
+        self_replace = _check_range(self_replace, 0.0, 1.0, "self_replace")
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        src_tok, _ = self.tokenizer(source_prompt), None
+        tgt_tok = self.tokenizer(target_prompt)
+        same_words = len(source_prompt.split(" ")) == len(target_prompt.split(" "))
+        if mode == "replace" or (mode == "auto" and same_words):
+            token_map, refine_alpha = p2p.replace_map(self.tokenizer, source_prompt, src_tok, target_prompt, tgt_tok)
+        else:
+            token_map, refine_alpha = p2p.refine_map(src_tok, tgt_tok)
+        equalizer = np.ones(77, dtype=np.float32)
+        for word, factor in (amplify or {}).items():
+            f = _check_range(factor, 0.0, 20.0, f"amplify factor of {word!r}")
+            equalizer[p2p.word_mask(self.tokenizer, tgt_tok, target_prompt, word, "amplify") > 0] = f
+        n = len(self.reverse_steps)
+        cross = np.repeat(p2p.cross_schedule(cross_replace, n)[:, None], 77, axis=1)
+        self_flag = p2p.self_schedule(self_replace, n)[:, None]
+        blend_tokens = None
+        if blend is not None:
+            if not (isinstance(blend, (tuple, list)) and len(blend) == 2 and all(isinstance(w, str) for w in blend)):
+                raise InputError(f"blend must be a pair of words (source_word, target_word), got {blend!r}")
+            blend_tokens = np.stack([
+                p2p.word_mask(self.tokenizer, src_tok, source_prompt, blend[0], "blend source"),
+                p2p.word_mask(self.tokenizer, tgt_tok, target_prompt, blend[1], "blend target"),
+            ])
+        return p2p.EditControls(token_map, refine_alpha, equalizer, cross.astype(np.float32),
+                                self_flag.astype(np.float32), blend_tokens)
+
+    def edit(self, inv: Inversion, target_prompt: str, *, cross_replace: float = 0.2, self_replace: float = 0.2,
+             amplify: dict | None = None, blend=None, guidance: float = 19.0, tau: float = 0.8,
+             mode: str = "auto", output_type: str = "pil", callback=None):
+        """Decode an inversion under ``target_prompt`` with Prompt-to-Prompt control.
+
+        Args:
+            cross_replace: fraction c of steps with cross-attention replacement (k < ⌊c·(N+1)⌋).
+            self_replace: fraction s of steps with self-attention injection (k < ⌊s·N⌋).
+            amplify: ``{target_word: factor}`` attention re-weighting.
+            blend: ``(source_word, target_word)`` local blend: only the region of these words changes.
+            guidance: w of the target row on guided steps, in [0, 19] (code units, paper w − 1).
+            tau: dynamic guidance: the target row is guided iff t ≤ 1000·τ.
+            mode: "refine" (token alignment), "replace" (word swap), "auto" (replace iff same word count).
+            output_type: "pil" or "np" (H, W, 3) float32 in [0, 1].
+            callback: called as ``callback(step, total)`` after each reverse step.
+        """
+        self._check_inversion(inv)
+        self._check_output_type(output_type)
+        _check_prompt(target_prompt, "target prompt")
+        guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance", " (the students were trained up to 19)")
+        tau = _check_range(tau, 0.0, 1.0, "tau")
+        ctl = self.edit_controls(inv.source_prompt, target_prompt, cross_replace=cross_replace,
+                                 self_replace=self_replace, amplify=amplify, blend=blend, mode=mode)
+        with self._bar(len(self.reverse_steps) + 2, "edit") as bar:
+            _, e_src = self.encode_prompt(inv.source_prompt)
+            _, e_tgt = self.encode_prompt(target_prompt)
+            bar.update(1)
+            x = np.concatenate([inv.latent, inv.latent]).astype(np.float32)
+            text = np.concatenate([e_src, e_tgt])
+            w0 = self._wemb(0.0)
+            acc = None
+            for k, (t, _s, c1, c2) in enumerate(self.reverse_steps):
+                cond = np.concatenate([w0, self._wemb(dynamic_guidance(guidance, t, tau))])
+                out = self._run("unet_reverse_edit", f"reverse_edit_{k}", sample=x, timestep=np.array([t], np.float32),
+                                encoder_hidden_states=text, timestep_cond=cond, **ctl.step_feeds(k))
+                x = consistency_step(x, out["eps"], c1, c2)
+                if ctl.blend_tokens is not None:
+                    acc = out["blend_maps"] if acc is None else acc + out["blend_maps"]
+                    mask = p2p.blend_mask(acc, ctl.blend_tokens, self.latent_hw, self.blend_threshold)
+                    x[1] = x[0] + mask.astype(np.float32) * (x[1] - x[0])
+                bar.update(1)
+                if callback is not None:
+                    callback(k + 1, len(self.reverse_steps))
+            result = self._decode(x[1:2], output_type)
+            bar.update(1)
+        return result
+
+    def reconstruct(self, inv: Inversion, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil"):
+        """Decode an inversion under its own source prompt (unguided by default)."""
+        self._check_inversion(inv)
+        self._check_output_type(output_type)
+        guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance")
+        tau = _check_range(tau, 0.0, 1.0, "tau")
+        _, emb = self.encode_prompt(inv.source_prompt)
+        return self._reverse(np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct")
+
+    def generate(self, prompt: str, *, seed: int = 0, guidance: float = 7.0, tau: float = 1.0, output_type: str = "pil"):
+        """Text to image: x_999 ~ N(0, I) from ``seed``, reverse steps with guidance w (τ = 1: every step)."""
+        _check_prompt(prompt, "prompt")
+        seed = _check_seed(seed)
+        self._check_output_type(output_type)
+        guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance")
+        tau = _check_range(tau, 0.0, 1.0, "tau")
+        _, emb = self.encode_prompt(prompt)
+        shape = (1, 4, self.latent_hw, self.latent_hw)
+        x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        return self._reverse(x, emb, guidance, tau, output_type, "generate")
+
+    def _reverse(self, x, emb, guidance, tau, output_type, desc):
+        with self._bar(len(self.reverse_steps) + 1, desc) as bar:
+            for k, (t, _s, c1, c2) in enumerate(self.reverse_steps):
+                eps = self._run("unet_reverse", f"reverse_{k}", sample=x, timestep=np.array([t], np.float32),
+                                encoder_hidden_states=emb, timestep_cond=self._wemb(dynamic_guidance(guidance, t, tau)))["eps"]
+                x = consistency_step(x, eps, c1, c2)
+                bar.update(1)
+            result = self._decode(x, output_type)
+            bar.update(1)
+        return result

@@ -1,0 +1,65 @@
+"""``python -m icd_edge.export``: write an iCD bundle. See ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from icd_edge.errors import IcdEdgeError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m icd_edge.export", description=__doc__.split(":")[1].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="bundle folder to write (replaced atomically)")
+    p.add_argument("--model", default="icd-sd15", choices=("icd-sd15", "tiny", "random-sd15"),
+                   help="icd-sd15: the released iCD SD1.5; tiny: built-in toy model; random-sd15: full size, random weights")
+    p.add_argument("--base", help="SD1.5 base (tokenizer, text encoder, VAE): hub id or local diffusers folder "
+                                  "[default stable-diffusion-v1-5/stable-diffusion-v1-5]")
+    p.add_argument("--teacher", help="CFG-distilled teacher UNet: hub id, diffusers folder, or .safetensors/.pt state dict "
+                                     "[default dbaranchuk/sd15-cfg-distill-unet]")
+    p.add_argument("--forward-lora", help="forward LoRA: local .safetensors or owner/repo/file [default from dbaranchuk/icd-lora-sd15]")
+    p.add_argument("--reverse-lora", help="reverse LoRA: local .safetensors or owner/repo/file [default from dbaranchuk/icd-lora-sd15]")
+    p.add_argument("--revision", help="hub revision for --base/--teacher/LoRA downloads")
+    p.add_argument("--steps", default="4", choices=("4", "3"), help="timestep configuration of the released LoRAs")
+    p.add_argument("--resolution", type=int, help="image side in pixels (multiple of 64) [default 512; tiny 128]")
+    p.add_argument("--targets", default="onnx", help="comma list: onnx (always) and torch (reference weights)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..25)")
+    p.add_argument("--seed", type=int, default=0, help="weights seed of the tiny/random-sd15 models")
+    p.add_argument("--parity", default="e2e", choices=("e2e", "graphs", "none"), help="what to check against torch")
+    p.add_argument("--min-psnr", type=float, default=45.0, help="end-to-end parity gate, dB")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from icd_edge.export.pipeline import ExportConfig, run_export
+
+        cfg = ExportConfig(out=args.out, model=args.model, base=args.base, teacher=args.teacher,
+                           forward_lora=args.forward_lora, reverse_lora=args.reverse_lora, revision=args.revision,
+                           steps=args.steps, resolution=args.resolution,
+                           targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                           opset=args.opset, seed=args.seed, parity=args.parity, min_psnr_db=args.min_psnr,
+                           progress=not args.no_progress)
+        out = run_export(cfg)
+    except IcdEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        print(f"error: the export needs the 'export' extra ({exc.name} is missing): pip install 'icd_edge[export]'", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no bundle was written (a previous bundle at that path is intact)", file=sys.stderr)
+        return 130
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Reading the official iCD LoRA files and fusing them into a UNet (``icd_spec.md`` §1.2).
+
+Two key layouts are accepted:
+
+* peft-prefixed (the released files): ``unet.base_model.model.<module>.lora_A.weight`` /
+  ``.lora_B.weight``, no alpha tensors → alpha = 8, as the official loader sets it;
+* kohya: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
+
+``W += (alpha / rank) · B·A`` (Linear) or the 1×1-up ∘ k×k-down product (Conv2d), in float32,
+the rule peft/diffusers' ``fuse_lora`` applies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from icd_edge.errors import ExportError
+
+OFFICIAL_ALPHA = 8.0
+_PEFT_PREFIXES = ("unet.base_model.model.", "base_model.model.", "unet.")
+
+
+@dataclass
+class LoraPair:
+    down: torch.Tensor  # A: (r, in) or (r, in, kh, kw)
+    up: torch.Tensor  # B: (out, r) or (out, r, 1, 1)
+    alpha: float | None
+
+
+def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` LoRA (never pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"LoRA file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ExportError(f"{path} is not a readable .safetensors LoRA file: {exc}") from exc
+
+
+def parse_lora(state: dict[str, torch.Tensor], module_names: list[str], source: str = "LoRA") -> dict[str, LoraPair]:
+    """Map a LoRA state dict (either layout) onto UNet module names.
+
+    Args:
+        state: tensors of the file.
+        module_names: ``named_modules()`` names of the target UNet (resolves kohya's underscores).
+    """
+    kohya_names = {name.replace(".", "_"): name for name in module_names}
+    pairs: dict[str, dict] = {}
+    unknown = []
+    for key, tensor in state.items():
+        if key.startswith("lora_unet_"):
+            stem, _, kind = key[len("lora_unet_"):].partition(".")
+            module = kohya_names.get(stem)
+            kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(kind)
+        else:
+            stem = key
+            for prefix in _PEFT_PREFIXES:
+                if key.startswith(prefix):
+                    stem = key[len(prefix):]
+                    break
+            module, kind = None, None
+            for suffix, k in ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
+                              (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"), (".alpha", "alpha")):
+                if stem.endswith(suffix):
+                    module, kind = stem[: -len(suffix)], k
+                    break
+        if module is None or kind is None or (module not in kohya_names.values()):
+            unknown.append(key)
+            continue
+        pairs.setdefault(module, {})[kind] = tensor
+    if unknown:
+        raise ExportError(
+            f"{source}: {len(unknown)} keys do not name a module of this UNet, e.g. {unknown[:3]}; "
+            "expected the official iCD layouts (unet.base_model.model.*.lora_A/B or lora_unet_*.lora_down/up)"
+        )
+    out = {}
+    for module, parts in pairs.items():
+        if "down" not in parts or "up" not in parts:
+            raise ExportError(f"{source}: module {module} has only {sorted(parts)}; a LoRA needs both A (down) and B (up)")
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else None
+        out[module] = LoraPair(parts["down"].float(), parts["up"].float(), alpha)
+    if not out:
+        raise ExportError(f"{source}: the file holds no LoRA tensors")
+    return out
+
+
+def lora_delta(pair: LoraPair, weight_shape: torch.Size, default_alpha: float = OFFICIAL_ALPHA) -> torch.Tensor:
+    """The fused weight delta ``scale · B·A`` with ``scale = alpha / rank``."""
+    rank = pair.down.shape[0]
+    scale = (pair.alpha if pair.alpha is not None else default_alpha) / rank
+    a, b = pair.down, pair.up
+    if len(weight_shape) == 2:
+        delta = b.reshape(b.shape[0], rank) @ a.reshape(rank, -1)
+    elif len(weight_shape) == 4:
+        delta = (b.reshape(b.shape[0], rank) @ a.reshape(rank, -1)).reshape(weight_shape)
+    else:
+        raise ExportError(f"cannot fuse a LoRA into a weight of shape {tuple(weight_shape)}")
+    if delta.shape != weight_shape:
+        raise ExportError(f"LoRA delta {tuple(delta.shape)} does not fit the weight {tuple(weight_shape)}")
+    return delta * scale
+
+
+@torch.no_grad()
+def fuse_lora(unet, lora: dict[str, LoraPair], default_alpha: float = OFFICIAL_ALPHA) -> int:
+    """Add every LoRA delta to ``unet``'s weights in place; returns the number of modules fused."""
+    modules = dict(unet.named_modules())
+    for name, pair in lora.items():
+        weight = modules[name].weight
+        weight += lora_delta(pair, weight.shape, default_alpha).to(weight.dtype)
+    return len(lora)
+
+
+def load_and_fuse(unet, path: str | Path, default_alpha: float = OFFICIAL_ALPHA) -> dict:
+    """Read ``path``, fuse into ``unet``; returns facts for the manifest."""
+    state = read_lora_file(path)
+    lora = parse_lora(state, [n for n, _ in unet.named_modules()], source=str(path))
+    count = fuse_lora(unet, lora, default_alpha)
+    ranks = sorted({p.down.shape[0] for p in lora.values()})
+    layout = "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft"
+    return {"modules": count, "ranks": ranks, "layout": layout}

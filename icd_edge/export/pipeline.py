@@ -1,0 +1,324 @@
+"""load → fuse → wrap → ONNX (+ torch weights) → parity → manifest, written atomically."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from icd_edge import spec
+from icd_edge.atomic import atomic_dir
+from icd_edge.errors import ExportError, IcdEdgeError, ParityError
+from icd_edge.export import parity as parity_mod
+from icd_edge.manifest import file_table, guidance_key, write_manifest
+from icd_edge.schedule import (ENCODER_START_T, MAX_GUIDANCE, TRAINED_GUIDANCE_SD15, alpha_sigma, step_coefficients)
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("icd-sd15", "tiny", "random-sd15")
+TARGETS = ("onnx", "torch")
+WEIGHT_GROUPS = {"unet_reverse_edit": "unet_reverse", "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything an export needs; validated by :func:`validate` before any download."""
+
+    out: Path
+    model: str = "icd-sd15"
+    base: str | None = None
+    teacher: str | None = None
+    forward_lora: str | None = None
+    reverse_lora: str | None = None
+    revision: str | None = None
+    steps: str = "4"
+    resolution: int | None = None
+    targets: tuple[str, ...] = ("onnx",)
+    opset: int = 18
+    seed: int = 0
+    parity: str = "e2e"
+    min_psnr_db: float = parity_mod.E2E_MIN_PSNR_DB
+    graph_min_psnr_db: float = parity_mod.GRAPH_MIN_PSNR_DB
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def validate(cfg: ExportConfig) -> None:
+    if cfg.model not in MODELS:
+        raise ExportError(f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
+    bad = [t for t in cfg.targets if t not in TARGETS]
+    if bad or not cfg.targets or "onnx" not in cfg.targets:
+        raise ExportError(f"--targets must include onnx and may add torch (got {','.join(cfg.targets) or 'nothing'}); "
+                          "tensorrt and coreml targets are not available in this version")
+    if cfg.steps not in ("4", "3"):
+        raise ExportError(f"--steps must be 4 or 3, got {cfg.steps!r}")
+    if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
+        raise ExportError(f"--resolution must be a multiple of 64 (≥ 64), got {cfg.resolution}")
+    if not 18 <= cfg.opset <= 25:
+        raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
+    if cfg.parity not in ("e2e", "graphs", "none"):
+        raise ExportError(f"--parity must be e2e, graphs or none, got {cfg.parity!r}")
+    if cfg.model != "icd-sd15" and any((cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora)):
+        raise ExportError("--base/--teacher/--forward-lora/--reverse-lora apply to --model icd-sd15 only")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ExportError(f"--out {out} is a non-empty folder that is not a bundle; choose a new path")
+
+
+def _tool_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("icd_edge", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "tokenizers", "safetensors"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def sample_photo(side: int) -> np.ndarray:
+    """A deterministic synthetic photo (H, W, 3) uint8: gradients and a disc, no download."""
+    y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
+    disc = ((x - 0.55) ** 2 + (y - 0.45) ** 2 < 0.08).astype(np.float32)
+    img = np.stack([0.2 + 0.6 * x, 0.3 + 0.5 * y * (1 - disc), 0.8 * disc + 0.2 * (1 - x)], axis=-1)
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _sample_inputs(graphs, tokenizer, dims, guidance_table) -> dict[str, dict[str, np.ndarray]]:
+    """Realistic fixed inputs per graph (used for tracing and for graph parity)."""
+    from icd_edge.image import image_to_tensor, load_image
+
+    rng = np.random.default_rng(1234)
+    src_prompt, tgt_prompt = "a photo of a cat", "a photo of a dog"
+    ids = tokenizer(src_prompt).ids[None]
+    with torch.no_grad():
+        text = graphs["text_encoder"](torch.from_numpy(ids)).numpy()
+    image = image_to_tensor(load_image(sample_photo(dims["H"])), dims["H"])
+    h = dims["h"]
+    w0 = np.asarray(guidance_table[guidance_key(0.0)], np.float32)[None]
+    wg = np.asarray(guidance_table[guidance_key(19.0)], np.float32)[None]
+    unet1 = {"sample": rng.standard_normal((1, 4, h, h), dtype=np.float32), "timestep": np.array([519.0], np.float32),
+             "encoder_hidden_states": text, "timestep_cond": wg}
+    from icd_edge import p2p
+    from icd_edge.tokenizer import ClipTokenizer  # noqa: F401  (type of ``tokenizer``)
+
+    src, tgt = tokenizer(src_prompt), tokenizer(tgt_prompt)
+    token_map, refine_alpha = p2p.refine_map(src, tgt)
+    equalizer = np.ones(77, np.float32)
+    equalizer[tgt.length - 2] = 2.0
+    edit = {"sample": rng.standard_normal((2, 4, h, h), dtype=np.float32), "timestep": np.array([779.0], np.float32),
+            "encoder_hidden_states": np.concatenate([text, text[:, ::-1].copy()]), "timestep_cond": np.concatenate([w0, wg]),
+            "token_map": token_map, "refine_alpha": refine_alpha, "equalizer": equalizer,
+            "cross_alpha": np.ones(77, np.float32), "self_flag": np.ones(1, np.float32)}
+    return {
+        "text_encoder": {"input_ids": ids},
+        "vae_encoder": {"image": image},
+        "vae_decoder": {"latent": rng.standard_normal((1, 4, h, h), dtype=np.float32) * 0.8},
+        "unet_forward": {**unet1, "timestep": np.array([19.0], np.float32), "timestep_cond": w0},
+        "unet_reverse": unet1,
+        "unet_reverse_edit": edit,
+    }
+
+
+def _guidance_table(unet) -> dict[str, list[float]]:
+    """Embeddings of the trained w values, computed with the torch formula (shipped as constants)."""
+    from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
+        LatentConsistencyModelPipeline,
+    )
+
+    dim = unet.config.time_cond_proj_dim
+    table = {}
+    for w in TRAINED_GUIDANCE_SD15:
+        emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([w]), dim, torch.float32)
+        table[guidance_key(w)] = [float(v) for v in emb[0]]
+    return table
+
+
+def run_export(cfg: ExportConfig) -> Path:
+    """Export a bundle to ``cfg.out``; returns the path. Raises IcdEdgeError on failure."""
+    validate(cfg)
+    from tqdm.auto import tqdm
+
+    from icd_edge.export import models
+    from icd_edge.export.to_onnx import WeightStore, export_graph
+    from icd_edge.export.wrappers import build_graphs
+    from icd_edge.tokenizer import ClipTokenizer
+
+    t_start = time.perf_counter()
+    timings = {}
+    bar = tqdm(total=3 + len(spec.GRAPHS) + (1 if "torch" in cfg.targets else 0) + (0 if cfg.parity == "none" else 2),
+               desc="export", disable=not cfg.progress)
+    with tempfile.TemporaryDirectory(prefix="icd_src_") as work, atomic_dir(cfg.out) as tmp:
+        work = Path(work)
+        t0 = time.perf_counter()
+        bar.set_postfix_str("loading models")
+        if cfg.model == "icd-sd15":
+            src = models.load_icd_sd15(cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora, cfg.revision,
+                                       cfg.steps, work, cfg.resolution)
+        else:
+            src = models.build_random(cfg.model, cfg.seed, work, cfg.resolution)
+        timings["load_s"] = time.perf_counter() - t0
+        bar.update(1)
+
+        dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
+        if src.unet_forward.config.get("time_cond_proj_dim") != spec.GUIDANCE_DIM:
+            raise ExportError("the UNet has no 512-d guidance input (time_cond_proj_dim); it is not the iCD teacher")
+        graphs = build_graphs(src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, dims)
+        (tmp / "tokenizer").mkdir()
+        shutil.copyfile(src.tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
+        tokenizer = ClipTokenizer(tmp / "tokenizer" / "tokenizer.json")
+        guidance = _guidance_table(src.unet_forward)
+        samples = _sample_inputs(graphs, tokenizer, dims, guidance)
+        bar.update(1)
+
+        manifest = _base_manifest(cfg, src, dims, guidance)
+        (tmp / "onnx").mkdir()
+        stores: dict[str, WeightStore] = {}
+        t0 = time.perf_counter()
+        for name, module in graphs.items():
+            bar.set_postfix_str(f"onnx {name}")
+            inputs, outputs = spec.GRAPHS[name]
+            group = WEIGHT_GROUPS.get(name, name)
+            if group not in stores:
+                stores[group] = WeightStore(tmp / "onnx" / f"{group}.weights")
+            args = tuple(torch.from_numpy(samples[name][s.name]) for s in inputs)
+            g0 = time.perf_counter()
+            export_graph(module, args, [s.name for s in inputs], [s.name for s in outputs],
+                         tmp / "onnx" / f"{name}.onnx", stores[group], cfg.opset)
+            timings[f"onnx_{name}_s"] = time.perf_counter() - g0
+            manifest["graphs"][name]["artifacts"]["onnx"] = {"file": f"onnx/{name}.onnx", "precision": "fp32",
+                                                             "opset": cfg.opset, "weights": f"onnx/{group}.weights"}
+            bar.update(1)
+        for store in stores.values():
+            store.close()
+        timings["onnx_s"] = time.perf_counter() - t0
+
+        if "torch" in cfg.targets:
+            bar.set_postfix_str("torch weights")
+            _save_torch(src, tmp, manifest)
+            bar.update(1)
+
+        write_manifest(tmp, {**manifest, "files": file_table(tmp)})
+        if cfg.parity != "none":
+            bar.set_postfix_str("parity: graphs")
+            t0 = time.perf_counter()
+            manifest["parity"]["graphs"] = _graph_parity(tmp, graphs, samples, cfg.graph_min_psnr_db)
+            bar.update(1)
+            if cfg.parity == "e2e":
+                bar.set_postfix_str("parity: end to end")
+                manifest["parity"]["end_to_end"] = _e2e_parity(tmp, graphs, cfg.min_psnr_db, dims)
+            bar.update(1)
+            timings["parity_s"] = time.perf_counter() - t0
+        timings["total_s"] = time.perf_counter() - t_start
+        manifest["export"]["timings"] = {k: round(v, 2) for k, v in timings.items()}
+        write_manifest(tmp, {**manifest, "files": file_table(tmp)})
+        bar.update(1)
+    bar.close()
+    return Path(cfg.out)
+
+
+def _base_manifest(cfg, src, dims, guidance) -> dict:
+    acp_ts = sorted({t for seg in src.steps.forward + src.steps.reverse for t in seg} | {ENCODER_START_T})
+    graphs = {}
+    for name, (inputs, outputs) in spec.GRAPHS.items():
+        graphs[name] = {"inputs": [s.to_json(dims) for s in inputs], "outputs": [s.to_json(dims) for s in outputs],
+                        "artifacts": {}}
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {"name": src.name, "family": "sd15"},
+        "sources": src.sources,
+        "dims": dims,
+        "resolution": {"image": dims["H"], "latent": dims["h"]},
+        "schedule": {
+            "config": src.steps.name,
+            "forward": [list(s) for s in src.steps.forward],
+            "reverse": [list(s) for s in src.steps.reverse],
+            "alpha_sigma": {str(t): list(alpha_sigma(t)) for t in acp_ts},
+            "coefficients": {"forward": [list(step_coefficients(t, s)) for t, s in src.steps.forward],
+                             "reverse": [list(step_coefficients(t, s)) for t, s in src.steps.reverse]},
+            "encoder_start": {"t": ENCODER_START_T, "alpha_sigma": list(alpha_sigma(ENCODER_START_T))},
+            "prediction": "epsilon",
+        },
+        "guidance": {"dim": spec.GUIDANCE_DIM, "max": MAX_GUIDANCE, "trained": list(TRAINED_GUIDANCE_SD15),
+                     "embeddings": guidance, "defaults": {"edit": 19.0, "tau_edit": 0.8, "generate": 7.0}},
+        "vae": {"scaling_factor": float(src.vae.config.scaling_factor)},
+        "p2p": {"blend_threshold": 0.3, "blend_hw": dims["h"] // 4, "self_inject_max_keys": (dims["h"] // 2) ** 2},
+        "tokenizer": {"file": "tokenizer/tokenizer.json", "max_length": spec.TOKENS},
+        "graphs": graphs,
+        "tools": _tool_versions(),
+        "export": {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "extra"}},
+        "parity": {"reference": "torch eager fp32 (the export's own modules)"},
+    }
+
+
+def _save_torch(src, tmp: Path, manifest: dict) -> None:
+    root = tmp / "torch"
+    src.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
+    src.vae.save_pretrained(root / "vae", safe_serialization=True)
+    src.unet_forward.save_pretrained(root / "unet_forward", safe_serialization=True)
+    src.unet_reverse.save_pretrained(root / "unet_reverse", safe_serialization=True)
+    dirs = {"text_encoder": "text_encoder", "vae_encoder": "vae", "vae_decoder": "vae", "unet_forward": "unet_forward",
+            "unet_reverse": "unet_reverse", "unet_reverse_edit": "unet_reverse"}
+    for graph, d in dirs.items():
+        manifest["graphs"][graph]["artifacts"]["torch"] = {"dir": f"torch/{d}", "precision": "fp32"}
+
+
+def _graph_parity(bundle_dir: Path, graphs: dict, samples: dict, min_psnr: float) -> dict:
+    from icd_edge.manifest import open_bundle
+    from icd_edge.runtimes.ort import OrtBackend
+    from icd_edge.runtimes.torch_ref import TorchBackend
+
+    bundle = open_bundle(bundle_dir, verify=False)
+    ort_b, torch_b = OrtBackend(), TorchBackend(graphs)
+    result = {}
+    for name in graphs:
+        ref = torch_b.open_session(bundle, name).run(samples[name])
+        sess = ort_b.open_session(bundle, name)
+        got = sess.run(samples[name])
+        sess.close()
+        result[name] = {"backend": "onnxruntime", "precision": "fp32", **parity_mod.compare(ref, got)}
+        if result[name]["psnr_db"] < min_psnr:
+            raise ParityError(f"{name}: ONNX Runtime differs from torch by {result[name]['psnr_db']} dB PSNR "
+                              f"(gate {min_psnr} dB): {result[name]['outputs']}")
+    return result
+
+
+def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict) -> dict:
+    """Invert + P2P edit with local blend, and generate: ONNX Runtime vs torch, decoded images."""
+    from icd_edge.editor import Editor
+    from icd_edge.manifest import open_bundle
+    from icd_edge.runtimes.ort import OrtBackend
+    from icd_edge.runtimes.torch_ref import TorchBackend
+
+    bundle = open_bundle(bundle_dir, verify=False)
+    photo = sample_photo(dims["H"])
+    out = {}
+    images = {}
+    for label, backend in (("torch", TorchBackend(graphs)), ("onnxruntime", OrtBackend())):
+        ed = Editor(bundle, backend)
+        inv = ed.invert(photo, "a photo of a cat", seed=0)
+        images[label] = {
+            "edit": ed.edit(inv, "a photo of a dog", cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0},
+                            blend=("cat", "dog"), output_type="np"),
+            "generate": ed.generate("a photo of a dog", seed=1, output_type="np"),
+        }
+        ed.close()
+    for case in ("edit", "generate"):
+        ref, got = images["torch"][case], images["onnxruntime"][case]
+        out[case] = {"backend": "onnxruntime", "precision": "fp32",
+                     "psnr_db": round(parity_mod.psnr_db(ref, got, peak=1.0), 2), "max_abs_err": parity_mod.max_abs_err(ref, got)}
+        if out[case]["psnr_db"] < min_psnr:
+            raise ParityError(f"end-to-end {case}: ONNX Runtime vs torch {out[case]['psnr_db']} dB PSNR < {min_psnr} dB")
+    out["case"] = {"photo": "synthetic (icd_edge.export.pipeline.sample_photo)", "source": "a photo of a cat",
+                   "target": "a photo of a dog", "cross_replace": 0.4, "self_replace": 0.6, "amplify": {"dog": 2.0},
+                   "blend": ["cat", "dog"], "seed": 0}
+    return out

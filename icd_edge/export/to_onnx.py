@@ -1,0 +1,107 @@
+"""torch → ONNX (dynamo exporter, fixed shapes) with weights moved into shared data files.
+
+Graphs that hold the same weights (``unet_reverse`` and ``unet_reverse_edit``) point into one
+data file, so the bundle stores the reverse UNet once. Tensors are deduplicated by content
+and aligned to 4 KiB so onnxruntime can map them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from icd_edge.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+INLINE_MAX_BYTES = 1024
+ALIGN = 4096
+
+
+class WeightStore:
+    """An append-only external-data file with content deduplication."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "wb")
+        self._index: dict[str, tuple[int, int]] = {}
+        self._offset = 0
+
+    def put(self, raw: bytes) -> tuple[int, int]:
+        key = hashlib.sha256(raw).hexdigest()
+        if key not in self._index:
+            pad = (-self._offset) % ALIGN
+            self._f.write(b"\0" * pad)
+            self._offset += pad
+            self._f.write(raw)
+            self._index[key] = (self._offset, len(raw))
+            self._offset += len(raw)
+        return self._index[key]
+
+    def externalize(self, model: onnx.ModelProto) -> None:
+        """Move every initializer larger than 1 KiB of ``model`` into this file."""
+        for tensor in _all_initializers(model.graph):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise ExportError(f"initializer {tensor.name} still points to external data; load it first")
+            arr = numpy_helper.to_array(tensor)
+            raw = np.ascontiguousarray(arr).tobytes()
+            if len(raw) <= INLINE_MAX_BYTES:
+                continue
+            offset, length = self.put(raw)
+            fresh = onnx.TensorProto()
+            fresh.name, fresh.data_type = tensor.name, tensor.data_type
+            fresh.dims.extend(tensor.dims)
+            fresh.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
+                entry = fresh.external_data.add()
+                entry.key, entry.value = k, v
+            tensor.CopyFrom(fresh)
+
+    def close(self) -> None:
+        self._f.flush()
+        self._f.close()
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializers(g)
+
+
+def export_graph(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
+                 out_path: Path, store: WeightStore, opset: int) -> None:
+    """Trace ``module`` at the shapes of ``args`` and write ``out_path`` with weights in ``store``."""
+    with tempfile.TemporaryDirectory(prefix="icd_onnx_") as scratch:
+        tmp = Path(scratch) / "graph.onnx"
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                            input_names=input_names, output_names=output_names,
+                                            optimize=True, verbose=False)
+            except Exception as exc:  # the exporter raises many internal error types
+                raise ExportError(f"ONNX export of {out_path.stem} failed: {type(exc).__name__}: {exc}") from exc
+        program.save(str(tmp), external_data=True)
+        del program
+        model = onnx.load(str(tmp), load_external_data=True)
+    store.externalize(model)
+    onnx.save_model(model, str(out_path))
+    del model
+    try:
+        onnx.checker.check_model(str(out_path))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported graph {out_path.name} is not valid ONNX: {exc}") from exc

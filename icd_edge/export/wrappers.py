@@ -1,0 +1,97 @@
+"""Trace-friendly modules, one per graph of :data:`icd_edge.spec.GRAPHS` (positional tensors in,
+exactly the spec's outputs out). They are also the torch reference backend's sessions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from icd_edge.export.attention import P2PControls, install_p2p
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        """input_ids (1, 77) int64 → last_hidden_state (1, 77, D), final layer norm applied."""
+        return self.text_encoder(input_ids=input_ids, return_dict=True).last_hidden_state
+
+
+class VaeEncoderGraph(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        """image (1, 3, H, W) in [-1, 1] → posterior mean (1, 4, H/8, W/8), unscaled."""
+        h = self.vae.encoder(image)
+        if self.vae.quant_conv is not None:
+            h = self.vae.quant_conv(h)
+        mean, _logvar = torch.chunk(h, 2, dim=1)
+        return mean
+
+
+class VaeDecoderGraph(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        """latent (1, 4, h, w), already divided by the VAE scale → image (1, 3, 8h, 8w) ≈ [-1, 1]."""
+        if self.vae.post_quant_conv is not None:
+            latent = self.vae.post_quant_conv(latent)
+        return self.vae.decoder(latent)
+
+
+class UNetGraph(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        """ε̂ for sample (B, 4, h, w), timestep (1,), text (B, 77, D), guidance embedding (B, 512)."""
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+class UNetEditGraph(nn.Module):
+    """Batch [source, target] with Prompt-to-Prompt control of the target row.
+
+    Args:
+        unet: the reverse UNet; its attention processors are replaced by P2P ones (which
+            defer to fused attention when no controls are given, so a :class:`UNetGraph`
+            sharing the module is unaffected).
+        self_max_keys: self-attention layers with at most this many keys take injection.
+        blend_queries: query count of the cross-attention layers whose maps are returned.
+    """
+
+    def __init__(self, unet, self_max_keys: int, blend_queries: int):
+        super().__init__()
+        install_p2p(unet)
+        self.unet = unet
+        self.self_max_keys = self_max_keys
+        self.blend_queries = blend_queries
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond,
+                token_map, refine_alpha, equalizer, cross_alpha, self_flag):
+        ctl = P2PControls(token_map, refine_alpha, equalizer, cross_alpha, self_flag, self.self_max_keys, self.blend_queries)
+        eps = self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                        cross_attention_kwargs={"p2p": ctl}, return_dict=False)[0]
+        return eps, ctl.blend_maps()
+
+
+def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int]) -> dict[str, nn.Module]:
+    """Every graph module, in eval mode, for a bundle's dims."""
+    latent = dims["h"]
+    graphs = {
+        "text_encoder": TextEncoderGraph(text_encoder),
+        "vae_encoder": VaeEncoderGraph(vae),
+        "vae_decoder": VaeDecoderGraph(vae),
+        "unet_forward": UNetGraph(unet_forward),
+        "unet_reverse": UNetGraph(unet_reverse),
+        "unet_reverse_edit": UNetEditGraph(unet_reverse, self_max_keys=(latent // 2) ** 2, blend_queries=dims["Q"]),
+    }
+    for g in graphs.values():
+        g.eval().requires_grad_(False)
+    return graphs

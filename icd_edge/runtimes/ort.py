@@ -1,0 +1,95 @@
+"""The ``onnxruntime`` backend: CPU everywhere, CUDA / CoreML execution providers when present."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import platform
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from icd_edge.errors import BackendUnavailable, BundleError
+from icd_edge.runtimes import Availability
+from icd_edge.spec import check_feeds
+
+logger = logging.getLogger(__name__)
+
+
+def choose_providers(available: list[str], system: str | None = None) -> list[str]:
+    """Preferred execution providers among ``available``: CUDA, then CoreML on macOS, then CPU."""
+    system = system or platform.system()
+    chosen = []
+    if "CUDAExecutionProvider" in available:
+        chosen.append("CUDAExecutionProvider")
+    if system == "Darwin" and "CoreMLExecutionProvider" in available:
+        chosen.append("CoreMLExecutionProvider")
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@dataclass(frozen=True)
+class OrtOptions:
+    """Options only this backend understands.
+
+    Attributes:
+        providers: execution providers in order; None picks with :func:`choose_providers`.
+        intra_op_threads: 0 lets onnxruntime use every core.
+    """
+
+    providers: tuple[str, ...] | None = None
+    intra_op_threads: int = 0
+
+
+class OrtSession:
+    def __init__(self, graph: str, path, inputs: list[dict], outputs: list[dict], options: OrtOptions):
+        import onnxruntime as ort
+
+        self.graph = graph
+        self._inputs, self._outputs = inputs, outputs
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = options.intra_op_threads
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        providers = list(options.providers or choose_providers(ort.get_available_providers()))
+        try:
+            self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}. The file may be corrupt; re-export the bundle.") from exc
+        self.providers = self._sess.get_providers()
+        self._out_names = [o["name"] for o in outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self.graph, dict(feeds), self._inputs)
+        outs = self._sess.run(self._out_names, dict(feeds))
+        return dict(zip(self._out_names, outs))
+
+    def close(self) -> None:
+        self._sess = None
+
+
+class OrtBackend:
+    name = "onnxruntime"
+    fmt = "onnx"
+
+    def __init__(self, providers: tuple[str, ...] | None = None, intra_op_threads: int = 0):
+        self.options = OrtOptions(tuple(providers) if providers else None, intra_op_threads)
+
+    def probe(self) -> Availability:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return Availability(False, "not installed (pip install 'icd_edge[onnxruntime]')")
+        import onnxruntime as ort
+
+        providers = choose_providers(ort.get_available_providers())
+        return Availability(True, f"onnxruntime {ort.__version__}, providers {', '.join(providers)}")
+
+    def open_session(self, bundle, graph: str) -> OrtSession:
+        art = bundle.artifact(graph, self.fmt)
+        if art is None:
+            raise BackendUnavailable(f"bundle {bundle.root} has no ONNX graph for {graph}")
+        entry = bundle.graphs[graph]
+        return OrtSession(graph, bundle.path(art["file"]), entry["inputs"], entry["outputs"], self.options)
+
+
+BACKEND = OrtBackend

@@ -1,0 +1,86 @@
+"""The ``torch`` backend: the eager reference (ground truth for parity).
+
+It runs the very modules the export traces (:mod:`icd_edge.export.wrappers`, P2P processors
+included) on the diffusers/transformers classes, from a bundle's ``torch/`` weights or from
+modules handed over in memory. Needs the ``export`` extra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from typing import Mapping
+
+import numpy as np
+
+from icd_edge.errors import BackendUnavailable
+from icd_edge.runtimes import Availability
+from icd_edge.spec import check_feeds
+
+
+class TorchSession:
+    def __init__(self, graph: str, module, inputs: list[dict], outputs: list[dict], device: str):
+        self.graph, self.module, self.device = graph, module, device
+        self._inputs, self._outputs = inputs, outputs
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        check_feeds(self.graph, dict(feeds), self._inputs)
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[s["name"]])).to(self.device) for s in self._inputs]
+        with torch.inference_mode():
+            out = self.module(*args)
+        out = out if isinstance(out, tuple) else (out,)
+        return {s["name"]: o.float().cpu().numpy() for s, o in zip(self._outputs, out)}
+
+    def close(self) -> None:
+        self.module = None
+
+
+class TorchBackend:
+    """Args: graphs: optional in-memory ``{graph: nn.Module}`` (export-time parity); device."""
+
+    name = "torch"
+    fmt = "torch"
+
+    def __init__(self, graphs: dict | None = None, device: str = "cpu"):
+        self._graphs = graphs
+        self.device = device
+        self._lock = threading.Lock()
+
+    def probe(self) -> Availability:
+        missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            return Availability(False, f"not installed ({', '.join(missing)} missing; pip install 'icd_edge[export]')")
+        import torch
+
+        return Availability(True, f"torch {torch.__version__} (reference, {self.device})")
+
+    def _load_graphs(self, bundle) -> dict:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from icd_edge.export.wrappers import build_graphs
+
+        def part(name):
+            art = bundle.artifact(name, "torch")
+            if art is None:
+                raise BackendUnavailable(f"bundle {bundle.root} has no torch weights for {name}; re-export with --targets onnx,torch")
+            return bundle.path(art["dir"])
+
+        text = CLIPTextModel.from_pretrained(part("text_encoder"))
+        vae = AutoencoderKL.from_pretrained(part("vae_encoder"))
+        fwd = UNet2DConditionModel.from_pretrained(part("unet_forward"))
+        rev = UNet2DConditionModel.from_pretrained(part("unet_reverse"))
+        graphs = build_graphs(text, vae, fwd, rev, bundle.dims)
+        return {k: v.to(self.device) for k, v in graphs.items()}
+
+    def open_session(self, bundle, graph: str) -> TorchSession:
+        with self._lock:
+            if self._graphs is None:
+                self._graphs = self._load_graphs(bundle)
+        entry = bundle.graphs[graph]
+        return TorchSession(graph, self._graphs[graph], entry["inputs"], entry["outputs"], self.device)
+
+
+BACKEND = TorchBackend

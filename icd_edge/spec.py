@@ -1,0 +1,102 @@
+"""Graph I/O, declared once as data (house style rule 3).
+
+Dims are ints or symbols resolved from the manifest's ``dims``: ``H`` image side, ``h`` latent
+side (H/8), ``D`` text-embedding width, ``Q`` query count of the local-blend maps
+(``(h/4)²``: 256 at 512 px). The export traces with these shapes, the manifest records them
+and every backend validates feeds against them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from icd_edge.errors import ShapeMismatch
+
+TOKENS = 77
+GUIDANCE_DIM = 512
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: ``name``, numpy ``dtype`` name, ``shape`` of ints/symbols."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def resolve(self, dims: dict[str, int]) -> tuple[int, ...]:
+        """The concrete shape for a bundle's dims."""
+        try:
+            return tuple(d if isinstance(d, int) else int(dims[d]) for d in self.shape)
+        except KeyError as exc:
+            raise ShapeMismatch(f"{self.name}: dim {exc.args[0]!r} is not defined by the bundle") from exc
+
+    def to_json(self, dims: dict[str, int]) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.resolve(dims))}
+
+
+def _unet_io(batch: int) -> tuple[TensorSpec, ...]:
+    return (
+        TensorSpec("sample", "float32", (batch, LATENT_CHANNELS, "h", "h")),
+        TensorSpec("timestep", "float32", (1,)),
+        TensorSpec("encoder_hidden_states", "float32", (batch, TOKENS, "D")),
+        TensorSpec("timestep_cond", "float32", (batch, GUIDANCE_DIM)),
+    )
+
+
+P2P_CONTROLS = (
+    TensorSpec("token_map", "float32", (TOKENS, TOKENS)),
+    TensorSpec("refine_alpha", "float32", (TOKENS,)),
+    TensorSpec("equalizer", "float32", (TOKENS,)),
+    TensorSpec("cross_alpha", "float32", (TOKENS,)),
+    TensorSpec("self_flag", "float32", (1,)),
+)
+
+# name -> (inputs, outputs)
+GRAPHS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
+    "text_encoder": (
+        (TensorSpec("input_ids", "int64", (1, TOKENS)),),
+        (TensorSpec("last_hidden_state", "float32", (1, TOKENS, "D")),),
+    ),
+    "vae_encoder": (
+        (TensorSpec("image", "float32", (1, 3, "H", "H")),),
+        (TensorSpec("latent_mean", "float32", (1, LATENT_CHANNELS, "h", "h")),),
+    ),
+    "vae_decoder": (
+        (TensorSpec("latent", "float32", (1, LATENT_CHANNELS, "h", "h")),),
+        (TensorSpec("image", "float32", (1, 3, "H", "H")),),
+    ),
+    "unet_forward": (_unet_io(1), (TensorSpec("eps", "float32", (1, LATENT_CHANNELS, "h", "h")),)),
+    "unet_reverse": (_unet_io(1), (TensorSpec("eps", "float32", (1, LATENT_CHANNELS, "h", "h")),)),
+    "unet_reverse_edit": (
+        _unet_io(2) + P2P_CONTROLS,
+        (
+            TensorSpec("eps", "float32", (2, LATENT_CHANNELS, "h", "h")),
+            TensorSpec("blend_maps", "float32", (2, "Q", TOKENS)),
+        ),
+    ),
+}
+
+
+def dims_for(image_hw: int, text_dim: int) -> dict[str, int]:
+    """The dim table for a square image side and a text width."""
+    if image_hw % 64:
+        raise ShapeMismatch(f"image side must be a multiple of 64, got {image_hw}")
+    latent = image_hw // 8
+    return {"H": image_hw, "h": latent, "D": text_dim, "Q": (latent // 4) ** 2}
+
+
+def check_feeds(graph: str, feeds: dict, specs: list[dict]) -> None:
+    """Validate numpy feeds against manifest specs (names, dtypes, shapes); raise ShapeMismatch."""
+    names = {s["name"] for s in specs}
+    extra = set(feeds) - names
+    missing = names - set(feeds)
+    if extra or missing:
+        raise ShapeMismatch(f"{graph}: inputs {sorted(feeds)} do not match the graph's {sorted(names)}")
+    for s in specs:
+        arr = feeds[s["name"]]
+        if str(arr.dtype) != s["dtype"] or list(arr.shape) != list(s["shape"]):
+            raise ShapeMismatch(
+                f"{graph}.{s['name']}: expected {s['dtype']}{tuple(s['shape'])}, got {arr.dtype}{tuple(arr.shape)}"
+            )
