@@ -75,11 +75,15 @@ def step_config_from_lora_names(forward_name: str, reverse_name: str) -> StepCon
     """
     import re
 
-    def nums(name: str) -> list[int] | None:
-        found = re.findall(r"(?<![0-9])(\d{2,3})(?![0-9])", name.rsplit("/", 1)[-1])
+    def nums(name: str, keyword: str) -> list[int] | None:
+        base = name.rsplit("/", 1)[-1].lower()
+        if keyword not in base:
+            return None
+        tail = base.rsplit(keyword, 1)[1]
+        found = re.findall(r"(?<![0-9])(\d{2,3})(?![0-9])", tail)
         return [int(x) for x in found] or None
 
-    fwd, rev = nums(forward_name), nums(reverse_name)
+    fwd, rev = nums(forward_name, "forward"), nums(reverse_name, "reverse")
     for cfg in STEP_CONFIGS.values():
         if fwd == [t for t, _ in cfg.forward] and rev == sorted(t for t, _ in cfg.reverse):
             return cfg
@@ -87,7 +91,11 @@ def step_config_from_lora_names(forward_name: str, reverse_name: str) -> StepCon
 
 
 def alphas_cumprod(n: int = NUM_TRAIN_STEPS, beta_start: float = BETA_START, beta_end: float = BETA_END) -> np.ndarray:
-    """ᾱ_t for t = 0..n-1 of the ``scaled_linear`` schedule, float32 as diffusers computes it."""
+    """ᾱ_t for t = 0..n-1 of the ``scaled_linear`` schedule in float32.
+
+    Within 3e-7 of diffusers' torch values (linspace/cumprod rounding differs); the export
+    records torch's exact values in the manifest and the runtime uses those.
+    """
     betas = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float32) ** 2
     return np.cumprod(1.0 - betas, dtype=np.float32)
 

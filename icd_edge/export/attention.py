@@ -66,7 +66,9 @@ class P2PAttnProcessor:
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  temb=None, p2p: P2PControls | None = None):
-        if p2p is None:
+        if p2p is None or (encoder_hidden_states is None and _tokens(hidden_states) > p2p.self_max_keys):
+            # Plain graphs, and self-attention layers P2P leaves untouched (the 64×64 ones at 512 px),
+            # keep the fused kernel: no probabilities are materialised there.
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -101,6 +103,11 @@ class P2PAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _tokens(hidden_states) -> int:
+    """Sequence length of (B, L, C) or (B, C, H, W) hidden states."""
+    return hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
 
 
 def install_p2p(unet) -> None:

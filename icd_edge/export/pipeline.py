@@ -226,7 +226,17 @@ def run_export(cfg: ExportConfig) -> Path:
     return Path(cfg.out)
 
 
+def _torch_alphas_cumprod() -> np.ndarray:
+    """ᾱ_t exactly as the official code gets them (diffusers' DDIMScheduler, torch fp32)."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          clip_sample=False, set_alpha_to_one=False)
+    return sched.alphas_cumprod.numpy().astype(np.float32)
+
+
 def _base_manifest(cfg, src, dims, guidance) -> dict:
+    acp = _torch_alphas_cumprod()
     acp_ts = sorted({t for seg in src.steps.forward + src.steps.reverse for t in seg} | {ENCODER_START_T})
     graphs = {}
     for name, (inputs, outputs) in spec.GRAPHS.items():
@@ -242,10 +252,11 @@ def _base_manifest(cfg, src, dims, guidance) -> dict:
             "config": src.steps.name,
             "forward": [list(s) for s in src.steps.forward],
             "reverse": [list(s) for s in src.steps.reverse],
-            "alpha_sigma": {str(t): list(alpha_sigma(t)) for t in acp_ts},
-            "coefficients": {"forward": [list(step_coefficients(t, s)) for t, s in src.steps.forward],
-                             "reverse": [list(step_coefficients(t, s)) for t, s in src.steps.reverse]},
-            "encoder_start": {"t": ENCODER_START_T, "alpha_sigma": list(alpha_sigma(ENCODER_START_T))},
+            "alphas_cumprod_source": "diffusers DDIMScheduler scaled_linear 0.00085..0.012 (torch fp32)",
+            "alpha_sigma": {str(t): list(alpha_sigma(t, acp)) for t in acp_ts},
+            "coefficients": {"forward": [list(step_coefficients(t, s, acp)) for t, s in src.steps.forward],
+                             "reverse": [list(step_coefficients(t, s, acp)) for t, s in src.steps.reverse]},
+            "encoder_start": {"t": ENCODER_START_T, "alpha_sigma": list(alpha_sigma(ENCODER_START_T, acp))},
             "prediction": "epsilon",
         },
         "guidance": {"dim": spec.GUIDANCE_DIM, "max": MAX_GUIDANCE, "trained": list(TRAINED_GUIDANCE_SD15),

@@ -1,0 +1,142 @@
+"""Full-size SD1.5 iCD edit on the CPU: ONNX Runtime vs the torch reference, same run.
+
+SD1.5 architecture with random weights (no downloads here), 512 px, 4 forward + 4 reverse
+steps with Prompt-to-Prompt and local blend. Exports a ``random-sd15`` bundle, then times
+one edit per backend in its own process (per stage, total, peak RSS) and compares the two
+edited images. Writes ``benchmarks/results/cpu_edit_fp32.json``.
+
+    python benchmarks/bench_cpu_edit.py [--work benchmarks/work] [--runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EDIT = dict(source="a photo of a cat", target="a photo of a dog", cross_replace=0.4, self_replace=0.6,
+            amplify={"dog": 2.0}, blend=("cat", "dog"), guidance=19.0, tau=0.8, seed=0)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
+    """Runs in a child process: one backend, ``runs`` full edits, per-stage timings."""
+    import numpy as np
+    import skimage.data
+
+    from icd_edge.editor import Editor
+    from icd_edge.manifest import open_bundle
+
+    photo = skimage.data.chelsea()
+    t0 = time.perf_counter()
+    b = open_bundle(bundle, verify=False)
+    if backend == "torch":
+        import torch
+
+        from icd_edge.export.models import build_random
+        from icd_edge.export.wrappers import build_graphs
+        from icd_edge.runtimes.torch_ref import TorchBackend
+        import tempfile
+
+        torch.set_num_threads(os.cpu_count())
+        seed = b.manifest["sources"]["seed"]
+        with tempfile.TemporaryDirectory() as work:
+            src = build_random("random-sd15", seed, Path(work))
+        graphs = build_graphs(src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, b.dims)
+        ed = Editor(b, TorchBackend(graphs))
+    else:
+        ed = Editor(b, __import__("icd_edge.runtimes", fromlist=["select_backend"]).select_backend(backend, b))
+    setup_s = time.perf_counter() - t0
+    results = []
+    for r in range(runs):
+        ed.profile = []
+        t1 = time.perf_counter()
+        inv = ed.invert(photo, EDIT["source"], seed=EDIT["seed"])
+        img = ed.edit(inv, EDIT["target"], cross_replace=EDIT["cross_replace"], self_replace=EDIT["self_replace"],
+                      amplify=EDIT["amplify"], blend=EDIT["blend"], guidance=EDIT["guidance"], tau=EDIT["tau"], output_type="np")
+        total = time.perf_counter() - t1
+        stages = {}
+        for stage, ms in ed.profile:
+            stages[stage] = round(stages.get(stage, 0.0) + ms, 1)
+        results.append({"run": r, "edit_s": round(total, 2), "stages_ms": stages})
+    np.save(out_png.replace(".png", ".npy"), img)
+    from icd_edge.image import array_to_pil
+
+    array_to_pil(img).save(out_png)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+    return {"backend": backend, "setup_s": round(setup_s, 2), "runs": results, "peak_rss_gb": round(peak, 2)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--worker", nargs=3, metavar=("BACKEND", "BUNDLE", "OUT"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, runs=args.runs)))
+        return 0
+    args.work.mkdir(parents=True, exist_ok=True)
+    bundle = args.work / "random-sd15.bundle"
+    report = {"machine": machine(), "model": "SD1.5 architecture, random weights (random-sd15), 512 px, 4+4 steps, P2P + local blend",
+              "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()}}
+    if not args.skip_export:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "icd_edge.export", "--model", "random-sd15", "--out", str(bundle),
+                        "--parity", "none", "--no-progress"], check=True)
+        report["export_s"] = round(time.perf_counter() - t0, 1)
+    report["bundle_gb"] = round(sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e9, 3)
+    for backend in ("onnxruntime", "torch"):
+        out = subprocess.run([sys.executable, __file__, "--runs", str(args.runs), "--worker", backend, str(bundle),
+                              str(args.work / f"edit_{backend}.png")], check=True, capture_output=True, text=True)
+        report[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(backend, json.dumps(report[backend])[:400], flush=True)
+    import numpy as np
+
+    from icd_edge.export.parity import max_abs_err, psnr_db
+
+    a = np.load(args.work / "edit_onnxruntime.npy")
+    b = np.load(args.work / "edit_torch.npy")
+    ort_s = min(r["edit_s"] for r in report["onnxruntime"]["runs"])
+    torch_s = min(r["edit_s"] for r in report["torch"]["runs"])
+    report["summary"] = {
+        "edit_s_onnxruntime_fp32": ort_s,
+        "edit_s_torch_reference_fp32": torch_s,
+        "speedup_vs_reference": round(torch_s / ort_s, 2),
+        "peak_rss_gb_onnxruntime": report["onnxruntime"]["peak_rss_gb"],
+        "peak_rss_gb_torch": report["torch"]["peak_rss_gb"],
+        "e2e_psnr_db_ort_vs_torch": round(psnr_db(b, a, peak=1.0), 2),
+        "e2e_max_abs_err": max_abs_err(b, a),
+        "bundle_gb_fp32": report["bundle_gb"],
+        "export_s": report.get("export_s"),
+    }
+    out = ROOT / "benchmarks" / "results" / "cpu_edit_fp32.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

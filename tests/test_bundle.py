@@ -1,0 +1,138 @@
+"""Bundle contract: manifest content, parity figures re-checked, tamper/missing/schema/escape refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from icd_edge.errors import BundleError
+from icd_edge.manifest import SCHEMA_VERSION, open_bundle, read_manifest
+from icd_edge.spec import GRAPHS
+
+
+def test_manifest_describes_every_graph(tiny_bundle):
+    b = open_bundle(tiny_bundle)
+    m = b.manifest
+    assert m["schema_version"] == SCHEMA_VERSION and m["model"]["name"] == "tiny"
+    assert set(m["graphs"]) == set(GRAPHS)
+    for name, g in m["graphs"].items():
+        onnx_art = g["artifacts"]["onnx"]
+        assert (tiny_bundle / onnx_art["file"]).is_file() and onnx_art["precision"] == "fp32"
+        assert [i["name"] for i in g["inputs"]] == [s.name for s in GRAPHS[name][0]]
+        assert all(isinstance(d, int) for i in g["inputs"] + g["outputs"] for d in i["shape"])
+    # the reverse UNet's weights are stored once and shared by the plain and the edit graph
+    assert m["graphs"]["unet_reverse"]["artifacts"]["onnx"]["weights"] == m["graphs"]["unet_reverse_edit"]["artifacts"]["onnx"]["weights"]
+    assert m["schedule"]["config"] == "4A"
+    assert m["schedule"]["reverse"] == [[999, 779], [779, 519], [519, 259], [259, 0]]
+    np.testing.assert_allclose(m["schedule"]["coefficients"]["reverse"][0], [3.079753, -2.094919], atol=2e-6)
+    assert set(m["guidance"]["embeddings"]) == {"0", "7", "11", "15", "19"}
+    assert m["vae"]["scaling_factor"] == pytest.approx(0.18215)
+    assert m["sources"]["lora"]["forward"]["layout"] == "peft"
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+
+
+def test_recorded_parity_meets_the_gates(tiny_bundle):
+    par = read_manifest(tiny_bundle)["parity"]
+    assert set(par["graphs"]) == set(GRAPHS)
+    assert min(g["psnr_db"] for g in par["graphs"].values()) >= 60.0
+    assert par["end_to_end"]["edit"]["psnr_db"] >= 45.0
+    assert par["end_to_end"]["generate"]["psnr_db"] >= 45.0
+
+
+def test_parity_rechecked_now(tiny_bundle, photo):
+    """Re-run the edit on ONNX Runtime and on the torch weights stored in the bundle."""
+    from icd_edge.editor import Editor
+    from icd_edge.export.parity import psnr_db
+
+    images = {}
+    for backend in ("onnxruntime", "torch"):
+        with Editor.open(tiny_bundle, backend=backend) as ed:
+            inv = ed.invert(photo, "a photo of a cat", seed=3)
+            images[backend] = ed.edit(inv, "a photo of a dog", cross_replace=0.6, self_replace=0.4, blend=("cat", "dog"),
+                                      amplify={"dog": 3.0}, output_type="np")
+    assert psnr_db(images["torch"], images["onnxruntime"], peak=1.0) >= 45.0
+
+
+def test_graph_parity_with_in_memory_reference(tiny_bundle, tiny_graphs):
+    """Every ONNX graph vs the torch module rebuilt from the seed (independent of stored weights)."""
+    from icd_edge.editor import Editor
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.runtimes.torch_ref import TorchBackend
+
+    b = open_bundle(tiny_bundle)
+    photo = np.full((96, 160, 3), 128, np.uint8)
+    photo[20:60, 40:120] = (200, 30, 40)
+    out = {}
+    for label, ed in (("torch", Editor(b, TorchBackend(tiny_graphs))), ("ort", Editor.open(tiny_bundle, "onnxruntime"))):
+        inv = ed.invert(photo, "a red box", seed=1)
+        out[label] = (ed.reconstruct(inv, output_type="np"), ed.generate("a red box", seed=2, output_type="np"))
+    for a, c in zip(out["torch"], out["ort"]):
+        assert psnr_db(a, c, peak=1.0) >= 45.0
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_tampered_file_is_refused(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle, tmp_path / "b")
+    f = b / "onnx" / "unet_forward.weights"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        open_bundle(b)
+
+
+def test_missing_and_truncated_files_are_refused(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle, tmp_path / "b")
+    (b / "onnx" / "vae_decoder.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        open_bundle(b)
+    b2 = _copy(tiny_bundle, tmp_path / "b2")
+    f = b2 / "onnx" / "text_encoder.onnx"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(BundleError, match="truncated"):
+        open_bundle(b2, verify=False)
+
+
+def _edit_manifest(b: Path, fn) -> None:
+    m = json.loads((b / "manifest.json").read_text())
+    fn(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+
+
+def test_newer_schema_is_refused(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle, tmp_path / "b")
+    _edit_manifest(b, lambda m: m.__setitem__("schema_version", SCHEMA_VERSION + 1))
+    with pytest.raises(BundleError, match="newer than this icd_edge"):
+        open_bundle(b)
+
+
+def test_path_escaping_the_bundle_is_refused(tiny_bundle, tmp_path):
+    b = _copy(tiny_bundle, tmp_path / "b")
+    (tmp_path / "evil.onnx").write_bytes(b"x")
+
+    def escape(m):
+        m["files"]["../evil.onnx"] = {"bytes": 1, "sha256": "0" * 64}
+
+    _edit_manifest(b, escape)
+    with pytest.raises(BundleError, match="outside the bundle"):
+        open_bundle(b)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="does not exist"):
+        open_bundle(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleError, match="no manifest.json"):
+        open_bundle(tmp_path / "empty")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        open_bundle(tmp_path / "bad")

@@ -1,0 +1,151 @@
+"""CLI end to end and every bad-input path: exit code 2, one line, no traceback, no output file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli
+
+
+def test_edit_writes_png(tiny_bundle, photo_png, tmp_path):
+    out = tmp_path / "dog.png"
+    proc = run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
+                   "--target", "a photo of a dog", "--out", str(out), "--blend", "cat", "dog", "--amplify", "dog=2",
+                   "--cross-replace", "0.4", "--self-replace", "0.6", "--guidance", "19", "--tau", "0.8", "--seed", "7")
+    assert proc.returncode == 0, proc.stderr
+    img = Image.open(out)
+    assert img.size == (128, 128) and img.mode == "RGB"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp leftovers
+
+
+def test_cli_edit_equals_api(tiny_bundle, photo_png, tmp_path):
+    from icd_edge.editor import Editor
+
+    out = tmp_path / "a.png"
+    run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
+            "--target", "a photo of a dog", "--out", str(out), check=True)
+    with Editor.open(tiny_bundle) as ed:
+        api = ed.edit(ed.invert(photo_png, "a photo of a cat"), "a photo of a dog")
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(api))
+
+
+def test_invert_reconstruct_generate(tiny_bundle, photo_png, tmp_path):
+    run_cli("invert", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat",
+            "--out", str(tmp_path / "inv.npz"), check=True)
+    z = np.load(tmp_path / "inv.npz")
+    assert z["latent"].shape == (1, 4, 16, 16) and str(z["source_prompt"]) == "a cat"
+    run_cli("reconstruct", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat",
+            "--out", str(tmp_path / "rec.jpg"), check=True)
+    run_cli("generate", "--bundle", str(tiny_bundle), "--prompt", "a dog", "--out", str(tmp_path / "gen.webp"), check=True)
+    assert Image.open(tmp_path / "rec.jpg").size == Image.open(tmp_path / "gen.webp").size == (128, 128)
+
+
+def test_inspect_json_shows_parity(tiny_bundle):
+    proc = run_cli("inspect", str(tiny_bundle), "--json", check=True)
+    m = json.loads(proc.stdout)
+    assert m["parity"]["end_to_end"]["edit"]["psnr_db"] >= 45
+    text = run_cli("inspect", str(tiny_bundle), check=True).stdout
+    assert "end-to-end edit" in text and "unet_reverse_edit" in text
+
+
+def test_doctor_lists_every_backend():
+    out = run_cli("doctor", check=True).stdout
+    assert "onnxruntime: available" in out
+    assert "tensorrt: not available (not installed)" in out
+    assert "coreml: not available (Core ML runs only on macOS)" in out
+    assert "torch: " in out
+
+
+def _bad(tmp_path, *args):
+    out = tmp_path / "out.png"
+    proc = run_cli(*args)
+    assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    return lines[0]
+
+
+def _edit_args(bundle, image, tmp_path, **over):
+    args = {"--bundle": str(bundle), "--image": str(image), "--source": "a photo of a cat", "--target": "a photo of a dog",
+            "--out": str(tmp_path / "out.png")}
+    args.update(over)
+    flat = ["edit"]
+    for k, v in args.items():
+        if v is not None:
+            flat += [k, v]
+    return flat
+
+
+def test_bad_images(tiny_bundle, tmp_path):
+    cases = {"missing.png": None, "zero.png": b"", "corrupt.png": b"\x89PNG\r\n\x1a\nnope",
+             "text.jpg": b"hello, not a jpeg"}
+    for name, data in cases.items():
+        p = tmp_path / name
+        if data is not None:
+            p.write_bytes(data)
+        msg = _bad(tmp_path, *_edit_args(tiny_bundle, p, tmp_path))
+        assert "image" in msg or name in msg
+    trunc = tmp_path / "trunc.png"
+    buf = tmp_path / "full.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf)
+    trunc.write_bytes(buf.read_bytes()[:300])
+    assert "corrupt or truncated" in _bad(tmp_path, *_edit_args(tiny_bundle, trunc, tmp_path))
+
+
+def test_bad_bundles_and_backends(tiny_bundle, photo_png, tmp_path):
+    assert "does not exist" in _bad(tmp_path, *_edit_args(tmp_path / "nope", photo_png, tmp_path))
+    tampered = tmp_path / "tampered"
+    shutil.copytree(tiny_bundle, tampered)
+    with open(tampered / "onnx" / "vae_decoder.weights", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x01\x02\x03")
+    assert "sha256" in _bad(tmp_path, *_edit_args(tampered, photo_png, tmp_path))
+    assert "not available" in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path), "--backend", "tensorrt")
+    assert "unknown backend" in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path), "--backend", "magic")
+
+
+@pytest.mark.parametrize("over, extra, expect", [
+    ({"--source": ""}, [], "empty"),
+    ({"--target": "   "}, [], "empty"),
+    ({}, ["--guidance", "40"], "guidance"),
+    ({}, ["--tau", "2"], "tau"),
+    ({}, ["--cross-replace", "-1"], "cross_replace"),
+    ({}, ["--amplify", "dog"], "WORD=FACTOR"),
+    ({}, ["--amplify", "dog=abc"], "not a number"),
+    ({}, ["--blend", "cow", "dog"], "not a word"),
+    ({}, ["--seed", "-5"], "seed"),
+])
+def test_bad_parameters(tiny_bundle, photo_png, tmp_path, over, extra, expect):
+    assert expect in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **over), *extra)
+
+
+def test_bad_output_paths(tiny_bundle, photo_png, tmp_path):
+    assert "must end in" in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **{"--out": str(tmp_path / "x.txt")}))
+    assert "does not exist" in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **{"--out": str(tmp_path / "no" / "x.png")}))
+
+
+def test_export_bad_options(tmp_path):
+    for args, expect in ((["--model", "tiny", "--out", str(tmp_path / "b"), "--resolution", "100"], "multiple of 64"),
+                         (["--model", "tiny", "--out", str(tmp_path / "b"), "--targets", "tensorrt"], "--targets"),
+                         (["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"], "--opset"),
+                         (["--model", "tiny", "--out", str(tmp_path / "b"), "--teacher", "x"], "icd-sd15 only")):
+        proc = run_cli(*args, module="icd_edge.export")
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "b").exists()
+
+
+def test_export_offline_names_the_local_flags(tmp_path):
+    proc = run_cli("--model", "icd-sd15", "--out", str(tmp_path / "b"), module="icd_edge.export",
+                   env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "--forward-lora" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()
