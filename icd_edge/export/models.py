@@ -126,7 +126,7 @@ def write_random_lora(unet, path: Path, rank: int, seed: int, std: float) -> Pat
 def tiny_configs() -> dict:
     """Configs of the tiny model: SD1.5's classes and block structure at toy width."""
     return {
-        "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+        "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
                      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                      cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8, time_cond_proj_dim=512),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import logging
 import platform
@@ -24,8 +25,12 @@ from icd_edge.schedule import (ENCODER_START_T, MAX_GUIDANCE, TRAINED_GUIDANCE_S
 logger = logging.getLogger(__name__)
 
 MODELS = ("icd-sd15", "tiny", "random-sd15")
-TARGETS = ("onnx", "torch")
-WEIGHT_GROUPS = {"unet_reverse_edit": "unet_reverse", "vae_encoder": "vae_encoder", "vae_decoder": "vae_decoder"}
+# target name -> "module:function(ctx: ExportContext)"; each writes its artifacts into ctx.out_dir
+# and records them under manifest["graphs"][graph]["artifacts"][<format>].
+TARGETS = {
+    "onnx": "icd_edge.export.to_onnx:export_target",
+    "torch": "icd_edge.export.pipeline:torch_target",
+}
 
 
 @dataclass(frozen=True)
@@ -51,13 +56,33 @@ class ExportConfig:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass
+class ExportContext:
+    """What a target exporter gets: the config, the temporary bundle folder, the fused source
+    models, the traceable graph modules with fixed sample inputs, and the manifest to extend."""
+
+    cfg: ExportConfig
+    out_dir: Path
+    src: object
+    graphs: dict
+    samples: dict
+    dims: dict
+    manifest: dict
+    timings: dict
+    progress: object = None
+
+    def step(self, label: str) -> None:
+        if self.progress is not None:
+            self.progress.set_postfix_str(label)
+
+
 def validate(cfg: ExportConfig) -> None:
     if cfg.model not in MODELS:
         raise ExportError(f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     bad = [t for t in cfg.targets if t not in TARGETS]
     if bad or not cfg.targets or "onnx" not in cfg.targets:
-        raise ExportError(f"--targets must include onnx and may add torch (got {','.join(cfg.targets) or 'nothing'}); "
-                          "tensorrt and coreml targets are not available in this version")
+        raise ExportError(f"--targets must include onnx and may add {', '.join(t for t in TARGETS if t != 'onnx')} "
+                          f"(got {','.join(cfg.targets) or 'nothing'})")
     if cfg.steps not in ("4", "3"):
         raise ExportError(f"--steps must be 4 or 3, got {cfg.steps!r}")
     if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
@@ -149,13 +174,12 @@ def run_export(cfg: ExportConfig) -> Path:
     from tqdm.auto import tqdm
 
     from icd_edge.export import models
-    from icd_edge.export.to_onnx import WeightStore, export_graph
     from icd_edge.export.wrappers import build_graphs
     from icd_edge.tokenizer import ClipTokenizer
 
     t_start = time.perf_counter()
     timings = {}
-    bar = tqdm(total=3 + len(spec.GRAPHS) + (1 if "torch" in cfg.targets else 0) + (0 if cfg.parity == "none" else 2),
+    bar = tqdm(total=3 + len(spec.GRAPHS) + len(cfg.targets) - 1 + (0 if cfg.parity == "none" else 2),
                desc="export", disable=not cfg.progress)
     with tempfile.TemporaryDirectory(prefix="icd_src_") as work, atomic_dir(cfg.out) as tmp:
         work = Path(work)
@@ -181,31 +205,12 @@ def run_export(cfg: ExportConfig) -> Path:
         bar.update(1)
 
         manifest = _base_manifest(cfg, src, dims, guidance)
-        (tmp / "onnx").mkdir()
-        stores: dict[str, WeightStore] = {}
-        t0 = time.perf_counter()
-        for name, module in graphs.items():
-            bar.set_postfix_str(f"onnx {name}")
-            inputs, outputs = spec.GRAPHS[name]
-            group = WEIGHT_GROUPS.get(name, name)
-            if group not in stores:
-                stores[group] = WeightStore(tmp / "onnx" / f"{group}.weights")
-            args = tuple(torch.from_numpy(samples[name][s.name]) for s in inputs)
-            g0 = time.perf_counter()
-            export_graph(module, args, [s.name for s in inputs], [s.name for s in outputs],
-                         tmp / "onnx" / f"{name}.onnx", stores[group], cfg.opset)
-            timings[f"onnx_{name}_s"] = time.perf_counter() - g0
-            manifest["graphs"][name]["artifacts"]["onnx"] = {"file": f"onnx/{name}.onnx", "precision": "fp32",
-                                                             "opset": cfg.opset, "weights": f"onnx/{group}.weights"}
-            bar.update(1)
-        for store in stores.values():
-            store.close()
-        timings["onnx_s"] = time.perf_counter() - t0
-
-        if "torch" in cfg.targets:
-            bar.set_postfix_str("torch weights")
-            _save_torch(src, tmp, manifest)
-            bar.update(1)
+        ctx = ExportContext(cfg, tmp, src, graphs, samples, dims, manifest, timings, bar)
+        for target in ("onnx",) + tuple(t for t in cfg.targets if t != "onnx"):
+            module_name, func = TARGETS[target].split(":")
+            t0 = time.perf_counter()
+            getattr(importlib.import_module(module_name), func)(ctx)
+            timings[f"{target}_s"] = time.perf_counter() - t0
 
         write_manifest(tmp, {**manifest, "files": file_table(tmp)})
         if cfg.parity != "none":
@@ -271,8 +276,11 @@ def _base_manifest(cfg, src, dims, guidance) -> dict:
     }
 
 
-def _save_torch(src, tmp: Path, manifest: dict) -> None:
-    root = tmp / "torch"
+def torch_target(ctx: ExportContext) -> None:
+    """Fused weights (safetensors + configs) for the torch reference backend."""
+    ctx.step("torch weights")
+    src, manifest = ctx.src, ctx.manifest
+    root = ctx.out_dir / "torch"
     src.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     src.vae.save_pretrained(root / "vae", safe_serialization=True)
     src.unet_forward.save_pretrained(root / "unet_forward", safe_serialization=True)
@@ -281,6 +289,8 @@ def _save_torch(src, tmp: Path, manifest: dict) -> None:
             "unet_reverse": "unet_reverse", "unet_reverse_edit": "unet_reverse"}
     for graph, d in dirs.items():
         manifest["graphs"][graph]["artifacts"]["torch"] = {"dir": f"torch/{d}", "precision": "fp32"}
+    if ctx.progress is not None:
+        ctx.progress.update(1)
 
 
 def _graph_parity(bundle_dir: Path, graphs: dict, samples: dict, min_psnr: float) -> dict:

@@ -105,3 +105,35 @@ def export_graph(module: torch.nn.Module, args: tuple, input_names: list[str], o
         onnx.checker.check_model(str(out_path))
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported graph {out_path.name} is not valid ONNX: {exc}") from exc
+
+
+WEIGHT_GROUPS = {"unet_reverse_edit": "unet_reverse"}
+
+
+def export_target(ctx) -> None:
+    """Every graph to ``onnx/<graph>.onnx`` (fp32), weights in ``onnx/<group>.weights``."""
+    from icd_edge import spec
+
+    (ctx.out_dir / "onnx").mkdir()
+    stores: dict[str, WeightStore] = {}
+    try:
+        for name, module in ctx.graphs.items():
+            ctx.step(f"onnx {name}")
+            inputs, outputs = spec.GRAPHS[name]
+            group = WEIGHT_GROUPS.get(name, name)
+            if group not in stores:
+                stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
+            args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
+            import time
+
+            t0 = time.perf_counter()
+            export_graph(module, args, [s.name for s in inputs], [s.name for s in outputs],
+                         ctx.out_dir / "onnx" / f"{name}.onnx", stores[group], ctx.cfg.opset)
+            ctx.timings[f"onnx_{name}_s"] = time.perf_counter() - t0
+            ctx.manifest["graphs"][name]["artifacts"]["onnx"] = {
+                "file": f"onnx/{name}.onnx", "precision": "fp32", "opset": ctx.cfg.opset, "weights": f"onnx/{group}.weights"}
+            if ctx.progress is not None:
+                ctx.progress.update(1)
+    finally:
+        for store in stores.values():
+            store.close()
