@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 EDIT = dict(source="a photo of a cat", target="a photo of a dog", cross_replace=0.4, self_replace=0.6,
             amplify={"dog": 2.0}, blend=("cat", "dog"), guidance=19.0, tau=0.8, seed=0)
 
@@ -36,7 +37,7 @@ def machine() -> dict:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(mem, 1), "os": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "loadavg_at_start": os.getloadavg()}
 
 
 def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
@@ -131,6 +132,7 @@ def main() -> int:
         "bundle_gb_fp32": report["bundle_gb"],
         "export_s": report.get("export_s"),
     }
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results" / "cpu_edit_fp32.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

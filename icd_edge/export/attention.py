@@ -35,13 +35,15 @@ class P2PControls:
     def edit(self, probs: torch.Tensor, is_cross: bool, heads: int) -> torch.Tensor:
         """Edit softmax probabilities (2·heads, q, k); returns the same shape."""
         bh, q, k = probs.shape
+        if bh != 2 * heads:
+            raise ValueError(f"the explicit P2P processor edits one [source, target] pair; got batch {bh // heads}")
         p = probs.reshape(bh // heads, heads, q, k)
         src, tgt = p[0], p[1]
         if is_cross:
             replaced = (torch.matmul(src, self.token_map) * self.refine_alpha + tgt * (1 - self.refine_alpha)) * self.equalizer
             new_tgt = self.cross_alpha * replaced + (1 - self.cross_alpha) * tgt
             if q == self.blend_queries:
-                self.maps.append(torch.stack([src.mean(0), new_tgt.mean(0)]))
+                self.maps.append(torch.stack([src.mean(0), new_tgt.mean(0)])[:, None])
         elif k <= self.self_max_keys:
             new_tgt = self.self_flag * src + (1 - self.self_flag) * tgt
         else:
@@ -49,7 +51,8 @@ class P2PControls:
         return torch.stack([src, new_tgt]).reshape(bh, q, k)
 
     def blend_maps(self) -> torch.Tensor:
-        """(2, Q, 77): mean over every blend layer and head of the post-edit probabilities."""
+        """(2, N, Q, 77): mean over every blend layer and head of the post-edit probabilities
+        (row 0 source, row 1 target, N edit pairs)."""
         if not self.maps:
             raise RuntimeError(f"no cross-attention layer has {self.blend_queries} queries; cannot build blend maps")
         return torch.stack(self.maps).mean(0)
@@ -110,6 +113,81 @@ def _tokens(hidden_states) -> int:
     return hidden_states.shape[1] if hidden_states.ndim == 3 else hidden_states.shape[2] * hidden_states.shape[3]
 
 
-def install_p2p(unet) -> None:
-    """Give every attention layer of ``unet`` a :class:`P2PAttnProcessor`."""
-    unet.set_attn_processor(P2PAttnProcessor())
+def install_p2p(unet, processor=None) -> None:
+    """Give every attention layer of ``unet`` a P2P processor (explicit softmax by default)."""
+    unet.set_attn_processor(processor if processor is not None else P2PAttnProcessor())
+
+
+class FusedP2PAttnProcessor:
+    """Prompt-to-Prompt on fused attention: the same result as :class:`P2PAttnProcessor`
+    without materialising probabilities, for a batch of N edit pairs.
+
+    Batch layout: rows ``[src_0 … src_{N-1}, tgt_0 … tgt_{N-1}]``; controls are (77, 77)/(77,)
+    for one pair or carry a leading N. The edits are linear in the probabilities, so with
+    ``w1 = a·r·e`` and ``w2 = a·(1-r)·e + (1-a)`` (per token)::
+
+        P'_tgt·V_tgt = attn(Q_src, K_src, M·diag(w1)·V_tgt) + attn(Q_tgt, K_tgt, diag(w2)·V_tgt)
+
+    and self-attention injection is ``f·attn(Q_src, K_src, V_tgt) + (1-f)·attn(Q_tgt, K_tgt, V_tgt)``.
+    Each is one fused SDPA call over a 3N batch. Only the small cross-attention layers that feed
+    local blend compute explicit probabilities (for ``blend_maps``).
+    """
+
+    def __init__(self):
+        self.fused = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, p2p: P2PControls | None = None):
+        is_cross = encoder_hidden_states is not None
+        if p2p is None or (not is_cross and _tokens(hidden_states) > p2p.self_max_keys):
+            return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if attention_mask is not None or attn.spatial_norm is not None or hidden_states.ndim != 3 or attn.group_norm is not None:
+            # Layouts the SD1.5 UNet never uses here: take the explicit path (one pair only).
+            return P2PAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb, p2p)
+        residual = hidden_states
+        context = encoder_hidden_states if is_cross else hidden_states
+        if is_cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        b2, lq, _ = q.shape
+        n, heads = b2 // 2, attn.heads
+        q = q.view(b2, lq, heads, -1).transpose(1, 2)
+        k = k.view(b2, k.shape[1], heads, -1).transpose(1, 2)
+        v = v.view(b2, v.shape[1], heads, -1).transpose(1, 2)
+        qs, qt, ks, kt, vs, vt = q[:n], q[n:], k[:n], k[n:], v[:n], v[n:]
+        if is_cross:
+            a = _per_pair(p2p.cross_alpha, n)
+            r = _per_pair(p2p.refine_alpha, n)
+            e = _per_pair(p2p.equalizer, n)
+            m = p2p.token_map if p2p.token_map.ndim == 3 else p2p.token_map.expand(n, -1, -1)
+            w1 = (a * r * e).to(vt.dtype)
+            w2 = (a * (1 - r) * e + (1 - a)).to(vt.dtype)
+            v1 = torch.matmul(m.to(vt.dtype)[:, None], w1[:, None, :, None] * vt)
+            v2 = w2[:, None, :, None] * vt
+            out = torch.nn.functional.scaled_dot_product_attention(
+                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, v1, v2]), scale=attn.scale)
+            o_src, o_a, o_b = out.split(n)
+            o_tgt = o_a + o_b
+            if lq == p2p.blend_queries:
+                ps = torch.softmax(torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * attn.scale, dim=-1)
+                pt = torch.softmax(torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * attn.scale, dim=-1)
+                af, rf, ef = (x.float()[:, None, None, :] for x in (a, r, e))
+                replaced = (torch.matmul(ps, m.float()[:, None]) * rf + pt * (1 - rf)) * ef
+                pt_new = af * replaced + (1 - af) * pt
+                p2p.maps.append(torch.stack([ps.mean(1), pt_new.mean(1)]))  # (2, N, Q, 77)
+        else:
+            f = _per_pair(p2p.self_flag, n).reshape(n, 1, 1, 1).to(vt.dtype)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, vt, vt]), scale=attn.scale)
+            o_src, o_a, o_b = out.split(n)
+            o_tgt = f * o_a + (1 - f) * o_b
+        hidden = torch.cat([o_src, o_tgt]).transpose(1, 2).reshape(b2, lq, -1).to(q.dtype)
+        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        if attn.residual_connection:
+            hidden = hidden + residual
+        return hidden / attn.rescale_output_factor
+
+
+def _per_pair(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(K,) or (N, K) control → (N, K)."""
+    return x.expand(n, -1) if x.ndim == 1 else x

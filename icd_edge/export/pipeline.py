@@ -343,3 +343,17 @@ def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict) -> 
                    "target": "a photo of a dog", "cross_replace": 0.4, "self_replace": 0.6, "amplify": {"dog": 2.0},
                    "blend": ["cat", "dog"], "seed": 0}
     return out
+
+
+def memory_bundle(model: str, seed: int, work: Path):
+    """(source models, Bundle) for a built-in random model without writing graphs: the manifest
+    constants and tokenizer only (used by the fast torch path's tests and GPU benchmark)."""
+    from icd_edge.export import models
+    from icd_edge.manifest import FORMAT, SCHEMA_VERSION, Bundle
+
+    src = models.build_random(model, seed, work)
+    dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
+    cfg = ExportConfig(out=work / "bundle", model=model, seed=seed)
+    manifest = _base_manifest(cfg, src, dims, _guidance_table(src.unet_forward))
+    manifest["tokenizer"]["file"] = src.tokenizer_json.relative_to(work).as_posix()
+    return src, Bundle(work, {**manifest, "files": {}, "schema_version": SCHEMA_VERSION, "format": FORMAT})

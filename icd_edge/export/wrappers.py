@@ -66,9 +66,9 @@ class UNetEditGraph(nn.Module):
         blend_queries: query count of the cross-attention layers whose maps are returned.
     """
 
-    def __init__(self, unet, self_max_keys: int, blend_queries: int):
+    def __init__(self, unet, self_max_keys: int, blend_queries: int, processor=None):
         super().__init__()
-        install_p2p(unet)
+        install_p2p(unet, processor)
         self.unet = unet
         self.self_max_keys = self_max_keys
         self.blend_queries = blend_queries
@@ -78,7 +78,7 @@ class UNetEditGraph(nn.Module):
         ctl = P2PControls(token_map, refine_alpha, equalizer, cross_alpha, self_flag, self.self_max_keys, self.blend_queries)
         eps = self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
                         cross_attention_kwargs={"p2p": ctl}, return_dict=False)[0]
-        return eps, ctl.blend_maps()
+        return eps, ctl.blend_maps()[:, 0]
 
 
 def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int]) -> dict[str, nn.Module]:

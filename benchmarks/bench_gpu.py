@@ -1,0 +1,262 @@
+"""GPU benchmark of the fast torch path (issue 4): full SD1.5 architecture, random weights,
+512 px, 4+4 edit with Prompt-to-Prompt and local blend, on one CUDA GPU.
+
+Phases (each fits one device command):
+  latency     fp32 eager reference image; eager fp16 edit (compile and CUDA graphs off) with
+              per-stage CUDA-event times; fast edit (fp16, channels_last, fused-attention P2P,
+              torch.compile, CUDA graphs) median of many; P2P overhead (edit UNet vs plain
+              batch-2 UNet, both compiled + graphed); FLOP count and share of the compute floor.
+  throughput  batched edits (N photos in one call): edits/s.
+Writes <out>/gpu_<phase>.json; `--merge A B` joins phase files into benchmarks/results/gpu.json.
+
+    python benchmarks/bench_gpu.py --phase latency --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+EDIT = dict(cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0}, blend=("cat", "dog"), guidance=19.0, tau=0.8)
+SRC, TGT = "a photo of a cat", "a photo of a dog"
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def build(work: Path):
+    """random-sd15 modules + an in-memory bundle (manifest constants and tokenizer)."""
+    from icd_edge.export.pipeline import memory_bundle
+
+    t0 = time.perf_counter()
+    src, bundle = memory_bundle("random-sd15", 0, work)
+    log(f"built random-sd15 in {time.perf_counter() - t0:.1f}s")
+    return src, bundle
+
+
+def synthetic(n: int):
+    from icd_edge.export.pipeline import sample_photo
+
+    import numpy as np
+
+    base = sample_photo(512)
+    return [np.roll(base, 37 * i, axis=1) for i in range(n)]
+
+
+def cuda_ms(fn, iters: int, warmup: int = 2) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        out.append(s.elapsed_time(e))
+    return out
+
+
+def wall_ms(fn, iters: int, warmup: int = 2) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def peak_tflops() -> float:
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    ms = statistics.median(cuda_ms(lambda: a @ b, 10, 3))
+    return 2 * 8192**3 / (ms / 1000) / 1e12
+
+
+def phase_latency(args, src, bundle) -> dict:
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from icd_edge.export.parity import max_abs_err, psnr_db
+    from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
+
+    img = synthetic(1)[0]
+    mods = [src.text_encoder, src.vae, src.unet_forward, src.unet_reverse]
+    res = {}
+    # fp32 eager reference (TF32 off): the ground truth for the fp16 paths
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    ref_ed = FastEditor(bundle, *copy.deepcopy(mods), FastOptions(dtype="float32", channels_last=False, compile=False, cuda_graphs=False))
+    ref = ref_ed.edit_image(img, SRC, TGT, output_type="np", **EDIT)
+    res["reference_fp32_eager_ms"] = statistics.median(wall_ms(lambda: ref_ed.edit_image(img, SRC, TGT, output_type="np", **EDIT), 3, 1))
+    del ref_ed
+    torch.cuda.empty_cache()
+    torch.backends.cudnn.allow_tf32 = True
+    log("reference done", res)
+
+    eager = FastEditor(bundle, *copy.deepcopy(mods), FastOptions(compile=False, cuda_graphs=False))
+    run_eager = lambda: eager.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731
+    res["eager_ms"] = wall_ms(run_eager, args.iters_eager)
+    eager.events = {}
+    run_eager()
+    torch.cuda.synchronize()
+    res["eager_stages_ms"] = {k: round(sum(s.elapsed_time(e) for s, e in v), 3) for k, v in eager.events.items()}
+    eager.events = None
+    with FlopCounterMode(display=False) as fc:
+        run_eager()
+    res["flop_per_edit"] = fc.get_total_flops()
+    e_img = run_eager()
+    res["eager_vs_ref"] = {"psnr_db": round(psnr_db(ref, e_img, peak=1.0), 2), "max_abs_err": max_abs_err(ref, e_img)}
+    del eager
+    torch.cuda.empty_cache()
+    log("eager done", {k: v for k, v in res.items() if k != "eager_ms"})
+
+    fast = FastEditor(bundle, *mods, FastOptions())
+    t0 = time.perf_counter()
+    f_img = fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)
+    res["fast_first_call_s"] = round(time.perf_counter() - t0, 1)  # compile + capture
+    res["fast_vs_ref"] = {"psnr_db": round(psnr_db(ref, f_img, peak=1.0), 2), "max_abs_err": max_abs_err(ref, f_img)}
+    run_fast = lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731
+    res["fast_ms"] = wall_ms(run_fast, args.iters)
+    # GPU-only time of the two graph replays (no host preparation)
+    inv_b, ed_b = fast._buffers[("invert", 1)], fast._buffers[("edit", 1)]
+    res["fast_gpu_ms"] = cuda_ms(lambda: (fast._graphs[("invert", 1)].replay(), fast._graphs[("edit", 1)].replay()), args.iters)
+    res["fast_invert_gpu_ms"] = statistics.median(cuda_ms(lambda: fast._graphs[("invert", 1)].replay(), args.iters))
+    res["fast_edit_gpu_ms"] = statistics.median(cuda_ms(lambda: fast._graphs[("edit", 1)].replay(), args.iters))
+    del inv_b
+    log("fast done", res["fast_first_call_s"], statistics.median(res["fast_ms"]))
+
+    # P2P overhead: compiled + graphed single UNet calls, edit (P2P) vs plain, batch 2
+    with torch.inference_mode():
+        x = torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+        t = torch.full((1,), 779.0, device="cuda")
+        text = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
+        cond = ed_b["cond"][1]
+        ctl = [ed_b[k] for k in ("token_map", "refine_alpha", "equalizer")] + [ed_b["cross_alpha"][0], ed_b["self_flag"][0]]
+
+        def graph_of(fn):
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    fn()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            return g
+
+        g_edit = graph_of(lambda: fast.unet_e_c(x, t, text, cond, *ctl))
+        g_plain = graph_of(lambda: fast.unet_r_c(x, t, text, cond))
+        g_fwd = graph_of(lambda: fast.unet_f_c(x[:1], t, text[:1], cond[:1]))
+        res["unet_edit_b2_ms"] = statistics.median(cuda_ms(g_edit.replay, 50, 5))
+        res["unet_plain_b2_ms"] = statistics.median(cuda_ms(g_plain.replay, 50, 5))
+        res["unet_b1_ms"] = statistics.median(cuda_ms(g_fwd.replay, 50, 5))
+    res["peak_fp16_tflops"] = round(peak_tflops(), 1)
+    return res
+
+
+def phase_throughput(args, src, bundle) -> dict:
+    import torch
+
+    from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
+
+    fast = FastEditor(bundle, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, FastOptions())
+    res = {}
+    for n in args.batches:
+        imgs = synthetic(n)
+        tgts = [TGT if i % 2 == 0 else "a photo of a tiger" for i in range(n)]
+
+        def run():
+            lat = fast.invert_batch(imgs, [SRC] * n, list(range(n)))
+            return fast.edit_batch(lat, [SRC] * n, tgts, cross_replace=0.4, self_replace=0.6)
+
+        t0 = time.perf_counter()
+        run()
+        first = time.perf_counter() - t0
+        ms = statistics.median(wall_ms(run, args.iters, 1))
+        res[str(n)] = {"batch_ms": round(ms, 2), "edits_per_s": round(n / (ms / 1000), 2), "first_call_s": round(first, 1)}
+        log("batch", n, res[str(n)])
+        torch.cuda.empty_cache()
+    return res
+
+
+def merge(paths: list[Path]) -> int:
+    import torch  # noqa: F401 (only for the device name when merging on the device)
+
+    data = {}
+    for p in paths:
+        data.update(json.loads(Path(p).read_text()))
+    lat = data["latency"]
+    fast_ms = statistics.median(lat["fast_ms"])
+    eager_ms = statistics.median(lat["eager_ms"])
+    best_tp = max(data.get("throughput", {}).values(), key=lambda r: r["edits_per_s"], default=None)
+    floor_ms = lat["flop_per_edit"] / (lat["peak_fp16_tflops"] * 1e12) * 1000
+    data["summary"] = {
+        "gpu": data["env"]["gpu"],
+        "edit_ms": round(fast_ms, 2),
+        "edit_gpu_ms": round(statistics.median(lat["fast_gpu_ms"]), 2),
+        "eager_edit_ms": round(eager_ms, 2),
+        "speedup_vs_eager": round(eager_ms / fast_ms, 2),
+        "p2p_overhead": round(lat["unet_edit_b2_ms"] / lat["unet_plain_b2_ms"], 3),
+        "edits_per_s": best_tp["edits_per_s"] if best_tp else None,
+        "tflop_per_edit": round(lat["flop_per_edit"] / 1e12, 2),
+        "floor_ms": round(floor_ms, 2),
+        "pct_of_floor": round(100 * floor_ms / fast_ms, 1),
+        "fast_vs_fp32_reference_psnr_db": lat["fast_vs_ref"]["psnr_db"],
+    }
+    out = ROOT / "benchmarks" / "results" / "gpu.json"
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps(data["summary"], indent=1))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--phase", choices=("latency", "throughput"), default="latency")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--iters-eager", type=int, default=5)
+    ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--merge", nargs="+", type=Path)
+    args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge)
+    import torch
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "capability": list(torch.cuda.get_device_capability())}
+    with tempfile.TemporaryDirectory() as work:
+        src, bundle = build(Path(work))
+        result = {"env": env, args.phase: (phase_latency if args.phase == "latency" else phase_throughput)(args, src, bundle)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"gpu_{args.phase}.json").write_text(json.dumps(result, indent=1))
+    log(json.dumps({k: (v if not isinstance(v, list) else statistics.median(v)) for k, v in result[args.phase].items()
+                    if not isinstance(v, dict)}, indent=0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

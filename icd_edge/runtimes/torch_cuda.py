@@ -1,0 +1,294 @@
+"""Fast torch path for NVIDIA GPUs: the whole edit on the device.
+
+fp16 (bf16 optional) weights, channels_last UNets, Prompt-to-Prompt on fused attention
+(:class:`~icd_edge.export.attention.FusedP2PAttnProcessor`), ``torch.compile`` of the UNets and
+CUDA graphs over the fixed-shape invert and edit loops with static buffers. Consistency steps
+and local blend run on the device in float32; nothing synchronises with the host inside a loop.
+N photos (or N target prompts) run as one batch. Host-side work (tokenizer, P2P controls,
+validation) is shared with :class:`icd_edge.editor.Editor`. Needs the ``export`` extra and CUDA;
+runs on the CPU too (``device="cpu"``, no compile/graphs), which the tests use.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from icd_edge.editor import Editor, _check_prompt, _check_range, _check_seed
+from icd_edge.errors import BackendUnavailable, InputError
+from icd_edge.export.attention import FusedP2PAttnProcessor, P2PControls, install_p2p
+from icd_edge.image import array_to_pil, image_to_tensor, load_image
+from icd_edge.schedule import dynamic_guidance
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class FastOptions:
+    """Options of the fast path (this backend only)."""
+
+    device: str = "cuda"
+    dtype: str = "float16"
+    channels_last: bool = True
+    compile: bool = True
+    cuda_graphs: bool = True
+
+
+class _Unet(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, text, cond):
+        return self.unet(sample, timestep, text, timestep_cond=cond, return_dict=False)[0]
+
+
+class _EditUnet(nn.Module):
+    """[sources; targets] with fused-attention P2P; returns (eps, blend maps (2, N, Q, 77))."""
+
+    def __init__(self, unet, self_max_keys: int, blend_queries: int):
+        super().__init__()
+        install_p2p(unet, FusedP2PAttnProcessor())
+        self.unet, self.self_max_keys, self.blend_queries = unet, self_max_keys, blend_queries
+
+    def forward(self, sample, timestep, text, cond, token_map, refine_alpha, equalizer, cross_alpha, self_flag):
+        ctl = P2PControls(token_map, refine_alpha, equalizer, cross_alpha, self_flag, self.self_max_keys, self.blend_queries)
+        eps = self.unet(sample, timestep, text, timestep_cond=cond, cross_attention_kwargs={"p2p": ctl}, return_dict=False)[0]
+        return eps, ctl.blend_maps()
+
+
+class _Text(nn.Module):
+    def __init__(self, te):
+        super().__init__()
+        self.te = te
+
+    def forward(self, ids):
+        return self.te(input_ids=ids, return_dict=True).last_hidden_state
+
+
+class FastEditor:
+    """Batched iCD editing on one device.
+
+    Args:
+        bundle: an opened bundle (constants, tokenizer, schedule).
+        text_encoder, vae, unet_forward, unet_reverse: fused fp32 torch modules (from the
+            bundle's ``torch/`` weights via :meth:`from_bundle`, or built in memory).
+        options: :class:`FastOptions`.
+    """
+
+    def __init__(self, bundle, text_encoder, vae, unet_forward, unet_reverse, options: FastOptions = FastOptions()):
+        if options.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+        if options.dtype not in DTYPES:
+            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+        self.opt = options
+        self.host = Editor(bundle, backend=None)  # tokenizer, controls, constants, validation
+        self.dev = torch.device(options.device)
+        self.dt = DTYPES[options.dtype]
+        dims = bundle.dims
+        self.h, self.q = dims["h"], dims["Q"]
+        mf = torch.channels_last if options.channels_last else torch.contiguous_format
+        self.text = _Text(text_encoder).to(self.dev, self.dt).eval()
+        self.vae = vae.to(self.dev, self.dt).eval()
+        self.unet_f = _Unet(unet_forward.to(self.dev, self.dt, memory_format=mf)).eval()
+        self.unet_e = _EditUnet(unet_reverse.to(self.dev, self.dt, memory_format=mf), (self.h // 2) ** 2, self.q).eval()
+        self.unet_r = _Unet(unet_reverse).eval()  # plain batch (shares the weights; P2P processors defer)
+        if options.compile:
+            self.unet_f_c = torch.compile(self.unet_f)
+            self.unet_e_c = torch.compile(self.unet_e)
+            self.unet_r_c = torch.compile(self.unet_r)
+        else:
+            self.unet_f_c, self.unet_e_c, self.unet_r_c = self.unet_f, self.unet_e, self.unet_r
+        self._t = {t: torch.full((1,), float(t), device=self.dev) for seg in self.host.forward_steps + self.host.reverse_steps for t in seg[:1]}
+        self._buffers: dict = {}
+        self._graphs: dict = {}
+        self._lock = threading.Lock()
+        self.events: dict | None = None  # set to {} to record per-stage CUDA-event times (eager only)
+
+    @classmethod
+    def from_bundle(cls, path, **options) -> "FastEditor":
+        """Load the fused torch weights of a bundle exported with ``--targets onnx,torch``."""
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from icd_edge.manifest import open_bundle
+
+        b = open_bundle(path)
+        art = {g: b.artifact(g, "torch") for g in ("text_encoder", "vae_encoder", "unet_forward", "unet_reverse")}
+        if any(a is None for a in art.values()):
+            raise BackendUnavailable(f"bundle {b.root} has no torch weights; re-export with --targets onnx,torch")
+        return cls(b, CLIPTextModel.from_pretrained(b.path(art["text_encoder"]["dir"])),
+                   AutoencoderKL.from_pretrained(b.path(art["vae_encoder"]["dir"])),
+                   UNet2DConditionModel.from_pretrained(b.path(art["unet_forward"]["dir"])),
+                   UNet2DConditionModel.from_pretrained(b.path(art["unet_reverse"]["dir"])), FastOptions(**options))
+
+    # ----------------------------------------------------------------- device functions
+    def _stage(self, name):
+        import contextlib
+
+        if self.events is None or self.opt.cuda_graphs or self.dev.type != "cuda":
+            return contextlib.nullcontext()
+        ev = self.events
+
+        @contextlib.contextmanager
+        def cm():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            ev.setdefault(name, []).append((start, end))
+        return cm()
+
+    def _invert_fn(self, s: dict) -> None:
+        host = self.host
+        with self._stage("text_encoder"):
+            e_src = self.text(s["ids_src"])
+        with self._stage("vae_encoder"):
+            h = self.vae.encoder(s["pixels"])
+            if self.vae.quant_conv is not None:
+                h = self.vae.quant_conv(h)
+            z0 = torch.chunk(h, 2, dim=1)[0].float() * host.vae_scale
+        x = host.start_a * z0 + host.start_sigma * s["noise"]
+        for i, (t, _s, c1, c2) in enumerate(host.forward_steps):
+            with self._stage(f"forward_{i}"):
+                eps = self.unet_f_c(x.to(self.dt, memory_format=self._mf), self._t[t], e_src, s["w0"])
+                x = c1 * x + c2 * eps.float()
+        s["latent"].copy_(x)
+
+    @property
+    def _mf(self):
+        return torch.channels_last if self.opt.channels_last else torch.contiguous_format
+
+    def _edit_fn(self, s: dict) -> None:
+        host, n = self.host, s["latent"].shape[0]
+        with self._stage("text_encoder"):
+            text = self.text(torch.cat([s["ids_src"], s["ids_tgt"]]))
+        x = torch.cat([s["latent"], s["latent"]])
+        acc = None
+        for k, (t, _s, c1, c2) in enumerate(host.reverse_steps):
+            with self._stage(f"reverse_edit_{k}"):
+                eps, maps = self.unet_e_c(x.to(self.dt, memory_format=self._mf), self._t[t], text, s["cond"][k],
+                                          s["token_map"], s["refine_alpha"], s["equalizer"], s["cross_alpha"][k], s["self_flag"][k])
+                x = c1 * x + c2 * eps.float()
+                acc = maps.float() if acc is None else acc + maps.float()
+                mask = self._blend_mask(acc, s["blend_tokens"])
+                mask = torch.where(s["blend_on"] > 0, mask, torch.ones_like(mask))
+                x = torch.cat([x[:n], x[:n] + mask * (x[n:] - x[:n])])
+        with self._stage("vae_decoder"):
+            lat = (x[n:] / host.vae_scale).to(self.dt)
+            if self.vae.post_quant_conv is not None:
+                lat = self.vae.post_quant_conv(lat)
+            img = self.vae.decoder(lat).float()
+        s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
+
+    def _blend_mask(self, acc: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """acc (2, N, Q, 77), tokens (N, 2, 77) → (N, 1, h, h) float mask (src OR tgt), §3.1."""
+        m = int(round(self.q ** 0.5))
+        g = torch.einsum("rnqt,nrt->nrq", acc, tokens).reshape(-1, 2, m, m)
+        g = torch.nn.functional.max_pool2d(g, 3, 1, 1)
+        g = torch.nn.functional.interpolate(g, size=(self.h, self.h), mode="nearest")
+        g = g / g.amax(dim=(-2, -1), keepdim=True)
+        return (g > self.host.blend_threshold).any(dim=1, keepdim=True).float()
+
+    # ----------------------------------------------------------------- buffers and graphs
+    def _buffers_for(self, kind: str, n: int) -> dict:
+        key = (kind, n)
+        if key not in self._buffers:
+            d, h, k = self.dev, self.h, len(self.host.reverse_steps)
+            D = self.text.te.config.hidden_size
+            b = {"ids_src": torch.zeros(n, 77, dtype=torch.long, device=d), "latent": torch.zeros(n, 4, h, h, device=d)}
+            if kind == "invert":
+                b |= {"pixels": torch.zeros(n, 3, 8 * h, 8 * h, device=d, dtype=self.dt),
+                      "noise": torch.zeros(n, 4, h, h, device=d), "w0": torch.zeros(n, 512, device=d, dtype=self.dt)}
+            else:
+                b |= {"ids_tgt": torch.zeros(n, 77, dtype=torch.long, device=d),
+                      "cond": torch.zeros(k, 2 * n, 512, device=d, dtype=self.dt),
+                      "token_map": torch.zeros(n, 77, 77, device=d), "refine_alpha": torch.zeros(n, 77, device=d),
+                      "equalizer": torch.zeros(n, 77, device=d), "cross_alpha": torch.zeros(k, n, 77, device=d),
+                      "self_flag": torch.zeros(k, n, 1, device=d), "blend_tokens": torch.zeros(n, 2, 77, device=d),
+                      "blend_on": torch.zeros(n, 1, 1, 1, device=d), "image": torch.zeros(n, 3, 8 * h, 8 * h, device=d)}
+            del D
+            self._buffers[key] = b
+        return self._buffers[key]
+
+    def _launch(self, kind: str, n: int, fn, bufs: dict) -> None:
+        if not self.opt.cuda_graphs or self.dev.type != "cuda":
+            fn(bufs)
+            return
+        key = (kind, n)
+        if key not in self._graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile and autotune outside the capture
+                    fn(bufs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(bufs)
+            self._graphs[key] = graph
+        self._graphs[key].replay()
+
+    # ----------------------------------------------------------------- public API
+    @torch.inference_mode()
+    def invert_batch(self, images: list, source_prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Invert N photos; returns x_999 latents (N, 4, h, h) float32 on the device."""
+        n = len(images)
+        if not (n == len(source_prompts) == len(seeds)) or n == 0:
+            raise InputError("invert_batch needs as many prompts and seeds as images (at least one)")
+        with self._lock:
+            b = self._buffers_for("invert", n)
+            pixels = np.concatenate([image_to_tensor(load_image(im), 8 * self.h) for im in images])
+            noise = np.stack([np.random.default_rng(_check_seed(s)).standard_normal((4, self.h, self.h), dtype=np.float32) for s in seeds])
+            ids = np.stack([self.host.tokenizer(_check_prompt(p, "source prompt")).ids for p in source_prompts])
+            b["pixels"].copy_(torch.from_numpy(pixels))
+            b["noise"].copy_(torch.from_numpy(noise))
+            b["ids_src"].copy_(torch.from_numpy(ids))
+            b["w0"].copy_(torch.from_numpy(np.repeat(self.host._wemb(0.0), n, 0)))
+            self._launch("invert", n, self._invert_fn, b)
+            return b["latent"].clone()
+
+    @torch.inference_mode()
+    def edit_batch(self, latents: torch.Tensor, source_prompts: list[str], target_prompts: list[str], *,
+                   cross_replace: float = 0.2, self_replace: float = 0.2, amplify: dict | None = None, blend=None,
+                   guidance: float = 19.0, tau: float = 0.8, mode: str = "auto") -> np.ndarray:
+        """Edit N inversions (one target prompt each); returns (N, H, W, 3) float32 in [0, 1]."""
+        n = latents.shape[0]
+        if not (n == len(source_prompts) == len(target_prompts)):
+            raise InputError("edit_batch needs one source and one target prompt per latent")
+        guidance = _check_range(guidance, 0.0, self.host.max_guidance, "guidance")
+        tau = _check_range(tau, 0.0, 1.0, "tau")
+        ctls = [self.host.edit_controls(s, _check_prompt(t, "target prompt"), cross_replace=cross_replace,
+                                        self_replace=self_replace, amplify=amplify, blend=blend, mode=mode)
+                for s, t in zip(source_prompts, target_prompts)]
+        k = len(self.host.reverse_steps)
+        w0 = self.host._wemb(0.0)
+        cond = np.stack([np.concatenate([np.repeat(w0, n, 0), np.repeat(self.host._wemb(dynamic_guidance(guidance, t, tau)), n, 0)])
+                         for t, *_ in self.host.reverse_steps])
+        with self._lock:
+            b = self._buffers_for("edit", n)
+            b["latent"].copy_(latents)
+            b["ids_src"].copy_(torch.from_numpy(np.stack([self.host.tokenizer(p).ids for p in source_prompts])))
+            b["ids_tgt"].copy_(torch.from_numpy(np.stack([self.host.tokenizer(p).ids for p in target_prompts])))
+            b["cond"].copy_(torch.from_numpy(cond))
+            b["token_map"].copy_(torch.from_numpy(np.stack([c.token_map for c in ctls])))
+            b["refine_alpha"].copy_(torch.from_numpy(np.stack([c.refine_alpha for c in ctls])))
+            b["equalizer"].copy_(torch.from_numpy(np.stack([c.equalizer for c in ctls])))
+            b["cross_alpha"].copy_(torch.from_numpy(np.stack([c.cross_alpha for c in ctls], axis=1)))
+            b["self_flag"].copy_(torch.from_numpy(np.stack([c.self_flag for c in ctls], axis=1)))
+            blend_tokens = np.stack([c.blend_tokens if c.blend_tokens is not None else np.zeros((2, 77), np.float32) for c in ctls])
+            b["blend_tokens"].copy_(torch.from_numpy(blend_tokens))
+            b["blend_on"].copy_(torch.tensor([float(c.blend_tokens is not None) for c in ctls]).reshape(n, 1, 1, 1))
+            del k
+            self._launch("edit", n, self._edit_fn, b)
+            return b["image"].permute(0, 2, 3, 1).cpu().numpy()
+
+    def edit_image(self, image, source_prompt: str, target_prompt: str, *, seed: int = 0, output_type: str = "pil", **kw):
+        """Invert and edit one photo (the 8-UNet-call edit the benchmark times)."""
+        lat = self.invert_batch([image], [source_prompt], [seed])
+        arr = self.edit_batch(lat, [source_prompt], [target_prompt], **kw)[0]
+        return arr if output_type == "np" else array_to_pil(arr)
