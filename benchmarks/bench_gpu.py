@@ -141,11 +141,13 @@ def phase_latency(args, src, bundle) -> dict:
     run_fast = lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731
     res["fast_ms"] = wall_ms(run_fast, args.iters)
     # GPU-only time of the two graph replays (no host preparation)
-    inv_b, ed_b = fast._buffers[("invert", 1)], fast._buffers[("edit", 1)]
-    res["fast_gpu_ms"] = cuda_ms(lambda: (fast._graphs[("invert", 1)].replay(), fast._graphs[("edit", 1)].replay()), args.iters)
-    res["fast_invert_gpu_ms"] = statistics.median(cuda_ms(lambda: fast._graphs[("invert", 1)].replay(), args.iters))
-    res["fast_edit_gpu_ms"] = statistics.median(cuda_ms(lambda: fast._graphs[("edit", 1)].replay(), args.iters))
-    del inv_b
+    ed_b = fast._buffers[("edit", 1)]
+    g_inv = fast._graphs[("invert", 1)]
+    g_ed = next(g for key, g in fast._graphs.items() if key[0] != "invert")
+    res["edit_step_flags"] = [list(f) for f in ed_b["flags"]]
+    res["fast_gpu_ms"] = cuda_ms(lambda: (g_inv.replay(), g_ed.replay()), args.iters)
+    res["fast_invert_gpu_ms"] = statistics.median(cuda_ms(g_inv.replay, args.iters))
+    res["fast_edit_gpu_ms"] = statistics.median(cuda_ms(g_ed.replay, args.iters))
     log("fast done", res["fast_first_call_s"], statistics.median(res["fast_ms"]))
 
     # P2P overhead: compiled + graphed single UNet calls, edit (P2P) vs plain, batch 2
@@ -168,10 +170,12 @@ def phase_latency(args, src, bundle) -> dict:
                 fn()
             return g
 
-        g_edit = graph_of(lambda: fast.unet_e_c(x, t, text, cond, *ctl))
+        g_edit = graph_of(lambda: fast.unet_e_c(x, t, text, cond, *ctl, True, True))
+        g_edit_off = graph_of(lambda: fast.unet_e_c(x, t, text, cond, *ctl, False, False))
         g_plain = graph_of(lambda: fast.unet_r_c(x, t, text, cond))
         g_fwd = graph_of(lambda: fast.unet_f_c(x[:1], t, text[:1], cond[:1]))
-        res["unet_edit_b2_ms"] = statistics.median(cuda_ms(g_edit.replay, 50, 5))
+        res["unet_edit_b2_ms"] = statistics.median(cuda_ms(g_edit.replay, 50, 5))  # cross edit + injection on
+        res["unet_edit_b2_controls_off_ms"] = statistics.median(cuda_ms(g_edit_off.replay, 50, 5))  # blend maps only
         res["unet_plain_b2_ms"] = statistics.median(cuda_ms(g_plain.replay, 50, 5))
         res["unet_b1_ms"] = statistics.median(cuda_ms(g_fwd.replay, 50, 5))
     res["peak_fp16_tflops"] = round(peak_tflops(), 1)
@@ -221,6 +225,7 @@ def merge(paths: list[Path]) -> int:
         "eager_edit_ms": round(eager_ms, 2),
         "speedup_vs_eager": round(eager_ms / fast_ms, 2),
         "p2p_overhead": round(lat["unet_edit_b2_ms"] / lat["unet_plain_b2_ms"], 3),
+        "p2p_overhead_controls_off": round(lat["unet_edit_b2_controls_off_ms"] / lat["unet_plain_b2_ms"], 3),
         "edits_per_s": best_tp["edits_per_s"] if best_tp else None,
         "tflop_per_edit": round(lat["flop_per_edit"] / 1e12, 2),
         "floor_ms": round(floor_ms, 2),

@@ -74,3 +74,20 @@ def test_fused_batches_pairs_with_their_own_controls(unets):
         e1, m1 = _run(explicit, [c[i] for c in ctl], sample[rows], text[rows], cond[rows])
         torch.testing.assert_close(eps[rows], e1, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(maps[:, i], m1[:, 0], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cross_on, self_on", [(True, True), (False, False), (True, False), (False, True)])
+def test_static_step_flags_equal_the_tensor_path(unets, cross_on, self_on):
+    """Host-known 0/1 step flags specialise the fused processor without changing the result."""
+    explicit, fused = unets
+    sample, text, cond = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32) * 3, torch.randn(2, 512)
+    ctl = [c[0] for c in _controls(np.random.default_rng(2), 1)]
+    ctl[3] = torch.full((77,), float(cross_on))
+    ctl[4] = torch.full((1,), float(self_on))
+    e1, m1 = _run(explicit, ctl, sample, text, cond)
+    c = P2PControls(*ctl, self_max_keys=64, blend_queries=16)
+    c.cross_on, c.self_on = cross_on, self_on
+    with torch.no_grad():
+        e2 = fused(sample, torch.tensor([779.0]), text, timestep_cond=cond, cross_attention_kwargs={"p2p": c}).sample
+    torch.testing.assert_close(e2, e1, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(c.blend_maps(), m1, atol=1e-6, rtol=1e-4)

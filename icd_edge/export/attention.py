@@ -31,6 +31,12 @@ class P2PControls:
         self.self_max_keys = self_max_keys
         self.blend_queries = blend_queries
         self.maps: list[torch.Tensor] = []
+        # Optional host-known step flags (the P2P schedules are 0/1 per step). When set, the
+        # fused processor specialises: no cross edit → plain attention; injection on → the
+        # target reuses the source's probabilities at no extra cost. The explicit processor
+        # ignores them (it reads the tensors), so both stay equal when flags match tensors.
+        self.cross_on: bool | None = None
+        self.self_on: bool | None = None
 
     def edit(self, probs: torch.Tensor, is_cross: bool, heads: int) -> torch.Tensor:
         """Edit softmax probabilities (2·heads, q, k); returns the same shape."""
@@ -155,7 +161,21 @@ class FusedP2PAttnProcessor:
         k = k.view(b2, k.shape[1], heads, -1).transpose(1, 2)
         v = v.view(b2, v.shape[1], heads, -1).transpose(1, 2)
         qs, qt, ks, kt, vs, vt = q[:n], q[n:], k[:n], k[n:], v[:n], v[n:]
-        if is_cross:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if is_cross and p2p.cross_on is False:
+            out = sdpa(q, k, v, scale=attn.scale)
+            o_src, o_tgt = out[:n], out[n:]
+            if lq == p2p.blend_queries:
+                ps = torch.softmax(torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * attn.scale, dim=-1)
+                pt = torch.softmax(torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * attn.scale, dim=-1)
+                p2p.maps.append(torch.stack([ps.mean(1), pt.mean(1)]))
+        elif not is_cross and p2p.self_on is not None:
+            if p2p.self_on:  # P'_tgt = P_src: the target attends with the source's queries and keys
+                o_src, o_tgt = sdpa(torch.cat([qs, qs]), torch.cat([ks, ks]), torch.cat([vs, vt]), scale=attn.scale).split(n)
+            else:
+                out = sdpa(q, k, v, scale=attn.scale)
+                o_src, o_tgt = out[:n], out[n:]
+        elif is_cross:
             a = _per_pair(p2p.cross_alpha, n)
             r = _per_pair(p2p.refine_alpha, n)
             e = _per_pair(p2p.equalizer, n)

@@ -55,10 +55,35 @@ class _EditUnet(nn.Module):
         install_p2p(unet, FusedP2PAttnProcessor())
         self.unet, self.self_max_keys, self.blend_queries = unet, self_max_keys, blend_queries
 
-    def forward(self, sample, timestep, text, cond, token_map, refine_alpha, equalizer, cross_alpha, self_flag):
+    def forward(self, sample, timestep, text, cond, token_map, refine_alpha, equalizer, cross_alpha, self_flag,
+                cross_on: bool | None = None, self_on: bool | None = None):
         ctl = P2PControls(token_map, refine_alpha, equalizer, cross_alpha, self_flag, self.self_max_keys, self.blend_queries)
+        ctl.cross_on, ctl.self_on = cross_on, self_on
         eps = self.unet(sample, timestep, text, timestep_cond=cond, cross_attention_kwargs={"p2p": ctl}, return_dict=False)[0]
         return eps, ctl.blend_maps()
+
+
+class _VaeEncode(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels):
+        h = self.vae.encoder(pixels)
+        if self.vae.quant_conv is not None:
+            h = self.vae.quant_conv(h)
+        return torch.chunk(h, 2, dim=1)[0]
+
+
+class _VaeDecode(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent):
+        if self.vae.post_quant_conv is not None:
+            latent = self.vae.post_quant_conv(latent)
+        return self.vae.decoder(latent)
 
 
 class _Text(nn.Module):
@@ -97,7 +122,11 @@ class FastEditor:
         self.unet_f = _Unet(unet_forward.to(self.dev, self.dt, memory_format=mf)).eval()
         self.unet_e = _EditUnet(unet_reverse.to(self.dev, self.dt, memory_format=mf), (self.h // 2) ** 2, self.q).eval()
         self.unet_r = _Unet(unet_reverse).eval()  # plain batch (shares the weights; P2P processors defer)
+        self.vae_enc, self.vae_dec = _VaeEncode(self.vae), _VaeDecode(self.vae)
+        self.vae_enc_c, self.vae_dec_c = self.vae_enc, self.vae_dec
         if options.compile:
+            self.vae.to(memory_format=mf)
+            self.vae_enc_c, self.vae_dec_c = torch.compile(self.vae_enc), torch.compile(self.vae_dec)
             self.unet_f_c = torch.compile(self.unet_f)
             self.unet_e_c = torch.compile(self.unet_e)
             self.unet_r_c = torch.compile(self.unet_r)
@@ -148,10 +177,7 @@ class FastEditor:
         with self._stage("text_encoder"):
             e_src = self.text(s["ids_src"])
         with self._stage("vae_encoder"):
-            h = self.vae.encoder(s["pixels"])
-            if self.vae.quant_conv is not None:
-                h = self.vae.quant_conv(h)
-            z0 = torch.chunk(h, 2, dim=1)[0].float() * host.vae_scale
+            z0 = self.vae_enc_c(s["pixels"]).float() * host.vae_scale
         x = host.start_a * z0 + host.start_sigma * s["noise"]
         for i, (t, _s, c1, c2) in enumerate(host.forward_steps):
             with self._stage(f"forward_{i}"):
@@ -171,18 +197,17 @@ class FastEditor:
         acc = None
         for k, (t, _s, c1, c2) in enumerate(host.reverse_steps):
             with self._stage(f"reverse_edit_{k}"):
+                cross_on, self_on = s["flags"][k]
                 eps, maps = self.unet_e_c(x.to(self.dt, memory_format=self._mf), self._t[t], text, s["cond"][k],
-                                          s["token_map"], s["refine_alpha"], s["equalizer"], s["cross_alpha"][k], s["self_flag"][k])
+                                          s["token_map"], s["refine_alpha"], s["equalizer"], s["cross_alpha"][k], s["self_flag"][k],
+                                          cross_on, self_on)
                 x = c1 * x + c2 * eps.float()
                 acc = maps.float() if acc is None else acc + maps.float()
                 mask = self._blend_mask(acc, s["blend_tokens"])
                 mask = torch.where(s["blend_on"] > 0, mask, torch.ones_like(mask))
                 x = torch.cat([x[:n], x[:n] + mask * (x[n:] - x[:n])])
         with self._stage("vae_decoder"):
-            lat = (x[n:] / host.vae_scale).to(self.dt)
-            if self.vae.post_quant_conv is not None:
-                lat = self.vae.post_quant_conv(lat)
-            img = self.vae.decoder(lat).float()
+            img = self.vae_dec_c((x[n:] / host.vae_scale).to(self.dt)).float()
         s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
 
     def _blend_mask(self, acc: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -215,7 +240,7 @@ class FastEditor:
             self._buffers[key] = b
         return self._buffers[key]
 
-    def _launch(self, kind: str, n: int, fn, bufs: dict) -> None:
+    def _launch(self, kind, n: int, fn, bufs: dict) -> None:
         if not self.opt.cuda_graphs or self.dev.type != "cuda":
             fn(bufs)
             return
@@ -283,8 +308,10 @@ class FastEditor:
             blend_tokens = np.stack([c.blend_tokens if c.blend_tokens is not None else np.zeros((2, 77), np.float32) for c in ctls])
             b["blend_tokens"].copy_(torch.from_numpy(blend_tokens))
             b["blend_on"].copy_(torch.tensor([float(c.blend_tokens is not None) for c in ctls]).reshape(n, 1, 1, 1))
-            del k
-            self._launch("edit", n, self._edit_fn, b)
+            # The step schedules are host-known 0/1 flags: bake them in (one graph per pattern).
+            flags = tuple((bool(ctls[0].cross_alpha[i].any()), bool(ctls[0].self_flag[i].any())) for i in range(k))
+            b["flags"] = flags
+            self._launch(("edit", flags), n, self._edit_fn, b)
             return b["image"].permute(0, 2, 3, 1).cpu().numpy()
 
     def edit_image(self, image, source_prompt: str, target_prompt: str, *, seed: int = 0, output_type: str = "pil", **kw):
