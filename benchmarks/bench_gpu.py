@@ -258,8 +258,8 @@ def main() -> int:
         result = {"env": env, args.phase: (phase_latency if args.phase == "latency" else phase_throughput)(args, src, bundle)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_{args.phase}.json").write_text(json.dumps(result, indent=1))
-    log(json.dumps({k: (v if not isinstance(v, list) else statistics.median(v)) for k, v in result[args.phase].items()
-                    if not isinstance(v, dict)}, indent=0))
+    log(json.dumps({k: (statistics.median(v) if isinstance(v, list) and v and isinstance(v[0], (int, float)) else v)
+                    for k, v in result[args.phase].items()}, indent=0))
     return 0
 
 
