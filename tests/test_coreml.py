@@ -42,10 +42,16 @@ def _spec_io(package: Path) -> tuple[list[dict], list[dict]]:
     return to_coreml.package_io(ct.models.MLModel(str(package), skip_model_load=True))
 
 
-def _op_types(package: Path) -> set[str]:
+def _op_counts(package: Path) -> dict[str, int]:
+    from collections import Counter
+
     prog = ct.models.MLModel(str(package), skip_model_load=True).get_spec().mlProgram
-    return {op.type for fn in prog.functions.values() for block in fn.block_specializations.values()
-            for op in block.operations}
+    return Counter(op.type for fn in prog.functions.values() for block in fn.block_specializations.values()
+                   for op in block.operations)
+
+
+def _op_types(package: Path) -> set[str]:
+    return set(_op_counts(package))
 
 
 def test_every_graph_has_a_package_with_its_size(coreml_bundle):
@@ -133,10 +139,10 @@ def test_compression_shrinks_a_package_and_keeps_its_io(coreml_bundle, tmp_path,
         assert size < to_coreml.package_bytes(tmp_path / "l8.mlpackage")
 
 
-def test_export_target_records_compression(tmp_path):
-    """The target itself on one tiny graph, with int8 weights (no CLI, seconds)."""
+@pytest.fixture(scope="module")
+def tiny_decoder():
+    """The tiny VAE decoder graph module, its dims and a sample latent (built in memory, seconds)."""
     from icd_edge.export.models import build_random
-    from icd_edge.export.pipeline import ExportConfig, ExportContext
     from icd_edge.export.wrappers import build_graphs
 
     with tempfile.TemporaryDirectory() as work:
@@ -144,17 +150,36 @@ def test_export_target_records_compression(tmp_path):
     dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
     graphs = build_graphs(src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, dims)
     latent = np.random.default_rng(0).standard_normal((1, 4, dims["h"], dims["h"])).astype(np.float32)
+    return src, dims, graphs["vae_decoder"], latent
+
+
+@pytest.mark.parametrize("compression, attention", [("linear8", "standard"), ("none", "sliced-q")])
+def test_export_target_records_options(tmp_path, tiny_decoder, compression, attention):
+    """The target itself on one tiny graph (no CLI, seconds): options reach the package and the manifest."""
+    from icd_edge.export.pipeline import ExportConfig, ExportContext
+
+    src, dims, module, latent = tiny_decoder
     inputs, outputs = spec.GRAPHS["vae_decoder"]
     manifest = {"graphs": {"vae_decoder": {"inputs": [s.to_json(dims) for s in inputs],
                                            "outputs": [s.to_json(dims) for s in outputs], "artifacts": {}}}}
-    cfg = ExportConfig(out=tmp_path / "b", model="tiny", targets=("onnx", "coreml"), coreml_compression="linear8")
-    ctx = ExportContext(cfg, tmp_path, src, {"vae_decoder": graphs["vae_decoder"]}, {"vae_decoder": {"latent": latent}},
+    cfg = ExportConfig(out=tmp_path / "b", model="tiny", targets=("onnx", "coreml"), coreml_compression=compression,
+                       coreml_attention=attention)
+    ctx = ExportContext(cfg, tmp_path, src, {"vae_decoder": module}, {"vae_decoder": {"latent": latent}},
                         dims, manifest, {}, None)
     to_coreml.export_target(ctx)
     art = manifest["graphs"]["vae_decoder"]["artifacts"]["coreml"]
-    assert art["compression"] == "linear8" and art["bytes"] == to_coreml.package_bytes(tmp_path / art["file"])
-    assert "constexpr_affine_dequantize" in _op_types(tmp_path / art["file"])
-    assert ctx.timings["coreml_vae_decoder_s"] > 0
+    package = tmp_path / art["file"]
+    assert (art["compression"], art["attention"]) == (compression, attention)
+    assert art["bytes"] == to_coreml.package_bytes(package) and ctx.timings["coreml_vae_decoder_s"] > 0
+    ops = _op_counts(package)
+    if compression == "linear8":
+        assert art["minimum_deployment_target"] == "macOS14" and ops["constexpr_affine_dequantize"] > 0
+    if attention == "sliced-q":
+        # the decoder's one attention layer (h² queries) is computed in chunks of the query axis
+        assert art["minimum_deployment_target"] == "macOS15"
+        assert ops["softmax"] == to_coreml.SLICED_Q_CHUNKS and ops["scaled_dot_product_attention"] == 0, ops
+    else:
+        assert ops["softmax"] == 1, ops
 
 
 def test_check_io_names_the_difference():
@@ -174,6 +199,7 @@ def test_check_io_names_the_difference():
 @pytest.mark.parametrize("args, expect", [
     (["--targets", "onnx,coreml", "--coreml-compression", "palettize4"], "must be one of none, linear8"),
     (["--coreml-compression", "linear8"], "add coreml to --targets"),
+    (["--targets", "onnx,coreml", "--coreml-attention", "split-einsum"], "must be one of standard, sliced-q"),
 ])
 def test_export_rejects_bad_coreml_options(tmp_path, args, expect):
     proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), *args, module="icd_edge.export")

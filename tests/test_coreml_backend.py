@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icd_edge.errors import BundleError, InputError, ShapeMismatch
+from icd_edge.errors import BackendUnavailable, BundleError, InputError, ShapeMismatch
 from icd_edge.runtimes.coreml import (CoreMLBackend, CoreMLOptions, CoreMLSession, availability, cache_key,
-                                      cast_feeds, default_cache_dir, package_files)
+                                      cast_feeds, check_target, default_cache_dir, package_files)
 
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="checks the answer off macOS; this is macOS")
@@ -39,6 +39,15 @@ def test_probe_off_macos_says_why_without_importing_coremltools():
 def test_availability_decisions(facts, ok, reason):
     got = availability(*facts)
     assert got.ok is ok and reason in got.reason, got
+
+
+def test_package_deployment_target_is_checked():
+    check_target("unet_forward", "macOS14", "14.0")
+    check_target("unet_forward", "macOS15", "15.0.1")
+    with pytest.raises(BackendUnavailable, match="needs macOS15 or newer, this is macOS 14.6"):
+        check_target("unet_forward", "macOS15", "14.6")
+    with pytest.raises(BundleError, match="unknown deployment target 'iOS18'"):
+        check_target("unet_forward", "iOS18", "15.0")
 
 
 def test_compute_units_are_validated():

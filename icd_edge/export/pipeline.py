@@ -54,6 +54,7 @@ class ExportConfig:
     min_psnr_db: float = parity_mod.E2E_MIN_PSNR_DB
     graph_min_psnr_db: float = parity_mod.GRAPH_MIN_PSNR_DB
     coreml_compression: str = "none"
+    coreml_attention: str = "standard"
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -98,9 +99,14 @@ def validate(cfg: ExportConfig) -> None:
     if cfg.coreml_compression not in to_coreml.COMPRESSIONS:
         raise ExportError(f"--coreml-compression must be one of {', '.join(to_coreml.COMPRESSIONS)}, "
                           f"got {cfg.coreml_compression!r}")
-    if cfg.coreml_compression != "none" and "coreml" not in cfg.targets:
-        raise ExportError("--coreml-compression applies to Core ML packages only; add coreml to --targets "
-                          "(e.g. --targets onnx,coreml)")
+    if cfg.coreml_attention not in to_coreml.ATTENTIONS:
+        raise ExportError(f"--coreml-attention must be one of {', '.join(to_coreml.ATTENTIONS)}, "
+                          f"got {cfg.coreml_attention!r}")
+    for flag, value, default in (("--coreml-compression", cfg.coreml_compression, "none"),
+                                 ("--coreml-attention", cfg.coreml_attention, "standard")):
+        if value != default and "coreml" not in cfg.targets:
+            raise ExportError(f"{flag} applies to Core ML packages only; add coreml to --targets "
+                              "(e.g. --targets onnx,coreml)")
     if "coreml" in cfg.targets:
         to_coreml.check_available(cfg.coreml_compression)
     if cfg.model != "icd-sd15" and any((cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora)):

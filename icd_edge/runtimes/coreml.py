@@ -36,7 +36,7 @@ from icd_edge.spec import check_feeds
 logger = logging.getLogger(__name__)
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
-MIN_MACOS = (14, 0)  # the packages' minimum_deployment_target (icd_edge.export.to_coreml.MIN_TARGET)
+MIN_MACOS = (14, 0)  # the lowest minimum_deployment_target the export writes (icd_edge.export.to_coreml.TARGETS)
 CACHE_ENV = "ICD_EDGE_CACHE_DIR"
 
 
@@ -82,6 +82,17 @@ def availability(system: str, mac_version: str, coremltools_version: str | None,
         return Availability(False, f"coremltools {coremltools_version} has no native library here (libcoremlpython did not "
                                    "load): install a coremltools wheel built for this macOS and Python")
     return Availability(True, f"coremltools {coremltools_version}, macOS {mac_version}")
+
+
+def check_target(graph: str, target: str, mac_version: str) -> None:
+    """Refuse a package whose ``minimum_deployment_target`` (``"macOS15"``) is newer than this macOS."""
+    need = _version_tuple(target.removeprefix("macOS"))
+    have = _version_tuple(mac_version)
+    if not need or target != f"macOS{target.removeprefix('macOS')}":
+        raise BundleError(f"the Core ML package of {graph} has an unknown deployment target {target!r}; re-export the bundle")
+    if have and have < need:
+        raise BackendUnavailable(f"the Core ML package of {graph} needs {target} or newer, this is macOS {mac_version}; "
+                                 "re-export with --coreml-attention standard (macOS 14) or use --backend onnxruntime")
 
 
 def default_cache_dir(system: str | None = None, env: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
@@ -214,6 +225,7 @@ class CoreMLBackend:
         if art is None:
             raise BackendUnavailable(f"bundle {bundle.root} has no Core ML package for {graph}; "
                                      "re-export with --targets onnx,coreml")
+        check_target(graph, art.get("minimum_deployment_target", "macOS14"), platform.mac_ver()[0])
         import coremltools as ct
 
         key = cache_key(package_files(bundle.manifest["files"], art["file"]), ct.__version__, platform.mac_ver()[0])
