@@ -205,3 +205,17 @@ def test_export_rejects_bad_coreml_options(tmp_path, args, expect):
     proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), *args, module="icd_edge.export")
     assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="relies on compiling being refused off macOS")
+def test_compile_cache_hit_and_failed_compile(coreml_bundle, tmp_path):
+    """A published ``<key>.mlmodelc`` is used as is; a failed compile leaves nothing in the cache."""
+    from icd_edge.runtimes.coreml import compile_cached
+
+    package = coreml_bundle / "coreml" / "text_encoder.mlpackage"
+    with pytest.raises(BackendUnavailable, match="could not compile"):  # coremltools refuses to compile off macOS
+        compile_cached(package, "k" * 64, tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+    hit = tmp_path / "cache" / ("k" * 64 + ".mlmodelc")
+    hit.mkdir()
+    assert compile_cached(package, "k" * 64, tmp_path / "cache") == hit  # no compile attempted

@@ -33,8 +33,8 @@ COMPRESSIONS = ("none", "linear8", "palettize8", "palettize6")
 # (queries × keys) score matrix; the speed effect on the Neural Engine has not been measured.
 ATTENTIONS = ("standard", "sliced-q")
 # Features used: ML program with fp16 compute (macOS 12+), per-channel int8 and per-tensor LUT
-# weights (macOS 13+). macOS 14 is the floor we chose (Apple-silicon laptops of the last years run
-# it); only the fused attention op of sliced-q needs macOS 15.
+# weights (macOS 13+). macOS 14 is the floor we chose (every Apple-silicon Mac can run it); only
+# the fused attention op of sliced-q needs macOS 15.
 TARGETS = {"standard": "macOS14", "sliced-q": "macOS15"}
 SLICED_Q_CHUNKS = 16  # coremltools' default seq_length_divider
 # Core ML array types (ArrayFeatureType.ArrayDataType names) as numpy dtype names.

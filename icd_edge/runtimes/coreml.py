@@ -3,7 +3,7 @@
 Availability is decided up front from the platform and the installed packages; nothing is
 predicted to find out. Each package is compiled once to ``.mlmodelc`` and kept in a cache
 folder keyed by the package content, the coremltools version and the macOS version, so later
-sessions load the compiled model directly (compiling a full-size UNet takes minutes).
+sessions load the compiled model directly instead of compiling the package again.
 
 The other way to use Core ML is the ``onnxruntime`` backend: on macOS it adds onnxruntime's
 CoreML execution provider when the installed onnxruntime has it, and runs the bundle's ONNX
