@@ -30,6 +30,7 @@ MODELS = ("icd-sd15", "tiny", "random-sd15")
 TARGETS = {
     "onnx": "icd_edge.export.to_onnx:export_target",
     "torch": "icd_edge.export.pipeline:torch_target",
+    "coreml": "icd_edge.export.to_coreml:export_target",
 }
 
 
@@ -52,6 +53,8 @@ class ExportConfig:
     parity: str = "e2e"
     min_psnr_db: float = parity_mod.E2E_MIN_PSNR_DB
     graph_min_psnr_db: float = parity_mod.GRAPH_MIN_PSNR_DB
+    coreml_compression: str = "none"
+    coreml_attention: str = "standard"
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -91,6 +94,21 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
     if cfg.parity not in ("e2e", "graphs", "none"):
         raise ExportError(f"--parity must be e2e, graphs or none, got {cfg.parity!r}")
+    from icd_edge.export import to_coreml
+
+    if cfg.coreml_compression not in to_coreml.COMPRESSIONS:
+        raise ExportError(f"--coreml-compression must be one of {', '.join(to_coreml.COMPRESSIONS)}, "
+                          f"got {cfg.coreml_compression!r}")
+    if cfg.coreml_attention not in to_coreml.ATTENTIONS:
+        raise ExportError(f"--coreml-attention must be one of {', '.join(to_coreml.ATTENTIONS)}, "
+                          f"got {cfg.coreml_attention!r}")
+    for flag, value, default in (("--coreml-compression", cfg.coreml_compression, "none"),
+                                 ("--coreml-attention", cfg.coreml_attention, "standard")):
+        if value != default and "coreml" not in cfg.targets:
+            raise ExportError(f"{flag} applies to Core ML packages only; add coreml to --targets "
+                              "(e.g. --targets onnx,coreml)")
+    if "coreml" in cfg.targets:
+        to_coreml.check_available(cfg.coreml_compression)
     if cfg.model != "icd-sd15" and any((cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora)):
         raise ExportError("--base/--teacher/--forward-lora/--reverse-lora apply to --model icd-sd15 only")
     out = Path(cfg.out)
@@ -102,7 +120,8 @@ def validate(cfg: ExportConfig) -> None:
 
 def _tool_versions() -> dict:
     out = {"python": platform.python_version()}
-    for pkg in ("icd_edge", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "tokenizers", "safetensors"):
+    for pkg in ("icd_edge", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "tokenizers", "safetensors",
+                "coremltools", "scikit-learn"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
