@@ -33,7 +33,8 @@ from icd_edge.runtimes import Availability
 from icd_edge.runtimes.trt_build import BuildRequest, build_engine
 from icd_edge.runtimes.trt_plan import (PRECISIONS, default_cache_dir, describe_difference, engine_filename, engine_io_problems,
                                         engine_key, key_material, meta_path, plan_precision, profile_shapes, read_meta,
-                                        Source, source_digests, stale_reason, timing_cache_name)
+                                        Source, source_digests, stale_reason, timing_cache_name,
+                                        version_problem)
 from icd_edge.runtimes.trt_session import SharedBase, SharedBaseSession, TrtSession, engine_io
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ class TensorRTBackend:
             trt = importlib.import_module("tensorrt")
         except Exception as exc:  # a broken install raises ImportError/OSError for missing libnvinfer
             return Availability(False, f"tensorrt is installed but cannot be imported ({exc})")
+        problem = version_problem(str(getattr(trt, "__version__", "unknown")))
+        if problem:
+            return Availability(False, problem)
         from icd_edge.runtimes.trt_cuda import device_count, import_cudart
 
         try:
@@ -176,6 +180,22 @@ class TensorRTBackend:
         with self._lock:
             self._shared[root] = base
         return base
+
+    def prepare(self, bundle, graphs=None) -> list[str]:
+        """Load or build the engine of every graph now (e.g. once after installing on a Jetson).
+
+        Returns the engine files built by this call (empty when all were cached or prebuilt).
+        """
+        avail = self.probe()
+        if not avail.ok:
+            raise BackendUnavailable(f"tensorrt: {avail.reason}")
+        before = len(self.built)
+        for graph in graphs or bundle.graphs:
+            if self.options.shared_base and graph in SHARED_GRAPHS:
+                self.engine_for(bundle, "unet_forward", refit=True)
+            else:
+                self.engine_for(bundle, graph)
+        return self.built[before:]
 
     # ------------------------------------------------------------------ engines
     def _cache_dir(self) -> Path:

@@ -115,5 +115,5 @@ def device_count(cudart) -> tuple[int, str]:
         return 0, f"CUDA driver not usable ({exc})"
     err, count = result[0], result[1]
     if err != cudart.cudaError_t.cudaSuccess:
-        return 0, f"no CUDA device reachable ({err})"
+        return 0, f"no CUDA device reachable ({getattr(err, 'name', err)})"
     return int(count), "" if count else "no CUDA device reachable"

@@ -115,6 +115,21 @@ def trt_major(version: str) -> int:
     return int(m.group(1))
 
 
+MIN_TRT_MAJOR = 10  # named-tensor API, explicit batch by default, STRONGLY_TYPED
+
+
+def version_problem(version: str) -> str | None:
+    """Why this TensorRT cannot be used (None: it can). JetPack 5.x and 6.0 ship TensorRT 8."""
+    try:
+        major = trt_major(version)
+    except BackendUnavailable as exc:
+        return str(exc)
+    if major < MIN_TRT_MAJOR:
+        return (f"TensorRT {version} is older than {MIN_TRT_MAJOR}.0, which this backend needs (on Jetson: JetPack 6.1 "
+                "or later); use the onnxruntime backend or upgrade TensorRT")
+    return None
+
+
 def onnx_sources(entry: dict) -> list[Source]:
     """Every ONNX artifact of a manifest graph entry (``artifacts`` keys ``onnx`` / ``onnx_*``)."""
     out = []
