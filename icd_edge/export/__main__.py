@@ -25,12 +25,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision for --base/--teacher/LoRA downloads")
     p.add_argument("--steps", default="4", choices=("4", "3"), help="timestep configuration of the released LoRAs")
     p.add_argument("--resolution", type=int, help="image side in pixels (multiple of 64) [default 512; tiny 128]")
-    p.add_argument("--targets", default="onnx", help="comma list: onnx (always), torch (reference weights), coreml (.mlpackage per graph)")
+    p.add_argument("--targets", default="onnx",
+                   help="comma list: onnx (always), torch (reference weights), coreml (.mlpackage per graph), "
+                        "tensorrt (engines for this GPU; needs TensorRT)")
     p.add_argument("--coreml-compression", default="none",
                    help="Core ML weights: none (fp16), linear8 (int8), palettize8 or palettize6 (k-means LUT)")
     p.add_argument("--coreml-attention", default="standard",
                    help="Core ML attention: standard (macOS 14) or sliced-q (fused attention op with the query axis of "
                         "full-resolution layers split in chunks; needs macOS 15)")
+    p.add_argument("--trt-precision", default="auto", help="tensorrt target: auto, fp32, fp16 or int8 (needs Q/DQ graphs)")
+    p.add_argument("--trt-workspace-mb", type=int, help="tensorrt target: builder workspace limit in MiB")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..25)")
     p.add_argument("--seed", type=int, default=0, help="weights seed of the tiny/random-sd15 models")
     p.add_argument("--parity", default="e2e", choices=("e2e", "graphs", "none"), help="what to check against torch")
@@ -51,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                            steps=args.steps, resolution=args.resolution,
                            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                            opset=args.opset, seed=args.seed, parity=args.parity, min_psnr_db=args.min_psnr,
-                           coreml_compression=args.coreml_compression,
-                           coreml_attention=args.coreml_attention, progress=not args.no_progress)
+                           coreml_compression=args.coreml_compression, coreml_attention=args.coreml_attention,
+                           progress=not args.no_progress,
+                           extra={"trt_precision": args.trt_precision, "trt_workspace_mb": args.trt_workspace_mb})
         out = run_export(cfg)
     except IcdEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,6 +31,11 @@ TARGETS = {
     "onnx": "icd_edge.export.to_onnx:export_target",
     "torch": "icd_edge.export.pipeline:torch_target",
     "coreml": "icd_edge.export.to_coreml:export_target",
+    "tensorrt": "icd_edge.export.to_tensorrt:export_target",
+}
+# target name -> "module:function(cfg)" run by validate() before any download (e.g. a missing tool).
+TARGET_CHECKS = {
+    "tensorrt": "icd_edge.export.to_tensorrt:check_target",
 }
 
 
@@ -86,6 +91,10 @@ def validate(cfg: ExportConfig) -> None:
     if bad or not cfg.targets or "onnx" not in cfg.targets:
         raise ExportError(f"--targets must include onnx and may add {', '.join(t for t in TARGETS if t != 'onnx')} "
                           f"(got {','.join(cfg.targets) or 'nothing'})")
+    for target in cfg.targets:
+        if target in TARGET_CHECKS:
+            module_name, func = TARGET_CHECKS[target].split(":")
+            getattr(importlib.import_module(module_name), func)(cfg)
     if cfg.steps not in ("4", "3"):
         raise ExportError(f"--steps must be 4 or 3, got {cfg.steps!r}")
     if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
