@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -40,19 +44,26 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 def atomic_dir(path: str | Path):
     """Yield an empty temporary folder beside ``path``; on success it replaces ``path``.
 
-    An existing folder at ``path`` is moved aside and deleted only after the new one is in
-    place. On failure (or a kill) the temporary folder is removed (or left as ``.name.tmp-*``,
-    which no reader opens) and ``path`` keeps its previous content.
+    The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux, so ``path`` always holds either the
+    previous folder or the complete new one, even if the process is killed at any moment.
+    Elsewhere (or on file systems without the call) the previous folder is moved aside and the
+    new one renamed in: a kill between the two renames leaves the previous folder at
+    ``.<name>.old-<pid>-*``. Temporary folders of dead exports (``.<name>.tmp-<pid>-*``) are
+    removed at the next export to the same path; nothing ever reads them.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    _remove_stale(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        if path.exists() and _exchange(tmp, path):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
+            return
         old = None
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
             os.rmdir(old)
             os.replace(path, old)
         os.replace(tmp, path)
@@ -61,6 +72,44 @@ def atomic_dir(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_stale(path: Path) -> None:
+    """Delete ``.<name>.tmp-<pid>-*`` folders whose exporting process no longer runs."""
+    for p in path.parent.glob(f".{path.name}.tmp-*"):
+        try:
+            pid = int(p.name[len(f".{path.name}.tmp-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -37,6 +37,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _fit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fit", default="stretch", choices=("stretch", "crop", "pad"),
+                   help="how a non-square photo becomes square: stretch (official), centre crop, or pad")
+    p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="icd-edge", description="iCD text-guided image editing from an exported bundle.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -56,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau")
     p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping")
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise")
+    _fit(p)
 
     p = sub.add_parser("invert", help="invert a photo to noise and save it (.npz) for later edits")
     _common(p)
@@ -72,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=0.0)
     p.add_argument("--tau", type=float, default=0.8)
     p.add_argument("--seed", type=int, default=0)
+    _fit(p)
 
     p = sub.add_parser("generate", help="text to image with the reverse model")
     _common(p)
@@ -120,9 +128,10 @@ def cmd_edit(args) -> int:
         # Validate the edit parameters before the (slow) inversion.
         ed.edit_controls(args.source, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace,
                          amplify=amplify, blend=tuple(args.blend) if args.blend else None, mode=args.mode)
-        inv = ed.invert(args.image, args.source, seed=args.seed)
+        inv = ed.invert(args.image, args.source, seed=args.seed, fit=args.fit)
         img = ed.edit(inv, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace, amplify=amplify,
-                      blend=tuple(args.blend) if args.blend else None, guidance=args.guidance, tau=args.tau, mode=args.mode)
+                      blend=tuple(args.blend) if args.blend else None, guidance=args.guidance, tau=args.tau, mode=args.mode,
+                      keep_size=args.keep_size)
     save_image(img, args.out)
     print(f"wrote {args.out}")
     return 0
@@ -141,8 +150,8 @@ def cmd_reconstruct(args) -> int:
 
     check_output_path(args.out)
     with _open(args) as ed:
-        inv = ed.invert(args.image, args.source, seed=args.seed)
-        img = ed.reconstruct(inv, guidance=args.guidance, tau=args.tau)
+        inv = ed.invert(args.image, args.source, seed=args.seed, fit=args.fit)
+        img = ed.reconstruct(inv, guidance=args.guidance, tau=args.tau, keep_size=args.keep_size)
     save_image(img, args.out)
     print(f"wrote {args.out}")
     return 0

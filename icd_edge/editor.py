@@ -18,7 +18,7 @@ import numpy as np
 
 from icd_edge import p2p
 from icd_edge.errors import InputError
-from icd_edge.image import array_to_pil, image_to_tensor, load_image, tensor_to_array
+from icd_edge.image import array_to_pil, fit_square, image_to_tensor, load_image, restore_fit, tensor_to_array
 from icd_edge.manifest import Bundle, open_bundle
 from icd_edge.schedule import consistency_step, dynamic_guidance
 from icd_edge.tokenizer import ClipTokenizer, Tokens
@@ -36,6 +36,7 @@ class Inversion:
         seed: seed of the t = 19 start noise.
         image_size: (width, height) of the input photo.
         bundle_id: the bundle it belongs to (edits with another bundle are refused).
+        fit: how the photo was made square (``stretch``, ``crop``, ``pad``), for ``keep_size``.
     """
 
     latent: np.ndarray
@@ -43,6 +44,7 @@ class Inversion:
     seed: int
     image_size: tuple[int, int]
     bundle_id: str
+    fit: tuple = ("stretch", 0, 0)
 
 
 def _check_prompt(prompt, what: str) -> str:
@@ -167,9 +169,12 @@ class Editor:
     def _wemb(self, w: float) -> np.ndarray:
         return self.bundle.guidance_embedding(w)[None]
 
-    def _decode(self, latent: np.ndarray, output_type: str):
+    def _decode(self, latent: np.ndarray, output_type: str, fit: tuple | None = None):
         img = self._run("vae_decoder", "vae_decoder", latent=(latent / np.float32(self.vae_scale)).astype(np.float32))["image"]
         arr = tensor_to_array(img)
+        if fit is not None:  # keep_size: back to the input's geometry
+            restored = restore_fit(array_to_pil(arr), fit)
+            return np.asarray(restored, dtype=np.float32) / 255.0 if output_type == "np" else restored
         return arr if output_type == "np" else array_to_pil(arr)
 
     def _check_inversion(self, inv) -> None:
@@ -184,20 +189,22 @@ class Editor:
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 
     # ------------------------------------------------------------------ public API
-    def invert(self, image, source_prompt: str, *, seed: int = 0) -> Inversion:
+    def invert(self, image, source_prompt: str, *, seed: int = 0, fit: str = "stretch") -> Inversion:
         """Encode a photo to x_999 with the forward model under the source prompt (w = 0).
 
         Args:
             image: a path, PIL image or HxWx3 uint8 array; resized to the bundle's side.
             source_prompt: what the photo shows.
             seed: seed of the noise added at t = 19 (numpy PCG64).
+            fit: ``stretch`` (official), ``crop`` or ``pad`` (see :mod:`icd_edge.image`).
         """
         _check_prompt(source_prompt, "source prompt")
         seed = _check_seed(seed)
         img = load_image(image)
+        square, fit_info = fit_square(img, self.image_hw, fit)
         with self._bar(2 + len(self.forward_steps), "invert") as bar:
             _, emb = self.encode_prompt(source_prompt)
-            pixels = image_to_tensor(img, self.image_hw)
+            pixels = image_to_tensor(square, self.image_hw)
             z0 = self._run("vae_encoder", "vae_encoder", image=pixels)["latent_mean"] * np.float32(self.vae_scale)
             bar.update(2)
             noise = np.random.default_rng(seed).standard_normal(z0.shape, dtype=np.float32)
@@ -209,7 +216,7 @@ class Editor:
                 x = consistency_step(x, eps, c1, c2)
                 bar.update(1)
         x.setflags(write=False)
-        return Inversion(x, source_prompt, seed, img.size, self.bundle.bundle_id)
+        return Inversion(x, source_prompt, seed, img.size, self.bundle.bundle_id, fit_info)
 
     def edit_controls(self, source_prompt: str, target_prompt: str, *, cross_replace: float = 0.2,
                       self_replace: float = 0.2, amplify: dict | None = None, blend=None,
@@ -246,7 +253,7 @@ class Editor:
 
     def edit(self, inv: Inversion, target_prompt: str, *, cross_replace: float = 0.2, self_replace: float = 0.2,
              amplify: dict | None = None, blend=None, guidance: float = 19.0, tau: float = 0.8,
-             mode: str = "auto", output_type: str = "pil", callback=None):
+             mode: str = "auto", output_type: str = "pil", keep_size: bool = False, callback=None):
         """Decode an inversion under ``target_prompt`` with Prompt-to-Prompt control.
 
         Args:
@@ -258,6 +265,7 @@ class Editor:
             tau: dynamic guidance: the target row is guided iff t ≤ 1000·τ.
             mode: "refine" (token alignment), "replace" (word swap), "auto" (replace iff same word count).
             output_type: "pil" or "np" (H, W, 3) float32 in [0, 1].
+            keep_size: map the result back to the input photo's geometry (see ``fit``).
             callback: called as ``callback(step, total)`` after each reverse step.
         """
         self._check_inversion(inv)
@@ -287,18 +295,20 @@ class Editor:
                 bar.update(1)
                 if callback is not None:
                     callback(k + 1, len(self.reverse_steps))
-            result = self._decode(x[1:2], output_type)
+            result = self._decode(x[1:2], output_type, inv.fit if keep_size else None)
             bar.update(1)
         return result
 
-    def reconstruct(self, inv: Inversion, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil"):
+    def reconstruct(self, inv: Inversion, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil",
+                    keep_size: bool = False):
         """Decode an inversion under its own source prompt (unguided by default)."""
         self._check_inversion(inv)
         self._check_output_type(output_type)
         guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance")
         tau = _check_range(tau, 0.0, 1.0, "tau")
         _, emb = self.encode_prompt(inv.source_prompt)
-        return self._reverse(np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct")
+        return self._reverse(np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct",
+                             inv.fit if keep_size else None)
 
     def generate(self, prompt: str, *, seed: int = 0, guidance: float = 7.0, tau: float = 1.0, output_type: str = "pil"):
         """Text to image: x_999 ~ N(0, I) from ``seed``, reverse steps with guidance w (τ = 1: every step)."""
@@ -312,13 +322,13 @@ class Editor:
         x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
         return self._reverse(x, emb, guidance, tau, output_type, "generate")
 
-    def _reverse(self, x, emb, guidance, tau, output_type, desc):
+    def _reverse(self, x, emb, guidance, tau, output_type, desc, fit=None):
         with self._bar(len(self.reverse_steps) + 1, desc) as bar:
             for k, (t, _s, c1, c2) in enumerate(self.reverse_steps):
                 eps = self._run("unet_reverse", f"reverse_{k}", sample=x, timestep=np.array([t], np.float32),
                                 encoder_hidden_states=emb, timestep_cond=self._wemb(dynamic_guidance(guidance, t, tau)))["eps"]
                 x = consistency_step(x, eps, c1, c2)
                 bar.update(1)
-            result = self._decode(x, output_type)
+            result = self._decode(x, output_type, fit)
             bar.update(1)
         return result

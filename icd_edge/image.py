@@ -1,7 +1,13 @@
 """Image I/O: PIL/arrays ↔ the graphs' [-1, 1] NCHW float32 tensors (``icd_spec.md`` §4).
 
-Resize policy (the official SD1.5 loader's): the photo is resized to the bundle's square side
-with bicubic filtering, aspect ratio not preserved. EXIF orientation is applied first, alpha is
+Fit policies (the graphs take a fixed square side):
+
+* ``stretch`` (default, the official SD1.5 loader's): bicubic resize to the square, aspect not kept;
+* ``crop``: centre square crop, then resize (the edges outside the crop are not edited);
+* ``pad``: letterbox on white to a square, then resize (the whole photo is edited).
+
+With ``keep_size`` the result is mapped back: ``stretch`` and ``pad`` return the input's width
+and height, ``crop`` the size of the cropped square. EXIF orientation is applied first, alpha is
 composited on white, palette/greyscale/CMYK/16-bit images are converted to RGB.
 """
 
@@ -112,3 +118,39 @@ def save_image(img: Image.Image, path: str | Path) -> Path:
     with atomic_file(path) as tmp:
         img.save(tmp, format=fmt)
     return path
+
+
+FITS = ("stretch", "crop", "pad")
+
+
+def fit_square(img: Image.Image, side: int, fit: str) -> tuple[Image.Image, tuple]:
+    """Square ``side``×``side`` image for the graphs plus what :func:`restore_fit` needs."""
+    if fit not in FITS:
+        raise InputError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    w, h = img.size
+    if fit == "crop":
+        m = min(w, h)
+        left, top = (w - m) // 2, (h - m) // 2
+        img = img.crop((left, top, left + m, top + m))
+    elif fit == "pad":
+        m = max(w, h)
+        canvas = Image.new("RGB", (m, m), (255, 255, 255))
+        canvas.paste(img, ((m - w) // 2, (m - h) // 2))
+        img = canvas
+    if img.size != (side, side):
+        img = img.resize((side, side), Image.BICUBIC)
+    return img, (fit, w, h)
+
+
+def restore_fit(img: Image.Image, info: tuple) -> Image.Image:
+    """Map a square result back to the input's geometry (see the module docstring)."""
+    fit, w, h = info
+    if fit == "stretch":
+        return img.resize((w, h), Image.BICUBIC)
+    if fit == "crop":
+        m = min(w, h)
+        return img.resize((m, m), Image.BICUBIC)
+    m = max(w, h)
+    big = img.resize((m, m), Image.BICUBIC)
+    left, top = (m - w) // 2, (m - h) // 2
+    return big.crop((left, top, left + w, top + h))

@@ -92,7 +92,7 @@ def _w_key(w: float) -> str:
     return f"{float(w):g}"
 
 
-def read_manifest(root: str | Path) -> dict:
+def read_manifest(root: str | Path, allow_incomplete: bool = False) -> dict:
     root = Path(root)
     if not root.exists():
         raise BundleError(f"bundle {root} does not exist; create one with `python -m icd_edge.export --out {root}`")
@@ -120,6 +120,10 @@ def read_manifest(root: str | Path) -> dict:
     for key in ("dims", "graphs", "files", "schedule", "guidance", "tokenizer", "vae"):
         if key not in manifest:
             raise BundleError(f"{mpath} lacks the {key!r} section; re-export the bundle")
+    if manifest.get("complete") is not True and not allow_incomplete:
+        raise BundleError(f"{root} is an unfinished export (its parity checks never completed); re-export the bundle")
+    if not isinstance(manifest["files"], dict) or not isinstance(manifest["graphs"], dict):
+        raise BundleError(f"{mpath} is malformed (files/graphs must be objects); re-export the bundle")
     return manifest
 
 
@@ -127,6 +131,8 @@ def verify_files(root: Path, files: dict, check_hash: bool = True) -> None:
     """Check that every listed file exists with its recorded size (and sha256)."""
     for rel, meta in files.items():
         p = safe_relpath(root, rel)
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            raise BundleError(f"manifest entry for {rel} is malformed; re-export the bundle")
         if not p.is_file():
             raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle")
         size = p.stat().st_size
@@ -139,15 +145,17 @@ def verify_files(root: Path, files: dict, check_hash: bool = True) -> None:
             raise BundleError(f"bundle file {rel} does not match its recorded sha256: it was modified; re-export the bundle")
 
 
-def open_bundle(root: str | Path, verify: bool = True) -> Bundle:
+def open_bundle(root: str | Path, verify: bool = True, allow_incomplete: bool = False) -> Bundle:
     """Read and validate a bundle.
 
     Args:
         root: the bundle folder.
         verify: also hash every file (sizes are always checked).
+        allow_incomplete: accept a manifest the export has not marked complete (the export's
+            own parity checks only).
     """
     root = Path(root)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, allow_incomplete)
     verify_files(root, manifest["files"], check_hash=verify)
     return Bundle(root, manifest)
 

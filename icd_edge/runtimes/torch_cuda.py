@@ -150,10 +150,10 @@ class FastEditor:
         art = {g: b.artifact(g, "torch") for g in ("text_encoder", "vae_encoder", "unet_forward", "unet_reverse")}
         if any(a is None for a in art.values()):
             raise BackendUnavailable(f"bundle {b.root} has no torch weights; re-export with --targets onnx,torch")
-        return cls(b, CLIPTextModel.from_pretrained(b.path(art["text_encoder"]["dir"])),
-                   AutoencoderKL.from_pretrained(b.path(art["vae_encoder"]["dir"])),
-                   UNet2DConditionModel.from_pretrained(b.path(art["unet_forward"]["dir"])),
-                   UNet2DConditionModel.from_pretrained(b.path(art["unet_reverse"]["dir"])), FastOptions(**options))
+        return cls(b, CLIPTextModel.from_pretrained(b.path(art["text_encoder"]["dir"]), use_safetensors=True),
+                   AutoencoderKL.from_pretrained(b.path(art["vae_encoder"]["dir"]), use_safetensors=True),
+                   UNet2DConditionModel.from_pretrained(b.path(art["unet_forward"]["dir"]), use_safetensors=True),
+                   UNet2DConditionModel.from_pretrained(b.path(art["unet_reverse"]["dir"]), use_safetensors=True), FastOptions(**options))
 
     # ----------------------------------------------------------------- device functions
     def _stage(self, name):

@@ -68,10 +68,11 @@ class TorchBackend:
                 raise BackendUnavailable(f"bundle {bundle.root} has no torch weights for {name}; re-export with --targets onnx,torch")
             return bundle.path(art["dir"])
 
-        text = CLIPTextModel.from_pretrained(part("text_encoder"))
-        vae = AutoencoderKL.from_pretrained(part("vae_encoder"))
-        fwd = UNet2DConditionModel.from_pretrained(part("unet_forward"))
-        rev = UNet2DConditionModel.from_pretrained(part("unet_reverse"))
+        # safetensors only: a bundle never unpickles anything
+        text = CLIPTextModel.from_pretrained(part("text_encoder"), use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(part("vae_encoder"), use_safetensors=True)
+        fwd = UNet2DConditionModel.from_pretrained(part("unet_forward"), use_safetensors=True)
+        rev = UNet2DConditionModel.from_pretrained(part("unet_reverse"), use_safetensors=True)
         graphs = build_graphs(text, vae, fwd, rev, bundle.dims)
         return {k: v.to(self.device) for k, v in graphs.items()}
 
