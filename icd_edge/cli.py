@@ -35,6 +35,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="auto, onnxruntime, torch, tensorrt or coreml")
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster open)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--decoder", default="full", choices=("full", "taesd"),
+                   help="final decoder: the full SD VAE, or TAESD (bundles exported with --taesd)")
+    p.add_argument("--memory", default="resident", choices=("resident", "sequential"),
+                   help="resident: keep graphs loaded; sequential: one UNet at a time (lowest peak memory)")
 
 
 def _fit(p: argparse.ArgumentParser) -> None:
@@ -62,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau")
     p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping")
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise")
+    p.add_argument("--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR")
     _fit(p)
 
     p = sub.add_parser("invert", help="invert a photo to noise and save it (.npz) for later edits")
@@ -101,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _open(args):
     from icd_edge.editor import Editor
 
-    return Editor.open(args.bundle, backend=args.backend, verify=not args.no_verify, progress=not args.no_progress)
+    return Editor.open(args.bundle, backend=args.backend, verify=not args.no_verify, progress=not args.no_progress,
+                       memory=args.memory, decoder=args.decoder)
 
 
 def _inversion_to_npz(inv, path: Path) -> None:
@@ -124,6 +130,13 @@ def cmd_edit(args) -> int:
 
     check_output_path(args.out)
     amplify = _amplify(args.amplify)
+    preview = None
+    if args.preview is not None:
+        if not args.preview.is_dir():
+            raise InputError(f"--preview {args.preview} is not a folder; create it first")
+
+        def preview(step, total, image):
+            save_image(image, args.preview / f"step_{step}_of_{total}.png")
     with _open(args) as ed:
         # Validate the edit parameters before the (slow) inversion.
         ed.edit_controls(args.source, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace,
@@ -131,7 +144,7 @@ def cmd_edit(args) -> int:
         inv = ed.invert(args.image, args.source, seed=args.seed, fit=args.fit)
         img = ed.edit(inv, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace, amplify=amplify,
                       blend=tuple(args.blend) if args.blend else None, guidance=args.guidance, tau=args.tau, mode=args.mode,
-                      keep_size=args.keep_size)
+                      keep_size=args.keep_size, preview=preview)
     save_image(img, args.out)
     print(f"wrote {args.out}")
     return 0

@@ -24,6 +24,8 @@ from icd_edge.schedule import consistency_step, dynamic_guidance
 from icd_edge.tokenizer import ClipTokenizer, Tokens
 
 MODES = ("auto", "refine", "replace")
+MEMORY_POLICIES = ("resident", "sequential")
+UNET_GRAPHS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
 
 
 @dataclass(frozen=True)
@@ -83,12 +85,25 @@ class Editor:
         bundle: an opened :class:`~icd_edge.manifest.Bundle`.
         backend: a backend instance (see :func:`icd_edge.runtimes.select_backend`).
         progress: show a progress bar on calls that take more than a second.
+        decoder: ``full`` (the SD VAE, default) or ``taesd`` (the tiny decoder, bundles exported
+            with ``--taesd``) for final images; previews use TAESD when the bundle has it.
+        memory: ``resident`` keeps every graph loaded once used (fastest for many edits);
+            ``sequential`` keeps at most one UNet loaded: opening one closes the others, and the
+            forward UNet is released right after an inversion (lowest peak memory).
     """
 
-    def __init__(self, bundle: Bundle, backend, progress: bool = False):
+    def __init__(self, bundle: Bundle, backend, progress: bool = False, memory: str = "resident", decoder: str = "full"):
+        if decoder not in ("full", "taesd"):
+            raise InputError(f"decoder must be 'full' or 'taesd', got {decoder!r}")
+        if decoder == "taesd" and "taesd_decoder" not in bundle.graphs:
+            raise InputError("this bundle has no TAESD decoder; re-export it with --taesd (or use decoder='full')")
+        self.decoder = decoder
+        if memory not in MEMORY_POLICIES:
+            raise InputError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
         self.bundle = bundle
         self.backend = backend
         self.progress = progress
+        self.memory = memory
         self.profile: list[tuple[str, float]] | None = None  # set to [] to record (stage, ms)
         m = bundle.manifest
         self.image_hw = int(m["dims"]["H"])
@@ -108,16 +123,21 @@ class Editor:
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, backend: str = "auto", *, verify: bool = True,
-             progress: bool = False, **backend_options) -> "Editor":
+             progress: bool = False, memory: str = "resident", decoder: str = "full", **backend_options) -> "Editor":
         """Open a bundle folder and pick a backend (``"auto"``, ``"onnxruntime"``, ``"torch"``, ...)."""
         from icd_edge.runtimes import select_backend
 
+        if memory not in MEMORY_POLICIES:
+            raise InputError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
         b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
-        return cls(b, select_backend(backend, b, **backend_options), progress=progress)
+        return cls(b, select_backend(backend, b, **backend_options), progress=progress, memory=memory, decoder=decoder)
 
     # ------------------------------------------------------------------ plumbing
     def _session(self, graph: str):
         with self._lock:
+            if graph not in self._sessions and self.memory == "sequential" and graph in UNET_GRAPHS:
+                for other in [g for g in self._sessions if g in UNET_GRAPHS]:
+                    self._sessions.pop(other).close()
             if graph not in self._sessions:
                 with self._timed(f"load:{graph}"):
                     self._sessions[graph] = self.backend.open_session(self.bundle, graph)
@@ -139,6 +159,13 @@ class Editor:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, delay=1.0, disable=not self.progress, leave=False)
+
+    def release(self, graph: str) -> None:
+        """Close one graph's session (it reopens on next use)."""
+        with self._lock:
+            sess = self._sessions.pop(graph, None)
+        if sess is not None:
+            sess.close()
 
     def close(self) -> None:
         with self._lock:
@@ -169,8 +196,11 @@ class Editor:
     def _wemb(self, w: float) -> np.ndarray:
         return self.bundle.guidance_embedding(w)[None]
 
-    def _decode(self, latent: np.ndarray, output_type: str, fit: tuple | None = None):
-        img = self._run("vae_decoder", "vae_decoder", latent=(latent / np.float32(self.vae_scale)).astype(np.float32))["image"]
+    def _decode(self, latent: np.ndarray, output_type: str, fit: tuple | None = None, fast: bool = False):
+        if self.decoder == "taesd" or (fast and "taesd_decoder" in self.bundle.graphs):
+            img = self._run("taesd_decoder", "taesd_decoder", latent=latent.astype(np.float32))["image"]
+        else:
+            img = self._run("vae_decoder", "vae_decoder", latent=(latent / np.float32(self.vae_scale)).astype(np.float32))["image"]
         arr = tensor_to_array(img)
         if fit is not None:  # keep_size: back to the input's geometry
             restored = restore_fit(array_to_pil(arr), fit)
@@ -215,6 +245,8 @@ class Editor:
                                 encoder_hidden_states=emb, timestep_cond=w0)["eps"]
                 x = consistency_step(x, eps, c1, c2)
                 bar.update(1)
+        if self.memory == "sequential":
+            self.release("unet_forward")
         x.setflags(write=False)
         return Inversion(x, source_prompt, seed, img.size, self.bundle.bundle_id, fit_info)
 
@@ -253,7 +285,7 @@ class Editor:
 
     def edit(self, inv: Inversion, target_prompt: str, *, cross_replace: float = 0.2, self_replace: float = 0.2,
              amplify: dict | None = None, blend=None, guidance: float = 19.0, tau: float = 0.8,
-             mode: str = "auto", output_type: str = "pil", keep_size: bool = False, callback=None):
+             mode: str = "auto", output_type: str = "pil", keep_size: bool = False, callback=None, preview=None):
         """Decode an inversion under ``target_prompt`` with Prompt-to-Prompt control.
 
         Args:
@@ -267,6 +299,9 @@ class Editor:
             output_type: "pil" or "np" (H, W, 3) float32 in [0, 1].
             keep_size: map the result back to the input photo's geometry (see ``fit``).
             callback: called as ``callback(step, total)`` after each reverse step.
+            preview: called as ``preview(step, total, image)`` after each reverse step with the
+                target row's current clean estimate x̂0 decoded to a PIL image (TAESD when the
+                bundle has it, else the full VAE).
         """
         self._check_inversion(inv)
         self._check_output_type(output_type)
@@ -287,7 +322,10 @@ class Editor:
                 cond = np.concatenate([w0, self._wemb(dynamic_guidance(guidance, t, tau))])
                 out = self._run("unet_reverse_edit", f"reverse_edit_{k}", sample=x, timestep=np.array([t], np.float32),
                                 encoder_hidden_states=text, timestep_cond=cond, **ctl.step_feeds(k))
+                x_prev = x
                 x = consistency_step(x, out["eps"], c1, c2)
+                if preview is not None:
+                    self._preview(preview, k, x_prev[1:2], out["eps"][1:2], t)
                 if ctl.blend_tokens is not None:
                     acc = out["blend_maps"] if acc is None else acc + out["blend_maps"]
                     mask = p2p.blend_mask(acc, ctl.blend_tokens, self.latent_hw, self.blend_threshold)
@@ -298,6 +336,12 @@ class Editor:
             result = self._decode(x[1:2], output_type, inv.fit if keep_size else None)
             bar.update(1)
         return result
+
+    def _preview(self, preview, k: int, x_t: np.ndarray, eps: np.ndarray, t: int) -> None:
+        """x̂0 = (x_t − σ_t·ε̂)/a_t of one row, decoded for a preview callback."""
+        a_t, s_t = self.bundle.manifest["schedule"]["alpha_sigma"][str(t)]
+        x0 = ((x_t - np.float32(s_t) * eps) / np.float32(a_t)).astype(np.float32)
+        preview(k + 1, len(self.reverse_steps), self._decode(x0, "pil", fast=True))
 
     def reconstruct(self, inv: Inversion, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil",
                     keep_size: bool = False):

@@ -69,6 +69,11 @@ GRAPHS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
     ),
     "unet_forward": (_unet_io(1), (TensorSpec("eps", "float32", (1, LATENT_CHANNELS, "h", "h")),)),
     "unet_reverse": (_unet_io(1), (TensorSpec("eps", "float32", (1, LATENT_CHANNELS, "h", "h")),)),
+    # optional (--taesd): fast decoder of UNet-space latents, for previews and cheap final decodes
+    "taesd_decoder": (
+        (TensorSpec("latent", "float32", (1, LATENT_CHANNELS, "h", "h")),),
+        (TensorSpec("image", "float32", (1, 3, "H", "H")),),
+    ),
     "unet_reverse_edit": (
         _unet_io(2) + P2P_CONTROLS,
         (
@@ -77,6 +82,9 @@ GRAPHS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
         ),
     ),
 }
+
+
+OPTIONAL_GRAPHS = frozenset({"taesd_decoder"})
 
 
 def dims_for(image_hw: int, text_dim: int) -> dict[str, int]:

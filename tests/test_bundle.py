@@ -11,7 +11,9 @@ import pytest
 
 from icd_edge.errors import BundleError
 from icd_edge.manifest import SCHEMA_VERSION, open_bundle, read_manifest
-from icd_edge.spec import GRAPHS
+from icd_edge.spec import GRAPHS as ALL_GRAPHS, OPTIONAL_GRAPHS
+
+GRAPHS = {k: v for k, v in ALL_GRAPHS.items() if k not in OPTIONAL_GRAPHS}
 
 
 def test_manifest_describes_every_graph(tiny_bundle):

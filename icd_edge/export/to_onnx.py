@@ -111,29 +111,75 @@ WEIGHT_GROUPS = {"unet_reverse_edit": "unet_reverse"}
 
 
 def export_target(ctx) -> None:
-    """Every graph to ``onnx/<graph>.onnx`` (fp32), weights in ``onnx/<group>.weights``."""
-    from icd_edge import spec
+    """Every graph to ``onnx/<graph>.onnx`` at its precision, weights in ``onnx/<group>.weights``.
 
+    fp32 graphs are traced straight into the bundle; other precisions are converted from an fp32
+    export in a scratch folder (int8 after recording calibration feeds on the torch reference).
+    """
+    import time
+
+    from icd_edge import spec
+    from icd_edge.export import precision as prec
+
+    precisions = prec.graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs)
     (ctx.out_dir / "onnx").mkdir()
+    with tempfile.TemporaryDirectory(prefix="icd_fp32_") as scratch:
+        fp32_dir = ctx.out_dir / "onnx" if set(precisions.values()) == {"fp32"} else Path(scratch)
+        stores: dict[str, WeightStore] = {}
+        try:
+            for name, module in ctx.graphs.items():
+                ctx.step(f"onnx {name}")
+                inputs, outputs = spec.GRAPHS[name]
+                group = WEIGHT_GROUPS.get(name, name)
+                if group not in stores:
+                    stores[group] = WeightStore(fp32_dir / f"{group}.weights")
+                args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
+                t0 = time.perf_counter()
+                export_graph(module, args, [s.name for s in inputs], [s.name for s in outputs],
+                             fp32_dir / f"{name}.onnx", stores[group], ctx.cfg.opset)
+                ctx.timings[f"onnx_{name}_s"] = time.perf_counter() - t0
+                if ctx.progress is not None:
+                    ctx.progress.update(1)
+        finally:
+            for store in stores.values():
+                store.close()
+        if fp32_dir != ctx.out_dir / "onnx":
+            _convert_all(ctx, Path(scratch), precisions)
+    for name in ctx.graphs:
+        group = WEIGHT_GROUPS.get(name, name)
+        ctx.manifest["graphs"][name]["artifacts"]["onnx"] = {
+            "file": f"onnx/{name}.onnx", "precision": precisions[name], "opset": ctx.cfg.opset,
+            "weights": f"onnx/{group}.weights"}
+    ctx.manifest["precision"] = {"requested": ctx.cfg.precision, "graphs": precisions}
+
+
+def _convert_all(ctx, scratch: Path, precisions: dict[str, str]) -> None:
+    import time
+
+    from icd_edge.export import precision as prec
+    from icd_edge.manifest import Bundle
+
+    calibration = {}
+    if any(p == "int8" for p in precisions.values()):
+        ctx.step("int8 calibration")
+        t0 = time.perf_counter()
+        cases = prec.calibration_cases(ctx.cfg.calibration, ctx.dims["H"], ctx.cfg.calibration_count)
+        bundle = Bundle(ctx.out_dir, {**ctx.manifest, "files": {}, "complete": True})
+        calibration = prec.record_trajectories(bundle, ctx.graphs, cases)
+        ctx.timings["int8_calibration_s"] = time.perf_counter() - t0
+        ctx.manifest["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
+                                       "feeds": {g: len(v) for g, v in calibration.items()}}
     stores: dict[str, WeightStore] = {}
     try:
-        for name, module in ctx.graphs.items():
-            ctx.step(f"onnx {name}")
-            inputs, outputs = spec.GRAPHS[name]
+        for name, p in precisions.items():  # one quantisation at a time: ~14 GB RSS for a full UNet
+            ctx.step(f"{p} {name}")
             group = WEIGHT_GROUPS.get(name, name)
             if group not in stores:
                 stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
-            args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
-            import time
-
             t0 = time.perf_counter()
-            export_graph(module, args, [s.name for s in inputs], [s.name for s in outputs],
-                         ctx.out_dir / "onnx" / f"{name}.onnx", stores[group], ctx.cfg.opset)
-            ctx.timings[f"onnx_{name}_s"] = time.perf_counter() - t0
-            ctx.manifest["graphs"][name]["artifacts"]["onnx"] = {
-                "file": f"onnx/{name}.onnx", "precision": "fp32", "opset": ctx.cfg.opset, "weights": f"onnx/{group}.weights"}
-            if ctx.progress is not None:
-                ctx.progress.update(1)
+            prec.convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group],
+                         calibration.get(name))
+            ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
     finally:
         for store in stores.values():
             store.close()

@@ -81,8 +81,8 @@ class UNetEditGraph(nn.Module):
         return eps, ctl.blend_maps()[:, 0]
 
 
-def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int]) -> dict[str, nn.Module]:
-    """Every graph module, in eval mode, for a bundle's dims."""
+def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int], taesd=None) -> dict[str, nn.Module]:
+    """Every graph module, in eval mode, for a bundle's dims (``taesd_decoder`` when given)."""
     latent = dims["h"]
     graphs = {
         "text_encoder": TextEncoderGraph(text_encoder),
@@ -92,6 +92,10 @@ def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, 
         "unet_reverse": UNetGraph(unet_reverse),
         "unet_reverse_edit": UNetEditGraph(unet_reverse, self_max_keys=(latent // 2) ** 2, blend_queries=dims["Q"]),
     }
+    if taesd is not None:
+        from icd_edge.export.taesd import TaesdDecoderGraph
+
+        graphs["taesd_decoder"] = TaesdDecoderGraph(taesd)
     for g in graphs.values():
         g.eval().requires_grad_(False)
     return graphs

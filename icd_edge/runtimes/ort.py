@@ -97,7 +97,8 @@ class _Binding:
         for name, arr in feeds.items():
             self._io.bind_cpu_input(name, np.ascontiguousarray(arr))
         self._sess.run_with_iobinding(self._io)
-        return {name: value.numpy() for name, value in self._outputs.items()}
+        # copies: the bound buffers are overwritten by the next run
+        return {name: np.array(value.numpy(), copy=True) for name, value in self._outputs.items()}
 
 
 def _check_graph_io(graph: str, path, actual, declared: list[dict]) -> None:

@@ -18,6 +18,14 @@ from icd_edge.runtimes import Availability
 from icd_edge.spec import check_feeds
 
 
+def _has_module(name: str) -> bool:
+    """Whether ``name`` can be imported, without importing it (a broken finder counts as missing)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 class TorchSession:
     def __init__(self, graph: str, module, inputs: list[dict], outputs: list[dict], device: str):
         self.graph, self.module, self.device = graph, module, device
@@ -49,7 +57,7 @@ class TorchBackend:
         self._lock = threading.Lock()
 
     def probe(self) -> Availability:
-        missing = [m for m in ("torch", "diffusers", "transformers") if importlib.util.find_spec(m) is None]
+        missing = [m for m in ("torch", "diffusers", "transformers") if not _has_module(m)]
         if missing:
             return Availability(False, f"not installed ({', '.join(missing)} missing; pip install 'icd_edge[export]')")
         import torch

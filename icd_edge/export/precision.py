@@ -1,0 +1,163 @@
+"""fp16 and int8 ONNX graphs (issue: precision), from the fp32 export.
+
+* ``fp16``: onnxconverter-common's float16 conversion with fp32 inputs/outputs kept
+  (``keep_io_types``), so host math and feeds stay float32.
+* ``int8``: ONNX Runtime static Q/DQ (u8 activations, s8 weights) on Conv/MatMul/Gemm, calibrated
+  on activations recorded along the real iCD trajectories (forward t = 19/259/519/779 with w = 0,
+  reverse 999/779/519/259 for both rows of the edit batch) of the calibration photos. Only
+  the op list avoids the dynamo exporter's shared-constant failure (dependencies.md §5).
+* ``int8-dynamic``: weights int8, activations quantised at run time (MatMul/Gemm only), no
+  calibration.
+By default int8 applies to the two reverse UNets. The forward UNet stays fp32: its error in
+x_999 is amplified by the reverse jumps (Π c1 ≈ 14.6 over the 4 reverse steps), which on the tiny
+model cost 5 dB end to end (22 → 27 dB); ``--graph-precision unet_forward=int8`` overrides.
+The VAE and text encoder stay fp32 unless overridden.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from icd_edge.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
+UNETS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
+INT8_DEFAULT = ("unet_reverse", "unet_reverse_edit")
+# Conv and MatMul carry almost all UNet FLOPs; the time-embedding Gemms are tiny and sensitive.
+INT8_OPS = tuple(os.environ.get("ICD_INT8_OPS", "Conv,MatMul").split(","))
+INT8_PER_CHANNEL = os.environ.get("ICD_INT8_PER_CHANNEL", "1") == "1"
+DEFAULT_E2E_GATE_DB = {"fp32": 45.0, "fp16": 35.0, "int8": 25.0, "int8-dynamic": 25.0}
+
+CALIBRATION = (  # scikit-image's public-domain photos: (name, source prompt, target prompt, blend words)
+    ("chelsea", "a photo of a cat", "a photo of a dog", ("cat", "dog")),
+    ("astronaut", "a photo of an astronaut", "a photo of a robot", ("astronaut", "robot")),
+    ("coffee", "a cup of coffee", "a cup of tea", ("coffee", "tea")),
+)
+
+
+def graph_precisions(precision: str, overrides: dict[str, str], graphs) -> dict[str, str]:
+    """Precision per graph: the global one (int8 only for UNets), then ``overrides``."""
+    for p in [precision, *overrides.values()]:
+        if p not in PRECISIONS:
+            raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
+    unknown = set(overrides) - set(graphs)
+    if unknown:
+        raise ExportError(f"--graph-precision names unknown graphs {sorted(unknown)}; graphs are {', '.join(graphs)}")
+    out = {g: (precision if precision in ("fp32", "fp16") or g in INT8_DEFAULT else "fp32") for g in graphs}
+    out.update(overrides)
+    return out
+
+
+def calibration_cases(directory: Path | None, side: int, limit: int) -> list[tuple]:
+    """(image array, source, target, blend) cases: a user folder, else scikit-image's photos."""
+    from icd_edge.image import load_image
+
+    cases = []
+    if directory is not None:
+        import json
+
+        prompts = {}
+        if (directory / "prompts.json").is_file():
+            prompts = json.loads((directory / "prompts.json").read_text())
+        files = sorted(p for p in directory.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+        if not files:
+            raise ExportError(f"--calibration {directory} holds no images (.png, .jpg, .webp, .bmp)")
+        for p in files[:limit]:
+            src, tgt = prompts.get(p.name, ["a photo", "a painting"])
+            cases.append((np.asarray(load_image(p)), src, tgt, None))
+        return cases
+    try:
+        import skimage.data
+    except ImportError as exc:
+        raise ExportError("int8 calibration needs photos: install scikit-image (its public-domain photos are the "
+                          "default set) or pass --calibration DIR") from exc
+    for name, src, tgt, blend in CALIBRATION[:limit]:
+        cases.append((getattr(skimage.data, name)(), src, tgt, blend))
+    return cases
+
+
+class _Recorder:
+    """Wraps a backend and keeps every feed each graph receives."""
+
+    def __init__(self, backend):
+        self.backend, self.name, self.fmt = backend, backend.name, backend.fmt
+        self.feeds: dict[str, list[dict]] = {}
+
+    def probe(self):
+        return self.backend.probe()
+
+    def open_session(self, bundle, graph):
+        inner = self.backend.open_session(bundle, graph)
+        rec = self.feeds.setdefault(graph, [])
+
+        class Session:
+            def run(self_, feeds):
+                rec.append({k: np.array(v) for k, v in feeds.items()})
+                return inner.run(feeds)
+
+            def close(self_):
+                inner.close()
+
+        return Session()
+
+
+def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
+    """Run invert + edit (and a reconstruction) on the torch reference, recording each graph's feeds."""
+    from icd_edge.editor import Editor
+    from icd_edge.runtimes.torch_ref import TorchBackend
+
+    rec = _Recorder(TorchBackend(graphs))
+    ed = Editor(bundle, rec)
+    for image, src, tgt, blend in cases:
+        inv = ed.invert(image, src, seed=0)
+        ed.edit(inv, tgt, cross_replace=0.4, self_replace=0.6, blend=blend, output_type="np")
+        ed.reconstruct(inv, output_type="np")
+    return rec.feeds
+
+
+def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None) -> None:
+    """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``."""
+    if precision == "fp32":
+        model = onnx.load(str(src), load_external_data=True)
+    elif precision == "fp16":
+        from onnxconverter_common import float16
+
+        model = float16.convert_float_to_float16(onnx.load(str(src), load_external_data=True), keep_io_types=True)
+    else:
+        model = _quantize(src, precision, calibration)
+    store.externalize(model)
+    onnx.save_model(model, str(dst))
+    onnx.checker.check_model(str(dst))
+
+
+def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with tempfile.TemporaryDirectory(prefix="icd_q_") as d:
+        out = Path(d) / "q.onnx"
+        if precision == "int8-dynamic":
+            quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                             use_external_data_format=True)
+        else:
+            if not calibration:
+                raise ExportError(f"int8 calibration recorded no inputs for {src.stem}")
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self._it = iter(calibration)
+
+                def get_next(self):
+                    return next(self._it, None)
+
+            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(INT8_OPS), activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL, use_external_data_format=True)
+        return onnx.load(str(out), load_external_data=True)

@@ -1,0 +1,100 @@
+"""fp16 / int8 bundles of the tiny model run end to end and meet their recorded thresholds;
+memory policies give the same image as ``resident``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+from icd_edge.editor import Editor
+from icd_edge.errors import InputError
+from icd_edge.manifest import open_bundle
+
+UNETS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
+
+
+def _export(tmp_path_factory, name, *args):
+    out = tmp_path_factory.mktemp("prec") / name
+    run_cli("--model", "tiny", "--out", str(out), "--no-progress", "--calibration-count", "1", *args,
+            module="icd_edge.export", check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory):
+    return _export(tmp_path_factory, "fp16.bundle", "--precision", "fp16", "--graph-precision", "vae_decoder=fp32")
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    return _export(tmp_path_factory, "int8.bundle", "--precision", "int8")
+
+
+def _ops(bundle, graph):
+    return {n.op_type for n in onnx.load(str(bundle / "onnx" / f"{graph}.onnx"), load_external_data=False).graph.node}
+
+
+def test_fp16_bundle(fp16_bundle, photo):
+    m = open_bundle(fp16_bundle).manifest
+    prec = {g: v["artifacts"]["onnx"]["precision"] for g, v in m["graphs"].items()}
+    assert prec["vae_decoder"] == "fp32" and all(p == "fp16" for g, p in prec.items() if g != "vae_decoder")
+    e2e = m["parity"]["end_to_end"]
+    assert e2e["gate_db"] == 35.0 and e2e["edit_mean_psnr_db"] >= 35.0 and e2e["generate"]["psnr_db"] >= 35.0
+    assert "edit_calibration_0" in e2e  # quality also measured on a real photo
+    with Editor.open(fp16_bundle) as ed:
+        img = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", blend=("cat", "dog"), output_type="np")
+    assert img.shape == (128, 128, 3) and np.isfinite(img).all()
+
+
+def test_int8_bundle(int8_bundle, photo, tmp_path):
+    m = open_bundle(int8_bundle).manifest
+    for g in ("unet_reverse", "unet_reverse_edit"):
+        assert m["graphs"][g]["artifacts"]["onnx"]["precision"] == "int8"
+        assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8_bundle, g)
+    # the forward UNet stays fp32 by default: inversion errors are amplified by the reverse jumps
+    assert m["graphs"]["unet_forward"]["artifacts"]["onnx"]["precision"] == "fp32"
+    assert "QuantizeLinear" not in _ops(int8_bundle, "unet_forward")
+    assert m["graphs"]["vae_decoder"]["artifacts"]["onnx"]["precision"] == "fp32"
+    assert m["calibration"]["feeds"]["unet_reverse_edit"] == 4 and m["calibration"]["feeds"]["unet_reverse"] == 4
+    e2e = m["parity"]["end_to_end"]
+    assert e2e["gate_db"] == 25.0 and e2e["edit_mean_psnr_db"] >= 25.0
+    out = tmp_path / "o.png"
+    from PIL import Image
+
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    proc = run_cli("edit", "--bundle", str(int8_bundle), "--image", str(tmp_path / "p.png"), "--source", "a photo of a cat",
+                   "--target", "a photo of a dog", "--out", str(out), "--memory", "sequential")
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file()
+
+
+def test_int8_dynamic_and_gate(tmp_path_factory):
+    out = _export(tmp_path_factory, "dyn.bundle", "--precision", "int8-dynamic", "--parity", "graphs")
+    ops = _ops(out, "unet_reverse")
+    assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
+    # an impossible gate fails the export and publishes nothing
+    bad = tmp_path_factory.mktemp("gate") / "b"
+    proc = run_cli("--model", "tiny", "--out", str(bad), "--no-progress", "--precision", "fp16", "--min-psnr", "200",
+                   module="icd_edge.export")
+    assert proc.returncode == 2 and "gate" in proc.stderr and not bad.exists()
+
+
+@pytest.mark.parametrize("memory", ["sequential"])
+def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
+    with Editor.open(tiny_bundle, memory="resident") as ed:
+        ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np")
+        assert {"unet_forward", "unet_reverse_edit"} <= set(ed._sessions)
+    with Editor.open(tiny_bundle, memory=memory) as ed:
+        inv = ed.invert(photo, "a photo of a cat")
+        assert "unet_forward" not in ed._sessions  # released after the inversion
+        got = ed.edit(inv, "a photo of a dog", output_type="np")
+        assert [g for g in ed._sessions if g.startswith("unet")] == ["unet_reverse_edit"]
+        ed.reconstruct(inv)
+        assert [g for g in ed._sessions if g.startswith("unet")] == ["unet_reverse"]
+    np.testing.assert_array_equal(ref, got)
+    with pytest.raises(InputError, match="memory"):
+        Editor.open(tiny_bundle, memory="swap")

@@ -1,0 +1,71 @@
+"""TAESD decoder: both weight layouts load to the same model; bundles with --taesd decode and preview."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from icd_edge.editor import Editor
+from icd_edge.errors import ExportError, InputError
+from icd_edge.export.taesd import diffusers_decoder_to_official, load_taesd
+
+
+def test_official_and_diffusers_layouts_load_identically(tmp_path):
+    ref = load_taesd("random", seed=3)
+    state = ref.state_dict()
+    official = diffusers_decoder_to_official(state)
+    assert "1.weight" in official and not any(k.startswith("0.") for k in official)  # index 0 is Clamp
+    torch.save(official, tmp_path / "taesd_decoder.pth")
+    ref.save_pretrained(tmp_path / "diffusers", safe_serialization=True)
+    for source in (tmp_path / "taesd_decoder.pth", tmp_path / "diffusers"):
+        got = load_taesd(str(source)).state_dict()
+        for k, v in state.items():
+            if k.startswith("decoder."):
+                assert torch.equal(got[k], v), (source, k)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(load_taesd(str(tmp_path / "taesd_decoder.pth")).decode(x).sample, ref.decode(x).sample)
+
+
+def test_bad_taesd_sources(tmp_path):
+    (tmp_path / "x.txt").write_text("no")
+    with pytest.raises(ExportError, match="must be"):
+        load_taesd(str(tmp_path / "x.txt"))
+    torch.save({"1.bogus": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ExportError, match="not an SD1.5 TAESD"):
+        load_taesd(str(tmp_path / "bad.pth"))
+    with pytest.raises(ExportError, match="cannot load"):
+        load_taesd(str(tmp_path / "missing-folder"))
+
+
+@pytest.fixture(scope="module")
+def taesd_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("taesd") / "b"
+    run_cli("--model", "tiny", "--out", str(out), "--taesd", "random", "--no-progress", "--parity", "graphs",
+            module="icd_edge.export", check=True)
+    return out
+
+
+def test_taesd_bundle_decodes_and_previews(taesd_bundle, photo, tmp_path):
+    from icd_edge.manifest import open_bundle
+
+    m = open_bundle(taesd_bundle).manifest
+    assert m["parity"]["graphs"]["taesd_decoder"]["psnr_db"] >= 60
+    previews = []
+    with Editor.open(taesd_bundle, decoder="taesd") as ed:
+        inv = ed.invert(photo, "a photo of a cat")
+        img = ed.edit(inv, "a photo of a dog", preview=lambda k, n, im: previews.append((k, n, im.size)))
+        assert img.size == (128, 128) and "taesd_decoder" in ed._sessions and "vae_decoder" not in ed._sessions
+    assert previews == [(k, 4, (128, 128)) for k in range(1, 5)]
+    Image.fromarray(photo).save(tmp_path / "p.png")
+    (tmp_path / "prev").mkdir()
+    proc = run_cli("edit", "--bundle", str(taesd_bundle), "--image", str(tmp_path / "p.png"), "--source", "a photo of a cat",
+                   "--target", "a photo of a dog", "--out", str(tmp_path / "o.png"), "--preview", str(tmp_path / "prev"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "prev").iterdir()) == [f"step_{k}_of_4.png" for k in range(1, 5)]
+
+
+def test_taesd_decoder_needs_a_taesd_bundle(tiny_bundle):
+    with pytest.raises(InputError, match="no TAESD"):
+        Editor.open(tiny_bundle, decoder="taesd")
