@@ -76,12 +76,15 @@ def main() -> int:
     ap.add_argument("--worker", nargs=3, metavar=("BUNDLE", "MEMORY", "DECODER"))
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--skip-export", action="store_true")
+    ap.add_argument("--add-shared", action="store_true", help="export a shared-base fp32 bundle, run it, merge into cpu.json")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, runs=args.runs)))
         return 0
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.add_shared:
+        return add_shared(work)
     report = {"machine": machine(), "model": "random-sd15 (SD1.5 architecture, random weights), 512 px, 4+4 steps, P2P + blend",
               "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()}, "exports": {}, "runs": {}}
     bundles = {p: work / f"sd15-{p}.bundle" for p in ("fp32", "fp16", "int8")}
@@ -149,6 +152,36 @@ def main() -> int:
     }
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results" / "cpu.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    _chart(report, ROOT / "benchmarks" / "results" / "cpu.png")
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+def add_shared(work: Path) -> int:
+    """The shared-base policy (its own bundle layout), merged into an existing cpu.json."""
+    out = ROOT / "benchmarks" / "results" / "cpu.json"
+    report = json.loads(out.read_text())
+    bundle = work / "sd15-fp32-shared.bundle"
+    report["exports"]["fp32-shared-base"] = {"export_s": export(bundle, "--unet-weights", "shared-base"),
+                                             "bundle_gb": size_gb(bundle)}
+    for label, memory in (("fp32-shared-base", "shared-base"), ("fp32-shared-bundle-resident", "resident")):
+        proc = subprocess.run([sys.executable, __file__, "--runs", "2", "--worker", str(bundle), memory, "full"],
+                              capture_output=True, text=True, cwd=ROOT)
+        report["runs"][label] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+        print(label, json.dumps(report["runs"][label])[:300], flush=True)
+    import numpy as np
+
+    from icd_edge.export.parity import psnr_db
+
+    ref = np.load(work / "edit_torch.npy")
+    for label, memory in (("fp32-shared-base", "shared-base"), ("fp32-shared-bundle-resident", "resident")):
+        f = Path(f"{bundle}.{memory}.full.npy")
+        if f.exists() and "runs" in report["runs"][label]:
+            report["runs"][label]["psnr_db_vs_torch_fp32"] = round(psnr_db(ref, np.load(f), peak=1.0), 2)
+    rss = [r["peak_rss_gb"] for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference"]
+    report["summary"]["peak_rss_gb_min"] = min(rss)
+    report["summary"]["bundle_gb_fp32_shared_base"] = report["exports"]["fp32-shared-base"]["bundle_gb"]
     out.write_text(json.dumps(report, indent=1) + "\n")
     _chart(report, ROOT / "benchmarks" / "results" / "cpu.png")
     print(json.dumps(report["summary"], indent=1))

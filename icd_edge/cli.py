@@ -37,8 +37,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--decoder", default="full", choices=("full", "taesd"),
                    help="final decoder: the full SD VAE, or TAESD (bundles exported with --taesd)")
-    p.add_argument("--memory", default="resident", choices=("resident", "sequential"),
-                   help="resident: keep graphs loaded; sequential: one UNet at a time (lowest peak memory)")
+    p.add_argument("--memory", default="resident", choices=("resident", "sequential", "shared-base"),
+                   help="resident: keep graphs loaded; sequential: one UNet at a time; shared-base: teacher weights "
+                        "mapped once for all UNets (bundles exported with --unet-weights shared-base)")
 
 
 def _fit(p: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from icd_edge.schedule import consistency_step, dynamic_guidance
 from icd_edge.tokenizer import ClipTokenizer, Tokens
 
 MODES = ("auto", "refine", "replace")
-MEMORY_POLICIES = ("resident", "sequential")
+MEMORY_POLICIES = ("resident", "sequential", "shared-base")
 UNET_GRAPHS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
 
 
@@ -89,7 +89,9 @@ class Editor:
             with ``--taesd``) for final images; previews use TAESD when the bundle has it.
         memory: ``resident`` keeps every graph loaded once used (fastest for many edits);
             ``sequential`` keeps at most one UNet loaded: opening one closes the others, and the
-            forward UNet is released right after an inversion (lowest peak memory).
+            forward UNet is released right after an inversion; ``shared-base`` (bundles exported
+            with ``--unet-weights shared-base``) keeps the UNets resident but maps the teacher's
+            weights once for all of them, the LoRAs being separate low-rank branches.
     """
 
     def __init__(self, bundle: Bundle, backend, progress: bool = False, memory: str = "resident", decoder: str = "full"):
@@ -130,7 +132,17 @@ class Editor:
         if memory not in MEMORY_POLICIES:
             raise InputError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
         b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
-        return cls(b, select_backend(backend, b, **backend_options), progress=progress, memory=memory, decoder=decoder)
+        if memory == "shared-base":
+            if b.manifest.get("unet_weights") != "shared-base":
+                raise InputError(f"memory policy shared-base needs a bundle exported with --unet-weights shared-base; "
+                                 f"{b.root} stores fused UNets (use resident or sequential)")
+            backend_options = {**backend_options, "share_weights": True}
+            backend = "onnxruntime" if backend == "auto" else backend
+        try:
+            chosen = select_backend(backend, b, **backend_options)
+        except TypeError as exc:  # an option this backend does not take
+            raise InputError(f"backend {backend!r} does not accept these options ({exc}); shared-base runs on onnxruntime") from exc
+        return cls(b, chosen, progress=progress, memory=memory, decoder=decoder)
 
     # ------------------------------------------------------------------ plumbing
     def _session(self, graph: str):

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "{file: [source, target]}) [default: scikit-image's photos]")
     p.add_argument("--taesd", help="add a TAESD decoder: taesd_decoder.pth, an AutoencoderTiny folder or hub id "
                                    "(madebyollin/taesd), or 'random' (built-in models)")
+    p.add_argument("--unet-weights", default="fused", choices=("fused", "shared-base"),
+                   help="fused: LoRAs fused into two full UNets; shared-base: the teacher's weights stored once and "
+                        "shared in memory (--memory shared-base), the LoRAs as low-rank branches")
     p.add_argument("--calibration-count", type=int, default=3, help="calibration photos to use")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ExportError(f"--graph-precision takes GRAPH=PRECISION, got {item!r}")
             overrides.append((graph, value))
         cfg = ExportConfig(precision=args.precision, graph_precision=tuple(overrides), calibration=args.calibration,
-                           calibration_count=args.calibration_count, taesd=args.taesd,out=args.out, model=args.model, base=args.base, teacher=args.teacher,
+                           calibration_count=args.calibration_count, taesd=args.taesd,
+                           unet_weights=args.unet_weights,out=args.out, model=args.model, base=args.base, teacher=args.teacher,
                            forward_lora=args.forward_lora, reverse_lora=args.reverse_lora, revision=args.revision,
                            steps=args.steps, resolution=args.resolution,
                            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),

@@ -125,3 +125,59 @@ def load_and_fuse(unet, path: str | Path, default_alpha: float = OFFICIAL_ALPHA)
     ranks = sorted({p.down.shape[0] for p in lora.values()})
     layout = "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft"
     return {"modules": count, "ranks": ranks, "layout": layout}
+
+
+class LoraBranch(torch.nn.Module):
+    """``base(x) + up(down(x))``: a LoRA kept as a separate low-rank branch (shared-base bundles),
+    numerically the fused weight ``W + scale·B·A``; the scale is folded into ``up``."""
+
+    def __init__(self, base, pair: LoraPair, default_alpha: float = OFFICIAL_ALPHA):
+        super().__init__()
+        rank = pair.down.shape[0]
+        scale = (pair.alpha if pair.alpha is not None else default_alpha) / rank
+        self.base = base
+        if isinstance(base, torch.nn.Linear):
+            self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+            self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        elif isinstance(base, torch.nn.Conv2d):
+            self.down = torch.nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.up = torch.nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            raise ExportError(f"cannot attach a LoRA branch to {type(base).__name__}")
+        with torch.no_grad():
+            self.down.weight.copy_(pair.down.reshape(self.down.weight.shape))
+            self.up.weight.copy_(pair.up.reshape(self.up.weight.shape) * scale)
+
+    def forward(self, x, *args, **kwargs):
+        return self.base(x, *args, **kwargs) + self.up(self.down(x))
+
+
+def load_as_branches(unet, path: str | Path, default_alpha: float = OFFICIAL_ALPHA) -> dict:
+    """Like :func:`load_and_fuse` but keeps each LoRA as a :class:`LoraBranch` (weights unfused)."""
+    state = read_lora_file(path)
+    lora = parse_lora(state, [n for n, _ in unet.named_modules()], source=str(path))
+    modules = dict(unet.named_modules())
+    for name, pair in lora.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else unet, child, LoraBranch(modules[name], pair, default_alpha))
+    ranks = sorted({p.down.shape[0] for p in lora.values()})
+    layout = "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft"
+    return {"modules": len(lora), "ranks": ranks, "layout": layout, "fused": False}
+
+
+def merge_branches(unet):
+    """A deep copy of ``unet`` with every :class:`LoraBranch` fused back into a plain layer."""
+    import copy
+
+    merged = copy.deepcopy(unet)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, mod in list(modules.items()):
+            if isinstance(mod, LoraBranch):
+                base = mod.base
+                rank = mod.down.weight.shape[0]
+                delta = mod.up.weight.reshape(-1, rank) @ mod.down.weight.reshape(rank, -1)
+                base.weight += delta.reshape(base.weight.shape)
+                parent_name, _, child = name.rpartition(".")
+                setattr(modules[parent_name] if parent_name else merged, child, base)
+    return merged

@@ -153,7 +153,8 @@ def sd15_configs() -> dict:
     }
 
 
-def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, lora_rank: int | None = None) -> SourceModels:
+def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, lora_rank: int | None = None,
+                 unet_weights: str = "fused") -> SourceModels:
     """``tiny`` or ``random-sd15``: random weights, deterministic from ``seed``, LoRAs via files."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -167,7 +168,7 @@ def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, 
     steps = STEP_CONFIGS["4A"]
     fwd_file = write_random_lora(teacher, work / "forward-19-259-519-779.safetensors", rank, seed + 1, std=0.02)
     rev_file = write_random_lora(teacher, work / "reverse-259-519-779-999.safetensors", rank, seed + 2, std=0.02)
-    unet_forward, unet_reverse, lora_facts = _fuse_pair(teacher, fwd_file, rev_file)
+    unet_forward, unet_reverse, lora_facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights)
     tok = write_clip_tokenizer(byte_level_vocab(), [], work / "tokenizer")
     sources = {
         "kind": "random",
@@ -179,14 +180,17 @@ def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, 
                         image_hw or (128 if name == "tiny" else 512), sources)
 
 
-def _fuse_pair(teacher, forward_file: Path, reverse_file: Path):
+def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: str = "fused"):
+    """(forward UNet, reverse UNet, facts): LoRAs fused into copies of the teacher, or attached as
+    low-rank branches over identical teacher weights (``shared-base``)."""
     import copy
 
+    load = lora_mod.load_and_fuse if unet_weights == "fused" else lora_mod.load_as_branches
     unet_forward = teacher
     unet_reverse = copy.deepcopy(teacher)
     facts = {
-        "forward": {"file": forward_file.name, "sha256": _sha(forward_file), **lora_mod.load_and_fuse(unet_forward, forward_file)},
-        "reverse": {"file": reverse_file.name, "sha256": _sha(reverse_file), **lora_mod.load_and_fuse(unet_reverse, reverse_file)},
+        "forward": {"file": forward_file.name, "sha256": _sha(forward_file), **load(unet_forward, forward_file)},
+        "reverse": {"file": reverse_file.name, "sha256": _sha(reverse_file), **load(unet_reverse, reverse_file)},
     }
     return unet_forward.eval(), unet_reverse.eval(), facts
 
@@ -265,7 +269,8 @@ def load_teacher(ref: str, revision: str | None, base: str):
 
 
 def load_icd_sd15(base: str | None, teacher: str | None, forward_lora: str | None, reverse_lora: str | None,
-                  revision: str | None, steps: str, work: Path, image_hw: int | None = None) -> SourceModels:
+                  revision: str | None, steps: str, work: Path, image_hw: int | None = None,
+                  unet_weights: str = "fused") -> SourceModels:
     """The released iCD-SD1.5: base parts, teacher UNet and two LoRAs (hub ids or local paths)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -282,7 +287,7 @@ def load_icd_sd15(base: str | None, teacher: str | None, forward_lora: str | Non
     text_encoder = _from_pretrained(CLIPTextModel, base, revision, "text encoder", "--base DIR", subfolder="text_encoder")
     vae = _from_pretrained(AutoencoderKL, base, revision, "VAE", "--base DIR", subfolder="vae")
     unet = load_teacher(teacher, revision, base)
-    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path)
+    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights)
     tok_dir = work / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(tok_dir / "tokenizer.json"))

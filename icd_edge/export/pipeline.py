@@ -63,6 +63,7 @@ class ExportConfig:
     calibration: Path | None = None
     calibration_count: int = 3
     taesd: str | None = None
+    unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     coreml_compression: str = "none"
     coreml_attention: str = "standard"
     progress: bool = True
@@ -112,6 +113,8 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--precision/--graph-precision take one of {', '.join(PRECISIONS)}")
     if cfg.calibration is not None and not Path(cfg.calibration).is_dir():
         raise ExportError(f"--calibration {cfg.calibration} is not a folder of photos")
+    if cfg.unet_weights not in ("fused", "shared-base"):
+        raise ExportError(f"--unet-weights must be fused or shared-base, got {cfg.unet_weights!r}")
     if cfg.calibration_count < 1:
         raise ExportError("--calibration-count must be at least 1")
     if cfg.parity not in ("e2e", "graphs", "none"):
@@ -229,9 +232,9 @@ def run_export(cfg: ExportConfig) -> Path:
         bar.set_postfix_str("loading models")
         if cfg.model == "icd-sd15":
             src = models.load_icd_sd15(cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora, cfg.revision,
-                                       cfg.steps, work, cfg.resolution)
+                                       cfg.steps, work, cfg.resolution, unet_weights=cfg.unet_weights)
         else:
-            src = models.build_random(cfg.model, cfg.seed, work, cfg.resolution)
+            src = models.build_random(cfg.model, cfg.seed, work, cfg.resolution, unet_weights=cfg.unet_weights)
         timings["load_s"] = time.perf_counter() - t0
         bar.update(1)
 
@@ -322,6 +325,7 @@ def _base_manifest(cfg, src, dims, guidance, graph_names=None) -> dict:
         "guidance": {"dim": spec.GUIDANCE_DIM, "max": MAX_GUIDANCE, "trained": list(TRAINED_GUIDANCE_SD15),
                      "embeddings": guidance, "defaults": {"edit": 19.0, "tau_edit": 0.8, "generate": 7.0}},
         "vae": {"scaling_factor": float(src.vae.config.scaling_factor)},
+        "unet_weights": cfg.unet_weights,
         "p2p": {"blend_threshold": 0.3, "blend_hw": dims["h"] // 4, "self_inject_max_keys": (dims["h"] // 2) ** 2},
         "tokenizer": {"file": "tokenizer/tokenizer.json", "max_length": spec.TOKENS},
         "graphs": graphs,
@@ -338,8 +342,14 @@ def torch_target(ctx: ExportContext) -> None:
     root = ctx.out_dir / "torch"
     src.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     src.vae.save_pretrained(root / "vae", safe_serialization=True)
-    src.unet_forward.save_pretrained(root / "unet_forward", safe_serialization=True)
-    src.unet_reverse.save_pretrained(root / "unet_reverse", safe_serialization=True)
+    if ctx.cfg.unet_weights == "shared-base":  # the reference backend loads plain (fused) UNets
+        from icd_edge.export.lora import merge_branches
+
+        merge_branches(src.unet_forward).save_pretrained(root / "unet_forward", safe_serialization=True)
+        merge_branches(src.unet_reverse).save_pretrained(root / "unet_reverse", safe_serialization=True)
+    else:
+        src.unet_forward.save_pretrained(root / "unet_forward", safe_serialization=True)
+        src.unet_reverse.save_pretrained(root / "unet_reverse", safe_serialization=True)
     dirs = {"text_encoder": "text_encoder", "vae_encoder": "vae", "vae_decoder": "vae", "unet_forward": "unet_forward",
             "unet_reverse": "unet_reverse", "unet_reverse_edit": "unet_reverse"}
     for graph, d in dirs.items():

@@ -122,6 +122,9 @@ def export_target(ctx) -> None:
     from icd_edge.export import precision as prec
 
     precisions = prec.graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs)
+    groups = dict(WEIGHT_GROUPS)
+    if ctx.cfg.unet_weights == "shared-base":  # one file: identical teacher tensors are stored once
+        groups.update({g: "unet_base" for g in ("unet_forward", "unet_reverse", "unet_reverse_edit")})
     (ctx.out_dir / "onnx").mkdir()
     with tempfile.TemporaryDirectory(prefix="icd_fp32_") as scratch:
         fp32_dir = ctx.out_dir / "onnx" if set(precisions.values()) == {"fp32"} else Path(scratch)
@@ -130,7 +133,7 @@ def export_target(ctx) -> None:
             for name, module in ctx.graphs.items():
                 ctx.step(f"onnx {name}")
                 inputs, outputs = spec.GRAPHS[name]
-                group = WEIGHT_GROUPS.get(name, name)
+                group = groups.get(name, name)
                 if group not in stores:
                     stores[group] = WeightStore(fp32_dir / f"{group}.weights")
                 args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
@@ -144,16 +147,41 @@ def export_target(ctx) -> None:
             for store in stores.values():
                 store.close()
         if fp32_dir != ctx.out_dir / "onnx":
-            _convert_all(ctx, Path(scratch), precisions)
+            _convert_all(ctx, Path(scratch), precisions, groups)
     for name in ctx.graphs:
-        group = WEIGHT_GROUPS.get(name, name)
+        group = groups.get(name, name)
         ctx.manifest["graphs"][name]["artifacts"]["onnx"] = {
             "file": f"onnx/{name}.onnx", "precision": precisions[name], "opset": ctx.cfg.opset,
             "weights": f"onnx/{group}.weights"}
     ctx.manifest["precision"] = {"requested": ctx.cfg.precision, "graphs": precisions}
+    if ctx.cfg.unet_weights == "shared-base":
+        ctx.manifest["shared_initializers"] = shared_initializer_table(ctx.out_dir, ctx.manifest["graphs"])
 
 
-def _convert_all(ctx, scratch: Path, precisions: dict[str, str]) -> None:
+def shared_initializer_table(root: Path, graphs: dict) -> dict[str, list]:
+    """Per graph, the external initializers whose bytes another graph also uses:
+    ``[name, file, offset, length, dtype, dims]`` (the runtime maps each once and shares it)."""
+    refs: dict[tuple, set] = {}
+    per_graph: dict[str, list] = {}
+    for name, entry in graphs.items():
+        art = entry["artifacts"].get("onnx")
+        if art is None:
+            continue
+        model = onnx.load(str(root / art["file"]), load_external_data=False)
+        rows = []
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            ext = {e.key: e.value for e in t.external_data}
+            key = (f"{Path(art['file']).parent.as_posix()}/{ext['location']}", int(ext["offset"]), int(ext["length"]))
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
+            rows.append([t.name, *key, dtype, list(t.dims)])
+            refs.setdefault(key, set()).add(name)
+        per_graph[name] = rows
+    return {g: [r for r in rows if len(refs[tuple(r[1:4])]) > 1] for g, rows in per_graph.items()}
+
+
+def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[str, str]) -> None:
     import time
 
     from icd_edge.export import precision as prec
@@ -173,7 +201,7 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str]) -> None:
     try:
         for name, p in precisions.items():  # one quantisation at a time: ~14 GB RSS for a full UNet
             ctx.step(f"{p} {name}")
-            group = WEIGHT_GROUPS.get(name, name)
+            group = groups.get(name, name)
             if group not in stores:
                 stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
             t0 = time.perf_counter()

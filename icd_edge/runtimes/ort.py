@@ -41,10 +41,12 @@ class OrtOptions:
     providers: tuple[str, ...] | None = None
     intra_op_threads: int = 0
     io_binding: bool | None = None  # None: on when the session runs on the CUDA provider
+    share_weights: bool = False  # shared-base bundles: map each shared initializer once for all sessions
 
 
 class OrtSession:
-    def __init__(self, graph: str, path, inputs: list[dict], outputs: list[dict], options: OrtOptions):
+    def __init__(self, graph: str, path, inputs: list[dict], outputs: list[dict], options: OrtOptions,
+                 initializers: list | None = None):
         import onnxruntime as ort
 
         self.graph = graph
@@ -53,6 +55,13 @@ class OrtSession:
         so.intra_op_num_threads = options.intra_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        for name, value in initializers or ():
+            so.add_initializer(name, value)
+        if initializers:
+            # Python has no pre-packed weights container: prepacking would copy each shared weight
+            # into every session, defeating the sharing.
+            so.add_session_config_entry("session.disable_prepacking", "1")
+        self._shared = initializers  # OrtValues must outlive the session
         providers = list(options.providers or choose_providers(ort.get_available_providers()))
         try:
             self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
@@ -119,8 +128,10 @@ class OrtBackend:
     name = "onnxruntime"
     fmt = "onnx"
 
-    def __init__(self, providers: tuple[str, ...] | None = None, intra_op_threads: int = 0, io_binding: bool | None = None):
-        self.options = OrtOptions(tuple(providers) if providers else None, intra_op_threads, io_binding)
+    def __init__(self, providers: tuple[str, ...] | None = None, intra_op_threads: int = 0, io_binding: bool | None = None,
+                 share_weights: bool = False):
+        self.options = OrtOptions(tuple(providers) if providers else None, intra_op_threads, io_binding, share_weights)
+        self._shared_values: dict[tuple, object] = {}
 
     def probe(self) -> Availability:
         if importlib.util.find_spec("onnxruntime") is None:
@@ -135,7 +146,24 @@ class OrtBackend:
         if art is None:
             raise BackendUnavailable(f"bundle {bundle.root} has no ONNX graph for {graph}")
         entry = bundle.graphs[graph]
-        return OrtSession(graph, bundle.path(art["file"]), entry["inputs"], entry["outputs"], self.options)
+        initializers = None
+        if self.options.share_weights:
+            table = bundle.manifest.get("shared_initializers")
+            if table is None:
+                raise BundleError(f"bundle {bundle.root} stores fused UNets; memory policy shared-base needs a bundle "
+                                  "exported with --unet-weights shared-base")
+            initializers = [(name, self._shared_value(bundle, f, off, n, dt, dims)) for name, f, off, n, dt, dims in table.get(graph, [])]
+        return OrtSession(graph, bundle.path(art["file"]), entry["inputs"], entry["outputs"], self.options, initializers)
+
+    def _shared_value(self, bundle, rel: str, offset: int, length: int, dtype: str, dims: list):
+        """One read-only memory map per shared tensor, reused by every session that names it."""
+        import onnxruntime as ort
+
+        key = (rel, offset, length)
+        if key not in self._shared_values:
+            raw = np.memmap(bundle.path(rel), dtype=np.uint8, mode="r", offset=offset, shape=(length,))
+            self._shared_values[key] = ort.OrtValue.ortvalue_from_numpy(raw.view(np.dtype(dtype)).reshape(dims))
+        return self._shared_values[key]
 
 
 BACKEND = OrtBackend

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
 from icd_edge.editor import Editor, _check_prompt, _check_range, _check_seed
 from icd_edge.errors import BackendUnavailable, InputError
-from icd_edge.export.attention import FusedP2PAttnProcessor, P2PControls, install_p2p
+from icd_edge.export.attention import FusedP2PAttnProcessor
+from icd_edge.export.wrappers import TextEncoderGraph, UNetEditGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
 from icd_edge.image import array_to_pil, image_to_tensor, load_image
 from icd_edge.schedule import dynamic_guidance
 
@@ -36,63 +36,6 @@ class FastOptions:
     channels_last: bool = True
     compile: bool = True
     cuda_graphs: bool = True
-
-
-class _Unet(nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, sample, timestep, text, cond):
-        return self.unet(sample, timestep, text, timestep_cond=cond, return_dict=False)[0]
-
-
-class _EditUnet(nn.Module):
-    """[sources; targets] with fused-attention P2P; returns (eps, blend maps (2, N, Q, 77))."""
-
-    def __init__(self, unet, self_max_keys: int, blend_queries: int):
-        super().__init__()
-        install_p2p(unet, FusedP2PAttnProcessor())
-        self.unet, self.self_max_keys, self.blend_queries = unet, self_max_keys, blend_queries
-
-    def forward(self, sample, timestep, text, cond, token_map, refine_alpha, equalizer, cross_alpha, self_flag,
-                cross_on: bool | None = None, self_on: bool | None = None):
-        ctl = P2PControls(token_map, refine_alpha, equalizer, cross_alpha, self_flag, self.self_max_keys, self.blend_queries)
-        ctl.cross_on, ctl.self_on = cross_on, self_on
-        eps = self.unet(sample, timestep, text, timestep_cond=cond, cross_attention_kwargs={"p2p": ctl}, return_dict=False)[0]
-        return eps, ctl.blend_maps()
-
-
-class _VaeEncode(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, pixels):
-        h = self.vae.encoder(pixels)
-        if self.vae.quant_conv is not None:
-            h = self.vae.quant_conv(h)
-        return torch.chunk(h, 2, dim=1)[0]
-
-
-class _VaeDecode(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, latent):
-        if self.vae.post_quant_conv is not None:
-            latent = self.vae.post_quant_conv(latent)
-        return self.vae.decoder(latent)
-
-
-class _Text(nn.Module):
-    def __init__(self, te):
-        super().__init__()
-        self.te = te
-
-    def forward(self, ids):
-        return self.te(input_ids=ids, return_dict=True).last_hidden_state
 
 
 class FastEditor:
@@ -117,12 +60,13 @@ class FastEditor:
         dims = bundle.dims
         self.h, self.q = dims["h"], dims["Q"]
         mf = torch.channels_last if options.channels_last else torch.contiguous_format
-        self.text = _Text(text_encoder).to(self.dev, self.dt).eval()
+        self.text = TextEncoderGraph(text_encoder).to(self.dev, self.dt).eval()
         self.vae = vae.to(self.dev, self.dt).eval()
-        self.unet_f = _Unet(unet_forward.to(self.dev, self.dt, memory_format=mf)).eval()
-        self.unet_e = _EditUnet(unet_reverse.to(self.dev, self.dt, memory_format=mf), (self.h // 2) ** 2, self.q).eval()
-        self.unet_r = _Unet(unet_reverse).eval()  # plain batch (shares the weights; P2P processors defer)
-        self.vae_enc, self.vae_dec = _VaeEncode(self.vae), _VaeDecode(self.vae)
+        self.unet_f = UNetGraph(unet_forward.to(self.dev, self.dt, memory_format=mf)).eval()
+        self.unet_e = UNetEditGraph(unet_reverse.to(self.dev, self.dt, memory_format=mf), (self.h // 2) ** 2, self.q,
+                                    FusedP2PAttnProcessor(), pairs=True).eval()
+        self.unet_r = UNetGraph(unet_reverse).eval()  # plain batch (shares the weights; P2P processors defer)
+        self.vae_enc, self.vae_dec = VaeEncoderGraph(self.vae), VaeDecoderGraph(self.vae)
         self.vae_enc_c, self.vae_dec_c = self.vae_enc, self.vae_dec
         if options.compile:
             self.vae.to(memory_format=mf)
@@ -224,7 +168,6 @@ class FastEditor:
         key = (kind, n)
         if key not in self._buffers:
             d, h, k = self.dev, self.h, len(self.host.reverse_steps)
-            D = self.text.te.config.hidden_size
             b = {"ids_src": torch.zeros(n, 77, dtype=torch.long, device=d), "latent": torch.zeros(n, 4, h, h, device=d)}
             if kind == "invert":
                 b |= {"pixels": torch.zeros(n, 3, 8 * h, 8 * h, device=d, dtype=self.dt),
@@ -236,7 +179,6 @@ class FastEditor:
                       "equalizer": torch.zeros(n, 77, device=d), "cross_alpha": torch.zeros(k, n, 77, device=d),
                       "self_flag": torch.zeros(k, n, 1, device=d), "blend_tokens": torch.zeros(n, 2, 77, device=d),
                       "blend_on": torch.zeros(n, 1, 1, 1, device=d), "image": torch.zeros(n, 3, 8 * h, 8 * h, device=d)}
-            del D
             self._buffers[key] = b
         return self._buffers[key]
 
