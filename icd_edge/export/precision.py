@@ -130,7 +130,8 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
     elif precision == "fp16":
         from onnxconverter_common import float16
 
-        model = float16.convert_float_to_float16(onnx.load(str(src), load_external_data=True), keep_io_types=True)
+        # the path API infers shapes from the file: a > 2 GB UNet cannot be serialised in memory
+        model = float16.convert_float_to_float16_model_path(str(src), keep_io_types=True)
     else:
         model = _quantize(src, precision, calibration)
     store.externalize(model)
