@@ -160,5 +160,8 @@ def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx
 
             quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(INT8_OPS), activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL, use_external_data_format=True)
+                            weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL, use_external_data_format=True,
+                            # one calibration input at a time: ORT otherwise keeps every intermediate of
+                            # every input (GBs of attention maps per UNet call at 512 px)
+                            extra_options={"CalibStridedMinMax": 1})
         return onnx.load(str(out), load_external_data=True)
