@@ -140,28 +140,45 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
 
 
 def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx.ModelProto:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
-
     with tempfile.TemporaryDirectory(prefix="icd_q_") as d:
         out = Path(d) / "q.onnx"
-        if precision == "int8-dynamic":
-            quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                             use_external_data_format=True)
-        else:
-            if not calibration:
-                raise ExportError(f"int8 calibration recorded no inputs for {src.stem}")
-
-            class Reader(CalibrationDataReader):
-                def __init__(self):
-                    self._it = iter(calibration)
-
-                def get_next(self):
-                    return next(self._it, None)
-
-            quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(INT8_OPS), activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL, use_external_data_format=True,
-                            # one calibration input at a time: ORT otherwise keeps every intermediate of
-                            # every input (GBs of attention maps per UNet call at 512 px)
-                            extra_options={"CalibStridedMinMax": 1})
+        try:
+            _run_quantizer(src, out, precision, calibration)
+        except ExportError:
+            raise
+        except Exception as exc:  # onnxruntime.quantization raises many types
+            raise ExportError(f"{precision} quantisation of {src.stem} failed: {type(exc).__name__}: {exc}") from exc
         return onnx.load(str(out), load_external_data=True)
+
+
+def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict] | None) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    if precision == "int8-dynamic":
+        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
+                         use_external_data_format=True)
+    else:
+        if not calibration:
+            raise ExportError(f"int8 calibration recorded no inputs for {src.stem}")
+
+        class Reader(CalibrationDataReader):
+            """Feeds recorded along the iCD trajectories; ranges let ORT calibrate in strides."""
+
+            def __init__(self):
+                self._it = iter(calibration)
+
+            def get_next(self):
+                return next(self._it, None)
+
+            def __len__(self):
+                return len(calibration)
+
+            def set_range(self, start_index: int, end_index: int):
+                self._it = iter(calibration[start_index:end_index])
+
+        quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(INT8_OPS), activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL, use_external_data_format=True,
+                        # one calibration input at a time: ORT otherwise keeps every intermediate of
+                        # every input (GBs of attention maps per UNet call at 512 px)
+                        extra_options={"CalibStridedMinMax": 1})
