@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.bench_cpu_edit import EDIT, machine  # noqa: E402
+from benchmarks.bench_cpu_edit import EDIT, machine, timed_edit  # noqa: E402
 
 CONFIGS = [  # (label, precision, memory, decoder)
     ("fp32-resident", "fp32", "resident", "full"),
@@ -47,17 +47,8 @@ def worker(bundle: str, memory: str, decoder: str, runs: int) -> dict:
     ed = Editor.open(bundle, backend="onnxruntime", verify=False, memory=memory, decoder=decoder)
     out = []
     for r in range(runs):
-        ed.profile = []
-        t0 = time.perf_counter()
-        inv = ed.invert(photo, EDIT["source"], seed=EDIT["seed"])
-        img = ed.edit(inv, EDIT["target"], cross_replace=EDIT["cross_replace"], self_replace=EDIT["self_replace"],
-                      amplify=EDIT["amplify"], blend=EDIT["blend"], guidance=EDIT["guidance"], tau=EDIT["tau"], output_type="np")
-        total = time.perf_counter() - t0
-        stages = {}
-        for stage, ms in ed.profile:
-            stages[stage] = round(stages.get(stage, 0.0) + ms, 1)
-        load = sum(v for k, v in stages.items() if k.startswith("load:"))
-        out.append({"run": r, "edit_s": round(total, 2), "load_s": round(load / 1000, 2), "stages_ms": stages})
+        img, rec = timed_edit(ed, photo)
+        out.append({"run": r, **rec})
     np.save(f"{bundle}.{memory}.{decoder}.npy", img)
     return {"runs": out, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 

@@ -40,6 +40,21 @@ def machine() -> dict:
             "python": platform.python_version(), "loadavg_at_start": os.getloadavg()}
 
 
+def timed_edit(ed, photo) -> tuple:
+    """One invert + edit of EDIT with per-stage timings: (image array, {edit_s, load_s, stages_ms})."""
+    ed.profile = []
+    t0 = time.perf_counter()
+    inv = ed.invert(photo, EDIT["source"], seed=EDIT["seed"])
+    img = ed.edit(inv, EDIT["target"], cross_replace=EDIT["cross_replace"], self_replace=EDIT["self_replace"],
+                  amplify=EDIT["amplify"], blend=EDIT["blend"], guidance=EDIT["guidance"], tau=EDIT["tau"], output_type="np")
+    total = time.perf_counter() - t0
+    stages: dict[str, float] = {}
+    for stage, ms in ed.profile:
+        stages[stage] = round(stages.get(stage, 0.0) + ms, 1)
+    load = sum(v for k, v in stages.items() if k.startswith("load:"))
+    return img, {"edit_s": round(total, 2), "load_s": round(load / 1000, 2), "stages_ms": stages}
+
+
 def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
     """Runs in a child process: one backend, ``runs`` full edits, per-stage timings."""
     import numpy as np
@@ -70,16 +85,8 @@ def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
     setup_s = time.perf_counter() - t0
     results = []
     for r in range(runs):
-        ed.profile = []
-        t1 = time.perf_counter()
-        inv = ed.invert(photo, EDIT["source"], seed=EDIT["seed"])
-        img = ed.edit(inv, EDIT["target"], cross_replace=EDIT["cross_replace"], self_replace=EDIT["self_replace"],
-                      amplify=EDIT["amplify"], blend=EDIT["blend"], guidance=EDIT["guidance"], tau=EDIT["tau"], output_type="np")
-        total = time.perf_counter() - t1
-        stages = {}
-        for stage, ms in ed.profile:
-            stages[stage] = round(stages.get(stage, 0.0) + ms, 1)
-        results.append({"run": r, "edit_s": round(total, 2), "stages_ms": stages})
+        img, rec = timed_edit(ed, photo)
+        results.append({"run": r, **rec})
     np.save(out_png.replace(".png", ".npy"), img)
     from icd_edge.image import array_to_pil
 
