@@ -270,7 +270,7 @@ class Editor:
         self_replace = _check_range(self_replace, 0.0, 1.0, "self_replace")
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        src_tok, _ = self.tokenizer(source_prompt), None
+        src_tok = self.tokenizer(source_prompt)
         tgt_tok = self.tokenizer(target_prompt)
         same_words = len(source_prompt.split(" ")) == len(target_prompt.split(" "))
         if mode == "replace" or (mode == "auto" and same_words):

@@ -178,7 +178,6 @@ def _sample_inputs(graphs, tokenizer, dims, guidance_table) -> dict[str, dict[st
     unet1 = {"sample": rng.standard_normal((1, 4, h, h), dtype=np.float32), "timestep": np.array([519.0], np.float32),
              "encoder_hidden_states": text, "timestep_cond": wg}
     from icd_edge import p2p
-    from icd_edge.tokenizer import ClipTokenizer  # noqa: F401  (type of ``tokenizer``)
 
     src, tgt = tokenizer(src_prompt), tokenizer(tgt_prompt)
     token_map, refine_alpha = p2p.refine_map(src, tgt)
