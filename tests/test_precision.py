@@ -98,3 +98,35 @@ def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
     np.testing.assert_array_equal(ref, got)
     with pytest.raises(InputError, match="memory"):
         Editor.open(tiny_bundle, memory="swap")
+
+
+def test_quantiser_failure_is_a_typed_error(tmp_path):
+    """The quantiser runs in a child process; its failure (here: a file that is no ONNX graph)
+    comes back as an ExportError naming the graph, not as a traceback."""
+    from icd_edge.errors import ExportError
+    from icd_edge.export.precision import _quantize
+
+    bad = tmp_path / "unet_forward.onnx"
+    bad.write_bytes(b"not an onnx graph")
+    with pytest.raises(ExportError, match="int8 quantisation of unet_forward failed"):
+        _quantize(bad, "int8", [{"x": np.zeros(1, np.float32)}])
+
+
+def test_paged_out_modules_keep_their_values(tmp_path):
+    """Before quantising, the exporter moves the torch weights into memory-mapped files; the
+    modules must compute exactly what they did (parity runs on them afterwards)."""
+    import types
+
+    import torch
+
+    from icd_edge.export.to_onnx import _page_out_modules
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    before = net(x).detach().clone()
+    ctx = types.SimpleNamespace(src=types.SimpleNamespace(text_encoder=net, vae=None, unet_forward=net, unet_reverse=None),
+                                graphs={})
+    _page_out_modules(ctx, tmp_path)
+    assert len(list(tmp_path.glob("paged_*.pt"))) == 1  # a module shared by two roles is paged once
+    assert torch.equal(net(x), before)

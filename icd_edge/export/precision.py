@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -140,15 +141,44 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
 
 
 def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx.ModelProto:
+    """Quantise in a child process: ONNX Runtime's calibrator peaks at 6 GB (VAE encoder), 11 GB
+    (VAE decoder) and ~14 GB (UNet) at 512 px, and what the exporter holds must not add to that.
+    The child's memory is returned whole when it exits."""
+    import subprocess
+    import sys
+
     with tempfile.TemporaryDirectory(prefix="icd_q_") as d:
-        out = Path(d) / "q.onnx"
-        try:
-            _run_quantizer(src, out, precision, calibration)
-        except ExportError:
-            raise
-        except Exception as exc:  # onnxruntime.quantization raises many types
-            raise ExportError(f"{precision} quantisation of {src.stem} failed: {type(exc).__name__}: {exc}") from exc
+        out, feeds = Path(d) / "q.onnx", Path(d) / "feeds"
+        feeds.mkdir()
+        for i, feed in enumerate(calibration or []):
+            np.savez(feeds / f"{i:05d}.npz", **feed)
+        pkg_root = str(Path(__file__).resolve().parents[2])  # importable however the parent found icd_edge
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run([sys.executable, "-m", "icd_edge.export.precision", str(src), str(out), precision, str(feeds)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            died = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else (lines[-1] if lines else "")
+            raise ExportError(f"{precision} quantisation of {src.stem} failed: {died}")
         return onnx.load(str(out), load_external_data=True)
+
+
+def _child_main(argv: list[str]) -> int:
+    """``python -m icd_edge.export.precision SRC OUT PRECISION FEEDS_DIR`` (used by :func:`_quantize`)."""
+    src, out, precision, feeds = Path(argv[0]), Path(argv[1]), argv[2], Path(argv[3])
+    calibration = []
+    for f in sorted(feeds.glob("*.npz")):
+        with np.load(f) as z:
+            calibration.append({k: z[k] for k in z.files})
+    try:
+        _run_quantizer(src, out, precision, calibration)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # onnxruntime.quantization raises many types
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict] | None) -> None:
@@ -182,3 +212,8 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
                         # one calibration input at a time: ORT otherwise keeps every intermediate of
                         # every input (GBs of attention maps per UNet call at 512 px)
                         extra_options={"CalibStridedMinMax": 1})
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(_child_main(sys.argv[1:]))

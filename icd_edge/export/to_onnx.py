@@ -197,6 +197,10 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         ctx.timings["int8_calibration_s"] = time.perf_counter() - t0
         ctx.manifest["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
                                        "feeds": {g: len(v) for g, v in calibration.items()}}
+    if any(p.startswith("int8") for p in precisions.values()):
+        # a full UNet's quantisation peaks at ~14 GB RSS; the fp32 torch modules (7.5 GB at SD1.5
+        # size, needed again for parity) would push a 24 GB machine out of memory
+        _page_out_modules(ctx, scratch)
     stores: dict[str, WeightStore] = {}
     try:
         for name, p in precisions.items():  # one quantisation at a time: ~14 GB RSS for a full UNet
@@ -211,3 +215,44 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
     finally:
         for store in stores.values():
             store.close()
+
+
+def _page_out_modules(ctx, scratch: Path) -> None:
+    """Move the torch modules' tensors into memory-mapped files in ``scratch``.
+
+    The tensors keep their values (parity still runs on them), but their pages become clean
+    file-backed memory that the kernel can drop while a quantiser needs the RAM and read back
+    afterwards. Modules shared by several graphs are paged out once.
+    """
+    import gc
+
+    seen: set[int] = set()
+    for i, module in enumerate(m for m in _source_modules(ctx) if id(m) not in seen and not seen.add(id(m))):
+        path = scratch / f"paged_{i}.pt"
+        state = module.state_dict(keep_vars=False)
+        torch.save(state, path)
+        del state
+        module.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it after the torch reference runs)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
+
+
+def _source_modules(ctx):
+    for name in ("text_encoder", "vae", "unet_forward", "unet_reverse"):
+        m = getattr(ctx.src, name, None)
+        if isinstance(m, torch.nn.Module):
+            yield m
+    if "taesd_decoder" in ctx.graphs:  # only its graph wrapper holds the TAESD decoder
+        yield ctx.graphs["taesd_decoder"]
