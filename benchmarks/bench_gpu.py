@@ -127,13 +127,14 @@ def phase_latency(args, src, bundle) -> dict:
     with FlopCounterMode(display=False) as fc:
         run_eager()
     res["flop_per_edit"] = fc.get_total_flops()
+    res["flop_by_kind"] = flop_by_kind(fc)
     e_img = run_eager()
     res["eager_vs_ref"] = {"psnr_db": round(psnr_db(ref, e_img, peak=1.0), 2), "max_abs_err": max_abs_err(ref, e_img)}
     del eager
     torch.cuda.empty_cache()
     log("eager done", {k: v for k, v in res.items() if k != "eager_ms"})
 
-    fast = FastEditor(bundle, *mods, FastOptions())
+    fast = FastEditor(bundle, *mods, FastOptions(compile_mode=args.compile_mode))
     t0 = time.perf_counter()
     f_img = fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)
     res["fast_first_call_s"] = round(time.perf_counter() - t0, 1)  # compile + capture
@@ -158,18 +159,7 @@ def phase_latency(args, src, bundle) -> dict:
         cond = ed_b["cond"][1]
         ctl = [ed_b[k] for k in ("token_map", "refine_alpha", "equalizer")] + [ed_b["cross_alpha"][0], ed_b["self_flag"][0]]
 
-        def graph_of(fn):
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    fn()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            return g
-
+        graph_of = _graph_of
         g_edit = graph_of(lambda: fast.unet_e_c(x, t, text, cond, *ctl, True, True))
         g_edit_off = graph_of(lambda: fast.unet_e_c(x, t, text, cond, *ctl, False, False))
         g_plain = graph_of(lambda: fast.unet_r_c(x, t, text, cond))
@@ -179,7 +169,139 @@ def phase_latency(args, src, bundle) -> dict:
         res["unet_plain_b2_ms"] = statistics.median(cuda_ms(g_plain.replay, 50, 5))
         res["unet_b1_ms"] = statistics.median(cuda_ms(g_fwd.replay, 50, 5))
     res["peak_fp16_tflops"] = round(peak_tflops(), 1)
+    try:
+        res["profile"] = profile_edit(g_inv, g_ed, res["peak_fp16_tflops"], res["flop_by_kind"])
+    except Exception as exc:  # the profile explains; it must not lose the timings above
+        res["profile"] = {"error": f"{type(exc).__name__}: {exc}"}
     return res
+
+
+KINDS = (  # kernel name fragments → kind (first match wins)
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("conv", ("fprop", "conv", "implicit", "dgrad", "wgrad")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_", "sm80_", "ampere_", "cublas")),
+    ("triton_reduction", ("triton_red", "triton_per")),
+    ("triton_pointwise", ("triton_poi", "triton_")),
+    ("copy", ("memcpy", "memset", "copy")),
+)
+FLOP_KINDS = {"convolution": "conv", "mm": "gemm", "addmm": "gemm", "bmm": "gemm", "baddbmm": "gemm",
+              "_scaled_dot_product_flash_attention": "attention", "_scaled_dot_product_efficient_attention": "attention",
+              "_scaled_dot_product_cudnn_attention": "attention"}
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((k for k, frags in KINDS if any(f in low for f in frags)), "other")
+
+
+def flop_by_kind(fc) -> dict:
+    """FLOPs per kernel kind (conv / gemm / attention) from a FlopCounterMode."""
+    out: dict = {}
+    for op, n in fc.get_flop_counts().get("Global", {}).items():
+        name = str(op).split(".")[1] if "." in str(op) else str(op)
+        k = FLOP_KINDS.get(name, "other")
+        out[k] = out.get(k, 0) + n
+    return out
+
+
+def profile_edit(g_inv, g_ed, peak: float, flops: dict) -> dict:
+    """Kernel-level profile of one fast edit (both CUDA-graph replays): time per kernel kind,
+    achieved TFLOP/s per kind against the FLOPs counted on the eager path, GPU idle share, top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g_inv.replay()
+        g_ed.replay()
+        e.record()
+        torch.cuda.synchronize()
+    span_ms = s.elapsed_time(e)
+    per_kind: dict = {}
+    kernels = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0)
+        if not us or ev.key.startswith(("cudaGraph", "cudaEvent", "cudaDevice", "cudaStream")):
+            continue
+        k = kind_of(ev.key)
+        per_kind[k] = per_kind.get(k, 0.0) + us / 1000
+        kernels.append((us / 1000, ev.count, k, ev.key[:120]))
+    busy = sum(per_kind.values())
+    kinds = {}
+    for k, ms in sorted(per_kind.items(), key=lambda kv: -kv[1]):
+        row = {"ms": round(ms, 3), "share": round(ms / busy, 3) if busy else None}
+        if flops.get(k):
+            row["tflop"] = round(flops[k] / 1e12, 3)
+            row["tflop_per_s"] = round(flops[k] / 1e12 / (ms / 1000), 1)
+            row["pct_of_peak"] = round(100 * flops[k] / 1e12 / (ms / 1000) / peak, 1)
+            row["floor_ms"] = round(flops[k] / (peak * 1e12) * 1000, 3)
+        kinds[k] = row
+    kernels.sort(reverse=True)
+    return {"span_ms": round(span_ms, 3), "kernel_ms": round(busy, 3),
+            "idle_share": round(1 - busy / span_ms, 3) if span_ms else None, "kinds": kinds,
+            "top_kernels": [{"ms": round(ms, 3), "calls": c, "kind": k, "name": n} for ms, c, k, n in kernels[:25]]}
+
+
+def phase_knobs(args, src, bundle) -> dict:
+    """Compiler settings A/B on one forward UNet call (batch 1, CUDA graph replay)."""
+    import torch
+    import torch._inductor.config as ic
+
+    from icd_edge.export.wrappers import UNetGraph
+
+    torch.backends.cudnn.benchmark = True
+    unet = UNetGraph(src.unet_forward.to("cuda", torch.float16, memory_format=torch.channels_last)).eval()
+    x = torch.randn(1, 4, 64, 64, device="cuda", dtype=torch.float16).to(memory_format=torch.channels_last)
+    t = torch.full((1,), 779.0, device="cuda")
+    text = torch.randn(1, 77, 768, device="cuda", dtype=torch.float16)
+    w = torch.randn(1, 512, device="cuda", dtype=torch.float16)
+    configs = {
+        "default": ({}, None),
+        "conv1x1_mm+coord_descent": ({"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}, None),
+        "max-autotune-no-cudagraphs": ({}, "max-autotune-no-cudagraphs"),
+    }
+    res = {}
+    for name in args.knobs:
+        flags, mode = configs[name]
+        torch._dynamo.reset()
+        saved = {k: getattr(ic, k) for k in flags}
+        for k, v in flags.items():
+            setattr(ic, k, v)
+        try:
+            f = torch.compile(unet, mode=mode)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                f(x, t, text, w)
+                torch.cuda.synchronize()
+                compile_s = time.perf_counter() - t0
+                g = _graph_of(lambda: f(x, t, text, w))
+                res[name] = {"unet_b1_ms": round(statistics.median(cuda_ms(g.replay, 50, 5)), 3), "compile_s": round(compile_s, 1)}
+        except Exception as exc:
+            res[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        finally:
+            for k, v in saved.items():
+                setattr(ic, k, v)
+        log("knob", name, res[name])
+    return res
+
+
+def _graph_of(fn):
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def phase_throughput(args, src, bundle) -> dict:
@@ -187,7 +309,7 @@ def phase_throughput(args, src, bundle) -> dict:
 
     from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
 
-    fast = FastEditor(bundle, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, FastOptions())
+    fast = FastEditor(bundle, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, FastOptions(compile_mode=args.compile_mode))
     res = {}
     for n in args.batches:
         imgs = synthetic(n)
@@ -240,7 +362,9 @@ def merge(paths: list[Path]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=("latency", "throughput"), default="latency")
+    ap.add_argument("--phase", choices=("latency", "throughput", "knobs"), default="latency")
+    ap.add_argument("--knobs", nargs="+", default=["default", "conv1x1_mm+coord_descent", "max-autotune-no-cudagraphs"])
+    ap.add_argument("--compile-mode", help="torch.compile mode of the fast path (latency/throughput phases)")
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--iters-eager", type=int, default=5)
@@ -255,7 +379,8 @@ def main() -> int:
            "capability": list(torch.cuda.get_device_capability())}
     with tempfile.TemporaryDirectory() as work:
         src, bundle = build(Path(work))
-        result = {"env": env, args.phase: (phase_latency if args.phase == "latency" else phase_throughput)(args, src, bundle)}
+        phase = {"latency": phase_latency, "throughput": phase_throughput, "knobs": phase_knobs}[args.phase]
+        result = {"env": env, args.phase: phase(args, src, bundle)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_{args.phase}.json").write_text(json.dumps(result, indent=1))
     log(json.dumps({k: (statistics.median(v) if isinstance(v, list) and v and isinstance(v[0], (int, float)) else v)
