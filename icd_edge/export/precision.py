@@ -163,6 +163,24 @@ def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx
         return onnx.load(str(out), load_external_data=True)
 
 
+def _no_arena_sessions() -> None:
+    """In the quantiser's process only: ONNX Runtime sessions without the CPU memory arena and
+    memory patterns. The calibrator runs the graph once per input and the arena keeps what each
+    run grew: a 512 px VAE encoder took 3.3 GB for one input and 6.1 GB for two; without the
+    arena it stays at 3.2 GB. quantize_static takes no session options, hence the wrapper."""
+    import onnxruntime as ort
+
+    init = ort.InferenceSession.__init__
+
+    def lean_init(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        sess_options = sess_options or ort.SessionOptions()
+        sess_options.enable_cpu_mem_arena = False
+        sess_options.enable_mem_pattern = False
+        init(self, path_or_bytes, sess_options, *args, **kwargs)
+
+    ort.InferenceSession.__init__ = lean_init
+
+
 def _child_main(argv: list[str]) -> int:
     """``python -m icd_edge.export.precision SRC OUT PRECISION FEEDS_DIR`` (used by :func:`_quantize`)."""
     src, out, precision, feeds = Path(argv[0]), Path(argv[1]), argv[2], Path(argv[3])
@@ -170,6 +188,7 @@ def _child_main(argv: list[str]) -> int:
     for f in sorted(feeds.glob("*.npz")):
         with np.load(f) as z:
             calibration.append({k: z[k] for k in z.files})
+    _no_arena_sessions()
     try:
         _run_quantizer(src, out, precision, calibration)
     except ExportError as exc:
