@@ -42,6 +42,12 @@ def test_fp16_bundle(fp16_bundle, photo):
     m = open_bundle(fp16_bundle).manifest
     prec = {g: v["artifacts"]["onnx"]["precision"] for g, v in m["graphs"].items()}
     assert prec["vae_decoder"] == "fp32" and all(p == "fp16" for g, p in prec.items() if g != "vae_decoder")
+    # UNets are traced in float16 (no conversion pass), the small graphs converted; I/O stays float32
+    methods = {g: v["artifacts"]["onnx"].get("fp16_method") for g, v in m["graphs"].items()}
+    assert all(methods[g] == "traced in float16" for g in UNETS) and methods["text_encoder"].startswith("onnxconverter")
+    model = onnx.load(str(fp16_bundle / "onnx" / "unet_reverse_edit.onnx"), load_external_data=False)
+    assert {i.type.tensor_type.elem_type for i in model.graph.input} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     e2e = m["parity"]["end_to_end"]
     assert e2e["gate_db"] == 35.0 and e2e["edit_mean_psnr_db"] >= 35.0 and e2e["generate"]["psnr_db"] >= 35.0
     assert "edit_calibration_0" in e2e  # quality also measured on a real photo

@@ -7,9 +7,11 @@ and aligned to 4 KiB so onnxruntime can map them.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from icd_edge.errors import ExportError
+from icd_edge.export.wrappers import HalfGraph
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +69,9 @@ class WeightStore:
             tensor.CopyFrom(fresh)
 
     def close(self) -> None:
-        self._f.flush()
-        self._f.close()
+        if not self._f.closed:
+            self._f.flush()
+            self._f.close()
 
 
 def _all_initializers(graph: onnx.GraphProto):
@@ -113,11 +117,10 @@ WEIGHT_GROUPS = {"unet_reverse_edit": "unet_reverse"}
 def export_target(ctx) -> None:
     """Every graph to ``onnx/<graph>.onnx`` at its precision, weights in ``onnx/<group>.weights``.
 
-    fp32 graphs are traced straight into the bundle; other precisions are converted from an fp32
-    export in a scratch folder (int8 after recording calibration feeds on the torch reference).
+    fp32 graphs are traced straight into the bundle, fp16 UNets are traced in float16; other
+    graphs and precisions are converted from an fp32 export in a scratch folder (int8 after
+    recording calibration feeds on the torch reference).
     """
-    import time
-
     from icd_edge import spec
     from icd_edge.export import precision as prec
 
@@ -125,34 +128,50 @@ def export_target(ctx) -> None:
     groups = dict(WEIGHT_GROUPS)
     if ctx.cfg.unet_weights == "shared-base":  # one file: identical teacher tensors are stored once
         groups.update({g: "unet_base" for g in ("unet_forward", "unet_reverse", "unet_reverse_edit")})
-    (ctx.out_dir / "onnx").mkdir()
+    out = ctx.out_dir / "onnx"
+    out.mkdir()
+    # fp16 UNets are traced in float16 (half the tracing memory, no conversion pass over 3.4 GB
+    # graphs); the small graphs go through onnxconverter-common, whose Casts they tolerate better
+    direct = {g for g, p in precisions.items() if p == "fp16" and g in prec.UNETS}
+    staged = set(precisions.values()) != {"fp32"}  # other precisions start from an fp32 graph
+    final: dict[str, WeightStore] = {}
     with tempfile.TemporaryDirectory(prefix="icd_fp32_") as scratch:
-        fp32_dir = ctx.out_dir / "onnx" if set(precisions.values()) == {"fp32"} else Path(scratch)
-        stores: dict[str, WeightStore] = {}
+        fp32_stores: dict[str, WeightStore] = {}
         try:
             for name, module in ctx.graphs.items():
                 ctx.step(f"onnx {name}")
                 inputs, outputs = spec.GRAPHS[name]
                 group = groups.get(name, name)
-                if group not in stores:
-                    stores[group] = WeightStore(fp32_dir / f"{group}.weights")
                 args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
+                if name in direct:
+                    module = HalfGraph(copy.deepcopy(module), keep=tuple(i for i, s in enumerate(inputs) if s.name == "timestep"))
+                    stores, folder = final, out
+                else:
+                    stores, folder = (fp32_stores, Path(scratch)) if staged else (final, out)
+                if group not in stores:
+                    stores[group] = WeightStore(folder / f"{group}.weights")
                 t0 = time.perf_counter()
                 export_graph(module, args, [s.name for s in inputs], [s.name for s in outputs],
-                             fp32_dir / f"{name}.onnx", stores[group], ctx.cfg.opset)
+                             folder / f"{name}.onnx", stores[group], ctx.cfg.opset)
                 ctx.timings[f"onnx_{name}_s"] = time.perf_counter() - t0
+                del module
                 if ctx.progress is not None:
                     ctx.progress.update(1)
-        finally:
-            for store in stores.values():
+            for store in fp32_stores.values():
                 store.close()
-        if fp32_dir != ctx.out_dir / "onnx":
-            _convert_all(ctx, Path(scratch), precisions, groups)
+            if staged:
+                _convert_all(ctx, Path(scratch), {g: p for g, p in precisions.items() if g not in direct}, groups, final)
+        finally:
+            for store in [*fp32_stores.values(), *final.values()]:
+                store.close()
     for name in ctx.graphs:
         group = groups.get(name, name)
         ctx.manifest["graphs"][name]["artifacts"]["onnx"] = {
             "file": f"onnx/{name}.onnx", "precision": precisions[name], "opset": ctx.cfg.opset,
             "weights": f"onnx/{group}.weights"}
+        if precisions[name] == "fp16":
+            ctx.manifest["graphs"][name]["artifacts"]["onnx"]["fp16_method"] = (
+                "traced in float16" if name in direct else "onnxconverter-common (keep_io_types)")
     ctx.manifest["precision"] = {"requested": ctx.cfg.precision, "graphs": precisions}
     if ctx.cfg.unet_weights == "shared-base":
         ctx.manifest["shared_initializers"] = shared_initializer_table(ctx.out_dir, ctx.manifest["graphs"])
@@ -181,9 +200,8 @@ def shared_initializer_table(root: Path, graphs: dict) -> dict[str, list]:
     return {g: [r for r in rows if len(refs[tuple(r[1:4])]) > 1] for g, rows in per_graph.items()}
 
 
-def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[str, str]) -> None:
-    import time
-
+def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[str, str], stores: dict) -> None:
+    """Convert the fp32 graphs in ``scratch`` to their precisions, weights into ``stores`` (the caller closes them)."""
     from icd_edge.export import precision as prec
     from icd_edge.manifest import Bundle
 
@@ -201,20 +219,14 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         # a full UNet's quantisation peaks at ~14 GB RSS; the fp32 torch modules (7.5 GB at SD1.5
         # size, needed again for parity) would push a 24 GB machine out of memory
         _page_out_modules(ctx, scratch)
-    stores: dict[str, WeightStore] = {}
-    try:
-        for name, p in precisions.items():  # one quantisation at a time: ~14 GB RSS for a full UNet
-            ctx.step(f"{p} {name}")
-            group = groups.get(name, name)
-            if group not in stores:
-                stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
-            t0 = time.perf_counter()
-            prec.convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group],
-                         calibration.get(name))
-            ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
-    finally:
-        for store in stores.values():
-            store.close()
+    for name, p in precisions.items():  # one quantisation at a time: ~14 GB RSS for a full UNet
+        ctx.step(f"{p} {name}")
+        group = groups.get(name, name)
+        if group not in stores:
+            stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
+        t0 = time.perf_counter()
+        prec.convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group], calibration.get(name))
+        ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
 
 
 def _page_out_modules(ctx, scratch: Path) -> None:

@@ -102,3 +102,19 @@ def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, 
     for g in graphs.values():
         g.eval().requires_grad_(False)
     return graphs
+
+
+class HalfGraph(nn.Module):
+    """``graph`` run in float16 behind float32 inputs and outputs, for tracing fp16 graphs directly
+    (their I/O stays float32, like onnxconverter-common's ``keep_io_types``). Inputs at the
+    positions in ``keep`` (the timestep) stay float32: diffusers embeds it in float32 anyway."""
+
+    def __init__(self, graph: nn.Module, keep: tuple[int, ...] = ()):
+        super().__init__()
+        self.inner = graph.half()
+        self.keep = tuple(keep)
+
+    def forward(self, *args):
+        args = [a.half() if a.is_floating_point() and i not in self.keep else a for i, a in enumerate(args)]
+        out = self.inner(*args)
+        return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
