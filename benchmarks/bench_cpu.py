@@ -1,12 +1,16 @@
 """CPU benchmark across precisions and memory policies (issue: fp16/int8, memory, TAESD).
 
 Full SD1.5 architecture with random weights (random-sd15), 512 px, 4+4 steps, P2P + local
-blend, on this machine's CPU. Exports fp32, fp16 and int8 bundles (int8 with a random-weight
-TAESD decoder too), then runs one edit per configuration in its own process (per-stage ms,
+blend, on this machine's CPU. Exports the bundles of ``BUNDLES`` (fp32; fp16; fp16 shared-base;
+int8 with every UNet and the VAE quantised plus a random-weight TAESD decoder; int8 shared-base
+with an fp16 text encoder), then runs one edit per configuration in its own process (per-stage ms,
 total, peak RSS) and the torch eager fp32 reference in the same run. Writes
 ``benchmarks/results/cpu.json`` (with ``summary``) and ``benchmarks/results/cpu.png``.
 
-    python benchmarks/bench_cpu.py [--work benchmarks/work]
+    python benchmarks/bench_cpu.py [--work benchmarks/work] [--only LABEL ...]
+
+Bundles of an earlier run in --work are reused when complete (their recorded export time);
+delete one to re-time its export.
 """
 
 from __future__ import annotations
@@ -24,17 +28,31 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_cpu_edit import EDIT, machine, timed_edit  # noqa: E402
 
-CONFIGS = [  # (label, precision, memory, decoder)
+INT8_ALL = ("--precision", "int8", "--graph-precision", "unet_forward=int8", "--graph-precision", "vae_encoder=int8",
+            "--graph-precision", "vae_decoder=int8", "--graph-precision", "taesd_decoder=int8", "--taesd", "random",
+            "--calibration-count", "2",
+            # static calibration of the batch-2 P2P edit UNet at 512 px needs more than this machine's
+            # 24 GB (ONNX Runtime's calibrator: two copies of the model plus an unoptimised fp32
+            # session; the batch-1 UNets peak at 17.5 GB): weights-only int8 for that graph
+            "--graph-precision", "unet_reverse_edit=int8-dynamic")
+BUNDLES = {  # name → export arguments (random-sd15, --parity none; int8 also --calibration DIR)
+    "fp32": (),
+    "fp16": ("--precision", "fp16"),
+    "fp16-shared": ("--precision", "fp16", "--unet-weights", "shared-base"),
+    # every UNet and the VAE in int8 (the speed configuration), with a TAESD decoder
+    "int8": INT8_ALL,
+}
+CONFIGS = [  # (label, bundle, memory, decoder)
     ("fp32-resident", "fp32", "resident", "full"),
     ("fp32-sequential", "fp32", "sequential", "full"),
     ("fp16-resident", "fp16", "resident", "full"),
     ("fp16-sequential", "fp16", "sequential", "full"),
+    ("fp16-shared-base", "fp16-shared", "shared-base", "full"),
     ("int8-resident", "int8", "resident", "full"),
     ("int8-sequential", "int8", "sequential", "full"),
+    ("int8-resident-taesd", "int8", "resident", "taesd"),
     ("int8-sequential-taesd", "int8", "sequential", "taesd"),
 ]
-# --no-int8: the full-size int8 export did not fit 24 GB here (the export process holds the fp32
-# torch UNets while ONNX Runtime's static quantiser calibrates); measure fp32/fp16 only.
 
 
 def worker(bundle: str, memory: str, decoder: str, runs: int) -> dict:
@@ -57,12 +75,26 @@ def export(out: Path, *args: str) -> float:
     """Export (timed), or reuse a complete bundle of an earlier run (its recorded export time)."""
     if (out / "manifest.json").is_file():
         m = json.loads((out / "manifest.json").read_text())
-        if m.get("complete") and m["export"]["config"]["model"] == "random-sd15":
+        if m.get("complete") and _same_config(m["export"]["config"], args):
             return m["export"]["timings"]["total_s"]
+        print(f"re-exporting {out.name}: no complete bundle of these arguments", flush=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "icd_edge.export", "--model", "random-sd15", "--out", str(out), "--parity", "none",
                     "--no-progress", *args], check=True, cwd=ROOT)
     return round(time.perf_counter() - t0, 1)
+
+
+def _same_config(recorded: dict, args: tuple) -> bool:
+    """Whether a bundle's recorded export config is the one ``args`` would produce."""
+    from icd_edge.export.__main__ import build_parser
+
+    want = vars(build_parser().parse_args(["--out", "x", "--model", "random-sd15", *args]))
+    keys = ("precision", "unet_weights", "taesd", "resolution", "seed", "opset")
+    same = all(recorded.get(k, "fused" if k == "unet_weights" else None) == want[k] for k in keys)
+    same &= sorted(map(tuple, recorded.get("graph_precision", []))) == sorted(tuple(v.split("=")) for v in want["graph_precision"])
+    if want["precision"].startswith("int8"):
+        same &= recorded.get("calibration_count") == want["calibration_count"]
+    return same
 
 
 def size_gb(path: Path) -> float:
@@ -74,44 +106,37 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     ap.add_argument("--worker", nargs=3, metavar=("BUNDLE", "MEMORY", "DECODER"))
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--skip-export", action="store_true")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 bundle and its configurations")
-    ap.add_argument("--add-shared", action="store_true", help="export a shared-base fp32 bundle, run it, merge into cpu.json")
+    ap.add_argument("--only", nargs="+", metavar="LABEL", help="run only these configurations (and the reference)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, runs=args.runs)))
         return 0
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    if args.add_shared:
-        return add_shared(work)
     report = {"machine": machine(), "model": "random-sd15 (SD1.5 architecture, random weights), 512 px, 4+4 steps, P2P + blend",
               "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()}, "exports": {}, "runs": {}}
-    precisions = ("fp32", "fp16") if args.no_int8 else ("fp32", "fp16", "int8")
-    bundles = {p: work / f"sd15-{p}.bundle" for p in precisions}
-    configs = [c for c in CONFIGS if c[1] in precisions]
+    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    names = sorted({c[1] for c in configs} | {"fp32", "fp16"})
+    bundles = {n: work / f"sd15-{n}.bundle" for n in names}
     calib = work / "calibration"
-    if not args.skip_export:
-        import skimage.data
-        from PIL import Image
+    import skimage.data
+    from PIL import Image
 
-        calib.mkdir(exist_ok=True)
-        Image.fromarray(skimage.data.astronaut()).save(calib / "astronaut.png")
-        Image.fromarray(skimage.data.coffee()).save(calib / "coffee.png")
-        (calib / "prompts.json").write_text(json.dumps({"astronaut.png": ["a photo of an astronaut", "a photo of a robot"],
-                                                        "coffee.png": ["a cup of coffee", "a cup of tea"]}))
-        report["exports"]["fp32"] = {"export_s": export(bundles["fp32"])}
-        report["exports"]["fp16"] = {"export_s": export(bundles["fp16"], "--precision", "fp16")}
-        if "int8" in bundles:
-            report["exports"]["int8"] = {"export_s": export(bundles["int8"], "--precision", "int8", "--calibration", str(calib),
-                                                            "--calibration-count", "2", "--taesd", "random")}
-    for p, b in bundles.items():
-        report["exports"].setdefault(p, {})["bundle_gb"] = size_gb(b)
+    calib.mkdir(exist_ok=True)
+    Image.fromarray(skimage.data.astronaut()).save(calib / "astronaut.png")
+    Image.fromarray(skimage.data.coffee()).save(calib / "coffee.png")
+    (calib / "prompts.json").write_text(json.dumps({"astronaut.png": ["a photo of an astronaut", "a photo of a robot"],
+                                                    "coffee.png": ["a cup of coffee", "a cup of tea"]}))
+    for n, b in bundles.items():
+        extra = ("--calibration", str(calib)) if "int8" in BUNDLES[n] else ()
+        report["exports"][n] = {"args": list(BUNDLES[n]), "export_s": export(b, *BUNDLES[n], *extra), "bundle_gb": size_gb(b)}
         m = json.loads((b / "manifest.json").read_text())
-        report["exports"][p]["timings"] = m["export"]["timings"]
-    for label, precision, memory, decoder in configs:
-        proc = subprocess.run([sys.executable, __file__, "--runs", "2" if memory == "resident" else "1", "--worker",
-                               str(bundles[precision]), memory, decoder], capture_output=True, text=True, cwd=ROOT)
+        report["exports"][n]["timings"] = m["export"]["timings"]
+        report["exports"][n]["precision"] = m["precision"]["graphs"] if "precision" in m else None
+        print("bundle", n, report["exports"][n]["bundle_gb"], "GB", report["exports"][n]["export_s"], "s", flush=True)
+    for label, bundle, memory, decoder in configs:
+        proc = subprocess.run([sys.executable, __file__, "--runs", "2" if memory != "sequential" else "1", "--worker",
+                               str(bundles[bundle]), memory, decoder], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             report["runs"][label] = {"error": proc.stderr[-2000:]}
             print(label, "FAILED", proc.stderr[-500:], flush=True)
@@ -127,8 +152,8 @@ def main() -> int:
     from icd_edge.export.parity import psnr_db
 
     ref = np.load(work / "edit_torch.npy")
-    for label, precision, memory, decoder in configs:
-        f = Path(f"{bundles[precision]}.{memory}.{decoder}.npy")
+    for label, bundle, memory, decoder in configs:
+        f = Path(f"{bundles[bundle]}.{memory}.{decoder}.npy")
         if f.exists() and "runs" in report["runs"].get(label, {}):
             report["runs"][label]["psnr_db_vs_torch_fp32"] = round(psnr_db(ref, np.load(f), peak=1.0), 2)
 
@@ -136,55 +161,38 @@ def main() -> int:
         r = report["runs"].get(label, {})
         return min(x["edit_s"] for x in r["runs"]) if "runs" in r else None
 
+    def fastest(prefix, taesd):
+        vals = [(best(c[0]), c[0]) for c in configs if c[1].startswith(prefix) and (c[3] == "taesd") == taesd and best(c[0])]
+        return min(vals) if vals else (None, None)
+
     torch_s = min(x["edit_s"] for x in report["runs"]["torch-reference"]["runs"]) if "runs" in report["runs"]["torch-reference"] else None
-    rss = [r["peak_rss_gb"] for r in report["runs"].values() if "peak_rss_gb" in r and r is not report["runs"].get("torch-reference")]
+    rss = sorted((r["peak_rss_gb"], k) for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference")
+    int8_s, int8_label = fastest("int8", False)
+    taesd_s, taesd_label = fastest("int8", True)
+    int8_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("int8"))
+    fp16_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("fp16"))
     report["summary"] = {
         "machine": f'{report["machine"]["cpu"]}, {report["machine"]["cores"]} cores',
         "edit_s_fp32": best("fp32-resident"),
         "edit_s_fp16": best("fp16-resident"),
-        "edit_s_int8": best("int8-resident"),
-        "edit_s_int8_taesd": best("int8-sequential-taesd"),
+        "edit_s_int8": int8_s,
+        "edit_s_int8_config": int8_label,
+        "edit_s_int8_taesd": taesd_s,
+        "edit_s_int8_taesd_config": taesd_label,
         "edit_s_torch_reference": torch_s,
-        "speedup_vs_reference_int8": round(torch_s / best("int8-resident"), 2) if torch_s and best("int8-resident") else None,
+        "speedup_vs_reference_int8": round(torch_s / int8_s, 2) if torch_s and int8_s else None,
         "speedup_vs_reference_fp32": round(torch_s / best("fp32-resident"), 2) if torch_s and best("fp32-resident") else None,
-        "peak_rss_gb_min": min(rss) if rss else None,
+        "peak_rss_gb_min": rss[0][0] if rss else None,
+        "peak_rss_gb_min_config": rss[0][1] if rss else None,
         "bundle_gb_fp32": report["exports"]["fp32"]["bundle_gb"],
-        "bundle_gb_fp16": report["exports"]["fp16"]["bundle_gb"],
-        "bundle_gb_int8": report["exports"].get("int8", {}).get("bundle_gb"),
-        "export_s": report["exports"]["fp16"].get("export_s"),
+        "bundle_gb_fp16": fp16_sizes[0][0] if fp16_sizes else None,
+        "bundle_gb_fp16_config": fp16_sizes[0][1] if fp16_sizes else None,
+        "bundle_gb_int8": int8_sizes[0][0] if int8_sizes else None,
+        "bundle_gb_int8_config": int8_sizes[0][1] if int8_sizes else None,
+        "export_s": report["exports"]["fp16"]["export_s"],  # the full SD1.5 fp16 export (issue target)
     }
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results" / "cpu.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    _chart(report, ROOT / "benchmarks" / "results" / "cpu.png")
-    print(json.dumps(report["summary"], indent=1))
-    return 0
-
-
-def add_shared(work: Path) -> int:
-    """The shared-base policy (its own bundle layout), merged into an existing cpu.json."""
-    out = ROOT / "benchmarks" / "results" / "cpu.json"
-    report = json.loads(out.read_text())
-    bundle = work / "sd15-fp32-shared.bundle"
-    report["exports"]["fp32-shared-base"] = {"export_s": export(bundle, "--unet-weights", "shared-base"),
-                                             "bundle_gb": size_gb(bundle)}
-    for label, memory in (("fp32-shared-base", "shared-base"), ("fp32-shared-bundle-resident", "resident")):
-        proc = subprocess.run([sys.executable, __file__, "--runs", "2", "--worker", str(bundle), memory, "full"],
-                              capture_output=True, text=True, cwd=ROOT)
-        report["runs"][label] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
-        print(label, json.dumps(report["runs"][label])[:300], flush=True)
-    import numpy as np
-
-    from icd_edge.export.parity import psnr_db
-
-    ref = np.load(work / "edit_torch.npy")
-    for label, memory in (("fp32-shared-base", "shared-base"), ("fp32-shared-bundle-resident", "resident")):
-        f = Path(f"{bundle}.{memory}.full.npy")
-        if f.exists() and "runs" in report["runs"][label]:
-            report["runs"][label]["psnr_db_vs_torch_fp32"] = round(psnr_db(ref, np.load(f), peak=1.0), 2)
-    rss = [r["peak_rss_gb"] for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference"]
-    report["summary"]["peak_rss_gb_min"] = min(rss)
-    report["summary"]["bundle_gb_fp32_shared_base"] = report["exports"]["fp32-shared-base"]["bundle_gb"]
     out.write_text(json.dumps(report, indent=1) + "\n")
     _chart(report, ROOT / "benchmarks" / "results" / "cpu.png")
     print(json.dumps(report["summary"], indent=1))
