@@ -136,3 +136,14 @@ def test_paged_out_modules_keep_their_values(tmp_path):
     _page_out_modules(ctx, tmp_path)
     assert len(list(tmp_path.glob("paged_*.pt"))) == 1  # a module shared by two roles is paged once
     assert torch.equal(net(x), before)
+
+
+def test_int8_taesd_decoder_is_calibrated(tmp_path_factory):
+    """The calibration trajectories decode with the full VAE; an int8 TAESD decoder is calibrated
+    on the same final latents (a regression: it used to fail with 'recorded no inputs')."""
+    out = _export(tmp_path_factory, "taesd8.bundle", "--precision", "int8", "--taesd", "random",
+                  "--graph-precision", "taesd_decoder=int8", "--parity", "graphs")
+    m = open_bundle(out).manifest
+    assert m["graphs"]["taesd_decoder"]["artifacts"]["onnx"]["precision"] == "int8"
+    assert m["calibration"]["feeds"]["taesd_decoder"] == m["calibration"]["feeds"]["vae_decoder"] > 0
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out, "taesd_decoder")

@@ -121,7 +121,11 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
         inv = ed.invert(image, src, seed=0)
         ed.edit(inv, tgt, cross_replace=0.4, self_replace=0.6, blend=blend, output_type="np")
         ed.reconstruct(inv, output_type="np")
-    return rec.feeds
+    feeds = rec.feeds
+    if "taesd_decoder" in graphs and not feeds.get("taesd_decoder"):
+        # the editor decoded with the full VAE: TAESD sees the same final latents, unscaled
+        feeds["taesd_decoder"] = [{"latent": f["latent"] * np.float32(ed.vae_scale)} for f in feeds.get("vae_decoder", [])]
+    return feeds
 
 
 def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None) -> None:
