@@ -169,8 +169,9 @@ def main() -> int:
     rss = sorted((r["peak_rss_gb"], k) for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference")
     int8_s, int8_label = fastest("int8", False)
     taesd_s, taesd_label = fastest("int8", True)
-    int8_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("int8"))
-    fp16_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("fp16"))
+    ran = {c[1] for c in configs if "runs" in report["runs"].get(c[0], {})}  # a bundle counts only if it ran
+    int8_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("int8") and n in ran)
+    fp16_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("fp16") and n in ran)
     report["summary"] = {
         "machine": f'{report["machine"]["cpu"]}, {report["machine"]["cores"]} cores',
         "edit_s_fp32": best("fp32-resident"),

@@ -132,7 +132,9 @@ def export_target(ctx) -> None:
     out.mkdir()
     # fp16 UNets are traced in float16 (half the tracing memory, no conversion pass over 3.4 GB
     # graphs); the small graphs go through onnxconverter-common, whose Casts they tolerate better
-    direct = {g for g, p in precisions.items() if p == "fp16" and g in prec.UNETS}
+    # (fused UNets only: a float16 trace of the shared-base LoRA branches failed at run time in
+    # ONNX Runtime with a broadcast error in a Mul, so those go through the converter)
+    direct = {g for g, p in precisions.items() if p == "fp16" and g in prec.UNETS and ctx.cfg.unet_weights == "fused"}
     staged = set(precisions.values()) != {"fp32"}  # other precisions start from an fp32 graph
     final: dict[str, WeightStore] = {}
     with tempfile.TemporaryDirectory(prefix="icd_fp32_") as scratch:
