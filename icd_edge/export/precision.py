@@ -145,11 +145,10 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
 
 
 def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx.ModelProto:
-    """Quantise in a child process: ONNX Runtime's calibrator peaks at 6 GB (VAE encoder), 11 GB
-    (VAE decoder) and ~14 GB (UNet) at 512 px, and what the exporter holds must not add to that.
-    The child's memory is returned whole when it exits."""
+    """Quantise in a child process: ONNX Runtime's calibrator peaks at 3.2 GB (VAE encoder), 11 GB
+    (VAE decoder) and 17.5 GB (batch-1 UNet) at 512 px, and what the exporter holds must not add
+    to that. The child's memory is returned whole when it exits."""
     import subprocess
-    import sys
 
     with tempfile.TemporaryDirectory(prefix="icd_q_") as d:
         out, feeds = Path(d) / "q.onnx", Path(d) / "feeds"

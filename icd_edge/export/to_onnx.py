@@ -131,7 +131,7 @@ def export_target(ctx) -> None:
     out = ctx.out_dir / "onnx"
     out.mkdir()
     # fp16 UNets are traced in float16 (half the tracing memory, no conversion pass over 3.4 GB
-    # graphs); the small graphs go through onnxconverter-common, whose Casts they tolerate better
+    # graphs); the small graphs are cheap to convert and keep the tested converter path
     # (fused UNets only: a float16 trace of the shared-base LoRA branches failed at run time in
     # ONNX Runtime with a broadcast error in a Mul, so those go through the converter)
     direct = {g for g, p in precisions.items() if p == "fp16" and g in prec.UNETS and ctx.cfg.unet_weights == "fused"}
@@ -218,10 +218,10 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         ctx.manifest["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
                                        "feeds": {g: len(v) for g, v in calibration.items()}}
     if any(p.startswith("int8") for p in precisions.values()):
-        # a full UNet's quantisation peaks at ~14 GB RSS; the fp32 torch modules (7.5 GB at SD1.5
+        # a batch-1 UNet's quantisation peaks at 17.5 GB RSS; the fp32 torch modules (7.5 GB at SD1.5
         # size, needed again for parity) would push a 24 GB machine out of memory
         _page_out_modules(ctx, scratch)
-    for name, p in precisions.items():  # one quantisation at a time: ~14 GB RSS for a full UNet
+    for name, p in precisions.items():  # one quantisation at a time (each in its own process)
         ctx.step(f"{p} {name}")
         group = groups.get(name, name)
         if group not in stores:
