@@ -147,3 +147,71 @@ def test_int8_taesd_decoder_is_calibrated(tmp_path_factory):
     assert m["graphs"]["taesd_decoder"]["artifacts"]["onnx"]["precision"] == "int8"
     assert m["calibration"]["feeds"]["taesd_decoder"] == m["calibration"]["feeds"]["vae_decoder"] > 0
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out, "taesd_decoder")
+
+
+def _feeds(bundle, graph, n, seed=0):
+    entry = open_bundle(bundle, verify=False).graphs[graph]
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for k in range(n):
+        f = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in entry["inputs"]}
+        f["timestep"] = np.array([259.0 * (k + 1)], np.float32)
+        feeds.append(f)
+    return feeds
+
+
+def test_lean_calibrator_matches_onnxruntime(tiny_bundle):
+    """Our range collection (one copy of the weights) gives the ranges ONNX Runtime's MinMax
+    calibrator gives for the same tensors and feeds, on the tiny P2P edit UNet."""
+    from onnxruntime.quantization import CalibrationDataReader, create_calibrator
+
+    from icd_edge.export.precision import activation_matmuls, calibrate_ranges
+
+    src = tiny_bundle / "onnx" / "unet_reverse_edit.onnx"
+    feeds = _feeds(tiny_bundle, "unet_reverse_edit", 3)
+    ours = calibrate_ranges(src, feeds, ("Conv", "MatMul"), activation_matmuls(src))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        cal = create_calibrator(src, ["Conv", "MatMul"], augmented_model_path=str(Path(d) / "aug.onnx"),
+                                use_external_data_format=True)
+        cal.collect_data(Reader())
+        theirs = {k: tuple(float(x) for x in v.range_value) for k, v in cal.compute_data().data.items()}
+    assert len(ours) > 20 and set(ours) <= set(theirs)
+    for name, (lo, hi) in ours.items():
+        assert lo < hi
+        np.testing.assert_allclose((lo, hi), theirs[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    # attention's activation x activation MatMuls are not calibrated (they stay float)
+    model = onnx.load(str(src), load_external_data=False)
+    excluded = set(activation_matmuls(src))
+    assert excluded and all(n.op_type == "MatMul" for n in model.graph.node if n.name in excluded)
+    only_there = {t for n in model.graph.node if n.name in excluded for t in (*n.input, *n.output)} - {
+        t for n in model.graph.node if n.op_type in ("Conv", "MatMul") and n.name not in excluded for t in (*n.input, *n.output)}
+    assert only_there and not only_there & set(ours)
+
+
+def test_int8_keeps_attention_matmuls_float(int8_bundle):
+    """Q·Kᵀ and P·V stay float MatMuls (quantised, ONNX Runtime made them and the Softmax between
+    them slower than fp32); the weight MatMuls and convolutions are quantised."""
+    for g in ("unet_reverse", "unet_reverse_edit"):
+        graph = onnx.load(str(int8_bundle / "onnx" / f"{g}.onnx"), load_external_data=False).graph
+        dq_out = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        mm = [n for n in graph.node if n.op_type == "MatMul"]
+        quantised = [n for n in mm if all(i in dq_out for i in n.input)]
+        float_mm = [n for n in mm if not any(i in dq_out for i in n.input)]
+        assert quantised and float_mm, g
+        assert "Softmax" in {n.op_type for n in graph.node}
+        prod = {o: n for n in graph.node for o in n.output}
+        # every Softmax feeds a float MatMul: no Q/DQ around it
+        for n in graph.node:
+            if n.op_type == "Softmax":
+                assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in n.input)

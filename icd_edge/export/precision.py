@@ -203,8 +203,67 @@ def _child_main(argv: list[str]) -> int:
     return 0
 
 
+def activation_matmuls(path: Path) -> list[str]:
+    """MatMul nodes with no weight input: attention's Q·Kᵀ and P·V. They stay float. Quantised,
+    ONNX Runtime runs them as QLinearMatMul and fuses the Softmax between them into QLinearSoftmax;
+    in the 512 px int8 forward UNet those two took 39 % + ~15 % of the time and made it slower than
+    fp32 (benchmarks/profile_ort.py). Calibrating them also kept every attention map of a run as a
+    calibrator output (gigabytes at 512 px)."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}
+    weights |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    return [n.name for n in graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+
+
+def calibrate_ranges(src: Path, calibration: list[dict], op_types, exclude=()) -> dict[str, tuple[float, float]]:
+    """Min/max of every float input and output of the ``op_types`` nodes (but ``exclude``) over the
+    calibration feeds: what ONNX Runtime's MinMax calibrator computes, with one copy of the weights.
+
+    Its calibrator holds the model proto, a deep copy, the augmented copy and an unoptimised session
+    at once (17.5 GB for a batch-1 UNet at 512 px; the batch-2 edit UNet did not fit in 24 GB).
+    Here the graph is augmented without its weights (ReduceMin/ReduceMax per tensor, so a run returns
+    scalars), handed to ONNX Runtime as bytes that read the original weight files, and run one feed
+    at a time in a session without the memory arena."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    skip = set(exclude)
+    tensors = sorted({t for n in graph.node if n.op_type in op_types and n.name not in skip
+                      for t in [*n.input, *n.output] if t and t not in weights})
+    if not tensors:
+        return {}
+    del graph.output[:]
+    for k, t in enumerate(tensors):
+        for red in ("Min", "Max"):
+            out = f"icd_calib_{k}_{red.lower()}"
+            graph.node.append(helper.make_node(f"Reduce{red}", [t], [out], name=out, keepdims=0))
+            graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+    lo = np.full(len(tensors), np.inf, np.float32)
+    hi = np.full(len(tensors), -np.inf, np.float32)
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False
+    so.enable_mem_pattern = False
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # the augmented graph is passed as bytes; its weights are read from the original files
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent.resolve()))
+    blob = model.SerializeToString()
+    del model, graph
+    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    for feed in calibration:
+        outs = sess.run(None, feed)
+        lo = np.minimum(lo, np.asarray(outs[0::2], np.float32))
+        hi = np.maximum(hi, np.asarray(outs[1::2], np.float32))
+    del sess
+    return {t: (float(a), float(b)) for t, a, b in zip(tensors, lo, hi)}
+
+
 def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict] | None) -> None:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     if precision == "int8-dynamic":
         quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
@@ -213,27 +272,30 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
         if not calibration:
             raise ExportError(f"int8 calibration recorded no inputs for {src.stem}")
 
-        class Reader(CalibrationDataReader):
-            """Feeds recorded along the iCD trajectories; ranges let ORT calibrate in strides."""
+        exclude = activation_matmuls(src)
+        ranges = calibrate_ranges(src, calibration, INT8_OPS, exclude)
+        trim_heap()
+        with tempfile.TemporaryDirectory(prefix="icd_ranges_") as d:
+            # ranges go in through ORT's calibration cache, so its own calibrator never runs
+            cache = Path(d) / "ranges.json"
+            save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
+                t: (np.array(a, np.float32), np.array(b, np.float32)) for t, (a, b) in ranges.items()}), cache)
+            quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=list(INT8_OPS), nodes_to_exclude=exclude,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            per_channel=INT8_PER_CHANNEL, use_external_data_format=True,
+                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))
 
-            def __init__(self):
-                self._it = iter(calibration)
 
-            def get_next(self):
-                return next(self._it, None)
+def trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it), before the next peak."""
+    import ctypes
+    import ctypes.util
 
-            def __len__(self):
-                return len(calibration)
-
-            def set_range(self, start_index: int, end_index: int):
-                self._it = iter(calibration[start_index:end_index])
-
-        quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(INT8_OPS), activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=INT8_PER_CHANNEL, use_external_data_format=True,
-                        # one calibration input at a time: ORT otherwise keeps every intermediate of
-                        # every input (GBs of attention maps per UNet call at 512 px)
-                        extra_options={"CalibStridedMinMax": 1})
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch
 from onnx import numpy_helper
 
 from icd_edge.errors import ExportError
+from icd_edge.export.precision import trim_heap as _trim_heap
 from icd_edge.export.wrappers import HalfGraph
 
 logger = logging.getLogger(__name__)
@@ -249,18 +250,6 @@ def _page_out_modules(ctx, scratch: Path) -> None:
         module.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
     gc.collect()
     _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it after the torch reference runs)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
 
 
 def _source_modules(ctx):
