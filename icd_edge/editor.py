@@ -89,7 +89,8 @@ class Editor:
             with ``--taesd``) for final images; previews use TAESD when the bundle has it.
         memory: ``resident`` keeps every graph loaded once used (fastest for many edits);
             ``sequential`` keeps at most one UNet loaded: opening one closes the others, and the
-            forward UNet is released right after an inversion; ``shared-base`` (bundles exported
+            forward UNet is released right after an inversion (on onnxruntime the sessions also
+            run without a memory arena, so activations are freed after each call); ``shared-base`` (bundles exported
             with ``--unet-weights shared-base``) keeps the UNets resident but maps the teacher's
             weights once for all of them, the LoRAs being separate low-rank branches.
     """
@@ -106,6 +107,8 @@ class Editor:
         self.backend = backend
         self.progress = progress
         self.memory = memory
+        if memory == "sequential" and hasattr(backend, "prefer_low_memory"):
+            backend.prefer_low_memory()  # onnxruntime: no memory arena kept between runs
         self.profile: list[tuple[str, float]] | None = None  # set to [] to record (stage, ms)
         m = bundle.manifest
         self.image_hw = int(m["dims"]["H"])

@@ -31,7 +31,7 @@ def fp16_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory):
-    return _export(tmp_path_factory, "int8.bundle", "--precision", "int8")
+    return _export(tmp_path_factory, "int8.bundle", "--precision", "int8", "--graph-precision", "text_encoder=int8")
 
 
 def _ops(bundle, graph):
@@ -65,7 +65,15 @@ def test_int8_bundle(int8_bundle, photo, tmp_path):
     assert m["graphs"]["unet_forward"]["artifacts"]["onnx"]["precision"] == "fp32"
     assert "QuantizeLinear" not in _ops(int8_bundle, "unet_forward")
     assert m["graphs"]["vae_decoder"]["artifacts"]["onnx"]["precision"] == "fp32"
+    # the text encoder's token embedding is stored as int8 rows (the quantiser leaves Gather alone)
+    assert m["graphs"]["text_encoder"]["artifacts"]["onnx"]["precision"] == "int8"
+    assert m["int8_embeddings"] == {"text_encoder": [m["int8_embeddings"]["text_encoder"][0]]}
+    te = onnx.load(str(int8_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph
+    assert any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_int8") for t in te.initializer)
     assert m["calibration"]["feeds"]["unet_reverse_edit"] == 4 and m["calibration"]["feeds"]["unet_reverse"] == 4
+    # each quantiser process reports its peak RSS (Linux), recorded for memory planning
+    assert set(m["quantiser_peak_rss_gb"]) == {"text_encoder", "unet_reverse", "unet_reverse_edit"}
+    assert all(0.05 < v < 8 for v in m["quantiser_peak_rss_gb"].values())
     e2e = m["parity"]["end_to_end"]
     assert e2e["gate_db"] == 25.0 and e2e["edit_mean_psnr_db"] >= 25.0
     out = tmp_path / "o.png"
@@ -94,11 +102,14 @@ def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
     with Editor.open(tiny_bundle, memory="resident") as ed:
         ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np")
         assert {"unet_forward", "unet_reverse_edit"} <= set(ed._sessions)
+        assert ed._sessions["unet_reverse_edit"]._sess.get_session_options().enable_cpu_mem_arena
     with Editor.open(tiny_bundle, memory=memory) as ed:
         inv = ed.invert(photo, "a photo of a cat")
         assert "unet_forward" not in ed._sessions  # released after the inversion
         got = ed.edit(inv, "a photo of a dog", output_type="np")
         assert [g for g in ed._sessions if g.startswith("unet")] == ["unet_reverse_edit"]
+        # sequential sessions keep no memory arena between calls
+        assert not any(s._sess.get_session_options().enable_cpu_mem_arena for s in ed._sessions.values())
         ed.reconstruct(inv)
         assert [g for g in ed._sessions if g.startswith("unet")] == ["unet_reverse"]
     np.testing.assert_array_equal(ref, got)
@@ -215,3 +226,34 @@ def test_int8_keeps_attention_matmuls_float(int8_bundle):
         for n in graph.node:
             if n.op_type == "Softmax":
                 assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in n.input)
+
+
+def test_quantize_embeddings_rows():
+    """A vocabulary-sized Gather table becomes int8 rows with a scale per row; ONNX Runtime gives
+    the table's rows back within half a quantisation step; small tables are left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from icd_edge.export.precision import quantize_embeddings
+
+    rng = np.random.default_rng(0)
+    vocab = (rng.standard_normal((300, 16)) * rng.uniform(0.01, 2.0, (300, 1))).astype(np.float32)
+    pos = rng.standard_normal((77, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["vocab", "ids"], ["e"], name="tok", axis=0),
+         helper.make_node("Gather", ["pos", "pid"], ["p"], name="pos", axis=0),
+         helper.make_node("Add", ["e", "p"], ["y"], name="add")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
+         helper.make_tensor_value_info("pid", TensorProto.INT64, [1, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16])],
+        [numpy_helper.from_array(vocab, "vocab"), numpy_helper.from_array(pos, "pos")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_embeddings(model) == ["vocab"]
+    onnx.checker.check_model(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["vocab_int8"].data_type == TensorProto.INT8 and "pos" in inits and "vocab" not in inits
+    ids, pid = np.array([[0, 7, 299, 150, 7]]), np.arange(5)[None]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids, "pid": pid})[0]
+    want = vocab[ids] + pos[pid]
+    step = (np.abs(vocab).max(1) / 127)[ids][..., None]
+    assert np.all(np.abs(y - want) <= step / 2 + 1e-6) and not np.array_equal(y, want)

@@ -16,6 +16,7 @@ The VAE and text encoder stay fp32 unless overridden.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -63,8 +64,6 @@ def calibration_cases(directory: Path | None, side: int, limit: int) -> list[tup
 
     cases = []
     if directory is not None:
-        import json
-
         prompts = {}
         if (directory / "prompts.json").is_file():
             prompts = json.loads((directory / "prompts.json").read_text())
@@ -128,8 +127,11 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
     return feeds
 
 
-def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None) -> None:
-    """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``."""
+def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None) -> dict:
+    """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``.
+
+    Returns what is worth recording: the quantiser's peak RSS (``peak_rss_gb``) for int8."""
+    info = {}
     if precision == "fp32":
         model = onnx.load(str(src), load_external_data=True)
     elif precision == "fp16":
@@ -138,16 +140,59 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
         # the path API infers shapes from the file: a > 2 GB UNet cannot be serialised in memory
         model = float16.convert_float_to_float16_model_path(str(src), keep_io_types=True)
     else:
-        model = _quantize(src, precision, calibration)
+        model, info["peak_rss_gb"] = _quantize(src, precision, calibration)
+        info["int8_embeddings"] = quantize_embeddings(model)
     store.externalize(model)
     onnx.save_model(model, str(dst))
     onnx.checker.check_model(str(dst))
+    return info
 
 
-def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx.ModelProto:
-    """Quantise in a child process: ONNX Runtime's calibrator peaks at 3.2 GB (VAE encoder), 11 GB
-    (VAE decoder) and 17.5 GB (batch-1 UNet) at 512 px, and what the exporter holds must not add
-    to that. The child's memory is returned whole when it exits."""
+def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str]:
+    """Embedding tables (a Gather over a float initializer of at least ``min_rows`` rows: the
+    CLIP token embedding, 49408 x 768, 152 MB in fp32) stored as int8 rows with one scale per row:
+    ``Gather(table) -> Gather(q) * Gather(scale)``. The quantiser leaves Gather alone (its QDQ
+    form would quantise the table per tensor as an activation). Returns the tables rewritten."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    done = []
+    for k, node in enumerate(list(graph.node)):
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (table is None or axis != 0 or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
+                or table.dims[0] < min_rows or uses[table.name] != 1):
+            continue
+        w = numpy_helper.to_array(table)
+        scale = np.abs(w).max(axis=1, keepdims=True) / np.float32(127)
+        scale[scale == 0] = 1
+        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        name, ids, out = table.name, node.input[1], node.output[0]
+        graph.initializer.remove(table)
+        graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_row_scale")])
+        pos = list(graph.node).index(node)
+        graph.node.remove(node)
+        for j, new in enumerate([
+                helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_q"], name=f"{node.name}_int8", axis=0),
+                helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{node.name}_cast", to=TensorProto.FLOAT),
+                helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{out}_s"], name=f"{node.name}_scale", axis=0),
+                helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out], name=f"{node.name}_dequant")]):
+            graph.node.insert(pos + j, new)
+        done.append(name)
+    return done
+
+
+def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> tuple[onnx.ModelProto, float | None]:
+    """Quantise in a child process, so that what the exporter holds does not add to the
+    quantiser's peak (at 512 px: 6.3 GB for a batch-1 UNet, 9.3 GB for the batch-2 P2P edit UNet)
+    and the child's memory is returned whole when it exits. Returns the model and the child's
+    peak RSS in GB."""
     import subprocess
 
     with tempfile.TemporaryDirectory(prefix="icd_q_") as d:
@@ -163,7 +208,12 @@ def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> onnx
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
             died = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else (lines[-1] if lines else "")
             raise ExportError(f"{precision} quantisation of {src.stem} failed: {died}")
-        return onnx.load(str(out), load_external_data=True)
+        peak = None
+        for line in proc.stdout.splitlines()[::-1]:
+            if line.startswith("{"):
+                peak = json.loads(line).get("peak_rss_gb")
+                break
+        return onnx.load(str(out), load_external_data=True), peak
 
 
 def _no_arena_sessions() -> None:
@@ -200,6 +250,10 @@ def _child_main(argv: list[str]) -> int:
     except Exception as exc:  # onnxruntime.quantization raises many types
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(json.dumps({"peak_rss_gb": round(peak, 2) if sys.platform.startswith("linux") else None}))
     return 0
 
 

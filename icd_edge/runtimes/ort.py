@@ -42,6 +42,7 @@ class OrtOptions:
     intra_op_threads: int = 0
     io_binding: bool | None = None  # None: on when the session runs on the CUDA provider
     share_weights: bool = False  # shared-base bundles: map each shared initializer once for all sessions
+    mem_arena: bool = True  # False: no CPU arena, memory returned after each run (sequential policy)
 
 
 class OrtSession:
@@ -55,6 +56,11 @@ class OrtSession:
         so.intra_op_num_threads = options.intra_op_threads
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        if not options.mem_arena:
+            # the arena keeps the largest activation set of any run (GBs of attention maps at
+            # 512 px) for the session's lifetime; without it each run frees what it took
+            so.enable_cpu_mem_arena = False
+            so.enable_mem_pattern = False
         for name, value in initializers or ():
             so.add_initializer(name, value)
         if initializers:
@@ -132,6 +138,12 @@ class OrtBackend:
                  share_weights: bool = False):
         self.options = OrtOptions(tuple(providers) if providers else None, intra_op_threads, io_binding, share_weights)
         self._shared_values: dict[tuple, object] = {}
+
+    def prefer_low_memory(self) -> None:
+        """Sessions opened from now on run without the CPU memory arena (the sequential policy)."""
+        import dataclasses
+
+        self.options = dataclasses.replace(self.options, mem_arena=False)
 
     def probe(self) -> Availability:
         if importlib.util.find_spec("onnxruntime") is None:
