@@ -1,6 +1,6 @@
 """Per-operator time of one bundle graph in ONNX Runtime (CPU), from ORT's own profiler.
 
-    python benchmarks/profile_ort.py BUNDLE GRAPH [--runs 2] [--out FILE.json]
+    python benchmarks/profile_ort.py BUNDLE GRAPH [--runs 2] [--fuse-attention] [--model X.onnx] [--out FILE.json]
 
 Feeds are random (shape and dtype from the manifest): the cost of a dense graph does not depend on
 the values. The first run is a warm-up and is left out; the table sums the kernel time per operator
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 
-def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Path | None = None) -> dict:
+def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Path | None = None, fuse: bool = False) -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -34,8 +34,19 @@ def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Pa
     so.enable_profiling = True
     with tempfile.TemporaryDirectory() as tmp:
         so.profile_file_prefix = os.path.join(tmp, "prof")
+        path = Path(model or bundle_dir / art["file"])
+        source, fused = str(path), 0
+        if fuse:  # what the runtime does for the CPU provider (icd_edge.runtimes.ort_attention)
+            import onnx
+
+            from icd_edge.runtimes.ort_attention import fuse_attention
+
+            proto = onnx.load(str(path), load_external_data=False)
+            fused = fuse_attention(proto)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
+            source = proto.SerializeToString()
         t0 = time.perf_counter()
-        sess = ort.InferenceSession(str(model or bundle_dir / art["file"]), sess_options=so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
         load_s = time.perf_counter() - t0
         walls = []
         for _ in range(runs + 1):
@@ -59,7 +70,7 @@ def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Pa
     table = sorted(((op, ms, n // runs) for op, (ms, n) in per_op.items()), key=lambda r: -r[1])
     top = sorted(per_node.items(), key=lambda kv: -kv[1])[:25]
     return {
-        "bundle": str(bundle_dir), "model": str(model or art["file"]), "graph": graph, "precision": art.get("precision"), "load_s": round(load_s, 2),
+        "bundle": str(bundle_dir), "model": str(model or art["file"]), "graph": graph, "precision": art.get("precision"), "fused_attention": fused, "load_s": round(load_s, 2),
         "run_s": [round(w, 3) for w in walls[1:]], "kernel_ms": round(total, 1),
         "ops": [{"op": op, "ms": round(ms, 1), "share": round(ms / total, 3), "nodes": n} for op, ms, n in table],
         "top_nodes": [{"op": op, "node": node, "ms": round(ms, 1)} for (op, node), ms in top],
@@ -73,10 +84,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--fuse-attention", action="store_true", help="fuse plain attention as the runtime does on CPU")
     ap.add_argument("--model", type=Path, help="profile this .onnx instead of the bundle's (same I/O)")
     a = ap.parse_args(argv)
-    res = profile(a.bundle, a.graph, a.runs, a.threads, a.model)
-    print(f"{a.graph} ({res['precision']}): load {res['load_s']} s, runs {res['run_s']} s, kernels {res['kernel_ms']} ms")
+    res = profile(a.bundle, a.graph, a.runs, a.threads, a.model, a.fuse_attention)
+    print(f"{a.graph} ({res['precision']}, {res['fused_attention']} attention layers fused): load {res['load_s']} s, runs {res['run_s']} s, kernels {res['kernel_ms']} ms")
     for r in res["ops"][:20]:
         print(f"  {r['op']:<24} {r['ms']:>9.1f} ms  {100 * r['share']:5.1f} %  {r['nodes']:>5} nodes")
     if a.out:

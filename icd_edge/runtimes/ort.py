@@ -43,6 +43,7 @@ class OrtOptions:
     io_binding: bool | None = None  # None: on when the session runs on the CUDA provider
     share_weights: bool = False  # shared-base bundles: map each shared initializer once for all sessions
     mem_arena: bool = True  # False: no CPU arena, memory returned after each run (sequential policy)
+    fuse_attention: bool = True  # CPU: plain attention as com.microsoft MultiHeadAttention (ort_attention)
 
 
 class OrtSession:
@@ -69,8 +70,12 @@ class OrtSession:
             so.add_session_config_entry("session.disable_prepacking", "1")
         self._shared = initializers  # OrtValues must outlive the session
         providers = list(options.providers or choose_providers(ort.get_available_providers()))
+        model = str(path)
+        self.fused_attention = 0
+        if options.fuse_attention and providers == ["CPUExecutionProvider"]:
+            model = self._fused(path, so)
         try:
-            self._sess = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+            self._sess = ort.InferenceSession(model, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}. The file may be corrupt; re-export the bundle.") from exc
         self.providers = self._sess.get_providers()
@@ -79,6 +84,27 @@ class OrtSession:
         _check_graph_io(graph, path, self._sess.get_outputs(), outputs)
         use_binding = options.io_binding if options.io_binding is not None else self.providers[0] == "CUDAExecutionProvider"
         self._binding = _Binding(self._sess, outputs, self.providers[0]) if use_binding else None
+
+    def _fused(self, path, so):
+        """The graph with its plain attention fused (bytes, weights read from the bundle's files),
+        or the path itself when nothing matched or onnx is not installed."""
+        try:
+            import onnx
+        except ImportError:
+            logger.info("onnx is not installed: %s keeps its explicit attention (pip install onnx)", self.graph)
+            return str(path)
+        from icd_edge.runtimes.ort_attention import fuse_attention
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception:  # let ONNX Runtime report the unreadable file with its own message
+            return str(path)
+        self.fused_attention = fuse_attention(proto)
+        if not self.fused_attention:
+            return str(path)
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
+        logger.debug("%s: %d attention layers fused", self.graph, self.fused_attention)
+        return proto.SerializeToString()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.graph, dict(feeds), self._inputs)
@@ -135,8 +161,9 @@ class OrtBackend:
     fmt = "onnx"
 
     def __init__(self, providers: tuple[str, ...] | None = None, intra_op_threads: int = 0, io_binding: bool | None = None,
-                 share_weights: bool = False):
-        self.options = OrtOptions(tuple(providers) if providers else None, intra_op_threads, io_binding, share_weights)
+                 share_weights: bool = False, fuse_attention: bool = True):
+        self.options = OrtOptions(tuple(providers) if providers else None, intra_op_threads, io_binding, share_weights,
+                                  fuse_attention=fuse_attention)
         self._shared_values: dict[tuple, object] = {}
 
     def prefer_low_memory(self) -> None:
