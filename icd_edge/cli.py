@@ -38,7 +38,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder", default="full", choices=("full", "taesd"),
                    help="final decoder: the full SD VAE, or TAESD (bundles exported with --taesd)")
     p.add_argument("--memory", default="resident", choices=("resident", "sequential", "shared-base"),
-                   help="resident: keep graphs loaded; sequential: one UNet at a time; shared-base: teacher weights "
+                   help="resident: keep graphs loaded; sequential: one graph at a time; shared-base: teacher weights "
                         "mapped once for all UNets (bundles exported with --unet-weights shared-base)")
 
 

@@ -26,6 +26,7 @@ from icd_edge.tokenizer import ClipTokenizer, Tokens
 MODES = ("auto", "refine", "replace")
 MEMORY_POLICIES = ("resident", "sequential", "shared-base")
 UNET_GRAPHS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
+ALWAYS_KEPT = ("taesd_decoder",)  # 1.2 MB, decodes a preview after every step: never released
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,10 @@ class Editor:
         decoder: ``full`` (the SD VAE, default) or ``taesd`` (the tiny decoder, bundles exported
             with ``--taesd``) for final images; previews use TAESD when the bundle has it.
         memory: ``resident`` keeps every graph loaded once used (fastest for many edits);
-            ``sequential`` keeps at most one UNet loaded: opening one closes the others, and the
-            forward UNet is released right after an inversion (on onnxruntime the sessions also
-            run without a memory arena, so activations are freed after each call); ``shared-base`` (bundles exported
+            ``sequential`` keeps one graph loaded at a time (the TAESD preview decoder aside):
+            opening one closes the others, and the forward UNet is released right after an
+            inversion; on onnxruntime the sessions also run without a memory arena, so
+            activations are freed after each call. Lowest peak memory; graphs reload per call; ``shared-base`` (bundles exported
             with ``--unet-weights shared-base``) keeps the UNets resident but maps the teacher's
             weights once for all of them, the LoRAs being separate low-rank branches.
     """
@@ -150,8 +152,9 @@ class Editor:
     # ------------------------------------------------------------------ plumbing
     def _session(self, graph: str):
         with self._lock:
-            if graph not in self._sessions and self.memory == "sequential" and graph in UNET_GRAPHS:
-                for other in [g for g in self._sessions if g in UNET_GRAPHS]:
+            if graph not in self._sessions and self.memory == "sequential" and graph not in ALWAYS_KEPT:
+                # one graph at a time: the peak is the largest graph plus its activations, not a sum
+                for other in [g for g in self._sessions if g not in ALWAYS_KEPT]:
                     self._sessions.pop(other).close()
             if graph not in self._sessions:
                 with self._timed(f"load:{graph}"):

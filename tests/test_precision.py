@@ -106,12 +106,17 @@ def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
     with Editor.open(tiny_bundle, memory=memory) as ed:
         inv = ed.invert(photo, "a photo of a cat")
         assert "unet_forward" not in ed._sessions  # released after the inversion
+        opened = []
+        real_open = ed.backend.open_session
+        ed.backend.open_session = lambda b, g: (opened.append((g, sorted(ed._sessions))), real_open(b, g))[1]
         got = ed.edit(inv, "a photo of a dog", output_type="np")
-        assert [g for g in ed._sessions if g.startswith("unet")] == ["unet_reverse_edit"]
+        # one graph at a time: each opens with nothing else loaded; the decoder is the last one
+        assert [g for g, _ in opened] == ["text_encoder", "unet_reverse_edit", "vae_decoder"]
+        assert all(loaded == [] for _, loaded in opened) and list(ed._sessions) == ["vae_decoder"]
         # sequential sessions keep no memory arena between calls
         assert not any(s._sess.get_session_options().enable_cpu_mem_arena for s in ed._sessions.values())
         ed.reconstruct(inv)
-        assert [g for g in ed._sessions if g.startswith("unet")] == ["unet_reverse"]
+        assert list(ed._sessions) == ["vae_decoder"] and opened[-2][0] == "unet_reverse"
     np.testing.assert_array_equal(ref, got)
     with pytest.raises(InputError, match="memory"):
         Editor.open(tiny_bundle, memory="swap")
