@@ -48,3 +48,22 @@ def test_shared_memory_policy_gives_the_same_image(shared_bundle, tiny_bundle, p
 def test_shared_policy_needs_a_shared_bundle(tiny_bundle):
     with pytest.raises(InputError, match="--unet-weights shared-base"):
         Editor.open(tiny_bundle, memory="shared-base")
+
+
+def test_equal_bytes_of_different_shapes_are_separate_values(tmp_path):
+    """The weight store deduplicates by content, so one byte range can back tensors of different
+    shapes (all-ones norm scales of (320,) and (320, 1, 1) in the full-size UNet); each shape
+    gets its own value (a regression: the second got the first's shape and the full-size
+    shared-base UNet failed with a broadcast error)."""
+    import types
+
+    from icd_edge.runtimes.ort import OrtBackend
+
+    ones = np.ones(320, np.float32)
+    (tmp_path / "w.weights").write_bytes(ones.tobytes())
+    bundle = types.SimpleNamespace(path=lambda rel: tmp_path / rel)
+    backend = OrtBackend(share_weights=True)
+    a = backend._shared_value(bundle, "w.weights", 0, ones.nbytes, "float32", [320])
+    b = backend._shared_value(bundle, "w.weights", 0, ones.nbytes, "float32", [320, 1, 1])
+    assert a.shape() == [320] and b.shape() == [320, 1, 1]
+    assert backend._shared_value(bundle, "w.weights", 0, ones.nbytes, "float32", [320]) is a  # still mapped once

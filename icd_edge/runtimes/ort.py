@@ -195,10 +195,14 @@ class OrtBackend:
         return OrtSession(graph, bundle.path(art["file"]), entry["inputs"], entry["outputs"], self.options, initializers)
 
     def _shared_value(self, bundle, rel: str, offset: int, length: int, dtype: str, dims: list):
-        """One read-only memory map per shared tensor, reused by every session that names it."""
+        """One read-only memory map per shared tensor, reused by every session that names it.
+
+        Keyed by shape and dtype too: the weight store deduplicates by content, so equal bytes
+        can back tensors of different shapes (all-ones norm scales of (320,) and (320, 1, 1)),
+        and a value of the wrong shape fails at run time with a broadcast error."""
         import onnxruntime as ort
 
-        key = (rel, offset, length)
+        key = (rel, offset, length, dtype, tuple(dims))
         if key not in self._shared_values:
             raw = np.memmap(bundle.path(rel), dtype=np.uint8, mode="r", offset=offset, shape=(length,))
             self._shared_values[key] = ort.OrtValue.ortvalue_from_numpy(raw.view(np.dtype(dtype)).reshape(dims))
