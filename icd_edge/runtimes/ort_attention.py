@@ -129,12 +129,17 @@ def fuse_attention(model) -> int:
 
 
 def _drop_dead_nodes(graph) -> None:
-    """Remove nodes none of whose outputs is used (the replaced attention internals)."""
+    """Remove nodes none of whose outputs is used (the replaced attention internals), and the
+    shape annotations of the tensors they made."""
     outputs = {o.name for o in graph.output}
     while True:
         used = {i for n in graph.node for i in n.input} | outputs
         dead = [n for n in graph.node if not any(o in used for o in n.output)]
         if not dead:
-            return
+            break
         for n in dead:
             graph.node.remove(n)
+    made = {o for n in graph.node for o in n.output}
+    stale = [vi for vi in graph.value_info if vi.name not in made]
+    for vi in stale:
+        graph.value_info.remove(vi)
