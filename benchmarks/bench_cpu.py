@@ -2,12 +2,12 @@
 
 Full SD1.5 architecture with random weights (random-sd15), 512 px, 4+4 steps, P2P + local
 blend, on this machine's CPU. Exports the bundles of ``BUNDLES`` (fp32; fp16; fp16 shared-base;
-int8 with every UNet and the VAE quantised plus a random-weight TAESD decoder; int8 shared-base
-with an fp16 text encoder), then runs one edit per configuration in its own process (per-stage ms,
+int8 with every UNet and the VAE quantised plus a random-weight TAESD decoder; the same stored
+shared-base with an int8 text encoder), then runs one edit per configuration in its own process (per-stage ms,
 total, peak RSS) and the torch eager fp32 reference in the same run. Writes
 ``benchmarks/results/cpu.json`` (with ``summary``) and ``benchmarks/results/cpu.png``.
 
-    python benchmarks/bench_cpu.py [--work benchmarks/work] [--only LABEL ...]
+    python benchmarks/bench_cpu.py [--work benchmarks/work] [--only LABEL ... --out X.json] [--merge X.json]
 
 Bundles of an earlier run in --work are reused when complete (their recorded export time);
 delete one to re-time its export.
@@ -30,58 +30,64 @@ from benchmarks.bench_cpu_edit import EDIT, machine, timed_edit  # noqa: E402
 
 INT8_ALL = ("--precision", "int8", "--graph-precision", "unet_forward=int8", "--graph-precision", "vae_encoder=int8",
             "--graph-precision", "vae_decoder=int8", "--graph-precision", "taesd_decoder=int8", "--taesd", "random",
-            "--calibration-count", "2",
-            # static calibration of the batch-2 P2P edit UNet at 512 px needs more than this machine's
-            # 24 GB (ONNX Runtime's calibrator: two copies of the model plus an unoptimised fp32
-            # session; the batch-1 UNets peak at 17.5 GB): weights-only int8 for that graph
-            "--graph-precision", "unet_reverse_edit=int8-dynamic")
+            "--calibration-count", "2")
 BUNDLES = {  # name → export arguments (random-sd15, --parity none; int8 also --calibration DIR)
     "fp32": (),
     "fp16": ("--precision", "fp16"),
     "fp16-shared": ("--precision", "fp16", "--unet-weights", "shared-base"),
-    # every UNet and the VAE in int8 (the speed configuration), with a TAESD decoder
+    # every UNet and the VAE in static int8 (the speed configuration), with a TAESD decoder
     "int8": INT8_ALL,
+    # the same with the teacher's weights stored once and an int8 text encoder (the size configuration)
+    "int8-shared": (*INT8_ALL, "--unet-weights", "shared-base", "--graph-precision", "text_encoder=int8"),
 }
-CONFIGS = [  # (label, bundle, memory, decoder)
+CONFIGS = [  # (label, bundle, memory, decoder); onnxruntime fuses plain attention unless the label ends "-explicit-attn"
     ("fp32-resident", "fp32", "resident", "full"),
     ("fp32-sequential", "fp32", "sequential", "full"),
     ("fp16-resident", "fp16", "resident", "full"),
     ("fp16-sequential", "fp16", "sequential", "full"),
     ("fp16-shared-base", "fp16-shared", "shared-base", "full"),
     ("int8-resident", "int8", "resident", "full"),
+    ("int8-resident-explicit-attn", "int8", "resident", "full"),  # A/B: attention as exported (MatMul/Softmax)
     ("int8-sequential", "int8", "sequential", "full"),
     ("int8-resident-taesd", "int8", "resident", "taesd"),
     ("int8-sequential-taesd", "int8", "sequential", "taesd"),
+    ("int8-shared-base", "int8-shared", "shared-base", "full"),
+    ("int8-shared-base-taesd", "int8-shared", "shared-base", "taesd"),
 ]
 
 
-def worker(bundle: str, memory: str, decoder: str, runs: int) -> dict:
+def worker(bundle: str, memory: str, decoder: str, runs: int, fuse_attention: bool = True) -> dict:
     import numpy as np
     import skimage.data
 
     from icd_edge.editor import Editor
 
     photo = skimage.data.chelsea()
-    ed = Editor.open(bundle, backend="onnxruntime", verify=False, memory=memory, decoder=decoder)
+    ed = Editor.open(bundle, backend="onnxruntime", verify=False, memory=memory, decoder=decoder, fuse_attention=fuse_attention)
     out = []
     for r in range(runs):
         img, rec = timed_edit(ed, photo)
         out.append({"run": r, **rec})
-    np.save(f"{bundle}.{memory}.{decoder}.npy", img)
+    np.save(f"{bundle}.{memory}.{decoder}{'' if fuse_attention else '.explicit'}.npy", img)
     return {"runs": out, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
-def export(out: Path, *args: str) -> float:
-    """Export (timed), or reuse a complete bundle of an earlier run (its recorded export time)."""
+EXPORT_TIMED = "the whole command, timed in this run"
+EXPORT_REUSED = "the exporter's own total recorded in a reused bundle (no interpreter start)"
+
+
+def export(out: Path, *args: str) -> tuple[float, str]:
+    """Export (timed), or reuse a complete bundle of an earlier run (its recorded export time);
+    returns the seconds and what they measure."""
     if (out / "manifest.json").is_file():
         m = json.loads((out / "manifest.json").read_text())
         if m.get("complete") and _same_config(m["export"]["config"], args):
-            return m["export"]["timings"]["total_s"]
+            return m["export"]["timings"]["total_s"], EXPORT_REUSED
         print(f"re-exporting {out.name}: no complete bundle of these arguments", flush=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "icd_edge.export", "--model", "random-sd15", "--out", str(out), "--parity", "none",
                     "--no-progress", *args], check=True, cwd=ROOT)
-    return round(time.perf_counter() - t0, 1)
+    return round(time.perf_counter() - t0, 1), EXPORT_TIMED
 
 
 def _same_config(recorded: dict, args: tuple) -> bool:
@@ -105,15 +111,28 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
     ap.add_argument("--worker", nargs=3, metavar=("BUNDLE", "MEMORY", "DECODER"))
+    ap.add_argument("--explicit-attn", action="store_true", help="worker: keep attention as exported (no fusion)")
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--only", nargs="+", metavar="LABEL", help="run only these configurations (and the reference)")
+    ap.add_argument("--only", nargs="+", metavar="LABEL",
+                    help="run only these configurations (and the reference); other results in cpu.json are kept")
+    ap.add_argument("--export-only", action="store_true", help="export (or reuse) the bundles, run nothing")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
+    ap.add_argument("--merge", type=Path, metavar="JSON",
+                    help="add the configuration runs of a later (--only) report to --out and recompute its summary")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, runs=args.runs)))
+        print(json.dumps(worker(*args.worker, runs=args.runs, fuse_attention=not args.explicit_attn)))
+        return 0
+    if args.merge:
+        report = json.loads(args.out.read_text())
+        merge(report, json.loads(args.merge.read_text()))
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        _chart(report, args.out.with_suffix(".png"))
+        print(json.dumps(report["summary"], indent=1))
         return 0
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "model": "random-sd15 (SD1.5 architecture, random weights), 512 px, 4+4 steps, P2P + blend",
+    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "model": "random-sd15 (SD1.5 architecture, random weights), 512 px, 4+4 steps, P2P + blend",
               "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()}, "exports": {}, "runs": {}}
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     names = sorted({c[1] for c in configs} | {"fp32", "fp16"})
@@ -129,13 +148,17 @@ def main() -> int:
                                                     "coffee.png": ["a cup of coffee", "a cup of tea"]}))
     for n, b in bundles.items():
         extra = ("--calibration", str(calib)) if "int8" in BUNDLES[n] else ()
-        report["exports"][n] = {"args": list(BUNDLES[n]), "export_s": export(b, *BUNDLES[n], *extra), "bundle_gb": size_gb(b)}
+        seconds, measured = export(b, *BUNDLES[n], *extra)
+        report["exports"][n] = {"args": list(BUNDLES[n]), "export_s": seconds, "export_s_measures": measured, "bundle_gb": size_gb(b)}
         m = json.loads((b / "manifest.json").read_text())
         report["exports"][n]["timings"] = m["export"]["timings"]
         report["exports"][n]["precision"] = m["precision"]["graphs"] if "precision" in m else None
         print("bundle", n, report["exports"][n]["bundle_gb"], "GB", report["exports"][n]["export_s"], "s", flush=True)
+    if args.export_only:
+        return 0
     for label, bundle, memory, decoder in configs:
-        proc = subprocess.run([sys.executable, __file__, "--runs", "2" if memory != "sequential" else "1", "--worker",
+        explicit = ["--explicit-attn"] if label.endswith("-explicit-attn") else []
+        proc = subprocess.run([sys.executable, __file__, *explicit, "--runs", "2" if memory != "sequential" else "1", "--worker",
                                str(bundles[bundle]), memory, decoder], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             report["runs"][label] = {"error": proc.stderr[-2000:]}
@@ -153,9 +176,22 @@ def main() -> int:
 
     ref = np.load(work / "edit_torch.npy")
     for label, bundle, memory, decoder in configs:
-        f = Path(f"{bundles[bundle]}.{memory}.{decoder}.npy")
+        f = Path(f"{bundles[bundle]}.{memory}.{decoder}{'.explicit' if label.endswith('-explicit-attn') else ''}.npy")
         if f.exists() and "runs" in report["runs"].get(label, {}):
             report["runs"][label]["psnr_db_vs_torch_fp32"] = round(psnr_db(ref, np.load(f), peak=1.0), 2)
+
+    report["summary"] = summarize(report)
+    report["machine"]["loadavg_at_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    _chart(report, args.out.with_suffix(".png"))
+    print(json.dumps(report["summary"], indent=1))
+    return 0
+
+
+def summarize(report: dict) -> dict:
+    """The issue's summary keys from ``report`` (runs of every configuration it holds)."""
+    configs = [c for c in CONFIGS if c[0] in report["runs"]]
+    bundles = {c[1] for c in configs}
 
     def best(label):
         r = report["runs"].get(label, {})
@@ -165,14 +201,15 @@ def main() -> int:
         vals = [(best(c[0]), c[0]) for c in configs if c[1].startswith(prefix) and (c[3] == "taesd") == taesd and best(c[0])]
         return min(vals) if vals else (None, None)
 
-    torch_s = min(x["edit_s"] for x in report["runs"]["torch-reference"]["runs"]) if "runs" in report["runs"]["torch-reference"] else None
+    ref = report["runs"].get("torch-reference", {})
+    torch_s = min(x["edit_s"] for x in ref["runs"]) if "runs" in ref else None
     rss = sorted((r["peak_rss_gb"], k) for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference")
     int8_s, int8_label = fastest("int8", False)
     taesd_s, taesd_label = fastest("int8", True)
     ran = {c[1] for c in configs if "runs" in report["runs"].get(c[0], {})}  # a bundle counts only if it ran
     int8_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("int8") and n in ran)
     fp16_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("fp16") and n in ran)
-    report["summary"] = {
+    return {
         "machine": f'{report["machine"]["cpu"]}, {report["machine"]["cores"]} cores',
         "edit_s_fp32": best("fp32-resident"),
         "edit_s_fp16": best("fp16-resident"),
@@ -191,13 +228,25 @@ def main() -> int:
         "bundle_gb_int8": int8_sizes[0][0] if int8_sizes else None,
         "bundle_gb_int8_config": int8_sizes[0][1] if int8_sizes else None,
         "export_s": report["exports"]["fp16"]["export_s"],  # the full SD1.5 fp16 export (issue target)
+        "export_s_measures": report["exports"]["fp16"].get("export_s_measures", EXPORT_REUSED),
+        "notes": "Random weights: PSNR figures are not quality figures. Runs marked separate_run come from a later "
+                 "--only run merged in (their own torch reference beside them); ratios use this report's reference.",
     }
-    report["machine"]["loadavg_at_end"] = os.getloadavg()
-    out = ROOT / "benchmarks" / "results" / "cpu.json"
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    _chart(report, ROOT / "benchmarks" / "results" / "cpu.png")
-    print(json.dumps(report["summary"], indent=1))
-    return 0
+
+
+def merge(report: dict, other: dict) -> None:
+    """Add ``other``'s configuration runs (a later ``--only`` run) to ``report``; the summary's
+    speed-ups stay against ``report``'s torch reference, the other run's is kept beside its runs."""
+    ref = other["runs"].get("torch-reference", {})
+    for label, run in other["runs"].items():
+        if label == "torch-reference":
+            continue
+        report["runs"][label] = {**run, "separate_run": {
+            "started": other.get("started"), "torch_reference_edit_s": min((x["edit_s"] for x in ref.get("runs", [])), default=None)}}
+    for name, exp in other["exports"].items():  # a bundle exported afresh replaces a reused one's figures
+        if name not in report["exports"] or exp.get("export_s_measures") == EXPORT_TIMED:
+            report["exports"][name] = exp
+    report["summary"] = summarize(report)
 
 
 def _chart(report: dict, path: Path) -> None:
