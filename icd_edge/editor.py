@@ -92,9 +92,10 @@ class Editor:
             ``sequential`` keeps one graph loaded at a time (the TAESD preview decoder aside):
             opening one closes the others, and the forward UNet is released right after an
             inversion; on onnxruntime the sessions also run without a memory arena, so
-            activations are freed after each call. Lowest peak memory; graphs reload per call; ``shared-base`` (bundles exported
-            with ``--unet-weights shared-base``) keeps the UNets resident but maps the teacher's
-            weights once for all of them, the LoRAs being separate low-rank branches.
+            activations are freed after each call (lowest peak memory; graphs reload per call);
+            ``shared-base`` (bundles exported with ``--unet-weights shared-base``) keeps the UNets
+            resident but maps the teacher's weights once for all of them, the LoRAs being
+            separate low-rank branches.
     """
 
     def __init__(self, bundle: Bundle, backend, progress: bool = False, memory: str = "resident", decoder: str = "full"):

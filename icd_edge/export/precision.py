@@ -2,10 +2,13 @@
 
 * ``fp16``: onnxconverter-common's float16 conversion with fp32 inputs/outputs kept
   (``keep_io_types``), so host math and feeds stay float32.
-* ``int8``: ONNX Runtime static Q/DQ (u8 activations, s8 weights) on Conv/MatMul/Gemm, calibrated
-  on activations recorded along the real iCD trajectories (forward t = 19/259/519/779 with w = 0,
-  reverse 999/779/519/259 for both rows of the edit batch) of the calibration photos. Only
-  the op list avoids the dynamo exporter's shared-constant failure (dependencies.md §5).
+* ``int8``: ONNX Runtime static Q/DQ (u8 activations, s8 per-channel weights) on Conv and the
+  weight MatMuls (attention's activation MatMuls stay float, :func:`activation_matmuls`),
+  calibrated on activations recorded along the real iCD trajectories (forward t = 19/259/519/779
+  with w = 0, reverse 999/779/519/259 for both rows of the edit batch) of the calibration photos;
+  ranges come from :func:`calibrate_ranges`. Only the op list avoids the dynamo exporter's
+  shared-constant failure (dependencies.md §5). Embedding tables become int8 rows
+  (:func:`quantize_embeddings`).
 * ``int8-dynamic``: weights int8, activations quantised at run time (MatMul/Gemm only), no
   calibration.
 By default int8 applies to the two reverse UNets. The forward UNet stays fp32: its error in
@@ -162,7 +165,7 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
     done = []
-    for k, node in enumerate(list(graph.node)):
+    for node in list(graph.node):
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
         if (table is None or axis != 0 or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
@@ -260,7 +263,7 @@ def _child_main(argv: list[str]) -> int:
 def activation_matmuls(path: Path) -> list[str]:
     """MatMul nodes with no weight input: attention's Q·Kᵀ and P·V. They stay float. Quantised,
     ONNX Runtime runs them as QLinearMatMul and fuses the Softmax between them into QLinearSoftmax;
-    in the 512 px int8 forward UNet those two took 39 % + ~15 % of the time and made it slower than
+    in the 512 px int8 forward UNet those two took 39 % + ~25 % of the time and made it slower than
     fp32 (benchmarks/profile_ort.py). Calibrating them also kept every attention map of a run as a
     calibrator output (gigabytes at 512 px)."""
     graph = onnx.load(str(path), load_external_data=False).graph

@@ -58,8 +58,8 @@ class OrtSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         if not options.mem_arena:
-            # the arena keeps the largest activation set of any run (GBs of attention maps at
-            # 512 px) for the session's lifetime; without it each run frees what it took
+            # the arena keeps the largest activation set of any run for the session's
+            # lifetime; without it each run frees what it took
             so.enable_cpu_mem_arena = False
             so.enable_mem_pattern = False
         for name, value in initializers or ():
