@@ -35,6 +35,12 @@ def test_manifest_describes_every_graph(tiny_bundle):
     assert m["vae"]["scaling_factor"] == pytest.approx(0.18215)
     assert m["sources"]["lora"]["forward"]["layout"] == "peft"
     assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    # no exporter debug metadata (stack traces etc.) in the graph files
+    import onnx
+
+    for name in GRAPHS:
+        graph = onnx.load(str(tiny_bundle / "onnx" / f"{name}.onnx"), load_external_data=False).graph
+        assert not any(n.metadata_props or n.doc_string for n in graph.node), name
 
 
 def test_recorded_parity_meets_the_gates(tiny_bundle):

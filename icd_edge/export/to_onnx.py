@@ -86,6 +86,21 @@ def _all_initializers(graph: onnx.GraphProto):
                     yield from _all_initializers(g)
 
 
+def strip_debug_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the exporter's per-node debug metadata (stack trace, class hierarchy, name scopes,
+    namespace): 5.8 MB of a 512 px UNet graph's 6.9 MB, repeated in every graph file and parsed at
+    every session load; nothing reads it at run time."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                strip_debug_metadata(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    strip_debug_metadata(g)
+
+
 def export_graph(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
                  out_path: Path, store: WeightStore, opset: int) -> None:
     """Trace ``module`` at the shapes of ``args`` and write ``out_path`` with weights in ``store``."""
@@ -103,6 +118,7 @@ def export_graph(module: torch.nn.Module, args: tuple, input_names: list[str], o
         program.save(str(tmp), external_data=True)
         del program
         model = onnx.load(str(tmp), load_external_data=True)
+    strip_debug_metadata(model.graph)
     store.externalize(model)
     onnx.save_model(model, str(out_path))
     del model
