@@ -114,7 +114,7 @@ def main() -> int:
     ap.add_argument("--explicit-attn", action="store_true", help="worker: keep attention as exported (no fusion)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--only", nargs="+", metavar="LABEL",
-                    help="run only these configurations (and the reference); other results in cpu.json are kept")
+                    help="run only these configurations (and the reference) into --out; add them to cpu.json with --merge")
     ap.add_argument("--export-only", action="store_true", help="export (or reuse) the bundles, run nothing")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
     ap.add_argument("--merge", type=Path, metavar="JSON",

@@ -36,15 +36,10 @@ def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Pa
         so.profile_file_prefix = os.path.join(tmp, "prof")
         path = Path(model or bundle_dir / art["file"])
         source, fused = str(path), 0
-        if fuse:  # what the runtime does for the CPU provider (icd_edge.runtimes.ort_attention)
-            import onnx
+        if fuse:  # what the runtime does for the CPU provider
+            from icd_edge.runtimes.ort_attention import fused_source
 
-            from icd_edge.runtimes.ort_attention import fuse_attention
-
-            proto = onnx.load(str(path), load_external_data=False)
-            fused = fuse_attention(proto)
-            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
-            source = proto.SerializeToString()
+            source, fused = fused_source(path, so)
         t0 = time.perf_counter()
         sess = ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
         load_s = time.perf_counter() - t0

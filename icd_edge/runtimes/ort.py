@@ -86,25 +86,19 @@ class OrtSession:
         self._binding = _Binding(self._sess, outputs, self.providers[0]) if use_binding else None
 
     def _fused(self, path, so):
-        """The graph with its plain attention fused (bytes, weights read from the bundle's files),
-        or the path itself when nothing matched or onnx is not installed."""
+        """The graph with its plain attention fused, or the path itself when nothing matched or
+        onnx is not installed (see :mod:`icd_edge.runtimes.ort_attention`)."""
         try:
-            import onnx
+            from icd_edge.runtimes.ort_attention import fused_source
+
+            source, self.fused_attention = fused_source(path, so)
         except ImportError:
             logger.info("onnx is not installed: %s keeps its explicit attention (pip install onnx)", self.graph)
             return str(path)
-        from icd_edge.runtimes.ort_attention import fuse_attention
-
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception:  # let ONNX Runtime report the unreadable file with its own message
+        except Exception:  # let ONNX Runtime report an unreadable file with its own message
             return str(path)
-        self.fused_attention = fuse_attention(proto)
-        if not self.fused_attention:
-            return str(path)
-        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent.resolve()))
         logger.debug("%s: %d attention layers fused", self.graph, self.fused_attention)
-        return proto.SerializeToString()
+        return source
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.graph, dict(feeds), self._inputs)
