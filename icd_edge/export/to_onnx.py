@@ -3,11 +3,16 @@
 Graphs that hold the same weights (``unet_reverse`` and ``unet_reverse_edit``) point into one
 data file, so the bundle stores the reverse UNet once. Tensors are deduplicated by content
 and aligned to 4 KiB so onnxruntime can map them.
+
+A graph whose module has the structure of one traced before (the reverse UNet after the forward
+UNet) is not traced again: the kept unoptimised trace gets the module's weights (``retarget``).
+Graphs are optimised, stripped and externalised in memory, never saved and reloaded whole.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import tempfile
@@ -101,23 +106,97 @@ def strip_debug_metadata(graph: onnx.GraphProto) -> None:
                     strip_debug_metadata(g)
 
 
-def export_graph(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str],
-                 out_path: Path, store: WeightStore, opset: int) -> None:
-    """Trace ``module`` at the shapes of ``args`` and write ``out_path`` with weights in ``store``."""
-    with tempfile.TemporaryDirectory(prefix="icd_onnx_") as scratch:
-        tmp = Path(scratch) / "graph.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", FutureWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
-                                            input_names=input_names, output_names=output_names,
-                                            optimize=True, verbose=False)
-            except Exception as exc:  # the exporter raises many internal error types
-                raise ExportError(f"ONNX export of {out_path.stem} failed: {type(exc).__name__}: {exc}") from exc
-        program.save(str(tmp), external_data=True)
-        del program
-        model = onnx.load(str(tmp), load_external_data=True)
+def trace_graph(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str], name: str,
+                opset: int):
+    """Trace ``module`` at the shapes of ``args`` into an unoptimised ``torch.onnx.ONNXProgram``:
+    its initializers still carry the module's parameter and buffer names, so
+    :func:`retarget` can give the same graph another module's weights."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                     input_names=input_names, output_names=output_names,
+                                     optimize=False, verbose=False)
+        except Exception as exc:  # the exporter raises many internal error types
+            raise ExportError(f"ONNX export of {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def same_structure(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether tracing ``b`` would give ``a``'s graph with other weights: the same module tree
+    (types, plain attributes, attention processor types, unregistered tensors by value) and
+    parameters and buffers of the same names, shapes and dtypes."""
+    ma, mb = dict(a.named_modules()), dict(b.named_modules())
+    if ma.keys() != mb.keys():
+        return False
+    for key, x in ma.items():
+        y = mb[key]
+        if type(x) is not type(y):
+            return False
+        vx, vy = vars(x), vars(y)
+        if vx.keys() != vy.keys():
+            return False
+        for k, v in vx.items():
+            w = vy[k]
+            if k in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(v, torch.Tensor):
+                if not (isinstance(w, torch.Tensor) and v.shape == w.shape and v.dtype == w.dtype and torch.equal(v, w)):
+                    return False
+            elif isinstance(v, (bool, int, float, str, bytes, type(None), tuple, list, dict, set)):
+                try:
+                    if bool(v != w):
+                        return False
+                except Exception:  # containers holding tensors or other uncomparable things
+                    return False
+            elif type(v) is not type(w):  # e.g. a diffusers attention processor: its type picks the code path
+                return False
+    ta, tb = _named_tensors(a), _named_tensors(b)
+    return ta.keys() == tb.keys() and all(t.shape == tb[n].shape and t.dtype == tb[n].dtype for n, t in ta.items())
+
+
+def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+
+
+@dataclasses.dataclass
+class Template:
+    """An unoptimised traced program kept to :func:`retarget` (its tensors are shared, not copied)."""
+
+    program: object  # torch.onnx.ONNXProgram
+    module: torch.nn.Module  # what was traced: another module must have the same structure
+    names: frozenset  # the traced module's parameter and buffer names
+
+    @classmethod
+    def of(cls, program, module: torch.nn.Module) -> Template:
+        return cls(torch.onnx.ONNXProgram(program.model.clone(), program.exported_program), module,
+                   frozenset(_named_tensors(module)))
+
+
+def retarget(template: Template, module: torch.nn.Module):
+    """A copy of ``template``'s program carrying ``module``'s weights, for a module of
+    :func:`same_structure` as the traced one: a fraction of a full trace's time."""
+    if not same_structure(template.module, module):
+        raise ExportError("cannot reuse the traced graph: the module's structure differs")
+    model = template.program.model.clone()
+    tensors = _named_tensors(module)
+    named = [n for n in model.graph.initializers if n in template.names]
+    if not named:
+        raise ExportError("cannot reuse the traced graph: none of its initializers is a module weight")
+    program = torch.onnx.ONNXProgram(model, template.program.exported_program)
+    with torch.no_grad():
+        program.apply_weights({n: tensors[n].detach() for n in named})
+    return program
+
+
+def write_program(program, out_path: Path, store: WeightStore) -> None:
+    """Optimise ``program`` (constant folding), drop debug metadata, put its weights into ``store``
+    and write ``out_path``: in memory, without a temporary save and reload of the weights."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        program.optimize()
+        model = program.model_proto
     strip_debug_metadata(model.graph)
     store.externalize(model)
     onnx.save_model(model, str(out_path))
@@ -154,6 +233,11 @@ def export_target(ctx) -> None:
     direct = {g for g, p in precisions.items() if p == "fp16" and g in prec.UNETS and ctx.cfg.unet_weights == "fused"}
     staged = set(precisions.values()) != {"fp32"}  # other precisions start from an fp32 graph
     final: dict[str, WeightStore] = {}
+    # a graph whose module has the structure of an earlier one (the reverse UNet after the
+    # forward UNet: same architecture, other fused weights) reuses that trace with its own weights
+    reuse = _reuse_plan(ctx.graphs)
+    templates: dict[str, Template] = {}
+    names = list(ctx.graphs)
     with tempfile.TemporaryDirectory(prefix="icd_fp32_") as scratch:
         fp32_stores: dict[str, WeightStore] = {}
         try:
@@ -170,10 +254,21 @@ def export_target(ctx) -> None:
                 if group not in stores:
                     stores[group] = WeightStore(folder / f"{group}.weights")
                 t0 = time.perf_counter()
-                export_graph(module, args, [s.name for s in inputs], [s.name for s in outputs],
-                             folder / f"{name}.onnx", stores[group], ctx.cfg.opset)
+                source = reuse.get(name)
+                template = templates.get(source) if source else None
+                if source and not any(reuse.get(later) == source for later in names[names.index(name) + 1:]):
+                    templates.pop(source, None)  # its last user: free the kept trace
+                if template is not None and same_structure(template.module, module):
+                    program = retarget(template, module)
+                    ctx.manifest.setdefault("export", {}).setdefault("reused_traces", {})[name] = reuse[name]
+                else:
+                    program = trace_graph(module, args, [s.name for s in inputs], [s.name for s in outputs], name, ctx.cfg.opset)
+                del template
+                if name in reuse.values():
+                    templates[name] = Template.of(program, module)
+                write_program(program, folder / f"{name}.onnx", stores[group])
                 ctx.timings[f"onnx_{name}_s"] = time.perf_counter() - t0
-                del module
+                del module, program
                 if ctx.progress is not None:
                     ctx.progress.update(1)
             for store in fp32_stores.values():
@@ -194,6 +289,17 @@ def export_target(ctx) -> None:
     ctx.manifest["precision"] = {"requested": ctx.cfg.precision, "graphs": precisions}
     if ctx.cfg.unet_weights == "shared-base":
         ctx.manifest["shared_initializers"] = shared_initializer_table(ctx.out_dir, ctx.manifest["graphs"])
+
+
+def _reuse_plan(graphs: dict[str, torch.nn.Module]) -> dict[str, str]:
+    """graph → the earlier graph whose trace it can reuse (same module structure)."""
+    plan: dict[str, str] = {}
+    names = list(graphs)
+    for i, name in enumerate(names):
+        earlier = next((e for e in names[:i] if e not in plan and same_structure(graphs[e], graphs[name])), None)
+        if earlier is not None:
+            plan[name] = earlier
+    return plan
 
 
 def shared_initializer_table(root: Path, graphs: dict) -> dict[str, list]:

@@ -87,6 +87,11 @@ class UNetEditGraph(nn.Module):
 def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int], taesd=None) -> dict[str, nn.Module]:
     """Every graph module, in eval mode, for a bundle's dims (``taesd_decoder`` when given)."""
     latent = dims["h"]
+    if unet_forward is not unet_reverse:
+        # the edit graph gives the reverse UNet P2P processors (fused attention without controls);
+        # the forward UNet gets them too: its graph is unchanged, and the two UNets then have the
+        # same structure, so the exporter traces once and gives the reverse its own weights
+        install_p2p(unet_forward)
     graphs = {
         "text_encoder": TextEncoderGraph(text_encoder),
         "vae_encoder": VaeEncoderGraph(vae),
