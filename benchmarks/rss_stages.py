@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -21,9 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def rss_gb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+def rss_gb() -> tuple[float, float]:
+    """(total, anonymous) resident GB of this process. The rest is file-backed: mapped weight
+    files, which the kernel can drop and read back."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "RssAnon:")):
+                key, value = line.split(":")
+                fields[key] = int(value.split()[0]) * 1024 / 1e9
+    return fields["VmRSS"], fields["RssAnon"]
 
 
 def main(argv=None) -> int:
@@ -55,10 +61,13 @@ def main(argv=None) -> int:
     thread.join()
     stages = [s for s, _ in ed.profile]
     peaks: dict[str, float] = {}
-    for finished, gb in samples:  # a sample belongs to the stage that finishes next
+    anon: dict[str, float] = {}
+    for finished, (gb, anon_gb) in samples:  # a sample belongs to the stage that finishes next
         name = stages[finished] if finished < len(stages) else "after"
         peaks[name] = round(max(peaks.get(name, 0.0), gb), 2)
-    res = {"bundle": a.bundle, "memory": a.memory, "decoder": a.decoder, "edit_s": rec["edit_s"], "peak_rss_gb_by_stage": peaks}
+        anon[name] = round(max(anon.get(name, 0.0), anon_gb), 2)
+    res = {"bundle": a.bundle, "memory": a.memory, "decoder": a.decoder, "edit_s": rec["edit_s"],
+           "peak_rss_gb_by_stage": peaks, "peak_anon_rss_gb_by_stage": anon}
     print(json.dumps(res, indent=1))
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")

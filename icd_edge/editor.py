@@ -91,8 +91,8 @@ class Editor:
         memory: ``resident`` keeps every graph loaded once used (fastest for many edits);
             ``sequential`` keeps one graph loaded at a time (the TAESD preview decoder aside):
             opening one closes the others, and the forward UNet is released right after an
-            inversion; on onnxruntime the sessions also run without a memory arena, so
-            activations are freed after each call (lowest peak memory; graphs reload per call);
+            inversion; on onnxruntime the sessions also run without planned buffer reuse, so a
+            UNet holds only the activations it is using (lowest peak memory; graphs reload per call);
             ``shared-base`` (bundles exported with ``--unet-weights shared-base``) keeps the UNets
             resident but maps the teacher's weights once for all of them, the LoRAs being
             separate low-rank branches.
@@ -111,7 +111,7 @@ class Editor:
         self.progress = progress
         self.memory = memory
         if memory == "sequential" and hasattr(backend, "prefer_low_memory"):
-            backend.prefer_low_memory()  # onnxruntime: no memory arena kept between runs
+            backend.prefer_low_memory()  # onnxruntime: no planned buffer reuse (lower peak)
         self.profile: list[tuple[str, float]] | None = None  # set to [] to record (stage, ms)
         m = bundle.manifest
         self.image_hw = int(m["dims"]["H"])
@@ -126,7 +126,7 @@ class Editor:
         self.blend_threshold = float(m["p2p"]["blend_threshold"])
         self.tokenizer = ClipTokenizer(bundle.path(m["tokenizer"]["file"]))
         self._sessions: dict = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered by _session → _release_others
         self._prompt_cache: dict[str, tuple[Tokens, np.ndarray]] = {}
 
     @classmethod
@@ -155,8 +155,7 @@ class Editor:
         with self._lock:
             if graph not in self._sessions and self.memory == "sequential" and graph not in ALWAYS_KEPT:
                 # one graph at a time: the peak is the largest graph plus its activations, not a sum
-                for other in [g for g in self._sessions if g not in ALWAYS_KEPT]:
-                    self._sessions.pop(other).close()
+                self._release_others(graph)
             if graph not in self._sessions:
                 with self._timed(f"load:{graph}"):
                     self._sessions[graph] = self.backend.open_session(self.bundle, graph)
@@ -178,6 +177,12 @@ class Editor:
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=desc, delay=1.0, disable=not self.progress, leave=False)
+
+    def _release_others(self, graph: str) -> None:
+        """Close every session but ``graph``'s and the always-kept ones."""
+        with self._lock:
+            for other in [g for g in self._sessions if g != graph and g not in ALWAYS_KEPT]:
+                self._sessions.pop(other).close()
 
     def release(self, graph: str) -> None:
         """Close one graph's session (it reopens on next use)."""
@@ -217,6 +222,8 @@ class Editor:
 
     def _decode(self, latent: np.ndarray, output_type: str, fit: tuple | None = None, fast: bool = False):
         if self.decoder == "taesd" or (fast and "taesd_decoder" in self.bundle.graphs):
+            if not fast and self.memory == "sequential":
+                self._release_others("taesd_decoder")  # a final decode: the UNet is done
             img = self._run("taesd_decoder", "taesd_decoder", latent=latent.astype(np.float32))["image"]
         else:
             img = self._run("vae_decoder", "vae_decoder", latent=(latent / np.float32(self.vae_scale)).astype(np.float32))["image"]

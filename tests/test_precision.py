@@ -102,19 +102,28 @@ def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
     with Editor.open(tiny_bundle, memory="resident") as ed:
         ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np")
         assert {"unet_forward", "unet_reverse_edit"} <= set(ed._sessions)
-        assert ed._sessions["unet_reverse_edit"]._sess.get_session_options().enable_cpu_mem_arena
+        assert ed._sessions["unet_reverse_edit"]._sess.get_session_options().enable_mem_reuse
     with Editor.open(tiny_bundle, memory=memory) as ed:
         inv = ed.invert(photo, "a photo of a cat")
         assert "unet_forward" not in ed._sessions  # released after the inversion
-        opened = []
+        opened, options = [], {}
         real_open = ed.backend.open_session
-        ed.backend.open_session = lambda b, g: (opened.append((g, sorted(ed._sessions))), real_open(b, g))[1]
+
+        def spy(b, g):
+            opened.append((g, sorted(ed._sessions)))
+            sess = real_open(b, g)
+            options[g] = sess._sess.get_session_options()
+            return sess
+
+        ed.backend.open_session = spy
         got = ed.edit(inv, "a photo of a dog", output_type="np")
         # one graph at a time: each opens with nothing else loaded; the decoder is the last one
         assert [g for g, _ in opened] == ["text_encoder", "unet_reverse_edit", "vae_decoder"]
         assert all(loaded == [] for _, loaded in opened) and list(ed._sessions) == ["vae_decoder"]
-        # sequential sessions keep no memory arena between calls
-        assert not any(s._sess.get_session_options().enable_cpu_mem_arena for s in ed._sessions.values())
+        # sequential sessions run without planned buffer reuse, image-resolution graphs without
+        # the arena (lower peak memory)
+        assert not options["vae_decoder"].enable_mem_reuse and not options["vae_decoder"].enable_cpu_mem_arena
+        assert not options["unet_reverse_edit"].enable_mem_reuse and options["unet_reverse_edit"].enable_cpu_mem_arena
         ed.reconstruct(inv)
         assert list(ed._sessions) == ["vae_decoder"] and opened[-2][0] == "unet_reverse"
     np.testing.assert_array_equal(ref, got)

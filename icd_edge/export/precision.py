@@ -346,13 +346,9 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
 
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc keeps it), before the next peak."""
-    import ctypes
-    import ctypes.util
+    from icd_edge.runtimes.ort import trim_heap as trim
 
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim()
 
 
 if __name__ == "__main__":
