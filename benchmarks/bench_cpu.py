@@ -69,7 +69,8 @@ def worker(bundle: str, memory: str, decoder: str, runs: int, fuse_attention: bo
         img, rec = timed_edit(ed, photo)
         out.append({"run": r, **rec})
     np.save(f"{bundle}.{memory}.{decoder}{'' if fuse_attention else '.explicit'}.npy", img)
-    return {"runs": out, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    # ru_maxrss is in KiB; reported in GB (10^9 bytes), the unit of the bundle sizes and the targets
+    return {"runs": out, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
 
 
 EXPORT_TIMED = "the whole command, timed in this run"
@@ -229,8 +230,9 @@ def summarize(report: dict) -> dict:
         "bundle_gb_int8_config": int8_sizes[0][1] if int8_sizes else None,
         "export_s": report["exports"]["fp16"]["export_s"],  # the full SD1.5 fp16 export (issue target)
         "export_s_measures": report["exports"]["fp16"].get("export_s_measures", EXPORT_REUSED),
-        "notes": "Random weights: PSNR figures are not quality figures. Runs marked separate_run come from a later "
-                 "--only run merged in (their own torch reference beside them); ratios use this report's reference.",
+        "notes": "Random weights: PSNR figures are not quality figures. GB are 10^9 bytes (sizes and the worker's peak "
+                 "RSS, ru_maxrss). Runs marked separate_run come from a later --only run merged in (their own torch "
+                 "reference beside them); ratios use this report's reference.",
     }
 
 

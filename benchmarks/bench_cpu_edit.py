@@ -91,7 +91,7 @@ def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
     from icd_edge.image import array_to_pil
 
     array_to_pil(img).save(out_png)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB → GB (10^9 bytes, like bundle sizes)
     return {"backend": backend, "setup_s": round(setup_s, 2), "runs": results, "peak_rss_gb": round(peak, 2)}
 
 
