@@ -71,6 +71,12 @@ def test_int8_bundle(int8_bundle, photo, tmp_path):
     te = onnx.load(str(int8_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph
     assert any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_int8") for t in te.initializer)
     assert m["calibration"]["feeds"]["unet_reverse_edit"] == 4 and m["calibration"]["feeds"]["unet_reverse"] == 4
+    # the time embedding's Gemm weights, which the static quantiser leaves float, are weight-only int8
+    assert {"unet_reverse", "unet_reverse_edit"} <= set(m["int8_gemm_weights"])
+    g = onnx.load(str(int8_bundle / "onnx" / "unet_reverse.onnx"), load_external_data=False).graph
+    dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_int8")}
+    gemms = [n for n in g.node if n.op_type == "Gemm"]
+    assert gemms and all(n.input[1] in dq for n in gemms)
     # each quantiser process reports its peak RSS (Linux), recorded for memory planning
     assert set(m["quantiser_peak_rss_gb"]) == {"text_encoder", "unet_reverse", "unet_reverse_edit"}
     assert all(0.05 < v < 8 for v in m["quantiser_peak_rss_gb"].values())
@@ -240,6 +246,44 @@ def test_int8_keeps_attention_matmuls_float(int8_bundle):
         for n in graph.node:
             if n.op_type == "Softmax":
                 assert all(prod.get(i) is None or prod[i].op_type != "DequantizeLinear" for i in n.input)
+
+
+def test_quantize_gemm_weights_per_output_channel():
+    """Large float Gemm weights (the UNet's time-embedding linears) become int8 + a scale per output
+    channel behind a DequantizeLinear, for either layout of B; ONNX Runtime's result stays within the
+    quantisation error; small weights and weights another op reads are left alone."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from icd_edge.export.precision import quantize_gemm_weights
+
+    rng = np.random.default_rng(0)
+    wt = (rng.standard_normal((96, 64)) * rng.uniform(0.01, 2.0, (96, 1))).astype(np.float32)  # (N, K), transB=1
+    wn = (rng.standard_normal((64, 80)) * rng.uniform(0.01, 2.0, (1, 80))).astype(np.float32)  # (K, N)
+    small = rng.standard_normal((64, 8)).astype(np.float32)
+    shared = rng.standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "wt"], ["a"], name="g1", transB=1),
+         helper.make_node("Gemm", ["x", "wn"], ["b"], name="g2"),
+         helper.make_node("Gemm", ["x", "small"], ["c"], name="g3"),
+         helper.make_node("Gemm", ["x", "shared"], ["d"], name="g4"),
+         helper.make_node("MatMul", ["x", "shared"], ["e"], name="m")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2, n]) for o, n in zip("abcde", (96, 80, 8, 64, 64))],
+        [numpy_helper.from_array(a, n) for a, n in ((wt, "wt"), (wn, "wn"), (small, "small"), (shared, "shared"))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_gemm_weights(model, min_elements=1000) == ["wt", "wn"]
+    onnx.checker.check_model(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    assert inits["wt_int8"].data_type == inits["wn_int8"].data_type == TensorProto.INT8
+    assert {"small", "shared"} <= set(inits) and not {"wt", "wn"} & set(inits)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    a, b, c, d, _ = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for got, want, step in ((a, x @ wt.T, np.abs(wt).max(1) / 127), (b, x @ wn, np.abs(wn).max(0) / 127)):
+        bound = np.abs(x).sum(1, keepdims=True) * step[None] / 2  # half a step per weight, summed over K
+        assert np.all(np.abs(got - want) <= bound + 1e-5) and not np.allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(c, x @ small, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(d, x @ shared, rtol=1e-5, atol=1e-5)
 
 
 def test_quantize_embeddings_rows():

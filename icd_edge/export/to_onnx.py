@@ -357,6 +357,8 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
             ctx.manifest.setdefault("quantiser_peak_rss_gb", {})[name] = info["peak_rss_gb"]
         if info.get("int8_embeddings"):
             ctx.manifest.setdefault("int8_embeddings", {})[name] = info["int8_embeddings"]
+        if info.get("int8_gemm_weights"):  # weight-only int8 (time-embedding linears)
+            ctx.manifest.setdefault("int8_gemm_weights", {})[name] = len(info["int8_gemm_weights"])
 
 
 def _page_out_modules(ctx, scratch: Path) -> None:
