@@ -245,8 +245,9 @@ def merge(report: dict, other: dict) -> None:
             continue
         report["runs"][label] = {**run, "separate_run": {
             "started": other.get("started"), "torch_reference_edit_s": min((x["edit_s"] for x in ref.get("runs", [])), default=None)}}
-    for name, exp in other["exports"].items():  # a bundle exported afresh replaces a reused one's figures
-        if name not in report["exports"] or exp.get("export_s_measures") == EXPORT_TIMED:
+    for name, exp in other["exports"].items():  # a bundle exported again (in that run or before it) replaces the earlier one's figures
+        if name not in report["exports"] or exp.get("export_s_measures") == EXPORT_TIMED \
+                or exp.get("timings") != report["exports"][name].get("timings"):
             report["exports"][name] = exp
     report["summary"] = summarize(report)
 

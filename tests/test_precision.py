@@ -4,6 +4,7 @@ memory policies give the same image as ``resident``."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -315,3 +316,19 @@ def test_quantize_embeddings_rows():
     want = vocab[ids] + pos[pid]
     step = (np.abs(vocab).max(1) / 127)[ids][..., None]
     assert np.all(np.abs(y - want) <= step / 2 + 1e-6) and not np.array_equal(y, want)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's /proc")
+def test_quantiser_peak_is_the_childs_own(tmp_path):
+    """The quantiser child's recorded peak is its own: Linux carries ru_maxrss over from the
+    forked parent, so a child of a large exporter used to report the exporter's size."""
+    import resource
+    import subprocess
+
+    big = np.ones(600_000_000 // 8)  # the parent holds 0.6 GB when it starts the child
+    code = ("import json, resource; from icd_edge.export.precision import _own_peak_rss_gb; "
+            "print(json.dumps([_own_peak_rss_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9]))")
+    own, inherited = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout)
+    assert big.sum() > 0 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 > 0.6
+    assert inherited > 0.6 and 0.005 < own < 0.4

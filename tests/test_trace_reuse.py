@@ -48,7 +48,7 @@ def test_retargeted_trace_equals_a_fresh_trace(tiny_graphs, tmp_path):
     args = tuple(torch.from_numpy(feeds[n]) for n in INPUTS)
     traced = trace_graph(fwd, args, INPUTS, ["eps"], "unet_forward", 18)
     template = Template.of(traced, fwd)
-    _write(traced, tmp_path / "fwd.onnx")
+    _write(retarget(template, fwd), tmp_path / "fwd.onnx")  # as the exporter does
     _write(retarget(template, rev), tmp_path / "rev_reused.onnx")
     _write(trace_graph(rev, args, INPUTS, ["eps"], "unet_reverse", 18), tmp_path / "rev_fresh.onnx")
 
@@ -57,6 +57,11 @@ def test_retargeted_trace_equals_a_fresh_trace(tiny_graphs, tmp_path):
     ops = {p: [n.op_type for n in onnx.load(str(tmp_path / p), load_external_data=False).graph.node]
            for p in ("fwd.onnx", "rev_reused.onnx", "rev_fresh.onnx")}
     assert ops["rev_reused.onnx"] == ops["rev_fresh.onnx"]
+    # the forward and the reused reverse graph differ in weight values only: same nodes, same names
+    graphs = {p: onnx.load(str(tmp_path / p), load_external_data=False).graph for p in ("fwd.onnx", "rev_reused.onnx")}
+    nodes = {p: [(n.op_type, list(n.input), list(n.output)) for n in g.node] for p, g in graphs.items()}
+    assert nodes["fwd.onnx"] == nodes["rev_reused.onnx"]
+    assert [t.name for t in graphs["fwd.onnx"].initializer] == [t.name for t in graphs["rev_reused.onnx"].initializer]
     reused, fresh, forward = (_run(tmp_path / p, feeds) for p in ("rev_reused.onnx", "rev_fresh.onnx", "fwd.onnx"))
     np.testing.assert_allclose(reused, fresh, rtol=0, atol=1e-6)
     with torch.no_grad():

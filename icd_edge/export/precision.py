@@ -293,11 +293,22 @@ def _child_main(argv: list[str]) -> int:
     except Exception as exc:  # onnxruntime.quantization raises many types
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print(json.dumps({"peak_rss_gb": round(peak, 2) if sys.platform.startswith("linux") else None}))
+    print(json.dumps({"peak_rss_gb": _own_peak_rss_gb()}))
     return 0
+
+
+def _own_peak_rss_gb() -> float | None:
+    """This process's peak RSS in GB since its exec (Linux ``VmHWM``; None elsewhere). Not
+    ``ru_maxrss``: Linux carries that over from the forked parent, so a child of a 12 GB exporter
+    reported 12 GB whatever it used itself."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) * 1024 / 1e9, 2)
+    except OSError:
+        pass
+    return None
 
 
 def activation_matmuls(path: Path) -> list[str]:

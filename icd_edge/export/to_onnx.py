@@ -266,6 +266,9 @@ def export_target(ctx) -> None:
                 del template
                 if name in reuse.values():
                     templates[name] = Template.of(program, module)
+                    # written from a clone like the graphs that reuse it: the optimiser then names
+                    # its folded constants alike in all of them (TensorRT refits by name)
+                    program = retarget(templates[name], module)
                 write_program(program, folder / f"{name}.onnx", stores[group])
                 ctx.timings[f"onnx_{name}_s"] = time.perf_counter() - t0
                 del module, program
