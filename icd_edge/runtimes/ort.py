@@ -33,8 +33,8 @@ IMAGE_GRAPHS = ("vae_encoder", "vae_decoder", "taesd_decoder")  # activations at
 
 
 def trim_heap() -> None:
-    """Give freed heap memory back to the OS: glibc keeps what a closed session freed (0.3 GB after
-    the batch-2 edit UNet), which the next graph would otherwise sit on top of. No-op off glibc."""
+    """Give freed heap memory back to the OS: glibc keeps freed chunks below its mmap threshold in
+    the process, and the next graph would sit on top of what a closed session left. No-op off glibc."""
     import ctypes
     import ctypes.util
 
@@ -83,7 +83,8 @@ class OrtSession:
             so.enable_mem_pattern = False
             if graph in IMAGE_GRAPHS:
                 # image-resolution activations (134 MB tensors at 512 px) fragment the arena: the
-                # int8 VAE decoder peaked at 2.1 GB with it, 1.1-1.4 GB without (a little slower)
+                # int8 VAE decoder peaked at 2.1 GB with it, 1.1-1.4 GB without, at a price (its
+                # decode took 7.5 s in the sequential benchmark row, 5.2 s resident)
                 so.enable_cpu_mem_arena = False
         for name, value in initializers or ():
             so.add_initializer(name, value)
