@@ -83,8 +83,10 @@ class OrtSession:
             so.enable_mem_pattern = False
             if graph in IMAGE_GRAPHS:
                 # image-resolution activations (134 MB tensors at 512 px) fragment the arena: the
-                # int8 VAE decoder peaked at 2.1 GB with it, 1.1-1.4 GB without, at a price (its
-                # decode took 7.5 s in the sequential benchmark row, 5.2 s resident)
+                # int8 VAE decoder peaked at 2.1 GB with it. Without it: 1.0-1.1 GB and 6.7-7.4 s a
+                # decode with planned reuse off (as here), 1.3 GB and 4.8-5.2 s with it on (the
+                # resident arena path takes 5.2 s); the 0.25 GB would put a full-VAE sequential
+                # edit over 2 GB, so the lean policy pays the time
                 so.enable_cpu_mem_arena = False
         for name, value in initializers or ():
             so.add_initializer(name, value)
