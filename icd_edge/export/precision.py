@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 
 from icd_edge.errors import ExportError
+from icd_edge.runtimes.ort import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -173,14 +174,12 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str
         if (table is None or axis != 0 or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
                 or table.dims[0] < min_rows or uses[table.name] != 1):
             continue
-        w = numpy_helper.to_array(table)
-        scale = np.abs(w).max(axis=1, keepdims=True) / np.float32(127)
-        scale[scale == 0] = 1
-        q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+        q, scale = _symmetric_int8(numpy_helper.to_array(table), axis=0)
+        scale = scale[:, None]  # one per row, broadcast over the gathered rows
         name, ids, out = table.name, node.input[1], node.output[0]
         graph.initializer.remove(table)
         graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
-                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_row_scale")])
+                                  numpy_helper.from_array(scale, f"{name}_row_scale")])
         pos = list(graph.node).index(node)
         graph.node.remove(node)
         for j, new in enumerate([
@@ -191,6 +190,14 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str
             graph.node.insert(pos + j, new)
         done.append(name)
     return done
+
+
+def _symmetric_int8(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-D ``w`` as int8 in [-127, 127] with one float32 scale per index of ``axis``."""
+    scale = (np.abs(w).max(axis=1 - axis) / np.float32(127)).astype(np.float32)
+    scale[scale == 0] = 1
+    q = np.clip(np.rint(w / np.expand_dims(scale, 1 - axis)), -127, 127).astype(np.int8)
+    return q, scale
 
 
 def quantize_gemm_weights(model: onnx.ModelProto, min_elements: int = 4096) -> list[str]:
@@ -217,13 +224,10 @@ def quantize_gemm_weights(model: onnx.ModelProto, min_elements: int = 4096) -> l
         if len(trans) != 1:
             continue
         axis = 0 if trans.pop() else 1  # the output-channel axis of B
-        w = numpy_helper.to_array(t)
-        scale = np.abs(w).max(axis=1 - axis) / np.float32(127)
-        scale[scale == 0] = 1
-        q = np.clip(np.rint(w / np.expand_dims(scale, 1 - axis)), -127, 127).astype(np.int8)
+        q, scale = _symmetric_int8(numpy_helper.to_array(t), axis)
         graph.initializer.remove(t)
         graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
-                                  numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")])
+                                  numpy_helper.from_array(scale, f"{name}_scale")])
         first = min(list(graph.node).index(n) for n in nodes)
         graph.node.insert(first, helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name],
                                                   name=f"{name}_weight_dq", axis=axis))
@@ -393,13 +397,6 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=INT8_PER_CHANNEL, use_external_data_format=True,
                             calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it), before the next peak."""
-    from icd_edge.runtimes.ort import trim_heap as trim
-
-    trim()
 
 
 if __name__ == "__main__":

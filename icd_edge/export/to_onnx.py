@@ -26,7 +26,7 @@ import torch
 from onnx import numpy_helper
 
 from icd_edge.errors import ExportError
-from icd_edge.export.precision import trim_heap as _trim_heap
+from icd_edge.runtimes.ort import trim_heap as _trim_heap
 from icd_edge.export.wrappers import HalfGraph
 
 logger = logging.getLogger(__name__)
@@ -258,10 +258,14 @@ def export_target(ctx) -> None:
                 template = templates.get(source) if source else None
                 if source and not any(reuse.get(later) == source for later in names[names.index(name) + 1:]):
                     templates.pop(source, None)  # its last user: free the kept trace
-                if template is not None and same_structure(template.module, module):
-                    program = retarget(template, module)
-                    ctx.manifest.setdefault("export", {}).setdefault("reused_traces", {})[name] = reuse[name]
-                else:
+                program = None
+                if template is not None:
+                    try:
+                        program = retarget(template, module)
+                        ctx.manifest.setdefault("export", {}).setdefault("reused_traces", {})[name] = source
+                    except ExportError:  # e.g. fp16 forward, fp32 reverse: trace it
+                        program = None
+                if program is None:
                     program = trace_graph(module, args, [s.name for s in inputs], [s.name for s in outputs], name, ctx.cfg.opset)
                 del template
                 if name in reuse.values():
