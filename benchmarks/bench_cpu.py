@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -40,7 +41,8 @@ BUNDLES = {  # name → export arguments (random-sd15, --parity none; int8 also 
     # the same with the teacher's weights stored once and an int8 text encoder (the size configuration)
     "int8-shared": (*INT8_ALL, "--unet-weights", "shared-base", "--graph-precision", "text_encoder=int8"),
 }
-CONFIGS = [  # (label, bundle, memory, decoder); onnxruntime fuses plain attention unless the label ends "-explicit-attn"
+CONFIGS = [  # (label, bundle, memory, decoder[, backend options]); onnxruntime unless the options say otherwise.
+    # onnxruntime fuses plain attention unless the label ends "-explicit-attn"
     ("fp32-resident", "fp32", "resident", "full"),
     ("fp32-sequential", "fp32", "sequential", "full"),
     ("fp16-resident", "fp16", "resident", "full"),
@@ -53,22 +55,48 @@ CONFIGS = [  # (label, bundle, memory, decoder); onnxruntime fuses plain attenti
     ("int8-sequential-taesd", "int8", "sequential", "taesd"),
     ("int8-shared-base", "int8-shared", "shared-base", "full"),
     ("int8-shared-base-taesd", "int8-shared", "shared-base", "taesd"),
+    # the same bundles on OpenVINO (precision auto: fp32 graphs in float32, int8 graphs' float parts in bfloat16)
+    ("openvino-fp32-resident", "fp32", "resident", "full", {"backend": "openvino"}),
+    ("openvino-fp32-bf16-resident", "fp32", "resident", "full", {"backend": "openvino", "precision": "bf16"}),
+    ("openvino-int8-resident", "int8", "resident", "full", {"backend": "openvino"}),
+    ("openvino-int8-f32-resident", "int8", "resident", "full", {"backend": "openvino", "precision": "f32"}),
+    ("openvino-int8-sequential", "int8", "sequential", "full", {"backend": "openvino"}),
+    ("openvino-int8-resident-taesd", "int8", "resident", "taesd", {"backend": "openvino"}),
+    ("openvino-int8-sequential-taesd", "int8", "sequential", "taesd", {"backend": "openvino"}),
 ]
 
 
-def worker(bundle: str, memory: str, decoder: str, runs: int, fuse_attention: bool = True) -> dict:
+def backend_of(config: tuple) -> dict:
+    """``{"backend": name, **options}`` of a CONFIGS row."""
+    extra = dict(config[4]) if len(config) > 4 else {}
+    extra.setdefault("backend", "onnxruntime")
+    if extra["backend"] == "onnxruntime" and config[0].endswith("-explicit-attn"):
+        extra["fuse_attention"] = False
+    return extra
+
+
+def image_file(bundle: Path, config: tuple) -> Path:
+    """Where a configuration's worker leaves its edited image (compared with torch afterwards)."""
+    return Path(f"{bundle}.{config[0]}.npy")
+
+
+def worker(label: str, bundle: str, runs: int, cache_dir: str) -> dict:
     import numpy as np
     import skimage.data
 
     from icd_edge.editor import Editor
 
+    config = next(c for c in CONFIGS if c[0] == label)
+    options = backend_of(config)
+    if options["backend"] == "openvino":
+        options["cache_dir"] = cache_dir
     photo = skimage.data.chelsea()
-    ed = Editor.open(bundle, backend="onnxruntime", verify=False, memory=memory, decoder=decoder, fuse_attention=fuse_attention)
+    ed = Editor.open(bundle, verify=False, memory=config[2], decoder=config[3], **options)
     out = []
     for r in range(runs):
         img, rec = timed_edit(ed, photo)
         out.append({"run": r, **rec})
-    np.save(f"{bundle}.{memory}.{decoder}{'' if fuse_attention else '.explicit'}.npy", img)
+    np.save(image_file(Path(bundle), config), img)
     # ru_maxrss is in KiB; reported in GB (10^9 bytes), the unit of the bundle sizes and the targets
     return {"runs": out, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
 
@@ -111,8 +139,8 @@ def size_gb(path: Path) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
-    ap.add_argument("--worker", nargs=3, metavar=("BUNDLE", "MEMORY", "DECODER"))
-    ap.add_argument("--explicit-attn", action="store_true", help="worker: keep attention as exported (no fusion)")
+    ap.add_argument("--worker", nargs=2, metavar=("LABEL", "BUNDLE"))
+    ap.add_argument("--ov-cache", default="", help="worker: OpenVINO's compiled-graph cache ('' none)")
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--only", nargs="+", metavar="LABEL",
                     help="run only these configurations (and the reference) into --out; add them to cpu.json with --merge")
@@ -122,7 +150,7 @@ def main() -> int:
                     help="add the configuration runs of a later (--only) report to --out and recompute its summary")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(*args.worker, runs=args.runs, fuse_attention=not args.explicit_attn)))
+        print(json.dumps(worker(*args.worker, runs=args.runs, cache_dir=args.ov_cache)))
         return 0
     if args.merge:
         report = json.loads(args.out.read_text())
@@ -157,15 +185,19 @@ def main() -> int:
         print("bundle", n, report["exports"][n]["bundle_gb"], "GB", report["exports"][n]["export_s"], "s", flush=True)
     if args.export_only:
         return 0
-    for label, bundle, memory, decoder in configs:
-        explicit = ["--explicit-attn"] if label.endswith("-explicit-attn") else []
-        proc = subprocess.run([sys.executable, __file__, *explicit, "--runs", "2" if memory != "sequential" else "1", "--worker",
-                               str(bundles[bundle]), memory, decoder], capture_output=True, text=True, cwd=ROOT)
+    # OpenVINO compiles each graph once per machine (a cache keyed by content and options): emptied here,
+    # so the first configuration of a bundle and precision compiles and the later ones load compiled graphs
+    ov_cache = work / "openvino-cache"
+    shutil.rmtree(ov_cache, ignore_errors=True)
+    for config in configs:
+        label, bundle, memory = config[:3]
+        proc = subprocess.run([sys.executable, __file__, "--runs", "2" if memory != "sequential" else "1", "--ov-cache",
+                               str(ov_cache), "--worker", label, str(bundles[bundle])], capture_output=True, text=True, cwd=ROOT)
         if proc.returncode:
             report["runs"][label] = {"error": proc.stderr[-2000:]}
             print(label, "FAILED", proc.stderr[-500:], flush=True)
             continue
-        report["runs"][label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        report["runs"][label] = {"backend": backend_of(config), **json.loads(proc.stdout.strip().splitlines()[-1])}
         print(label, json.dumps(report["runs"][label])[:300], flush=True)
     # torch eager fp32 reference, same machine, same run (from bench_cpu_edit's worker)
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_edit.py"), "--runs", "1", "--worker", "torch",
@@ -176,8 +208,8 @@ def main() -> int:
     from icd_edge.export.parity import psnr_db
 
     ref = np.load(work / "edit_torch.npy")
-    for label, bundle, memory, decoder in configs:
-        f = Path(f"{bundles[bundle]}.{memory}.{decoder}{'.explicit' if label.endswith('-explicit-attn') else ''}.npy")
+    for config in configs:
+        label, f = config[0], image_file(bundles[config[1]], config)
         if f.exists() and "runs" in report["runs"].get(label, {}):
             report["runs"][label]["psnr_db_vs_torch_fp32"] = round(psnr_db(ref, np.load(f), peak=1.0), 2)
 
@@ -207,6 +239,10 @@ def summarize(report: dict) -> dict:
     rss = sorted((r["peak_rss_gb"], k) for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference")
     int8_s, int8_label = fastest("int8", False)
     taesd_s, taesd_label = fastest("int8", True)
+
+    def psnr(label):
+        return report["runs"].get(label, {}).get("psnr_db_vs_torch_fp32")
+
     ran = {c[1] for c in configs if "runs" in report["runs"].get(c[0], {})}  # a bundle counts only if it ran
     int8_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("int8") and n in ran)
     fp16_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("fp16") and n in ran)
@@ -216,8 +252,10 @@ def summarize(report: dict) -> dict:
         "edit_s_fp16": best("fp16-resident"),
         "edit_s_int8": int8_s,
         "edit_s_int8_config": int8_label,
+        "edit_s_int8_psnr_db_vs_torch_fp32": psnr(int8_label),
         "edit_s_int8_taesd": taesd_s,
         "edit_s_int8_taesd_config": taesd_label,
+        "edit_s_int8_taesd_psnr_db_vs_torch_fp32": psnr(taesd_label),
         "edit_s_torch_reference": torch_s,
         "speedup_vs_reference_int8": round(torch_s / int8_s, 2) if torch_s and int8_s else None,
         "speedup_vs_reference_fp32": round(torch_s / best("fp32-resident"), 2) if torch_s and best("fp32-resident") else None,

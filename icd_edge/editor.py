@@ -145,7 +145,7 @@ class Editor:
             backend_options = {**backend_options, "share_weights": True}
             backend = "onnxruntime" if backend == "auto" else backend
         try:
-            chosen = select_backend(backend, b, **backend_options)
+            chosen = select_backend(backend, b, low_memory=memory == "sequential", **backend_options)
         except TypeError as exc:  # an option this backend does not take
             raise InputError(f"backend {backend!r} does not accept these options ({exc}); shared-base runs on onnxruntime") from exc
         return cls(b, chosen, progress=progress, memory=memory, decoder=decoder)

@@ -23,6 +23,19 @@ def run_cli(*args: str, module: str = "icd_edge", check: bool = False, timeout: 
     return proc
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _openvino_cache(tmp_path_factory):
+    """OpenVINO's compiled-graph cache in the test session's temp folder, not the user's ~/.cache
+    (subprocesses inherit it)."""
+    old = os.environ.get("ICD_EDGE_CACHE")
+    os.environ["ICD_EDGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("ICD_EDGE_CACHE", None)
+    else:
+        os.environ["ICD_EDGE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """The tiny model exported with ONNX graphs and torch reference weights (about 1-2 min)."""

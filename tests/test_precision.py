@@ -106,11 +106,11 @@ def test_int8_dynamic_and_gate(tmp_path_factory):
 
 @pytest.mark.parametrize("memory", ["sequential"])
 def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
-    with Editor.open(tiny_bundle, memory="resident") as ed:
+    with Editor.open(tiny_bundle, "onnxruntime", memory="resident") as ed:
         ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np")
         assert {"unet_forward", "unet_reverse_edit"} <= set(ed._sessions)
         assert ed._sessions["unet_reverse_edit"]._sess.get_session_options().enable_mem_reuse
-    with Editor.open(tiny_bundle, memory=memory) as ed:
+    with Editor.open(tiny_bundle, "onnxruntime", memory=memory) as ed:
         inv = ed.invert(photo, "a photo of a cat")
         assert "unet_forward" not in ed._sessions  # released after the inversion
         opened, options = [], {}

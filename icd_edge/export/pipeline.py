@@ -382,7 +382,9 @@ def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict, cal
     """Invert + P2P edit with local blend, and generate: ONNX Runtime vs torch fp32, decoded images.
 
     For reduced precisions the edit is also compared on the calibration photos; the gate applies
-    to the mean over all edit cases.
+    to the mean over all edit cases. Where OpenVINO is installed the same cases also run on the
+    openvino backend (its default precision rule) and are recorded under ``openvino``; the gate
+    is ONNX Runtime's, OpenVINO's figures say whether they meet it.
     """
     from icd_edge.editor import Editor
     from icd_edge.manifest import open_bundle
@@ -398,8 +400,11 @@ def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict, cal
                                                                      calibration_cfg.calibration_count)):
             cases.append((f"calibration_{i}", img, src, tgt, blend))
     editors = {label: Editor(bundle, b) for label, b in (("torch", TorchBackend(graphs)), ("onnxruntime", OrtBackend()))}
+    ov = _openvino_backend()
+    if ov is not None:
+        editors["openvino"] = Editor(bundle, ov)
     precision = sorted({g["artifacts"]["onnx"]["precision"] for g in bundle.graphs.values()})
-    out = {}
+    out, ov_cases = {}, {}
     for name, photo, src, tgt, blend in cases:
         images = {}
         for label, ed in editors.items():
@@ -410,10 +415,27 @@ def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict, cal
         out[key] = {"backend": "onnxruntime", "precision": "+".join(precision), "source": src, "target": tgt,
                     "psnr_db": round(parity_mod.psnr_db(images["torch"], images["onnxruntime"], peak=1.0), 2),
                     "max_abs_err": parity_mod.max_abs_err(images["torch"], images["onnxruntime"])}
+        if "openvino" in images:
+            ov_cases[key] = {"psnr_db": round(parity_mod.psnr_db(images["torch"], images["openvino"], peak=1.0), 2),
+                             "max_abs_err": parity_mod.max_abs_err(images["torch"], images["openvino"])}
     images = {label: ed.generate("a photo of a dog", seed=1, output_type="np") for label, ed in editors.items()}
     out["generate"] = {"backend": "onnxruntime", "precision": "+".join(precision),
                        "psnr_db": round(parity_mod.psnr_db(images["torch"], images["onnxruntime"], peak=1.0), 2),
                        "max_abs_err": parity_mod.max_abs_err(images["torch"], images["onnxruntime"])}
+    if "openvino" in editors:
+        import openvino
+
+        hints = {g: s.precision for g, s in editors["openvino"]._sessions.items()}
+        ov_cases["generate"] = {"psnr_db": round(parity_mod.psnr_db(images["torch"], images["openvino"], peak=1.0), 2),
+                                "max_abs_err": parity_mod.max_abs_err(images["torch"], images["openvino"])}
+        ov_mean = round(float(np.mean([v["psnr_db"] for k, v in ov_cases.items() if k.startswith("edit")])), 2)
+        out["openvino"] = {"version": openvino.__version__.split("-")[0], "precision": "auto",
+                           "inference_precision": dict(sorted(hints.items())), **ov_cases, "edit_mean_psnr_db": ov_mean,
+                           "meets_gate": bool(ov_mean >= min_psnr and ov_cases["generate"]["psnr_db"] >= min_psnr)}
+        if not out["openvino"]["meets_gate"]:
+            logger.warning("OpenVINO (precision auto) vs torch: edit %.2f dB, generate %.2f dB, below the %.1f dB gate; "
+                           "run this bundle with --ov-precision f32 or on onnxruntime", ov_mean,
+                           ov_cases["generate"]["psnr_db"], min_psnr)
     for ed in editors.values():
         ed.close()
     edits = [v["psnr_db"] for k, v in out.items() if k.startswith("edit")]
@@ -425,6 +447,19 @@ def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict, cal
     out["case"] = {"photo": "synthetic (icd_edge.export.pipeline.sample_photo)" + (" + calibration photos" if calibration_cfg else ""),
                    "cross_replace": 0.4, "self_replace": 0.6, "amplify": 2.0, "seed": 0}
     return out
+
+
+def _openvino_backend():
+    """The openvino backend for parity when OpenVINO is installed and usable, else None (no cache:
+    an export should not fill the user's cache with a bundle's first compile)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return None
+    from icd_edge.runtimes.openvino import OpenVinoBackend
+
+    backend = OpenVinoBackend(cache_dir="")
+    return backend if backend.probe().ok else None
 
 
 def memory_bundle(model: str, seed: int, work: Path):

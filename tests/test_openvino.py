@@ -1,0 +1,182 @@
+"""The openvino backend: the bundle's ONNX graphs compiled by OpenVINO, compared with the torch
+reference and onnxruntime; its precision rule, cache, selection and errors."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from icd_edge.editor import Editor
+from icd_edge.errors import BackendUnavailable, BundleError, InputError, ShapeMismatch
+from icd_edge.export.parity import psnr_db
+from icd_edge.manifest import open_bundle
+from icd_edge.runtimes import openvino as ovb
+
+pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'icd_edge[openvino]')")
+
+
+def _edit(ed, photo):
+    inv = ed.invert(photo, "a photo of a cat", seed=3)
+    return ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), amplify={"dog": 2.0}, output_type="np")
+
+
+def test_hint_follows_the_graph_precision():
+    caps_bf16, caps_plain = ("FP32", "BF16", "INT8"), ("FP32", "INT8")
+    assert ovb.hint_for("auto", "fp32", caps_bf16) == "f32"
+    assert ovb.hint_for("auto", "fp16", caps_bf16) == "f32"  # x86: no fast float16; the graph's fp16 weights are upcast
+    assert ovb.hint_for("auto", "int8", caps_bf16) == "bf16"
+    assert ovb.hint_for("auto", "int8-dynamic", caps_bf16) == "bf16"
+    assert ovb.hint_for("auto", "int8", caps_plain) == "f32"  # no native bfloat16: stay float32
+    assert ovb.hint_for("f32", "int8", caps_bf16) == "f32" and ovb.hint_for("bf16", "fp32", caps_plain) == "bf16"
+
+
+def test_fp32_edit_equals_torch_and_onnxruntime(tiny_bundle, tiny_graphs, photo):
+    from icd_edge.runtimes.torch_ref import TorchBackend
+
+    b = open_bundle(tiny_bundle, verify=False)
+    with Editor(b, TorchBackend(tiny_graphs)) as ed:
+        ref = _edit(ed, photo)
+    with Editor.open(b, "onnxruntime") as ed:
+        ort_img = _edit(ed, photo)
+    with Editor.open(b, "openvino", precision="auto") as ed:
+        got = _edit(ed, photo)
+        assert {s.precision for s in ed._sessions.values()} == {"f32"}  # fp32 graphs stay float32 under auto
+        gen = ed.generate("a photo of a dog", seed=1, output_type="np")
+    assert psnr_db(ref, got, peak=1.0) > 80 and psnr_db(ort_img, got, peak=1.0) > 80
+    with Editor(b, TorchBackend(tiny_graphs)) as ed:
+        assert psnr_db(ed.generate("a photo of a dog", seed=1, output_type="np"), gen, peak=1.0) > 80
+
+
+def test_memory_policies_and_preview_decoder(tiny_bundle, photo):
+    with Editor.open(tiny_bundle, "openvino") as ed:
+        resident = _edit(ed, photo)
+    with Editor.open(tiny_bundle, "openvino", memory="sequential") as ed:
+        inv = ed.invert(photo, "a photo of a cat", seed=3)
+        assert "unet_forward" not in ed._sessions  # released after the inversion
+        seq = ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), amplify={"dog": 2.0}, output_type="np")
+        assert list(ed._sessions) == ["vae_decoder"]
+    np.testing.assert_array_equal(resident, seq)
+    with pytest.raises(InputError, match="shared-base"):
+        Editor.open(tiny_bundle, "openvino", memory="shared-base")
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ov") / "int8.bundle"
+    run_cli("--model", "tiny", "--out", str(out), "--no-progress", "--calibration-count", "1", "--precision", "int8",
+            module="icd_edge.export", check=True)
+    return out
+
+
+def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
+    """An int8 bundle's float parts run in bfloat16 under auto on a CPU with native bfloat16 (this
+    one: Xeon with AMX); both precisions stay close to onnxruntime's int8 result, and the export
+    recorded OpenVINO's end-to-end parity beside onnxruntime's."""
+    b = open_bundle(int8_bundle, verify=False)
+    with Editor.open(b, "onnxruntime") as ed:
+        ref = _edit(ed, photo)
+    caps = ovb.OpenVinoBackend()._get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    images = {}
+    for precision in ("auto", "f32"):
+        with Editor.open(b, "openvino", precision=precision) as ed:
+            images[precision] = _edit(ed, photo)
+            hints = {g: s.precision for g, s in ed._sessions.items()}
+        assert hints["unet_reverse_edit"] == ("bf16" if precision == "auto" and "BF16" in caps else "f32")
+        assert hints["unet_forward"] == "f32" and hints["vae_encoder"] == "f32"  # exported fp32 (the defaults)
+    # the same int8 graph on two engines: rounding of int8 arithmetic and requantisation differs
+    assert psnr_db(ref, images["f32"], peak=1.0) > 20
+    assert psnr_db(ref, images["auto"], peak=1.0) > 15
+    assert np.isfinite(images["auto"]).all()
+    e2e = b.manifest["parity"]["end_to_end"]
+    ov = e2e["openvino"]
+    assert ov["precision"] == "auto" and ov["inference_precision"]["unet_reverse_edit"] in ("bf16", "f32")
+    assert {"edit", "edit_calibration_0", "generate"} <= set(ov) and ov["meets_gate"] == (
+        ov["edit_mean_psnr_db"] >= e2e["gate_db"] and ov["generate"]["psnr_db"] >= e2e["gate_db"])
+    assert 5 < ov["edit"]["psnr_db"] < 200
+    out = run_cli("inspect", str(int8_bundle), "--no-verify")
+    assert out.returncode == 0 and "end-to-end on openvino" in out.stdout
+
+
+def test_compiled_graphs_are_cached(tiny_bundle, tmp_path):
+    cache = tmp_path / "ovcache"
+    b = open_bundle(tiny_bundle, verify=False)
+    backend = ovb.OpenVinoBackend(cache_dir=cache)
+    feeds = {"input_ids": np.zeros((1, 77), np.int64)}
+    first = backend.open_session(b, "text_encoder").run(feeds)
+    blobs = sorted(p.name for p in cache.iterdir())
+    assert blobs, "nothing was cached"
+    again = ovb.OpenVinoBackend(cache_dir=cache).open_session(b, "text_encoder").run(feeds)
+    assert sorted(p.name for p in cache.iterdir()) == blobs  # loaded from the cache, not compiled anew
+    np.testing.assert_array_equal(first["last_hidden_state"], again["last_hidden_state"])
+    assert ovb.OpenVinoBackend(cache_dir="").cache_dir() is None
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ICD_EDGE_CACHE", str(tmp_path / "c"))
+    assert ovb.default_cache_dir() == tmp_path / "c" / "openvino"
+    monkeypatch.delenv("ICD_EDGE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert ovb.default_cache_dir() == tmp_path / "x" / "icd_edge" / "openvino"
+
+
+def test_bad_options_and_files(tiny_bundle, tmp_path):
+    with pytest.raises(InputError, match="precision"):
+        ovb.OpenVinoBackend(precision="int4")
+    with pytest.raises(InputError, match="threads"):
+        ovb.OpenVinoBackend(threads=-1)
+    caps = ovb.OpenVinoBackend()._get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if "FP16" not in caps:  # most x86 CPUs: no native float16 for OpenVINO
+        with pytest.raises(BackendUnavailable, match="no native f16"):
+            ovb.OpenVinoBackend(precision="f16").compile_config()
+    broken = tmp_path / "b"
+    shutil.copytree(tiny_bundle, broken)
+    graph = broken / "onnx" / "vae_decoder.onnx"
+    graph.write_bytes(b"\xff" * graph.stat().st_size)  # same size (open_bundle checks sizes), not a graph
+    b = open_bundle(broken, verify=False)
+    with pytest.raises(BundleError, match="OpenVINO cannot read"):
+        ovb.OpenVinoBackend(cache_dir="").open_session(b, "vae_decoder")
+    with pytest.raises(BundleError, match="no graph 'taesd_decoder'"):
+        ovb.OpenVinoBackend().open_session(b, "taesd_decoder")
+    sess = ovb.OpenVinoBackend(cache_dir="").open_session(b, "text_encoder")
+    with pytest.raises(ShapeMismatch, match="expected int64"):
+        sess.run({"input_ids": np.zeros((1, 76), np.int64)})
+
+
+def test_probe_and_auto_selection(tiny_bundle, int8_bundle, monkeypatch):
+    from icd_edge import runtimes
+
+    avail = ovb.OpenVinoBackend().probe()
+    assert avail.ok and avail.reason.startswith("openvino ")
+    fp32, int8 = open_bundle(tiny_bundle, verify=False), open_bundle(int8_bundle, verify=False)
+    # auto: openvino for int8 edit UNets (≈ 2.2x faster than onnxruntime on the development CPU),
+    # onnxruntime for fp32/fp16 ones and for the sequential policy (lower peak memory)
+    assert runtimes.select_backend("auto", int8).name == "openvino"
+    assert runtimes.select_backend("auto", fp32).name == "onnxruntime"
+    assert runtimes.select_backend("auto", int8, low_memory=True).name == "onnxruntime"
+    with Editor.open(int8, memory="sequential") as ed:
+        assert ed.backend.name == "onnxruntime"
+    # options of another backend are not passed to it
+    assert runtimes.select_backend("auto", int8, fuse_attention=False).name == "openvino"
+    monkeypatch.setattr(runtimes, "_onnxruntime_has_gpu", lambda: True)  # a GPU onnxruntime wins
+    assert runtimes.select_backend("auto", int8).name == "onnxruntime"
+    monkeypatch.setattr(ovb.importlib.util, "find_spec", lambda name: None)
+    assert "pip install 'icd_edge[openvino]'" in ovb.OpenVinoBackend().probe().reason
+
+
+def test_cli(tiny_bundle, photo_png, tmp_path):
+    out = tmp_path / "o.png"
+    proc = run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
+                   "--target", "a photo of a dog", "--out", str(out), "--backend", "openvino", "--ov-precision", "f32",
+                   "--ov-cache", str(tmp_path / "c"))
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and any((tmp_path / "c").iterdir())
+    proc = run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
+                   "--target", "a photo of a dog", "--out", str(tmp_path / "p.png"), "--backend", "onnxruntime",
+                   "--ov-precision", "bf16")
+    assert proc.returncode == 2 and "apply to the openvino backend" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p.png").exists()
+    doctor = run_cli("doctor")
+    assert "openvino" in doctor.stdout
