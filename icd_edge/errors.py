@@ -28,6 +28,10 @@ class ShapeMismatch(IcdEdgeError, ValueError):
     """A tensor fed to a graph does not match the graph's declared name, dtype or shape."""
 
 
+class NumericsError(IcdEdgeError):
+    """A graph produced NaN or infinity (a precision the model's activations do not survive)."""
+
+
 class ExportError(IcdEdgeError):
     """The export stage failed (missing weights, no network, unsupported layout...)."""
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from icd_edge.editor import Editor
-from icd_edge.errors import BackendUnavailable, BundleError, InputError, ShapeMismatch
+from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError, ShapeMismatch
 from icd_edge.export.parity import psnr_db
 from icd_edge.manifest import open_bundle
 from icd_edge.runtimes import openvino as ovb
@@ -112,6 +112,22 @@ def test_compiled_graphs_are_cached(tiny_bundle, tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == blobs  # loaded from the cache, not compiled anew
     np.testing.assert_array_equal(first["last_hidden_state"], again["last_hidden_state"])
     assert ovb.OpenVinoBackend(cache_dir="").cache_dir() is None
+
+
+def test_non_finite_outputs_raise(tiny_bundle):
+    """A precision the activations overflow in gives a typed error, not a NaN image."""
+    sess = ovb.OpenVinoBackend(cache_dir="").open_session(open_bundle(tiny_bundle, verify=False), "text_encoder")
+    feeds = {"input_ids": np.zeros((1, 77), np.int64)}
+    assert np.isfinite(sess.run(feeds)["last_hidden_state"]).all()
+    port = sess._ports["last_hidden_state"]
+
+    class Overflowing:
+        def infer(self, feeds):
+            return {port: np.full((1, 77, 32), np.nan, np.float32)}
+
+    sess._request = Overflowing()
+    with pytest.raises(NumericsError, match="--ov-precision f32"):
+        sess.run(feeds)
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

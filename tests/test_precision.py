@@ -27,7 +27,8 @@ def _export(tmp_path_factory, name, *args):
 
 @pytest.fixture(scope="module")
 def fp16_bundle(tmp_path_factory):
-    return _export(tmp_path_factory, "fp16.bundle", "--precision", "fp16", "--graph-precision", "vae_decoder=fp32")
+    return _export(tmp_path_factory, "fp16.bundle", "--precision", "fp16", "--graph-precision", "vae_decoder=fp32",
+                   "--embeddings", "int8")
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,12 @@ def test_fp16_bundle(fp16_bundle, photo):
     model = onnx.load(str(fp16_bundle / "onnx" / "unet_reverse_edit.onnx"), load_external_data=False)
     assert {i.type.tensor_type.elem_type for i in model.graph.input} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    # --embeddings int8: the fp16 text encoder's token embedding as int8 rows with fp16 row scales
+    assert list(m["int8_embeddings"]) == ["text_encoder"]
+    te = {t.name: t for t in onnx.load(str(fp16_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph.initializer}
+    table = next(n for n in te if n.endswith("_int8"))
+    assert te[table].data_type == onnx.TensorProto.INT8
+    assert te[table.replace("_int8", "_row_scale")].data_type == onnx.TensorProto.FLOAT16
     e2e = m["parity"]["end_to_end"]
     assert e2e["gate_db"] == 35.0 and e2e["edit_mean_psnr_db"] >= 35.0 and e2e["generate"]["psnr_db"] >= 35.0
     assert "edit_calibration_0" in e2e  # quality also measured on a real photo
@@ -91,6 +98,11 @@ def test_int8_bundle(int8_bundle, photo, tmp_path):
                    "--target", "a photo of a dog", "--out", str(out), "--memory", "sequential")
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
+
+
+def test_int8_embeddings_need_a_converted_text_encoder(tmp_path):
+    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--embeddings", "int8", module="icd_edge.export")
+    assert proc.returncode == 2 and "--embeddings int8 needs" in proc.stderr and not (tmp_path / "b").exists()
 
 
 def test_int8_dynamic_and_gate(tmp_path_factory):

@@ -64,6 +64,7 @@ class ExportConfig:
     calibration_count: int = 3
     taesd: str | None = None
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
+    embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
     coreml_compression: str = "none"
     coreml_attention: str = "standard"
     progress: bool = True
@@ -115,6 +116,12 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--calibration {cfg.calibration} is not a folder of photos")
     if cfg.unet_weights not in ("fused", "shared-base"):
         raise ExportError(f"--unet-weights must be fused or shared-base, got {cfg.unet_weights!r}")
+    if cfg.embeddings not in ("float", "int8"):
+        raise ExportError(f"--embeddings must be float or int8, got {cfg.embeddings!r}")
+    te_precision = dict(cfg.graph_precision).get("text_encoder", cfg.precision)
+    if cfg.embeddings == "int8" and te_precision not in ("fp16", "int8", "int8-dynamic"):
+        raise ExportError(f"--embeddings int8 needs a converted text encoder (fp16 or int8), not {te_precision}: "
+                          "add --precision fp16 or --graph-precision text_encoder=fp16")
     if cfg.calibration_count < 1:
         raise ExportError("--calibration-count must be at least 1")
     if cfg.parity not in ("e2e", "graphs", "none"):

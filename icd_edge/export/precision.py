@@ -131,8 +131,10 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
     return feeds
 
 
-def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None) -> dict:
-    """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``.
+def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None,
+            int8_embeddings: bool = False) -> dict:
+    """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``;
+    ``int8_embeddings`` also stores an fp16 graph's embedding tables as int8 rows (int8 graphs always).
 
     Returns what is worth recording: the quantiser's peak RSS (``peak_rss_gb``) for int8."""
     info = {}
@@ -143,6 +145,8 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
 
         # the path API infers shapes from the file: a > 2 GB UNet cannot be serialised in memory
         model = float16.convert_float_to_float16_model_path(str(src), keep_io_types=True)
+        if int8_embeddings:
+            info["int8_embeddings"] = quantize_embeddings(model)
     else:
         model, info["peak_rss_gb"] = _quantize(src, precision, calibration)
         info["int8_embeddings"] = quantize_embeddings(model)
@@ -155,10 +159,11 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
 
 
 def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str]:
-    """Embedding tables (a Gather over a float initializer of at least ``min_rows`` rows: the
-    CLIP token embedding, 49408 x 768, 152 MB in fp32) stored as int8 rows with one scale per row:
-    ``Gather(table) -> Gather(q) * Gather(scale)``. The quantiser leaves Gather alone (its QDQ
-    form would quantise the table per tensor as an activation). Returns the tables rewritten."""
+    """Embedding tables (a Gather over a float or float16 initializer of at least ``min_rows``
+    rows: the CLIP token embedding, 49408 x 768, 152 MB in fp32, 76 MB in fp16) stored as int8 rows
+    with one scale per row (in the table's float type): ``Gather(table) -> Gather(q) * Gather(scale)``.
+    The quantiser leaves Gather alone (its QDQ form would quantise the table per tensor as an
+    activation). Returns the tables rewritten."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -171,12 +176,13 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str
     for node in list(graph.node):
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if (table is None or axis != 0 or table.data_type != TensorProto.FLOAT or len(table.dims) != 2
-                or table.dims[0] < min_rows or uses[table.name] != 1):
+        if (table is None or axis != 0 or table.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16)
+                or len(table.dims) != 2 or table.dims[0] < min_rows or uses[table.name] != 1):
             continue
-        q, scale = _symmetric_int8(numpy_helper.to_array(table), axis=0)
-        scale = scale[:, None]  # one per row, broadcast over the gathered rows
-        name, ids, out = table.name, node.input[1], node.output[0]
+        values = numpy_helper.to_array(table)
+        q, scale = _symmetric_int8(values.astype(np.float32), axis=0)
+        scale = scale[:, None].astype(values.dtype)  # one per row, broadcast over the gathered rows
+        name, ids, out, dtype = table.name, node.input[1], node.output[0], table.data_type
         graph.initializer.remove(table)
         graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
                                   numpy_helper.from_array(scale, f"{name}_row_scale")])
@@ -184,7 +190,7 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str
         graph.node.remove(node)
         for j, new in enumerate([
                 helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_q"], name=f"{node.name}_int8", axis=0),
-                helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{node.name}_cast", to=TensorProto.FLOAT),
+                helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{node.name}_cast", to=dtype),
                 helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{out}_s"], name=f"{node.name}_scale", axis=0),
                 helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out], name=f"{node.name}_dequant")]):
             graph.node.insert(pos + j, new)

@@ -358,7 +358,7 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
             stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
         t0 = time.perf_counter()
         info = prec.convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group],
-                            calibration.get(name))
+                            calibration.get(name), int8_embeddings=ctx.cfg.embeddings == "int8")
         ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
         if info.get("peak_rss_gb") is not None:  # the quantiser's own peak, for memory planning
             ctx.manifest.setdefault("quantiser_peak_rss_gb", {})[name] = info["peak_rss_gb"]

@@ -27,7 +27,7 @@ from typing import Mapping
 
 import numpy as np
 
-from icd_edge.errors import BackendUnavailable, BundleError, InputError
+from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError
 from icd_edge.runtimes import Availability
 from icd_edge.spec import check_feeds
 
@@ -95,7 +95,14 @@ class OvSession:
         with self._lock:
             result = self._request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
             # copies: the request's output buffers are overwritten by the next run
-            return {name: np.array(result[port], copy=True) for name, port in self._ports.items()}
+            out = {name: np.array(result[port], copy=True) for name, port in self._ports.items()}
+        for name, value in out.items():
+            # bfloat16 float parts can overflow where float32 does not (measured: the random-weight
+            # fp32 SD1.5 UNet gives NaN everywhere under bf16); say so instead of decoding NaN
+            if not np.isfinite(value).all():
+                raise NumericsError(f"OpenVINO's {self.graph} gave NaN/inf in {name!r} running in {self.precision}; "
+                                    "run with --ov-precision f32 (precision='f32') or on onnxruntime")
+        return out
 
     def close(self) -> None:
         from icd_edge.runtimes.ort import trim_heap
