@@ -91,7 +91,8 @@ def select_backend(name: str, bundle, low_memory: bool = False, **options) -> Ba
                 reasons.append(f"openvino: {why}")
                 continue
         cls = backend_class(candidate)
-        backend = cls(**_accepted(cls, options))
+        # the options auto forwards are the CPU backends' (Editor.open / CLI); each gets those it takes
+        backend = cls(**(_accepted(cls, options) if candidate in ("onnxruntime", "openvino") else {}))
         avail = backend.probe()
         if avail.ok and backend.fmt in formats:
             return backend
