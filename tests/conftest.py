@@ -46,6 +46,15 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def int8_bundle(tmp_path_factory) -> Path:
+    """The tiny model in int8 (UNets static Q/DQ, int8 text encoder), one calibration photo."""
+    out = tmp_path_factory.mktemp("bundles") / "int8.bundle"
+    run_cli("--model", "tiny", "--out", str(out), "--no-progress", "--calibration-count", "1", "--precision", "int8",
+            "--graph-precision", "text_encoder=int8", module="icd_edge.export", check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_graphs(tiny_bundle):
     """The tiny model's torch modules, rebuilt in memory from the same seed."""
     import tempfile

@@ -63,14 +63,6 @@ def test_memory_policies_and_preview_decoder(tiny_bundle, photo):
         Editor.open(tiny_bundle, "openvino", memory="shared-base")
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ov") / "int8.bundle"
-    run_cli("--model", "tiny", "--out", str(out), "--no-progress", "--calibration-count", "1", "--precision", "int8",
-            module="icd_edge.export", check=True)
-    return out
-
-
 def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
     """An int8 bundle's float parts run in bfloat16 under auto on a CPU with native bfloat16 (this
     one: Xeon with AMX); both precisions stay close to onnxruntime's int8 result, and the export

@@ -31,11 +31,6 @@ def fp16_bundle(tmp_path_factory):
                    "--embeddings", "int8")
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(tmp_path_factory):
-    return _export(tmp_path_factory, "int8.bundle", "--precision", "int8", "--graph-precision", "text_encoder=int8")
-
-
 def _ops(bundle, graph):
     return {n.op_type for n in onnx.load(str(bundle / "onnx" / f"{graph}.onnx"), load_external_data=False).graph.node}
 
