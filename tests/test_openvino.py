@@ -135,10 +135,17 @@ def test_bad_options_and_files(tiny_bundle, tmp_path):
         ovb.OpenVinoBackend(precision="int4")
     with pytest.raises(InputError, match="threads"):
         ovb.OpenVinoBackend(threads=-1)
-    caps = ovb.OpenVinoBackend()._get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-    if "FP16" not in caps:  # most x86 CPUs: no native float16 for OpenVINO
-        with pytest.raises(BackendUnavailable, match="no native f16"):
-            ovb.OpenVinoBackend(precision="f16").compile_config()
+    class PlainCpu:  # a CPU plugin without native float16 or bfloat16 (most x86 CPUs before Sapphire Rapids)
+        def get_property(self, device, name):
+            return ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]
+
+    backend = ovb.OpenVinoBackend(precision="f16")
+    backend._core = PlainCpu()
+    with pytest.raises(BackendUnavailable, match="no native f16"):
+        backend.compile_config()
+    backend = ovb.OpenVinoBackend()
+    backend._core = PlainCpu()
+    assert backend.compile_config("int8")["INFERENCE_PRECISION_HINT"] == "f32"  # auto falls back to float32
     broken = tmp_path / "b"
     shutil.copytree(tiny_bundle, broken)
     graph = broken / "onnx" / "vae_decoder.onnx"
