@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from icd_edge.errors import ShapeMismatch
+from icd_edge.errors import BundleError, ShapeMismatch
 
 TOKENS = 77
 GUIDANCE_DIM = 512
@@ -107,4 +107,19 @@ def check_feeds(graph: str, feeds: dict, specs: list[dict]) -> None:
         if str(arr.dtype) != s["dtype"] or list(arr.shape) != list(s["shape"]):
             raise ShapeMismatch(
                 f"{graph}.{s['name']}: expected {s['dtype']}{tuple(s['shape'])}, got {arr.dtype}{tuple(arr.shape)}"
+            )
+
+
+def check_graph_io(graph: str, path, actual: dict, declared: list[dict]) -> None:
+    """A graph file's own I/O (``{name: shape}``, symbolic dims as str/None) must be what the
+    manifest declares, e.g. the same resolution; raise BundleError otherwise."""
+    got = {name: [d if isinstance(d, int) else None for d in shape] for name, shape in actual.items()}
+    for spec in declared:
+        shape = got.get(spec["name"])
+        if shape is None:
+            raise BundleError(f"{path.name} has no tensor {spec['name']!r} that the manifest declares for {graph}; re-export the bundle")
+        if any(g is not None and g != d for g, d in zip(shape, spec["shape"])) or len(shape) != len(spec["shape"]):
+            raise BundleError(
+                f"{graph}: the graph {path.name} takes {spec['name']} of shape {shape} but the manifest declares "
+                f"{spec['shape']} (a bundle built for another resolution?); re-export the bundle"
             )

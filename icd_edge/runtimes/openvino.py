@@ -29,7 +29,7 @@ import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError
 from icd_edge.runtimes import Availability
-from icd_edge.spec import check_feeds
+from icd_edge.spec import check_feeds, check_graph_io
 
 logger = logging.getLogger(__name__)
 
@@ -61,24 +61,16 @@ class OvOptions:
     cache_dir: str | None = None
 
 
-@dataclass(frozen=True)
-class _Port:  # what _check_graph_io reads from a port
-    name: str
-    shape: list
-
-
 class OvSession:
     def __init__(self, core, graph: str, path: Path, inputs: list[dict], outputs: list[dict], config: dict):
-        from icd_edge.runtimes.ort import _check_graph_io
-
         self.graph = graph
-        self._inputs, self._outputs = inputs, outputs
+        self._inputs = inputs
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with C++ traces
             raise BundleError(f"OpenVINO cannot read {path}: {_first_line(exc)}. The file may be corrupt; re-export the bundle.") from exc
-        _check_graph_io(graph, path, [_Port(p.get_any_name(), _dims(p)) for p in model.inputs], inputs)
-        _check_graph_io(graph, path, [_Port(p.get_any_name(), _dims(p)) for p in model.outputs], outputs)
+        check_graph_io(graph, path, {p.get_any_name(): _dims(p) for p in model.inputs}, inputs)
+        check_graph_io(graph, path, {p.get_any_name(): _dims(p) for p in model.outputs}, outputs)
         try:
             self._compiled = core.compile_model(model, "CPU", config)
         except Exception as exc:

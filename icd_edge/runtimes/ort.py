@@ -12,7 +12,7 @@ import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError
 from icd_edge.runtimes import Availability
-from icd_edge.spec import check_feeds
+from icd_edge.spec import check_feeds, check_graph_io
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class OrtSession:
             raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}. The file may be corrupt; re-export the bundle.") from exc
         self.providers = self._sess.get_providers()
         self._out_names = [o["name"] for o in outputs]
-        _check_graph_io(graph, path, self._sess.get_inputs(), inputs)
-        _check_graph_io(graph, path, self._sess.get_outputs(), outputs)
+        check_graph_io(graph, path, {a.name: a.shape for a in self._sess.get_inputs()}, inputs)
+        check_graph_io(graph, path, {a.name: a.shape for a in self._sess.get_outputs()}, outputs)
         use_binding = options.io_binding if options.io_binding is not None else self.providers[0] == "CUDAExecutionProvider"
         self._binding = _Binding(self._sess, outputs, self.providers[0]) if use_binding else None
 
@@ -161,20 +161,6 @@ class _Binding:
         self._sess.run_with_iobinding(self._io)
         # copies: the bound buffers are overwritten by the next run
         return {name: np.array(value.numpy(), copy=True) for name, value in self._outputs.items()}
-
-
-def _check_graph_io(graph: str, path, actual, declared: list[dict]) -> None:
-    """The ONNX graph's own I/O must be what the manifest declares (e.g. the same resolution)."""
-    got = {a.name: [d if isinstance(d, int) else None for d in a.shape] for a in actual}
-    for spec in declared:
-        shape = got.get(spec["name"])
-        if shape is None:
-            raise BundleError(f"{path.name} has no tensor {spec['name']!r} that the manifest declares for {graph}; re-export the bundle")
-        if any(g is not None and g != d for g, d in zip(shape, spec["shape"])) or len(shape) != len(spec["shape"]):
-            raise BundleError(
-                f"{graph}: the graph {path.name} takes {spec['name']} of shape {shape} but the manifest declares "
-                f"{spec['shape']} (a bundle built for another resolution?); re-export the bundle"
-            )
 
 
 class OrtBackend:
