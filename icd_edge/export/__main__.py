@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default="float", choices=("float", "int8"),
                    help="int8: store the text encoder's token embedding as int8 rows with a per-row scale also when it "
                         "is fp16 (int8 text encoders always do; fp16: 76 -> 38 MB)")
+    p.add_argument("--int8-weights", default="7bit", choices=("7bit", "8bit"),
+                   help="range of the int8 Conv/MatMul weights: 7bit ([-64, 64]) is exact on every x86 CPU; 8bit "
+                        "([-127, 127]) saturates on CPUs without VNNI (AVX2-only) [default 7bit]")
     p.add_argument("--calibration-count", type=int, default=3, help="calibration photos to use")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append((graph, value))
         cfg = ExportConfig(precision=args.precision, graph_precision=tuple(overrides), calibration=args.calibration,
                            calibration_count=args.calibration_count, taesd=args.taesd,
-                           unet_weights=args.unet_weights, embeddings=args.embeddings, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
+                           unet_weights=args.unet_weights, embeddings=args.embeddings, int8_weights=args.int8_weights, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
                            forward_lora=args.forward_lora, reverse_lora=args.reverse_lora, revision=args.revision,
                            steps=args.steps, resolution=args.resolution,
                            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),

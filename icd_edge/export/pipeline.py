@@ -65,6 +65,7 @@ class ExportConfig:
     taesd: str | None = None
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
+    int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (precision.INT8_WEIGHT_RANGES)
     coreml_compression: str = "none"
     coreml_attention: str = "standard"
     progress: bool = True
@@ -108,8 +109,10 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--resolution must be a multiple of 64 (≥ 64), got {cfg.resolution}")
     if not 18 <= cfg.opset <= 25:
         raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
-    from icd_edge.export.precision import PRECISIONS
+    from icd_edge.export.precision import INT8_WEIGHT_RANGES, PRECISIONS
 
+    if cfg.int8_weights not in INT8_WEIGHT_RANGES:
+        raise ExportError(f"--int8-weights must be one of {', '.join(INT8_WEIGHT_RANGES)}, got {cfg.int8_weights!r}")
     if cfg.precision not in PRECISIONS or any(v not in PRECISIONS for _, v in cfg.graph_precision):
         raise ExportError(f"--precision/--graph-precision take one of {', '.join(PRECISIONS)}")
     if cfg.calibration is not None and not Path(cfg.calibration).is_dir():

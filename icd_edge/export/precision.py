@@ -41,12 +41,24 @@ INT8_DEFAULT = ("unet_reverse", "unet_reverse_edit")
 INT8_OPS = tuple(os.environ.get("ICD_INT8_OPS", "Conv,MatMul").split(","))
 INT8_PER_CHANNEL = os.environ.get("ICD_INT8_PER_CHANNEL", "1") == "1"
 DEFAULT_E2E_GATE_DB = {"fp32": 45.0, "fp16": 35.0, "int8": 25.0, "int8-dynamic": 25.0}
+# Largest |weight| of the quantised Conv/MatMul weights. Without VNNI, x86 int8 kernels (ONNX Runtime's
+# and OpenVINO's) add two u8·s8 products in a signed 16-bit lane (vpmaddubsw): 2·255·127 saturates it,
+# 2·255·64 = 32640 does not. "8bit" is exact only on CPUs with VNNI/AMX (and non-x86).
+INT8_WEIGHT_RANGES = {"7bit": 64, "8bit": 127}
+DEFAULT_INT8_WEIGHTS = "7bit"
 
 CALIBRATION = (  # scikit-image's public-domain photos: (name, source prompt, target prompt, blend words)
     ("chelsea", "a photo of a cat", "a photo of a dog", ("cat", "dog")),
     ("astronaut", "a photo of an astronaut", "a photo of a robot", ("astronaut", "robot")),
     ("coffee", "a cup of coffee", "a cup of tea", ("coffee", "tea")),
 )
+
+
+def int8_scheme(weights: str) -> dict:
+    """What the manifest records about how the int8 graphs' integer products are formed."""
+    wmax = INT8_WEIGHT_RANGES[weights]
+    return {"activations": "uint8, per tensor", "weights": "int8, symmetric, per output channel",
+            "weight_range": weights, "weight_max": wmax, "exact_without_vnni": 2 * 255 * wmax <= 32767}
 
 
 def graph_precisions(precision: str, overrides: dict[str, str], graphs) -> dict[str, str]:
@@ -132,9 +144,10 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
 
 
 def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None,
-            int8_embeddings: bool = False) -> dict:
+            int8_embeddings: bool = False, int8_weights: str = DEFAULT_INT8_WEIGHTS) -> dict:
     """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``;
-    ``int8_embeddings`` also stores an fp16 graph's embedding tables as int8 rows (int8 graphs always).
+    ``int8_embeddings`` also stores an fp16 graph's embedding tables as int8 rows (int8 graphs always);
+    ``int8_weights`` is the range of the quantised Conv/MatMul weights (:data:`INT8_WEIGHT_RANGES`).
 
     Returns what is worth recording: the quantiser's peak RSS (``peak_rss_gb``) for int8."""
     info = {}
@@ -148,7 +161,7 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
         if int8_embeddings:
             info["int8_embeddings"] = quantize_embeddings(model)
     else:
-        model, info["peak_rss_gb"] = _quantize(src, precision, calibration)
+        model, info["peak_rss_gb"] = _quantize(src, precision, calibration, int8_weights)
         info["int8_embeddings"] = quantize_embeddings(model)
         if precision == "int8":  # the dynamic quantiser already covers Gemm
             info["int8_gemm_weights"] = quantize_gemm_weights(model)
@@ -241,7 +254,8 @@ def quantize_gemm_weights(model: onnx.ModelProto, min_elements: int = 4096) -> l
     return done
 
 
-def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> tuple[onnx.ModelProto, float | None]:
+def _quantize(src: Path, precision: str, calibration: list[dict] | None,
+              int8_weights: str = DEFAULT_INT8_WEIGHTS) -> tuple[onnx.ModelProto, float | None]:
     """Quantise in a child process, so that what the exporter holds does not add to the
     quantiser's peak (at 512 px: 6.3 GB for a batch-1 UNet, 9.3 GB for the batch-2 P2P edit UNet)
     and the child's memory is returned whole when it exits. Returns the model and the child's
@@ -255,7 +269,8 @@ def _quantize(src: Path, precision: str, calibration: list[dict] | None) -> tupl
             np.savez(feeds / f"{i:05d}.npz", **feed)
         pkg_root = str(Path(__file__).resolve().parents[2])  # importable however the parent found icd_edge
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "icd_edge.export.precision", str(src), str(out), precision, str(feeds)],
+        proc = subprocess.run([sys.executable, "-m", "icd_edge.export.precision", str(src), str(out), precision, str(feeds),
+                               int8_weights],
                               capture_output=True, text=True, env=env)
         if proc.returncode:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -288,15 +303,15 @@ def _no_arena_sessions() -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """``python -m icd_edge.export.precision SRC OUT PRECISION FEEDS_DIR`` (used by :func:`_quantize`)."""
-    src, out, precision, feeds = Path(argv[0]), Path(argv[1]), argv[2], Path(argv[3])
+    """``python -m icd_edge.export.precision SRC OUT PRECISION FEEDS_DIR WEIGHTS`` (used by :func:`_quantize`)."""
+    src, out, precision, feeds, weights = Path(argv[0]), Path(argv[1]), argv[2], Path(argv[3]), argv[4]
     calibration = []
     for f in sorted(feeds.glob("*.npz")):
         with np.load(f) as z:
             calibration.append({k: z[k] for k in z.files})
     _no_arena_sessions()
     try:
-        _run_quantizer(src, out, precision, calibration)
+        _run_quantizer(src, out, precision, calibration, weights)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -379,13 +394,16 @@ def calibrate_ranges(src: Path, calibration: list[dict], op_types, exclude=()) -
     return {t: (float(a), float(b)) for t, a, b in zip(tensors, lo, hi)}
 
 
-def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict] | None) -> None:
+def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict] | None,
+                   int8_weights: str = DEFAULT_INT8_WEIGHTS) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
+    # ONNX Runtime's reduce_range narrows the weights alone to [-64, 64]; activations keep 0..255
+    reduce_range = INT8_WEIGHT_RANGES[int8_weights] < 127
     if precision == "int8-dynamic":
         quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                         use_external_data_format=True)
+                         use_external_data_format=True, reduce_range=reduce_range)
     else:
         if not calibration:
             raise ExportError(f"int8 calibration recorded no inputs for {src.stem}")
@@ -401,7 +419,7 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
             quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=list(INT8_OPS), nodes_to_exclude=exclude,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=INT8_PER_CHANNEL, use_external_data_format=True,
+                            per_channel=INT8_PER_CHANNEL, use_external_data_format=True, reduce_range=reduce_range,
                             calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))
 
 
