@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks")
 
-    sub.add_parser("doctor", help="list every backend as available or why not")
+    p = sub.add_parser("doctor", help="list every backend as available or why not, and the CPU's int8 behaviour")
+    p.add_argument("--json", action="store_true", help="the same as one JSON object")
     return parser
 
 
@@ -150,9 +151,10 @@ def cmd_edit(args) -> int:
         def preview(step, total, image):
             save_image(image, args.preview / f"step_{step}_of_{total}.png")
     with _open(args) as ed:
-        # Validate the edit parameters before the (slow) inversion.
-        ed.edit_controls(args.source, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace,
-                         amplify=amplify, blend=tuple(args.blend) if args.blend else None, mode=args.mode)
+        # every edit parameter is checked before the (slow) inversion
+        ed.check_edit(args.source, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace,
+                      amplify=amplify, blend=tuple(args.blend) if args.blend else None, guidance=args.guidance,
+                      tau=args.tau, mode=args.mode)
         inv = ed.invert(args.image, args.source, seed=args.seed, fit=args.fit)
         img = ed.edit(inv, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace, amplify=amplify,
                       blend=tuple(args.blend) if args.blend else None, guidance=args.guidance, tau=args.tau, mode=args.mode,
@@ -175,6 +177,7 @@ def cmd_reconstruct(args) -> int:
 
     check_output_path(args.out)
     with _open(args) as ed:
+        ed.check_reconstruct(guidance=args.guidance, tau=args.tau)  # before the (slow) inversion
         inv = ed.invert(args.image, args.source, seed=args.seed, fit=args.fit)
         img = ed.reconstruct(inv, guidance=args.guidance, tau=args.tau, keep_size=args.keep_size)
     save_image(img, args.out)
@@ -226,10 +229,24 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from icd_edge.runtimes import probe_all
+    from icd_edge import cpu
+    from icd_edge.runtimes import int8_kernels, probe_all
 
-    for name, avail in probe_all().items():
-        print(f"{name}: {'available' if avail.ok else 'not available'} ({avail.reason})")
+    backends = {name: {"available": a.ok, "reason": a.reason} for name, a in probe_all().items()}
+    info = cpu.info()
+    # measured, not inferred from flags: which int8 weight ranges each CPU backend sums exactly here
+    int8 = {b: {str(w): not int8_kernels.saturates(b, w) for w in int8_kernels.WEIGHT_MAXES}
+            for b in int8_kernels.installed_backends() if backends.get(b, {}).get("available")}
+    if args.json:
+        print(json.dumps({"backends": backends, "cpu": info, "int8_exact": int8}))
+        return 0
+    for name, b in backends.items():
+        print(f"{name}: {'available' if b['available'] else 'not available'} ({b['reason']})")
+    print(f"cpu: {info['model']}, {info['cores']} cores, {info['machine']}, class {info['isa']} "
+          f"({' '.join(info['features']) or 'none of the listed features'})")
+    for b, by_w in int8.items():
+        exact = [f"[-{w}, {w}] {'exact' if ok else 'SATURATES'}" for w, ok in by_w.items()]
+        print(f"int8 on {b}: weights " + ", ".join(exact))
     return 0
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -23,6 +24,7 @@ from icd_edge.manifest import Bundle, open_bundle
 from icd_edge.schedule import consistency_step, dynamic_guidance
 from icd_edge.tokenizer import ClipTokenizer, Tokens
 
+logger = logging.getLogger(__name__)
 MODES = ("auto", "refine", "replace")
 MEMORY_POLICIES = ("resident", "sequential", "shared-base")
 UNET_GRAPHS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
@@ -74,6 +76,35 @@ def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
         raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}")
     return int(seed)
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def _warn_if_int8_saturates(bundle: Bundle, backend) -> None:
+    """Warn once per bundle and backend when the bundle's int8 weights are wider than this CPU's
+    int8 kernels sum exactly (full 8-bit weights on a CPU without VNNI), measured on one-node graphs."""
+    from icd_edge.runtimes import int8_kernels
+
+    name = getattr(backend, "name", "")
+    int8 = [g for g in bundle.graphs if str((bundle.artifact(g, "onnx") or {}).get("precision", "")).startswith("int8")]
+    if not int8 or name not in int8_kernels.BACKENDS or (bundle.bundle_id, name) in _WARNED:
+        return
+    if name == "onnxruntime":
+        from icd_edge.runtimes import _onnxruntime_has_gpu
+
+        chosen = getattr(getattr(backend, "options", None), "providers", None)
+        if (chosen[0] if chosen else "CUDAExecutionProvider" if _onnxruntime_has_gpu() else "CPUExecutionProvider") \
+                != "CPUExecutionProvider":
+            return  # the check is of the CPU kernels
+    # bundles written before the manifest recorded the scheme used the full 8-bit range
+    wmax = int((bundle.manifest.get("int8_scheme") or {}).get("weight_max", 127))
+    if 2 * 255 * wmax <= 32767 or not int8_kernels.saturates(name, wmax):
+        return
+    _WARNED.add((bundle.bundle_id, name))
+    logger.warning("this bundle's int8 weights use the range [-%d, %d], which %s's int8 kernels on this CPU (no VNNI) "
+                   "sum with saturation: edits lose quality. Re-export it with --int8-weights 7bit (the default), "
+                   "or run an fp16/fp32 bundle", wmax, wmax, name)
 
 
 class Editor:
@@ -128,6 +159,7 @@ class Editor:
         self._sessions: dict = {}
         self._lock = threading.RLock()  # re-entered by _session → _release_others
         self._prompt_cache: dict[str, tuple[Tokens, np.ndarray]] = {}
+        _warn_if_int8_saturates(bundle, backend)
 
     @classmethod
     def open(cls, bundle: str | Path | Bundle, backend: str = "auto", *, verify: bool = True,
@@ -280,6 +312,8 @@ class Editor:
                       self_replace: float = 0.2, amplify: dict | None = None, blend=None,
                       mode: str = "auto") -> p2p.EditControls:
         """The Prompt-to-Prompt inputs for an edit (validated)."""
+        _check_prompt(source_prompt, "source prompt")
+        _check_prompt(target_prompt, "target prompt")
         cross_replace = _check_range(cross_replace, 0.0, 1.0, "cross_replace")
         self_replace = _check_range(self_replace, 0.0, 1.0, "self_replace")
         if mode not in MODES:
@@ -309,6 +343,23 @@ class Editor:
         return p2p.EditControls(token_map, refine_alpha, equalizer, cross.astype(np.float32),
                                 self_flag.astype(np.float32), blend_tokens)
 
+    def check_edit(self, source_prompt: str, target_prompt: str, *, cross_replace: float = 0.2,
+                   self_replace: float = 0.2, amplify: dict | None = None, blend=None, guidance: float = 19.0,
+                   tau: float = 0.8, mode: str = "auto", output_type: str = "pil"
+                   ) -> tuple[p2p.EditControls, float, float]:
+        """Validate every parameter of :meth:`edit` without running a model: call it before a
+        slow :meth:`invert` so that a bad parameter fails first. Returns (controls, guidance, tau)."""
+        self._check_output_type(output_type)
+        ctl = self.edit_controls(source_prompt, target_prompt, cross_replace=cross_replace, self_replace=self_replace,
+                                 amplify=amplify, blend=blend, mode=mode)
+        guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance", " (the students were trained up to 19)")
+        return ctl, guidance, _check_range(tau, 0.0, 1.0, "tau")
+
+    def check_reconstruct(self, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil") -> tuple[float, float]:
+        """Validate :meth:`reconstruct`'s parameters without running a model; returns (guidance, tau)."""
+        self._check_output_type(output_type)
+        return _check_range(guidance, 0.0, self.max_guidance, "guidance"), _check_range(tau, 0.0, 1.0, "tau")
+
     def edit(self, inv: Inversion, target_prompt: str, *, cross_replace: float = 0.2, self_replace: float = 0.2,
              amplify: dict | None = None, blend=None, guidance: float = 19.0, tau: float = 0.8,
              mode: str = "auto", output_type: str = "pil", keep_size: bool = False, callback=None, preview=None):
@@ -330,12 +381,9 @@ class Editor:
                 bundle has it, else the full VAE).
         """
         self._check_inversion(inv)
-        self._check_output_type(output_type)
-        _check_prompt(target_prompt, "target prompt")
-        guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance", " (the students were trained up to 19)")
-        tau = _check_range(tau, 0.0, 1.0, "tau")
-        ctl = self.edit_controls(inv.source_prompt, target_prompt, cross_replace=cross_replace,
-                                 self_replace=self_replace, amplify=amplify, blend=blend, mode=mode)
+        ctl, guidance, tau = self.check_edit(inv.source_prompt, target_prompt, cross_replace=cross_replace,
+                                             self_replace=self_replace, amplify=amplify, blend=blend,
+                                             guidance=guidance, tau=tau, mode=mode, output_type=output_type)
         with self._bar(len(self.reverse_steps) + 2, "edit") as bar:
             _, e_src = self.encode_prompt(inv.source_prompt)
             _, e_tgt = self.encode_prompt(target_prompt)
@@ -373,9 +421,7 @@ class Editor:
                     keep_size: bool = False):
         """Decode an inversion under its own source prompt (unguided by default)."""
         self._check_inversion(inv)
-        self._check_output_type(output_type)
-        guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance")
-        tau = _check_range(tau, 0.0, 1.0, "tau")
+        guidance, tau = self.check_reconstruct(guidance=guidance, tau=tau, output_type=output_type)
         _, emb = self.encode_prompt(inv.source_prompt)
         return self._reverse(np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct",
                              inv.fit if keep_size else None)
