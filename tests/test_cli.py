@@ -149,3 +149,44 @@ def test_export_offline_names_the_local_flags(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "--forward-lora" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("extra", [["--target", "  "], ["--guidance", "40"], ["--tau", "2"], ["--amplify", "dog=99"],
+                                   ["--mode", "replace", "--blend", "cat", "cow"]])
+def test_edit_parameters_fail_before_any_model_runs(tiny_bundle, photo_png, tmp_path, monkeypatch, capsys, extra):
+    """Independent of the host's speed: the error comes before a single graph is run."""
+    from icd_edge import cli
+    from icd_edge.runtimes.ort import OrtBackend
+
+    def no_model(*a, **k):
+        raise AssertionError("a graph session was opened before the parameters were checked")
+
+    monkeypatch.setattr(OrtBackend, "open_session", no_model)
+    args = _edit_args(tiny_bundle, photo_png, tmp_path, **{"--target": None}) + ["--backend", "onnxruntime"]
+    args += extra if extra[0] == "--target" else ["--target", "a photo of a dog", *extra]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("extra", [["--guidance", "-1"], ["--tau", "1.5"]])
+def test_reconstruct_parameters_fail_before_any_model_runs(tiny_bundle, photo_png, tmp_path, monkeypatch, capsys, extra):
+    from icd_edge import cli
+    from icd_edge.runtimes.ort import OrtBackend
+
+    monkeypatch.setattr(OrtBackend, "open_session", lambda *a, **k: pytest.fail("a graph ran before the check"))
+    assert cli.main(["reconstruct", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat",
+                     "--out", str(tmp_path / "rec.png"), "--backend", "onnxruntime", *extra]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "rec.png").exists()
+
+
+def test_doctor_reports_cpu_and_int8_kernels():
+    out = run_cli("doctor", check=True).stdout
+    assert "cpu: " in out and "class " in out
+    assert "int8 on onnxruntime: weights [-64, 64] exact" in out
+    rep = json.loads(run_cli("doctor", "--json", check=True).stdout)
+    assert rep["backends"]["onnxruntime"]["available"] is True
+    assert rep["cpu"]["isa"] and rep["cpu"]["cores"] >= 1
+    assert rep["int8_exact"]["onnxruntime"]["64"] is True
