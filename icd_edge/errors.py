@@ -9,7 +9,13 @@ class IcdEdgeError(Exception):
 
 
 class InputError(IcdEdgeError, ValueError):
-    """An argument is out of range or malformed (prompt, guidance, tau, replace fractions...)."""
+    """An argument is out of range or malformed (prompt, guidance, tau, replace fractions...).
+
+    ``param`` names the API parameter, so the CLI can say its flag instead."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class ImageError(IcdEdgeError):
@@ -18,6 +24,18 @@ class ImageError(IcdEdgeError):
 
 class BundleError(IcdEdgeError):
     """A bundle is missing, incomplete, tampered with or of an unsupported schema."""
+
+
+class OutputError(IcdEdgeError):
+    """An output cannot be written: missing or read-only folder, no permission, full disk, bad name."""
+
+
+class EditorClosed(IcdEdgeError):
+    """An Editor was used after close(); open a new one."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so temporary files are removed on the way."""
 
 
 class BackendUnavailable(IcdEdgeError):

@@ -13,6 +13,7 @@ composited on white, palette/greyscale/CMYK/16-bit images are converted to RGB.
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -26,33 +27,85 @@ OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEB
 
 
 def load_image(src) -> Image.Image:
-    """Open a path, bytes-like file, numpy HWC uint8 array or PIL image as an RGB PIL image."""
+    """Open a path, bytes, a binary file object, a numpy array or a PIL image as an RGB PIL image.
+
+    Arrays are H×W or H×W×{1,3,4} (channels last): uint8, uint16 (0..65535), bool, or float in
+    [0, 1] (a float array whose values reach above 1 is read as 0..255). NaN/inf are refused.
+    """
     if isinstance(src, Image.Image):
         img = src
     elif isinstance(src, np.ndarray):
-        if src.dtype != np.uint8 or src.ndim not in (2, 3):
-            raise ImageError(f"an image array must be uint8 HxW or HxWxC, got {src.dtype} {src.shape}")
-        img = Image.fromarray(src)
-    else:
+        img = _array_to_image(src)
+    elif isinstance(src, (bytes, bytearray, memoryview)) or (hasattr(src, "read") and not isinstance(src, (str, Path))):
+        import io
+
+        try:
+            data = bytes(src) if isinstance(src, (bytes, bytearray, memoryview)) else src.read()
+        except OSError as exc:
+            raise ImageError(f"cannot read the image stream: {exc}") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise ImageError(f"an image file object must be opened in binary mode ('rb'), it returned {type(data).__name__}")
+        img = _decode(lambda: Image.open(io.BytesIO(data)), "the image bytes")
+    elif isinstance(src, (str, Path)):
         path = Path(src)
         if not path.is_file():
             raise ImageError(f"image {path} does not exist or is not a file")
-        old = Image.MAX_IMAGE_PIXELS
-        try:
-            Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img = Image.open(path)
-                img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError(f"image {path} is too large ({exc}); use a photo under {MAX_PIXELS // 1_000_000} MP") from exc
-        except UnidentifiedImageError as exc:
-            raise ImageError(f"{path} is not an image PIL can read (PNG, JPEG, WebP, ...)") from exc
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError(f"image {path} is corrupt or truncated: {exc}") from exc
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
+        if not os.access(path, os.R_OK):
+            raise ImageError(f"image {path} is not readable (permission denied); check its permissions")
+        img = _decode(lambda: Image.open(path), f"image {path}")
+    else:
+        raise ImageError(f"an image is a path, bytes, a binary file, a numpy array or a PIL image; got {type(src).__name__}")
     return to_rgb(img)
+
+
+def _decode(opener, what: str) -> Image.Image:
+    old = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = opener()
+            img.load()
+        return img
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{what} is too large ({exc}); use a photo under {MAX_PIXELS // 1_000_000} MP") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{what} is not an image PIL can read (PNG, JPEG, WebP, ...)") from exc
+    except PermissionError as exc:
+        raise ImageError(f"{what} is not readable (permission denied); check its permissions") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{what} is corrupt or truncated: {exc}") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def _array_to_image(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        hint = " (channels first? use arr.transpose(1, 2, 0))" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
+        raise ImageError(f"an image array must be H×W or H×W×C with C in 1, 3, 4; got shape {arr.shape}{hint}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ImageError(f"image array is empty (shape {arr.shape})")
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    elif arr.dtype == np.uint16:
+        arr = (arr.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+    elif arr.dtype.kind == "f":
+        arr = _float_to_uint8(arr.astype(np.float64))
+    elif arr.dtype != np.uint8:
+        raise ImageError(f"an image array must be uint8, uint16, bool or float; got {arr.dtype}")
+    return Image.fromarray(np.ascontiguousarray(arr))
+
+
+def _float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise ImageError("the image has NaN or infinite values; pass finite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0 or hi > 255:
+        raise ImageError(f"float image values must lie in [0, 1] (or 0..255); got [{lo:g}, {hi:g}]")
+    scale = 255.0 if hi <= 1.0 else 1.0  # 0..1 floats, else floats already on the 0..255 scale
+    return np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -68,8 +121,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         hi = 65535.0 if arr.max() > 255 else 255.0
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
-        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(_float_to_uint8(np.asarray(img, dtype=np.float64)), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGB" and "transparency" in img.info):
@@ -97,27 +149,88 @@ def array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray((arr * 255.0).astype(np.uint8), "RGB")
 
 
-def check_output_path(path: str | Path) -> tuple[Path, str]:
-    """Validate an output image path before any work; returns (path, PIL format)."""
+METADATA_KEY = "icd_edge"  # PNG text chunk; JPEG/WebP/TIFF: EXIF ImageDescription "icd_edge:{json}"
+_EXIF_DESCRIPTION = 0x010E
+LOSSY = ("JPEG", "WEBP")
+
+
+def check_output_path(path: str | Path, *, input_path=None, force: bool = False) -> tuple[Path, str]:
+    """Validate an output image path before any work; returns (path, PIL format).
+
+    The folder must exist and take a new file, the name must fit the file system, and the
+    output may be the input photo only with ``force``."""
+    from icd_edge.atomic import check_output_file
+    from icd_edge.errors import OutputError
+
     path = Path(path)
     fmt = OUTPUT_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise InputError(f"output {path} must end in one of {', '.join(sorted(OUTPUT_SUFFIXES))}")
-    if not path.parent.is_dir():
-        raise InputError(f"output folder {path.parent} does not exist; create it first")
-    if path.is_dir():
-        raise InputError(f"output {path} is a folder; give a file name such as {path / 'out.png'}")
+    check_output_file(path)
+    if not force and input_path is not None and path.exists() and isinstance(input_path, (str, Path)):
+        try:
+            same = Path(input_path).exists() and path.samefile(input_path)
+        except OSError:
+            same = False
+        if same:
+            raise OutputError(f"--out {path} is the input photo; pick another name, or add --force to overwrite it")
     return path, fmt
 
 
-def save_image(img: Image.Image, path: str | Path) -> Path:
-    """Save atomically (temp file + rename); the format follows the suffix."""
+def save_image(img: Image.Image, path: str | Path, metadata: dict | None = None, quality: int | None = None) -> Path:
+    """Save atomically (temp file + rename); the format follows the suffix. ``metadata`` (JSON
+    values) is embedded (:func:`read_metadata` reads it back); ``quality`` (1-100) for JPEG/WebP."""
+    import json
+
     from icd_edge.atomic import atomic_file
 
     path, fmt = check_output_path(path)
+    kwargs = {}
+    if quality is not None:
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise InputError(f"quality must be an integer in [1, 100], got {quality!r}", param="quality")
+        if fmt not in LOSSY:
+            raise InputError(f"quality applies to .jpg/.webp outputs, not {path.suffix}", param="quality")
+        kwargs["quality"] = quality
+    elif fmt in LOSSY:
+        kwargs["quality"] = 95
+    if metadata is not None:
+        text = json.dumps(metadata, ensure_ascii=True, sort_keys=True)
+        if fmt == "PNG":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text(METADATA_KEY, text)
+            kwargs["pnginfo"] = info
+        elif fmt in ("JPEG", "WEBP", "TIFF"):
+            exif = Image.Exif()
+            exif[_EXIF_DESCRIPTION] = f"{METADATA_KEY}:{text}"
+            kwargs["exif"] = exif.tobytes() if fmt != "TIFF" else exif
     with atomic_file(path) as tmp:
-        img.save(tmp, format=fmt)
+        img.save(tmp, format=fmt, **kwargs)
     return path
+
+
+def read_metadata(path: str | Path) -> dict | None:
+    """The parameters :func:`save_image` embedded in an image, or None if it has none."""
+    import json
+
+    try:
+        with Image.open(path) as img:
+            text = img.info.get(METADATA_KEY) if hasattr(img, "info") else None
+            if text is None:
+                desc = img.getexif().get(_EXIF_DESCRIPTION)
+                if isinstance(desc, str) and desc.startswith(METADATA_KEY + ":"):
+                    text = desc[len(METADATA_KEY) + 1:]
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
+        raise ImageError(f"cannot read {path}: {exc}") from None
+    if text is None:
+        return None
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 FITS = ("stretch", "crop", "pad")

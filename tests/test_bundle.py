@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from icd_edge.errors import BundleError
 from icd_edge.manifest import SCHEMA_VERSION, open_bundle, read_manifest
 from icd_edge.spec import GRAPHS as ALL_GRAPHS, OPTIONAL_GRAPHS
@@ -144,3 +145,37 @@ def test_not_a_bundle(tmp_path):
     (tmp_path / "bad" / "manifest.json").write_text("{not json")
     with pytest.raises(BundleError, match="not valid JSON"):
         open_bundle(tmp_path / "bad")
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda m: m["dims"].update(H="512"), "dims.H"),
+    (lambda m: m["schedule"].pop("forward"), "schedule.forward"),
+    (lambda m: m["graphs"].update(unet_forward=None), "graphs.unet_forward"),
+    (lambda m: m["schedule"]["coefficients"]["reverse"].pop(), "schedule.coefficients.reverse"),
+    (lambda m: m["guidance"]["embeddings"]["19"].append(0.0), "guidance.embeddings['19']"),
+    (lambda m: m["vae"].update(scaling_factor=-1), "vae.scaling_factor"),
+    (lambda m: m["graphs"]["vae_decoder"]["inputs"][0].update(shape=[1, "4"]), "graphs.vae_decoder.inputs[0].shape[1]"),
+    (lambda m: m["files"]["tokenizer/tokenizer.json"].update(sha256="abc"), "files['tokenizer/tokenizer.json'].sha256"),
+])
+def test_malformed_manifest_values_name_the_key(tiny_bundle, tmp_path, mutate, key):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    mutate(m)
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError) as err:
+        open_bundle(b, verify=False)
+    assert key in str(err.value) and "re-export" in str(err.value)
+    proc = run_cli("inspect", str(b))
+    assert proc.returncode == 2 and key in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_graph_file_outside_the_file_table_is_refused(tiny_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    (b / "onnx" / "extra.onnx").write_bytes((b / "onnx" / "vae_decoder.onnx").read_bytes())
+    m = json.loads((b / "manifest.json").read_text())
+    m["graphs"]["vae_decoder"]["artifacts"]["onnx"]["file"] = "onnx/extra.onnx"  # present, but unchecked
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="not size- and hash-checked"):
+        open_bundle(b)

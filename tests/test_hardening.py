@@ -59,8 +59,8 @@ def test_bad_image_corpus(tmp_path, rgb):
         load_image(bomb)
     with pytest.raises(ImageError, match="does not exist"):
         load_image(tmp_path / "missing.png")
-    with pytest.raises(ImageError):
-        load_image(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(ImageError, match="NaN"):
+        load_image(np.full((4, 4, 3), np.nan, np.float32))
 
 
 def test_unusual_valid_images_load_as_rgb(tmp_path, rgb):
