@@ -1,7 +1,8 @@
 """``icd-edge`` / ``python -m icd_edge``: edit, invert, reconstruct, generate, inspect, doctor.
 
-Every bad input ends in one line ``error: ...`` on stderr and exit code 2, with no partial
-output file (outputs are written to a temporary file and renamed).
+Every bad input and every operating-system fault ends in one line ``error: ...`` on stderr and
+exit code 2, checked before any model runs where it can be, with no partial output file (outputs
+are written to a temporary file and renamed). SIGINT exits 130, SIGTERM 143, leaving nothing.
 """
 
 from __future__ import annotations
@@ -9,12 +10,37 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import time
 from pathlib import Path
 
-from icd_edge.errors import IcdEdgeError, InputError
+from icd_edge import __version__
+from icd_edge.errors import IcdEdgeError, InputError, Terminated
 
 EXIT_BAD_INPUT = 2
+# API parameter names in error messages → the flags a CLI user typed
+FLAGS = {"cross_replace": "--cross-replace", "self_replace": "--self-replace", "guidance": "--guidance", "tau": "--tau",
+         "seed": "--seed", "mode": "--mode", "blend": "--blend", "amplify": "--amplify", "fit": "--fit",
+         "quality": "--quality", "source prompt": "--source", "target prompt": "--target", "prompt": "--prompt"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _Once(argparse.Action):
+    """A single-valued flag given twice is an error, not "last wins"."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given", set())
+        if self.dest in seen:
+            raise argparse.ArgumentError(self, "given twice; pass it once")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
 
 
 def _amplify(values: list[str] | None) -> dict[str, float]:
@@ -23,6 +49,8 @@ def _amplify(values: list[str] | None) -> dict[str, float]:
         word, sep, factor = item.rpartition("=")
         if not sep or not word:
             raise InputError(f"--amplify takes WORD=FACTOR (e.g. dog=3), got {item!r}")
+        if word in out:
+            raise InputError(f"--amplify names {word!r} twice; give each word once")
         try:
             out[word] = float(factor)
         except ValueError:
@@ -30,82 +58,107 @@ def _amplify(values: list[str] | None) -> dict[str, float]:
     return out
 
 
+def _verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
+    # on the subcommands too (`icd-edge edit ... -v`); SUPPRESS keeps the top-level value otherwise
+    default = False if top else argparse.SUPPRESS
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log more (library warnings too)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bar, errors only")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, type=Path, help="bundle folder written by python -m icd_edge.export")
-    p.add_argument("--backend", default="auto", help="auto, openvino, onnxruntime, torch, tensorrt or coreml")
+    once = {"action": _Once}
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder written by python -m icd_edge.export", **once)
+    p.add_argument("--backend", default="auto", help="auto, openvino, onnxruntime, torch, tensorrt or coreml", **once)
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster open)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--decoder", default="full", choices=("full", "taesd"),
-                   help="final decoder: the full SD VAE, or TAESD (bundles exported with --taesd)")
+                   help="final decoder: the full SD VAE, or TAESD (bundles exported with --taesd)", **once)
     p.add_argument("--memory", default="resident", choices=("resident", "sequential", "shared-base"),
                    help="resident: keep graphs loaded; sequential: one graph at a time; shared-base: teacher weights "
-                        "mapped once for all UNets (bundles exported with --unet-weights shared-base)")
+                        "mapped once for all UNets (bundles exported with --unet-weights shared-base)", **once)
     p.add_argument("--ov-precision", choices=("auto", "f32", "bf16", "f16"),
-                   help="openvino: precision of the graphs' float parts (auto: float32, bfloat16 in int8 graphs where native)")
+                   help="openvino: precision of the graphs' float parts (auto: float32, bfloat16 in int8 graphs where "
+                        "native)", **once)
     p.add_argument("--ov-cache", metavar="DIR",
-                   help="openvino: compiled-graph cache folder, or 'none' (default: ~/.cache/icd_edge/openvino)")
+                   help="openvino: compiled-graph cache folder, or 'none' (default: ~/.cache/icd_edge/openvino)", **once)
+    p.add_argument("--json", action="store_true", help="print what was written, timings, backend and parameters as JSON")
+    _verbosity(p)
+
+
+def _image_out(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--out", required=True, type=Path, action=_Once, help=f"{what} (.png, .jpg, .webp, .bmp, .tif)")
+    p.add_argument("--quality", type=int, action=_Once, help="JPEG/WebP quality 1-100 (default 95)")
+    p.add_argument("--force", action="store_true", help="allow --out to be the input photo (it is overwritten)")
 
 
 def _fit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fit", default="stretch", choices=("stretch", "crop", "pad"),
+    p.add_argument("--fit", default="stretch", choices=("stretch", "crop", "pad"), action=_Once,
                    help="how a non-square photo becomes square: stretch (official), centre crop, or pad")
     p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="icd-edge", description="iCD text-guided image editing from an exported bundle.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = _Parser(prog="icd-edge", description="iCD text-guided image editing from an exported bundle.",
+                     formatter_class=fmt)
+    parser.add_argument("--version", action="version", version=f"icd-edge {__version__}")
+    _verbosity(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    once = {"action": _Once}
 
-    p = sub.add_parser("edit", help="invert a photo and decode it under a target prompt")
+    p = sub.add_parser("edit", help="invert a photo and decode it under a target prompt", formatter_class=fmt)
     _common(p)
-    p.add_argument("--image", required=True, type=Path, help="input photo")
-    p.add_argument("--source", required=True, help="prompt describing the photo")
-    p.add_argument("--target", required=True, help="prompt describing the edited photo")
-    p.add_argument("--out", required=True, type=Path, help="output image (.png, .jpg, .webp)")
-    p.add_argument("--cross-replace", type=float, default=0.2, help="fraction of steps with cross-attention replacement")
-    p.add_argument("--self-replace", type=float, default=0.2, help="fraction of steps with self-attention injection")
-    p.add_argument("--amplify", action="append", metavar="WORD=F", help="re-weight a target word's attention (repeatable)")
-    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: change only these words' region")
-    p.add_argument("--guidance", type=float, default=19.0, help="guidance w of the target row (0..19, code units)")
-    p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau")
-    p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping")
-    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise")
-    p.add_argument("--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR")
+    p.add_argument("--image", required=True, type=Path, help="input photo", **once)
+    p.add_argument("--source", required=True, help="prompt describing the photo", **once)
+    p.add_argument("--target", required=True, help="prompt describing the edited photo", **once)
+    _image_out(p, "output image")
+    p.add_argument("--cross-replace", type=float, default=0.2, help="fraction of steps with cross-attention replacement", **once)
+    p.add_argument("--self-replace", type=float, default=0.2, help="fraction of steps with self-attention injection", **once)
+    p.add_argument("--amplify", action="append", metavar="WORD=F", help="re-weight a target word's attention (repeatable, one per word)")
+    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: change only these words' region", **once)
+    p.add_argument("--guidance", type=float, default=19.0, help="guidance w of the target row (0..19, code units)", **once)
+    p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau", **once)
+    p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping", **once)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
+    p.add_argument("--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR", **once)
     _fit(p)
 
-    p = sub.add_parser("invert", help="invert a photo to noise and save it (.npz) for later edits")
+    p = sub.add_parser("invert", help="invert a photo to noise and save it (.npz) for later edits", formatter_class=fmt)
     _common(p)
-    p.add_argument("--image", required=True, type=Path)
-    p.add_argument("--source", required=True)
-    p.add_argument("--out", required=True, type=Path, help="output .npz")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", required=True, type=Path, help="input photo", **once)
+    p.add_argument("--source", required=True, help="prompt describing the photo", **once)
+    p.add_argument("--out", required=True, type=Path, help="output .npz (the x_999 latent and its prompt)", **once)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
 
-    p = sub.add_parser("reconstruct", help="invert and decode under the source prompt (round trip)")
+    p = sub.add_parser("reconstruct", help="invert and decode under the source prompt (round trip)", formatter_class=fmt)
     _common(p)
-    p.add_argument("--image", required=True, type=Path)
-    p.add_argument("--source", required=True)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--guidance", type=float, default=0.0)
-    p.add_argument("--tau", type=float, default=0.8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image", required=True, type=Path, help="input photo", **once)
+    p.add_argument("--source", required=True, help="prompt describing the photo", **once)
+    _image_out(p, "output image")
+    p.add_argument("--guidance", type=float, default=0.0, help="guidance w of the decode (0..19, code units)", **once)
+    p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau", **once)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
     _fit(p)
 
-    p = sub.add_parser("generate", help="text to image with the reverse model")
+    p = sub.add_parser("generate", help="text to image with the reverse model", formatter_class=fmt)
     _common(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--guidance", type=float, default=7.0)
-    p.add_argument("--tau", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", required=True, help="what to draw", **once)
+    _image_out(p, "output image")
+    p.add_argument("--guidance", type=float, default=7.0, help="guidance w (0..19, code units)", **once)
+    p.add_argument("--tau", type=float, default=1.0, help="dynamic guidance: guided iff t <= 1000*tau", **once)
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise", **once)
 
-    p = sub.add_parser("inspect", help="print a bundle's manifest and parity figures")
-    p.add_argument("bundle", type=Path)
-    p.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+    p = sub.add_parser("inspect", help="print a bundle's manifest and parity figures, or an output image's parameters",
+                       formatter_class=fmt)
+    p.add_argument("bundle", type=Path, metavar="PATH", help="a bundle folder, or an image written by icd-edge")
+    p.add_argument("--json", action="store_true", help="the whole manifest (or the image's parameters) as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks")
+    _verbosity(p)
 
-    p = sub.add_parser("doctor", help="list every backend as available or why not, and the CPU's int8 behaviour")
+    p = sub.add_parser("doctor", help="list every backend as available or why not, and the CPU's int8 behaviour",
+                       formatter_class=fmt)
     p.add_argument("--json", action="store_true", help="the same as one JSON object")
+    _verbosity(p)
     return parser
 
 
@@ -119,8 +172,113 @@ def _open(args):
         options["cache_dir"] = "" if args.ov_cache == "none" else args.ov_cache
     if options and args.backend not in ("auto", "openvino"):
         raise InputError(f"--ov-precision and --ov-cache apply to the openvino backend, not {args.backend!r}")
-    return Editor.open(args.bundle, backend=args.backend, verify=not args.no_verify, progress=not args.no_progress,
-                       memory=args.memory, decoder=args.decoder, **options)
+    return Editor.open(args.bundle, backend=args.backend, verify=not args.no_verify,
+                       progress=not (args.no_progress or args.quiet), memory=args.memory, decoder=args.decoder, **options)
+
+
+def _check_quality(args, fmt: str) -> None:
+    from icd_edge.image import LOSSY
+
+    if args.quality is not None and (fmt not in LOSSY or not 1 <= args.quality <= 100):
+        raise InputError(f"--quality takes 1-100 and applies to .jpg/.webp outputs (got {args.quality} for {args.out.suffix})")
+
+
+def _metadata(ed, command: str, **params) -> dict:
+    from icd_edge.image import METADATA_KEY
+
+    m = ed.bundle.manifest
+    return {METADATA_KEY: __version__, "command": command, "bundle_id": ed.bundle.bundle_id,
+            "model": m.get("model", {}).get("name"), "backend": ed.backend.name, **params}
+
+
+def _check_room(args, ed, photo=None) -> None:
+    """Once the bundle says how large the image is: room on the disk for it (an uncompressed
+    upper bound), before the model work."""
+    from icd_edge.atomic import check_output_file
+
+    side = ed.image_hw
+    w, h = photo.size if (photo is not None and getattr(args, "keep_size", False)) else (side, side)
+    check_output_file(args.out, need_bytes=w * h * 3 + (1 << 16))
+
+
+def _report(args, command: str, out: Path, ed, timings: dict, params: dict) -> None:
+    if args.json:
+        print(json.dumps({"command": command, "wrote": str(out), "backend": ed.backend.name,
+                          "bundle_id": ed.bundle.bundle_id, "seconds": {k: round(v, 3) for k, v in timings.items()},
+                          "parameters": params}))
+    elif not args.quiet:
+        print(f"wrote {out}")
+
+
+class _Clock:
+    def __init__(self):
+        self.seconds, self._t = {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = now - self._t
+        self._t = now
+
+
+def cmd_edit(args) -> int:
+    from icd_edge.image import check_output_path, load_image, save_image
+
+    _, fmt = check_output_path(args.out, input_path=args.image, force=args.force)
+    _check_quality(args, fmt)
+    amplify = _amplify(args.amplify)
+    preview = None
+    if args.preview is not None:
+        if not args.preview.is_dir():
+            raise InputError(f"--preview {args.preview} is not a folder; create it first")
+        from icd_edge.atomic import check_output_file
+
+        check_output_file(args.preview / "step_1_of_4.png", "--preview")
+
+        def preview(step, total, image):
+            save_image(image, args.preview / f"step_{step}_of_{total}.png")
+    blend = tuple(args.blend) if args.blend else None
+    params = {"source": args.source, "target": args.target, "seed": args.seed, "cross_replace": args.cross_replace,
+              "self_replace": args.self_replace, "amplify": amplify, "blend": list(blend) if blend else None,
+              "guidance": args.guidance, "tau": args.tau, "mode": args.mode, "fit": args.fit, "keep_size": args.keep_size,
+              "decoder": args.decoder}
+    clock = _Clock()
+    photo = load_image(args.image)  # decoded once, before the bundle is opened
+    with _open(args) as ed:
+        # every edit parameter is checked before the (slow) inversion
+        ed.check_edit(args.source, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace,
+                      amplify=amplify, blend=blend, guidance=args.guidance, tau=args.tau, mode=args.mode)
+        _check_room(args, ed, photo)
+        clock.lap("open")
+        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit)
+        clock.lap("invert")
+        img = ed.edit(inv, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace, amplify=amplify,
+                      blend=blend, guidance=args.guidance, tau=args.tau, mode=args.mode,
+                      keep_size=args.keep_size, preview=preview)
+        clock.lap("edit")
+        save_image(img, args.out, metadata=_metadata(ed, "edit", **params), quality=args.quality)
+        clock.lap("save")
+        _report(args, "edit", args.out, ed, clock.seconds, params)
+    return 0
+
+
+def cmd_invert(args) -> int:
+    from icd_edge.atomic import check_output_file
+    from icd_edge.image import load_image
+
+    if args.out.suffix != ".npz":
+        raise InputError(f"--out {args.out} must end in .npz")
+    check_output_file(args.out)
+    clock = _Clock()
+    photo = load_image(args.image)
+    with _open(args) as ed:
+        check_output_file(args.out, need_bytes=4 * ed.latent_hw ** 2 * 4 + (1 << 16))
+        clock.lap("open")
+        inv = ed.invert(photo, args.source, seed=args.seed)
+        clock.lap("invert")
+        _inversion_to_npz(inv, args.out)
+        clock.lap("save")
+        _report(args, "invert", args.out, ed, clock.seconds, {"source": args.source, "seed": args.seed})
+    return 0
 
 
 def _inversion_to_npz(inv, path: Path) -> None:
@@ -128,77 +286,58 @@ def _inversion_to_npz(inv, path: Path) -> None:
 
     from icd_edge.atomic import atomic_file
 
-    if path.suffix != ".npz":
-        raise InputError(f"--out {path} must end in .npz")
-    if not path.parent.is_dir():
-        raise InputError(f"output folder {path.parent} does not exist")
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, latent=inv.latent, source_prompt=np.array(inv.source_prompt), seed=np.array(inv.seed),
                      image_size=np.array(inv.image_size), bundle_id=np.array(inv.bundle_id))
 
 
-def cmd_edit(args) -> int:
-    from icd_edge.image import check_output_path, save_image
-
-    check_output_path(args.out)
-    amplify = _amplify(args.amplify)
-    preview = None
-    if args.preview is not None:
-        if not args.preview.is_dir():
-            raise InputError(f"--preview {args.preview} is not a folder; create it first")
-
-        def preview(step, total, image):
-            save_image(image, args.preview / f"step_{step}_of_{total}.png")
-    with _open(args) as ed:
-        # every edit parameter is checked before the (slow) inversion
-        ed.check_edit(args.source, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace,
-                      amplify=amplify, blend=tuple(args.blend) if args.blend else None, guidance=args.guidance,
-                      tau=args.tau, mode=args.mode)
-        inv = ed.invert(args.image, args.source, seed=args.seed, fit=args.fit)
-        img = ed.edit(inv, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace, amplify=amplify,
-                      blend=tuple(args.blend) if args.blend else None, guidance=args.guidance, tau=args.tau, mode=args.mode,
-                      keep_size=args.keep_size, preview=preview)
-    save_image(img, args.out)
-    print(f"wrote {args.out}")
-    return 0
-
-
-def cmd_invert(args) -> int:
-    with _open(args) as ed:
-        inv = ed.invert(args.image, args.source, seed=args.seed)
-    _inversion_to_npz(inv, args.out)
-    print(f"wrote {args.out}")
-    return 0
-
-
 def cmd_reconstruct(args) -> int:
-    from icd_edge.image import check_output_path, save_image
+    from icd_edge.image import check_output_path, load_image, save_image
 
-    check_output_path(args.out)
+    _, fmt = check_output_path(args.out, input_path=args.image, force=args.force)
+    _check_quality(args, fmt)
+    params = {"source": args.source, "seed": args.seed, "guidance": args.guidance, "tau": args.tau, "fit": args.fit,
+              "keep_size": args.keep_size, "decoder": args.decoder}
+    clock = _Clock()
+    photo = load_image(args.image)
     with _open(args) as ed:
         ed.check_reconstruct(guidance=args.guidance, tau=args.tau)  # before the (slow) inversion
-        inv = ed.invert(args.image, args.source, seed=args.seed, fit=args.fit)
+        _check_room(args, ed, photo)
+        clock.lap("open")
+        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit)
+        clock.lap("invert")
         img = ed.reconstruct(inv, guidance=args.guidance, tau=args.tau, keep_size=args.keep_size)
-    save_image(img, args.out)
-    print(f"wrote {args.out}")
+        clock.lap("reconstruct")
+        save_image(img, args.out, metadata=_metadata(ed, "reconstruct", **params), quality=args.quality)
+        clock.lap("save")
+        _report(args, "reconstruct", args.out, ed, clock.seconds, params)
     return 0
 
 
 def cmd_generate(args) -> int:
     from icd_edge.image import check_output_path, save_image
 
-    check_output_path(args.out)
+    _, fmt = check_output_path(args.out)
+    _check_quality(args, fmt)
+    params = {"prompt": args.prompt, "seed": args.seed, "guidance": args.guidance, "tau": args.tau, "decoder": args.decoder}
+    clock = _Clock()
     with _open(args) as ed:
+        _check_room(args, ed)
+        clock.lap("open")
         img = ed.generate(args.prompt, seed=args.seed, guidance=args.guidance, tau=args.tau)
-    save_image(img, args.out)
-    print(f"wrote {args.out}")
+        clock.lap("generate")
+        save_image(img, args.out, metadata=_metadata(ed, "generate", **params), quality=args.quality)
+        clock.lap("save")
+        _report(args, "generate", args.out, ed, clock.seconds, params)
     return 0
 
 
 def cmd_inspect(args) -> int:
     from icd_edge.manifest import open_bundle
 
+    if args.bundle.is_file():
+        return _inspect_image(args)
     b = open_bundle(args.bundle, verify=not args.no_verify)
     m = b.manifest
     if args.json:
@@ -209,6 +348,10 @@ def cmd_inspect(args) -> int:
     print(f"model    {m['model']['name']}  image {m['dims']['H']} px, latent {m['dims']['h']}, steps {m['schedule']['config']}")
     print(f"forward  {m['schedule']['forward']}")
     print(f"reverse  {m['schedule']['reverse']}")
+    if m.get("int8_scheme"):
+        s = m["int8_scheme"]
+        print(f"int8     weights [-{s['weight_max']}, {s['weight_max']}] ({s['weight_range']}), "
+              f"{'exact on every x86 CPU' if s['exact_without_vnni'] else 'exact only with VNNI/AMX'}")
     print("graphs")
     for name, g in m["graphs"].items():
         arts = ", ".join(f"{fmt}:{a.get('precision', '')}" for fmt, a in g["artifacts"].items())
@@ -221,10 +364,25 @@ def cmd_inspect(args) -> int:
             print(f"end-to-end {case}: {e2e[case]['psnr_db']} dB PSNR, max abs err {e2e[case]['max_abs_err']:.2e} "
                   f"({e2e[case]['backend']} {e2e[case]['precision']} vs torch)")
         ov = e2e.get("openvino")
-        if ov:
+        if ov and "edit" in ov:
             hints = "+".join(sorted(set(ov["inference_precision"].values())))
             print(f"end-to-end on openvino {ov['version']} ({hints}): edit {ov['edit']['psnr_db']} dB, generate "
                   f"{ov['generate']['psnr_db']} dB vs torch{'' if ov['meets_gate'] else ' (below the gate: use --ov-precision f32)'}")
+    return 0
+
+
+def _inspect_image(args) -> int:
+    from icd_edge.image import read_metadata
+
+    meta = read_metadata(args.bundle)
+    if meta is None:
+        raise InputError(f"{args.bundle} carries no icd-edge parameters (not written by icd-edge, or a format "
+                         "without metadata such as .bmp); inspect takes a bundle folder or an icd-edge output image")
+    if args.json:
+        print(json.dumps(meta))
+    else:
+        for key, value in meta.items():
+            print(f"{key:<14} {json.dumps(value) if not isinstance(value, str) else value}")
     return 0
 
 
@@ -238,7 +396,7 @@ def cmd_doctor(args) -> int:
     int8 = {b: {str(w): not int8_kernels.saturates(b, w) for w in int8_kernels.WEIGHT_MAXES}
             for b in int8_kernels.installed_backends() if backends.get(b, {}).get("available")}
     if args.json:
-        print(json.dumps({"backends": backends, "cpu": info, "int8_exact": int8}))
+        print(json.dumps({"icd_edge": __version__, "backends": backends, "cpu": info, "int8_exact": int8}))
         return 0
     for name, b in backends.items():
         print(f"{name}: {'available' if b['available'] else 'not available'} ({b['reason']})")
@@ -254,17 +412,58 @@ COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "reconstruct": cmd_reconstru
             "inspect": cmd_inspect, "doctor": cmd_doctor}
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM unwinds like Ctrl-C, so every ``finally`` and temporary-file cleanup runs."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _flag_message(exc: IcdEdgeError) -> str:
+    msg = str(exc)
+    param = getattr(exc, "param", None)
+    if param in FLAGS and msg.startswith(param):
+        msg = FLAGS[param] + msg[len(param):]
+    return msg
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    if verbose:
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore")  # library warnings are for -v; our own messages use logging
+    for name in ("onnxruntime", "openvino", "torch", "PIL"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    _quiet_libraries(args.verbose)
+    _install_signal_handlers()
     try:
         return COMMANDS[args.command](args)
     except IcdEdgeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_flag_message(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except MemoryError:
+        print("error: out of memory; close other programs, or use --memory sequential / a smaller bundle", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # an OS fault no check above anticipated: still one line, never a traceback
+        from icd_edge.atomic import describe_os_error
+
+        print(f"error: {describe_os_error(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; no output was written", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

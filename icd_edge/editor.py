@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from icd_edge import p2p
-from icd_edge.errors import InputError
+from icd_edge.errors import EditorClosed, InputError, NumericsError
 from icd_edge.image import array_to_pil, fit_square, image_to_tensor, load_image, restore_fit, tensor_to_array
 from icd_edge.manifest import Bundle, open_bundle
 from icd_edge.schedule import consistency_step, dynamic_guidance
@@ -54,27 +54,35 @@ class Inversion:
 
 def _check_prompt(prompt, what: str) -> str:
     if not isinstance(prompt, str):
-        raise InputError(f"{what} must be a string, got {type(prompt).__name__}")
+        raise InputError(f"{what} must be a string, got {type(prompt).__name__}", param=what)
+    try:  # lone surrogates: what Python makes of undecodable bytes in argv, or a broken str
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{what} is not valid text (undecodable bytes or lone surrogates); pass UTF-8 text",
+                         param=what) from None
     if not prompt.strip():
-        raise InputError(f"{what} is empty; describe the picture, e.g. 'a photo of a cat'")
+        raise InputError(f"{what} is empty; describe the picture, e.g. 'a photo of a cat'", param=what)
     if any(ord(c) < 32 and c not in "\t\n\r" for c in prompt):
-        raise InputError(f"{what} contains control characters; remove them")
+        raise InputError(f"{what} contains control characters; remove them", param=what)
     return prompt
 
 
-def _check_range(value, lo: float, hi: float, what: str, hint: str = "") -> float:
+def _check_range(value, lo: float, hi: float, what: str, hint: str = "", param: str | None = None) -> float:
+    param = param or what
+    if isinstance(value, bool):
+        raise InputError(f"{what} must be a number in [{lo:g}, {hi:g}], got {value!r}", param=param)
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise InputError(f"{what} must be a number in [{lo:g}, {hi:g}], got {value!r}") from None
+        raise InputError(f"{what} must be a number in [{lo:g}, {hi:g}], got {value!r}", param=param) from None
     if not (math.isfinite(v) and lo <= v <= hi):
-        raise InputError(f"{what} must be in [{lo:g}, {hi:g}], got {value!r}{hint}")
+        raise InputError(f"{what} must be in [{lo:g}, {hi:g}], got {value!r}{hint}", param=param)
     return v
 
 
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
-        raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, 2^63), got {seed!r}", param="seed")
     return int(seed)
 
 
@@ -157,6 +165,7 @@ class Editor:
         self.blend_threshold = float(m["p2p"]["blend_threshold"])
         self.tokenizer = ClipTokenizer(bundle.path(m["tokenizer"]["file"]))
         self._sessions: dict = {}
+        self._closed = False
         self._lock = threading.RLock()  # re-entered by _session → _release_others
         self._prompt_cache: dict[str, tuple[Tokens, np.ndarray]] = {}
         _warn_if_int8_saturates(bundle, backend)
@@ -185,6 +194,8 @@ class Editor:
     # ------------------------------------------------------------------ plumbing
     def _session(self, graph: str):
         with self._lock:
+            if self._closed:
+                raise EditorClosed("this Editor was closed; open a new one with Editor.open(bundle)")
             if graph not in self._sessions and self.memory == "sequential" and graph not in ALWAYS_KEPT:
                 # one graph at a time: the peak is the largest graph plus its activations, not a sum
                 self._release_others(graph)
@@ -196,7 +207,13 @@ class Editor:
     def _run(self, graph: str, stage: str, **feeds) -> dict[str, np.ndarray]:
         sess = self._session(graph)
         with self._timed(stage):
-            return sess.run(feeds)
+            out = sess.run(feeds)
+        for name, value in out.items():  # one bad value would propagate through every later step
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise NumericsError(f"{graph} returned NaN or infinity in {name!r} on the {self.backend.name} backend "
+                                    f"({stage}); a reduced precision overflowed: use an fp32 bundle, or "
+                                    f"--ov-precision f32 on openvino")
+        return out
 
     @contextlib.contextmanager
     def _timed(self, stage: str):
@@ -224,7 +241,9 @@ class Editor:
             sess.close()
 
     def close(self) -> None:
+        """Close every session; the Editor cannot be used afterwards."""
         with self._lock:
+            self._closed = True
             for s in self._sessions.values():
                 s.close()
             self._sessions.clear()
@@ -317,7 +336,7 @@ class Editor:
         cross_replace = _check_range(cross_replace, 0.0, 1.0, "cross_replace")
         self_replace = _check_range(self_replace, 0.0, 1.0, "self_replace")
         if mode not in MODES:
-            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", param="mode")
         src_tok = self.tokenizer(source_prompt)
         tgt_tok = self.tokenizer(target_prompt)
         same_words = len(source_prompt.split(" ")) == len(target_prompt.split(" "))
@@ -327,7 +346,7 @@ class Editor:
             token_map, refine_alpha = p2p.refine_map(src_tok, tgt_tok)
         equalizer = np.ones(77, dtype=np.float32)
         for word, factor in (amplify or {}).items():
-            f = _check_range(factor, 0.0, 20.0, f"amplify factor of {word!r}")
+            f = _check_range(factor, 0.0, 20.0, f"amplify factor of {word!r}", param="amplify")
             equalizer[p2p.word_mask(self.tokenizer, tgt_tok, target_prompt, word, "amplify") > 0] = f
         n = len(self.reverse_steps)
         cross = np.repeat(p2p.cross_schedule(cross_replace, n)[:, None], 77, axis=1)
@@ -335,7 +354,8 @@ class Editor:
         blend_tokens = None
         if blend is not None:
             if not (isinstance(blend, (tuple, list)) and len(blend) == 2 and all(isinstance(w, str) for w in blend)):
-                raise InputError(f"blend must be a pair of words (source_word, target_word), got {blend!r}")
+                raise InputError(f"blend must be a pair of words (source_word, target_word), got {blend!r}",
+                                 param="blend")
             blend_tokens = np.stack([
                 p2p.word_mask(self.tokenizer, src_tok, source_prompt, blend[0], "blend source"),
                 p2p.word_mask(self.tokenizer, tgt_tok, target_prompt, blend[1], "blend target"),

@@ -114,15 +114,20 @@ def test_bad_bundles_and_backends(tiny_bundle, photo_png, tmp_path):
 
 
 @pytest.mark.parametrize("over, extra, expect", [
-    ({"--source": ""}, [], "empty"),
-    ({"--target": "   "}, [], "empty"),
-    ({}, ["--guidance", "40"], "guidance"),
-    ({}, ["--tau", "2"], "tau"),
-    ({}, ["--cross-replace", "-1"], "cross_replace"),
+    ({"--source": ""}, [], "--source is empty"),
+    ({"--target": "   "}, [], "--target is empty"),
+    ({}, ["--guidance", "40"], "--guidance must be in"),
+    ({}, ["--tau", "2"], "--tau must be in"),
+    ({}, ["--cross-replace", "-1"], "--cross-replace must be in"),
+    ({}, ["--self-replace", "x"], "invalid float value"),
+    ({}, ["--seed", "1", "--seed", "2"], "--seed: given twice"),
+    ({}, ["--target", "a dog"], "--target: given twice"),
+    ({}, ["--amplify", "dog=3", "--amplify", "dog=5"], "names 'dog' twice"),
+    ({"--source": "caf\udcff"}, [], "--source is not valid text"),
     ({}, ["--amplify", "dog"], "WORD=FACTOR"),
     ({}, ["--amplify", "dog=abc"], "not a number"),
     ({}, ["--blend", "cow", "dog"], "not a word"),
-    ({}, ["--seed", "-5"], "seed"),
+    ({}, ["--seed", "-5"], "--seed must be"),
 ])
 def test_bad_parameters(tiny_bundle, photo_png, tmp_path, over, extra, expect):
     assert expect in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **over), *extra)
@@ -190,3 +195,70 @@ def test_doctor_reports_cpu_and_int8_kernels():
     assert rep["backends"]["onnxruntime"]["available"] is True
     assert rep["cpu"]["isa"] and rep["cpu"]["cores"] >= 1
     assert rep["int8_exact"]["onnxruntime"]["64"] is True
+
+
+def test_invalid_utf8_from_argv(tiny_bundle, photo_png, tmp_path):
+    """Bytes that are not UTF-8 reach Python as lone surrogates; they are an input error."""
+    import os
+    import subprocess
+    import sys
+
+    args = [os.fsencode(a) for a in _edit_args(tiny_bundle, photo_png, tmp_path)]
+    args[args.index(b"--target") + 1] = b"\xff\xfe"
+    proc = subprocess.run([os.fsencode(sys.executable), b"-m", b"icd_edge", *args], capture_output=True)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 2 and err.startswith("error: --target is not valid text") and "Traceback" not in err, err
+
+
+def test_help_version_verbosity_json(tiny_bundle, photo_png, tmp_path):
+    from icd_edge import __version__
+
+    assert run_cli("--version", check=True).stdout.strip() == f"icd-edge {__version__}"
+    for command in ("edit", "invert", "reconstruct", "generate", "inspect", "doctor"):
+        text = run_cli(command, "--help", check=True).stdout
+        assert "-q, --quiet" in text and "-v, --verbose" in text, command
+        if command in ("edit", "generate"):
+            assert "(default: 19.0)" in text or "(default: 7.0)" in text
+            assert "--json" in text and "--quality" in text
+    out = tmp_path / "o.png"
+    proc = run_cli("generate", "--bundle", str(tiny_bundle), "--prompt", "a dog", "--out", str(out), "--json", "-q",
+                   "--seed", "3", check=True)
+    rep = json.loads(proc.stdout)
+    assert rep["wrote"] == str(out) and rep["backend"] in ("onnxruntime", "openvino") and rep["parameters"]["seed"] == 3
+    assert set(rep["seconds"]) == {"open", "generate", "save"} and proc.stderr == ""
+    proc = run_cli("edit", *_edit_args(tiny_bundle, photo_png, tmp_path)[1:], "--json", "-v", check=True)
+    assert json.loads(proc.stdout)["parameters"]["target"] == "a photo of a dog"
+    assert run_cli("edit", "-q", *_edit_args(tiny_bundle, photo_png, tmp_path)[1:], check=True).stdout == ""
+
+
+def test_doctor_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, io, contextlib\nfrom icd_edge.cli import main\nbuf = io.StringIO()\n"
+            "with contextlib.redirect_stdout(buf):\n    main(['doctor'])\n"
+            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_export_argument_errors_before_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom icd_edge.export.__main__ import main\nrc = main(sys.argv[1:])\n"
+            "print(rc, 'torch' in sys.modules)")
+    for args in (["--model", "tiny", "--out", str(tmp_path / "b"), "--resolution", "100"],
+                 ["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"]):
+        proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert proc.stdout.strip() == "2 False", (proc.stdout, proc.stderr)
+        assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--bogus", module="icd_edge.export")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: unrecognized arguments: --bogus")
+
+
+def test_export_console_shows_only_our_lines(tmp_path):
+    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--parity", "none", "--no-progress",
+                   module="icd_edge.export", check=True)
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'b'}"
+    assert proc.stderr.strip() == "", proc.stderr[-2000:]

@@ -60,9 +60,10 @@ class TorchBackend:
         missing = [m for m in ("torch", "diffusers", "transformers") if not _has_module(m)]
         if missing:
             return Availability(False, f"not installed ({', '.join(missing)} missing; pip install 'icd_edge[export]')")
-        import torch
+        import importlib.metadata
 
-        return Availability(True, f"torch {torch.__version__} (reference, {self.device})")
+        # the version from the package metadata: doctor and auto must not pay torch's import
+        return Availability(True, f"torch {importlib.metadata.version('torch')} (reference, {self.device})")
 
     def _load_graphs(self, bundle) -> dict:
         from diffusers import AutoencoderKL, UNet2DConditionModel
