@@ -7,11 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-from icd_edge.errors import ExportError, IcdEdgeError
+from icd_edge import __version__
+from icd_edge.errors import ExportError, IcdEdgeError, Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m icd_edge.export", description=__doc__.split(":")[1].strip(),
+    p = _Parser(prog="python -m icd_edge.export", description=__doc__.split(":")[1].strip(),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write (replaced atomically)")
     p.add_argument("--model", default="icd-sd15", choices=("icd-sd15", "tiny", "random-sd15"),
@@ -59,15 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
                         "([-127, 127]) saturates on CPUs without VNNI (AVX2-only) [default 7bit]")
     p.add_argument("--calibration-count", type=int, default=3, help="calibration photos to use")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more, library warnings included")
+    p.add_argument("--version", action="version", version=f"icd_edge.export {__version__}")
     return p
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _quiet_libraries() -> None:
+    """Without -v the console shows the progress bar and our own messages: the libraries' warnings
+    (torch's exporter registry, onnxscript, transformers) go to -v."""
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    names = ("torch", "onnxscript", "onnx_ir", "transformers", "diffusers", "onnxruntime", "openvino", "coremltools")
+    # torch sets its own loggers' levels when imported: every existing child logger too
+    for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] in names] + list(names):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        _quiet_libraries()
+    from icd_edge.cli import _install_signal_handlers
+
+    _install_signal_handlers()
     try:
-        from icd_edge.export.pipeline import ExportConfig, run_export
+        from icd_edge.export.config import ExportConfig, validate
 
         overrides = []
         for item in args.graph_precision:
@@ -85,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
                            coreml_compression=args.coreml_compression, coreml_attention=args.coreml_attention,
                            progress=not args.no_progress,
                            extra={"trt_precision": args.trt_precision, "trt_workspace_mb": args.trt_workspace_mb})
+        validate(cfg)  # before torch is imported
+        from icd_edge.export.pipeline import run_export
+
+        if not args.verbose:
+            _quiet_libraries()  # again: importing torch reset its loggers
+
         out = run_export(cfg)
     except IcdEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -92,9 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"error: the export needs the 'export' extra ({exc.name} is missing): pip install 'icd_edge[export]'", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("error: out of memory; close other programs or export a smaller --resolution", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from icd_edge.atomic import describe_os_error
+
+        print(f"error: {describe_os_error(exc)}; no bundle was written", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; no bundle was written (a previous bundle at that path is intact)", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated; no bundle was written (a previous bundle at that path is intact)", file=sys.stderr)
+        return 143
     print(f"wrote {out}")
     return 0
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +69,9 @@ def write_clip_tokenizer(vocab: list[str], merges: list[str], out_dir: Path) -> 
     from transformers import CLIPTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    from icd_edge.atomic import scratch_dir
+
+    with scratch_dir("tokenizer") as tmp:
         vocab_path, merges_path = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
         vocab_path.write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
         merges_path.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")

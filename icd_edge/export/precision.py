@@ -23,12 +23,12 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from icd_edge.atomic import scratch_dir
 from icd_edge.errors import ExportError
 from icd_edge.runtimes.ort import trim_heap
 
@@ -262,7 +262,7 @@ def _quantize(src: Path, precision: str, calibration: list[dict] | None,
     peak RSS in GB."""
     import subprocess
 
-    with tempfile.TemporaryDirectory(prefix="icd_q_") as d:
+    with scratch_dir("quant") as d:
         out, feeds = Path(d) / "q.onnx", Path(d) / "feeds"
         feeds.mkdir()
         for i, feed in enumerate(calibration or []):
@@ -411,7 +411,7 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
         exclude = activation_matmuls(src)
         ranges = calibrate_ranges(src, calibration, INT8_OPS, exclude)
         trim_heap()
-        with tempfile.TemporaryDirectory(prefix="icd_ranges_") as d:
+        with scratch_dir("ranges") as d:
             # ranges go in through ORT's calibration cache, so its own calibrator never runs
             cache = Path(d) / "ranges.json"
             save_tensors_data(TensorsData(CalibrationMethod.MinMax, {

@@ -23,15 +23,15 @@ import torch
 
 from icd_edge import spec
 from icd_edge.errors import ExportError
+from icd_edge.export.config import COREML_ATTENTIONS as ATTENTIONS
+from icd_edge.export.config import COREML_COMPRESSIONS as COMPRESSIONS
 
 logger = logging.getLogger(__name__)
 
-COMPRESSIONS = ("none", "linear8", "palettize8", "palettize6")
 # standard: attention as matmul/softmax/matmul (macOS 14). sliced-q: keep Core ML's fused
 # scaled_dot_product_attention op (macOS 15) and let coremltools' sliced-Q pass split the query
 # axis of the full-latent-resolution attention layers into chunks, which bounds the size of the
 # (queries × keys) score matrix; the speed effect on the Neural Engine has not been measured.
-ATTENTIONS = ("standard", "sliced-q")
 # Features used: ML program with fp16 compute (macOS 12+), per-channel int8 and per-tensor LUT
 # weights (macOS 13+). macOS 14 is the floor we chose (every Apple-silicon Mac can run it); only
 # the fused attention op of sliced-q needs macOS 15.

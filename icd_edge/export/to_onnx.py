@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import hashlib
 import logging
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from icd_edge.atomic import scratch_dir
 from icd_edge.errors import ExportError
 from icd_edge.runtimes.ort import trim_heap as _trim_heap
 from icd_edge.export.wrappers import HalfGraph
@@ -238,7 +238,7 @@ def export_target(ctx) -> None:
     reuse = _reuse_plan(ctx.graphs)
     templates: dict[str, Template] = {}
     names = list(ctx.graphs)
-    with tempfile.TemporaryDirectory(prefix="icd_fp32_") as scratch:
+    with scratch_dir("fp32") as scratch:
         fp32_stores: dict[str, WeightStore] = {}
         try:
             for name, module in ctx.graphs.items():

@@ -1,0 +1,124 @@
+"""What an export is asked to do (:class:`ExportConfig`) and its validation, without torch: the
+export's argument errors come before the heavy imports."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from icd_edge.errors import ExportError
+from icd_edge.export import parity as parity_mod
+
+# the Core ML target's choices (to_coreml imports torch; these are checked before it loads)
+COREML_COMPRESSIONS = ("none", "linear8", "palettize8", "palettize6")
+COREML_ATTENTIONS = ("standard", "sliced-q")
+MODELS = ("icd-sd15", "tiny", "random-sd15")
+# target name -> "module:function(ctx: ExportContext)"; each writes its artifacts into ctx.out_dir
+# and records them under manifest["graphs"][graph]["artifacts"][<format>].
+TARGETS = {
+    "onnx": "icd_edge.export.to_onnx:export_target",
+    "torch": "icd_edge.export.pipeline:torch_target",
+    "coreml": "icd_edge.export.to_coreml:export_target",
+    "tensorrt": "icd_edge.export.to_tensorrt:export_target",
+}
+# target name -> "module:function(cfg)" run by validate() before any download (e.g. a missing tool).
+TARGET_CHECKS = {
+    "tensorrt": "icd_edge.export.to_tensorrt:check_target",
+}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Everything an export needs; validated by :func:`validate` before any download."""
+
+    out: Path
+    model: str = "icd-sd15"
+    base: str | None = None
+    teacher: str | None = None
+    forward_lora: str | None = None
+    reverse_lora: str | None = None
+    revision: str | None = None
+    steps: str = "4"
+    resolution: int | None = None
+    targets: tuple[str, ...] = ("onnx",)
+    opset: int = 18
+    seed: int = 0
+    parity: str = "e2e"
+    min_psnr_db: float | None = None  # end-to-end gate; None: 45 (fp32), 35 (fp16), 25 (int8) dB
+    graph_min_psnr_db: float = parity_mod.GRAPH_MIN_PSNR_DB  # per-graph gate, fp32 graphs only
+    precision: str = "fp32"
+    graph_precision: tuple[tuple[str, str], ...] = ()
+    calibration: Path | None = None
+    calibration_count: int = 3
+    taesd: str | None = None
+    unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
+    embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
+    int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (precision.INT8_WEIGHT_RANGES)
+    coreml_compression: str = "none"
+    coreml_attention: str = "standard"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def validate(cfg: ExportConfig) -> None:
+    if cfg.model not in MODELS:
+        raise ExportError(f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
+    bad = [t for t in cfg.targets if t not in TARGETS]
+    if bad or not cfg.targets or "onnx" not in cfg.targets:
+        raise ExportError(f"--targets must include onnx and may add {', '.join(t for t in TARGETS if t != 'onnx')} "
+                          f"(got {','.join(cfg.targets) or 'nothing'})")
+    for target in cfg.targets:
+        if target in TARGET_CHECKS:
+            module_name, func = TARGET_CHECKS[target].split(":")
+            getattr(importlib.import_module(module_name), func)(cfg)
+    if cfg.steps not in ("4", "3"):
+        raise ExportError(f"--steps must be 4 or 3, got {cfg.steps!r}")
+    if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
+        raise ExportError(f"--resolution must be a multiple of 64 (≥ 64), got {cfg.resolution}")
+    if not 18 <= cfg.opset <= 25:
+        raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
+    from icd_edge.export.precision import INT8_WEIGHT_RANGES, PRECISIONS
+
+    if cfg.int8_weights not in INT8_WEIGHT_RANGES:
+        raise ExportError(f"--int8-weights must be one of {', '.join(INT8_WEIGHT_RANGES)}, got {cfg.int8_weights!r}")
+    if cfg.precision not in PRECISIONS or any(v not in PRECISIONS for _, v in cfg.graph_precision):
+        raise ExportError(f"--precision/--graph-precision take one of {', '.join(PRECISIONS)}")
+    if cfg.calibration is not None and not Path(cfg.calibration).is_dir():
+        raise ExportError(f"--calibration {cfg.calibration} is not a folder of photos")
+    if cfg.unet_weights not in ("fused", "shared-base"):
+        raise ExportError(f"--unet-weights must be fused or shared-base, got {cfg.unet_weights!r}")
+    if cfg.embeddings not in ("float", "int8"):
+        raise ExportError(f"--embeddings must be float or int8, got {cfg.embeddings!r}")
+    te_precision = dict(cfg.graph_precision).get("text_encoder", cfg.precision)
+    if cfg.embeddings == "int8" and te_precision not in ("fp16", "int8", "int8-dynamic"):
+        raise ExportError(f"--embeddings int8 needs a converted text encoder (fp16 or int8), not {te_precision}: "
+                          "add --precision fp16 or --graph-precision text_encoder=fp16")
+    if cfg.calibration_count < 1:
+        raise ExportError("--calibration-count must be at least 1")
+    if cfg.parity not in ("e2e", "graphs", "none"):
+        raise ExportError(f"--parity must be e2e, graphs or none, got {cfg.parity!r}")
+    if cfg.coreml_compression not in COREML_COMPRESSIONS:
+        raise ExportError(f"--coreml-compression must be one of {', '.join(COREML_COMPRESSIONS)}, "
+                          f"got {cfg.coreml_compression!r}")
+    if cfg.coreml_attention not in COREML_ATTENTIONS:
+        raise ExportError(f"--coreml-attention must be one of {', '.join(COREML_ATTENTIONS)}, "
+                          f"got {cfg.coreml_attention!r}")
+    for flag, value, default in (("--coreml-compression", cfg.coreml_compression, "none"),
+                                 ("--coreml-attention", cfg.coreml_attention, "standard")):
+        if value != default and "coreml" not in cfg.targets:
+            raise ExportError(f"{flag} applies to Core ML packages only; add coreml to --targets "
+                              "(e.g. --targets onnx,coreml)")
+    if "coreml" in cfg.targets:
+        from icd_edge.export import to_coreml
+
+        to_coreml.check_available(cfg.coreml_compression)
+    if cfg.model != "icd-sd15" and any((cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora)):
+        raise ExportError("--base/--teacher/--forward-lora/--reverse-lora apply to --model icd-sd15 only")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise ExportError(f"--out {out} is a non-empty folder that is not a bundle; choose a new path")
+
+
