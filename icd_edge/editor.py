@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from icd_edge import p2p
-from icd_edge.errors import EditorClosed, InputError, NumericsError
+from icd_edge.errors import BundleError, EditorClosed, InputError, NumericsError
 from icd_edge.image import array_to_pil, fit_square, image_to_tensor, load_image, restore_fit, tensor_to_array
 from icd_edge.manifest import Bundle, open_bundle
 from icd_edge.schedule import consistency_step, dynamic_guidance
@@ -201,7 +201,13 @@ class Editor:
                 self._release_others(graph)
             if graph not in self._sessions:
                 with self._timed(f"load:{graph}"):
-                    self._sessions[graph] = self.backend.open_session(self.bundle, graph)
+                    try:
+                        self._sessions[graph] = self.backend.open_session(self.bundle, graph)
+                    except OSError as exc:  # reading or memory-mapping the graph's files
+                        from icd_edge.atomic import describe_os_error
+
+                        raise BundleError(f"cannot load graph {graph} from {self.bundle.root}: "
+                                          f"{describe_os_error(exc)}") from None
             return self._sessions[graph]
 
     def _run(self, graph: str, stage: str, **feeds) -> dict[str, np.ndarray]:
@@ -289,6 +295,9 @@ class Editor:
             raise InputError(f"expected an Inversion from Editor.invert, got {type(inv).__name__}")
         if inv.bundle_id != self.bundle.bundle_id:
             raise InputError("this inversion was made with another bundle; invert the photo again with this editor")
+        if not np.isfinite(inv.latent).all():
+            raise NumericsError("the inversion's latent holds NaN or infinity; invert the photo again "
+                                "(with an fp32 bundle if a reduced precision overflowed)")
 
     @staticmethod
     def _check_output_type(output_type: str) -> None:

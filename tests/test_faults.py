@@ -308,3 +308,36 @@ def test_api_prompts_closed_editor_and_nan(tiny_bundle, photo):
         ed.edit(inv, "a dog")
     with pytest.raises(EditorClosed):
         ed.invert(photo, "a cat")
+
+
+def test_immutable_folder(tmp_path):
+    folder = tmp_path / "imm"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not possible here (needs root and a file system with attributes)")
+    try:
+        with pytest.raises(OutputError, match="not permitted"):
+            check_output_file(folder / "o.png")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+
+
+def test_nan_inversion_and_unloadable_graph(tiny_bundle, photo, monkeypatch):
+    import dataclasses
+
+    from icd_edge.editor import Editor
+    from icd_edge.errors import BundleError, NumericsError
+    from icd_edge.runtimes.ort import OrtBackend
+
+    with Editor.open(tiny_bundle, backend="onnxruntime") as ed:
+        inv = ed.invert(photo, "a cat")
+        bad = dataclasses.replace(inv, latent=np.full_like(inv.latent, np.nan))
+        with pytest.raises(NumericsError, match="latent holds NaN"):
+            ed.edit(bad, "a dog")
+
+        def fail(*a, **k):
+            raise OSError(5, "Input/output error", "unet_reverse.weights")
+
+        monkeypatch.setattr(OrtBackend, "open_session", fail)
+        with pytest.raises(BundleError, match="cannot load graph unet_reverse_edit.*input/output error"):
+            ed.edit(inv, "a dog")
