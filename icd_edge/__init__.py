@@ -6,7 +6,7 @@ backend such as onnxruntime; it never imports torch. Start with :class:`icd_edge
 
 __version__ = "0.1.0"
 
-__all__ = ["Editor", "Inversion", "__version__"]
+__all__ = ["Editor", "Inversion", "torch_randn", "__version__"]
 
 
 def __getattr__(name):  # lazy, so `import icd_edge` stays cheap
@@ -14,4 +14,8 @@ def __getattr__(name):  # lazy, so `import icd_edge` stays cheap
         from icd_edge import editor
 
         return getattr(editor, name)
+    if name == "torch_randn":
+        from icd_edge.rng import torch_randn
+
+        return torch_randn
     raise AttributeError(f"module 'icd_edge' has no attribute {name!r}")
