@@ -82,6 +82,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ov-cache", metavar="DIR",
                    help="openvino: compiled-graph cache folder, or 'none' (default: ~/.cache/icd_edge/openvino)", **once)
     p.add_argument("--json", action="store_true", help="print what was written, timings, backend and parameters as JSON")
+    p.add_argument("--rng", default="torch", choices=("torch", "numpy"), action=_Once,
+                   help="noise generator: torch (the official code's torch.randn on the CPU, bit for bit) or numpy")
     _verbosity(p)
 
 
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping", **once)
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
     p.add_argument("--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR", **once)
+    p.add_argument("--save-source", type=Path, metavar="PATH", action=_Once,
+                   help="also write the source row (the reconstruction the edit is made against)")
     _fit(p)
 
     p = sub.add_parser("invert", help="invert a photo to noise and save it (.npz) for later edits", formatter_class=fmt)
@@ -225,6 +229,12 @@ def cmd_edit(args) -> int:
 
     _, fmt = check_output_path(args.out, input_path=args.image, force=args.force)
     _check_quality(args, fmt)
+    if args.save_source is not None:
+        _, src_fmt = check_output_path(args.save_source, input_path=args.image, force=args.force)
+        if args.save_source.resolve() == args.out.resolve():
+            raise InputError("--save-source and --out name the same file; give two names")
+        if args.quality is not None and src_fmt not in ("JPEG", "WEBP"):
+            raise InputError(f"--quality applies to .jpg/.webp outputs; --save-source {args.save_source} is not one")
     amplify = _amplify(args.amplify)
     preview = None
     if args.preview is not None:
@@ -237,7 +247,8 @@ def cmd_edit(args) -> int:
         def preview(step, total, image):
             save_image(image, args.preview / f"step_{step}_of_{total}.png")
     blend = tuple(args.blend) if args.blend else None
-    params = {"source": args.source, "target": args.target, "seed": args.seed, "cross_replace": args.cross_replace,
+    params = {"source": args.source, "target": args.target, "seed": args.seed, "rng": args.rng,
+              "cross_replace": args.cross_replace,
               "self_replace": args.self_replace, "amplify": amplify, "blend": list(blend) if blend else None,
               "guidance": args.guidance, "tau": args.tau, "mode": args.mode, "fit": args.fit, "keep_size": args.keep_size,
               "decoder": args.decoder}
@@ -249,12 +260,15 @@ def cmd_edit(args) -> int:
                       amplify=amplify, blend=blend, guidance=args.guidance, tau=args.tau, mode=args.mode)
         _check_room(args, ed, photo)
         clock.lap("open")
-        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit)
+        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
         clock.lap("invert")
         img = ed.edit(inv, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace, amplify=amplify,
                       blend=blend, guidance=args.guidance, tau=args.tau, mode=args.mode,
-                      keep_size=args.keep_size, preview=preview)
+                      keep_size=args.keep_size, preview=preview, return_source=args.save_source is not None)
         clock.lap("edit")
+        if args.save_source is not None:
+            img, source = img
+            save_image(source, args.save_source, metadata=_metadata(ed, "edit-source", **params), quality=args.quality)
         save_image(img, args.out, metadata=_metadata(ed, "edit", **params), quality=args.quality)
         clock.lap("save")
         _report(args, "edit", args.out, ed, clock.seconds, params)
@@ -273,11 +287,11 @@ def cmd_invert(args) -> int:
     with _open(args) as ed:
         check_output_file(args.out, need_bytes=4 * ed.latent_hw ** 2 * 4 + (1 << 16))
         clock.lap("open")
-        inv = ed.invert(photo, args.source, seed=args.seed)
+        inv = ed.invert(photo, args.source, seed=args.seed, rng=args.rng)
         clock.lap("invert")
         _inversion_to_npz(inv, args.out)
         clock.lap("save")
-        _report(args, "invert", args.out, ed, clock.seconds, {"source": args.source, "seed": args.seed})
+        _report(args, "invert", args.out, ed, clock.seconds, {"source": args.source, "seed": args.seed, "rng": args.rng})
     return 0
 
 
@@ -288,7 +302,8 @@ def _inversion_to_npz(inv, path: Path) -> None:
 
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, latent=inv.latent, source_prompt=np.array(inv.source_prompt), seed=np.array(inv.seed),
+            np.savez(f, latent=inv.latent, source_prompt=np.array(inv.source_prompt),
+                     seed=np.array(-1 if inv.seed is None else inv.seed),
                      image_size=np.array(inv.image_size), bundle_id=np.array(inv.bundle_id))
 
 
@@ -297,15 +312,15 @@ def cmd_reconstruct(args) -> int:
 
     _, fmt = check_output_path(args.out, input_path=args.image, force=args.force)
     _check_quality(args, fmt)
-    params = {"source": args.source, "seed": args.seed, "guidance": args.guidance, "tau": args.tau, "fit": args.fit,
-              "keep_size": args.keep_size, "decoder": args.decoder}
+    params = {"source": args.source, "seed": args.seed, "rng": args.rng, "guidance": args.guidance, "tau": args.tau,
+              "fit": args.fit, "keep_size": args.keep_size, "decoder": args.decoder}
     clock = _Clock()
     photo = load_image(args.image)
     with _open(args) as ed:
         ed.check_reconstruct(guidance=args.guidance, tau=args.tau)  # before the (slow) inversion
         _check_room(args, ed, photo)
         clock.lap("open")
-        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit)
+        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
         clock.lap("invert")
         img = ed.reconstruct(inv, guidance=args.guidance, tau=args.tau, keep_size=args.keep_size)
         clock.lap("reconstruct")
@@ -320,12 +335,13 @@ def cmd_generate(args) -> int:
 
     _, fmt = check_output_path(args.out)
     _check_quality(args, fmt)
-    params = {"prompt": args.prompt, "seed": args.seed, "guidance": args.guidance, "tau": args.tau, "decoder": args.decoder}
+    params = {"prompt": args.prompt, "seed": args.seed, "rng": args.rng, "guidance": args.guidance, "tau": args.tau,
+              "decoder": args.decoder}
     clock = _Clock()
     with _open(args) as ed:
         _check_room(args, ed)
         clock.lap("open")
-        img = ed.generate(args.prompt, seed=args.seed, guidance=args.guidance, tau=args.tau)
+        img = ed.generate(args.prompt, seed=args.seed, guidance=args.guidance, tau=args.tau, rng=args.rng)
         clock.lap("generate")
         save_image(img, args.out, metadata=_metadata(ed, "generate", **params), quality=args.quality)
         clock.lap("save")

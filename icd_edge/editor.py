@@ -21,6 +21,8 @@ from icd_edge import p2p
 from icd_edge.errors import BundleError, EditorClosed, InputError, NumericsError
 from icd_edge.image import array_to_pil, fit_square, image_to_tensor, load_image, restore_fit, tensor_to_array
 from icd_edge.manifest import Bundle, open_bundle
+from icd_edge.rng import RNGS
+from icd_edge.rng import noise as make_noise
 from icd_edge.schedule import consistency_step, dynamic_guidance
 from icd_edge.tokenizer import ClipTokenizer, Tokens
 
@@ -38,18 +40,21 @@ class Inversion:
     Attributes:
         latent: (1, 4, h, w) float32 x_999 (read-only).
         source_prompt: the prompt the photo was inverted with.
-        seed: seed of the t = 19 start noise.
+        seed: seed of the t = 19 start noise (None when the noise or the latent was given).
         image_size: (width, height) of the input photo.
         bundle_id: the bundle it belongs to (edits with another bundle are refused).
         fit: how the photo was made square (``stretch``, ``crop``, ``pad``), for ``keep_size``.
+        rng: where the start noise came from: ``torch``, ``numpy``, ``array`` (given) or
+            ``latent`` (made from a known x_999 with :meth:`Editor.inversion_from_latent`).
     """
 
     latent: np.ndarray
     source_prompt: str
-    seed: int
+    seed: int | None
     image_size: tuple[int, int]
     bundle_id: str
     fit: tuple = ("stretch", 0, 0)
+    rng: str = "torch"
 
 
 def _check_prompt(prompt, what: str) -> str:
@@ -78,6 +83,26 @@ def _check_range(value, lo: float, hi: float, what: str, hint: str = "", param: 
     if not (math.isfinite(v) and lo <= v <= hi):
         raise InputError(f"{what} must be in [{lo:g}, {hi:g}], got {value!r}{hint}", param=param)
     return v
+
+
+def _check_rng(rng) -> str:
+    if rng not in RNGS:
+        raise InputError(f"rng must be one of {', '.join(RNGS)}, got {rng!r}", param="rng")
+    return rng
+
+
+def _check_array(value, shape: tuple, what: str) -> np.ndarray:
+    """A float array of exactly ``shape`` (a leading batch axis of 1 may be left out), finite."""
+    arr = np.asarray(value)
+    if arr.shape == shape[1:] and shape[0] == 1:
+        arr = arr[None]
+    if arr.shape != shape:
+        raise InputError(f"{what} must have shape {shape}, got {arr.shape}", param=what)
+    if arr.dtype.kind != "f":
+        raise InputError(f"{what} must be a float array, got {arr.dtype}", param=what)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{what} holds NaN or infinity", param=what)
+    return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _check_seed(seed) -> int:
@@ -305,17 +330,25 @@ class Editor:
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 
     # ------------------------------------------------------------------ public API
-    def invert(self, image, source_prompt: str, *, seed: int = 0, fit: str = "stretch") -> Inversion:
+    def invert(self, image, source_prompt: str, *, seed: int = 0, fit: str = "stretch", rng: str = "torch",
+               noise=None) -> Inversion:
         """Encode a photo to x_999 with the forward model under the source prompt (w = 0).
 
         Args:
-            image: a path, PIL image or HxWx3 uint8 array; resized to the bundle's side.
+            image: a path, bytes, binary file, PIL image or array; resized to the bundle's side.
             source_prompt: what the photo shows.
-            seed: seed of the noise added at t = 19 (numpy PCG64).
-            fit: ``stretch`` (official), ``crop`` or ``pad`` (see :mod:`icd_edge.image`).
+            seed: seed of the noise added to the photo's latent at t = 19 (official default 0).
+            fit: ``stretch`` (the official loader's bicubic resize), ``crop`` or ``pad``.
+            rng: ``torch`` (default, as the official code: ``torch.randn`` on the CPU, bit for bit,
+                see :mod:`icd_edge.rng`) or ``numpy`` (PCG64).
+            noise: the t = 19 noise itself, shape (1, 4, h, h) (or (4, h, h)); ``seed`` and
+                ``rng`` are then unused.
         """
         _check_prompt(source_prompt, "source prompt")
         seed = _check_seed(seed)
+        rng = _check_rng(rng)
+        shape = (1, 4, self.latent_hw, self.latent_hw)
+        given = None if noise is None else _check_array(noise, shape, "noise")
         img = load_image(image)
         square, fit_info = fit_square(img, self.image_hw, fit)
         with self._bar(2 + len(self.forward_steps), "invert") as bar:
@@ -323,8 +356,8 @@ class Editor:
             pixels = image_to_tensor(square, self.image_hw)
             z0 = self._run("vae_encoder", "vae_encoder", image=pixels)["latent_mean"] * np.float32(self.vae_scale)
             bar.update(2)
-            noise = np.random.default_rng(seed).standard_normal(z0.shape, dtype=np.float32)
-            x = (np.float32(self.start_a) * z0 + np.float32(self.start_sigma) * noise).astype(np.float32)
+            eps0 = given if given is not None else make_noise(z0.shape, seed, rng)
+            x = (np.float32(self.start_a) * z0 + np.float32(self.start_sigma) * eps0).astype(np.float32)
             w0 = self._wemb(0.0)
             for i, (t, _s, c1, c2) in enumerate(self.forward_steps):
                 eps = self._run("unet_forward", f"forward_{i}", sample=x, timestep=np.array([t], np.float32),
@@ -334,7 +367,19 @@ class Editor:
         if self.memory == "sequential":
             self.release("unet_forward")
         x.setflags(write=False)
-        return Inversion(x, source_prompt, seed, img.size, self.bundle.bundle_id, fit_info)
+        return Inversion(x, source_prompt, None if given is not None else seed, img.size, self.bundle.bundle_id,
+                         fit_info, "array" if given is not None else rng)
+
+    def inversion_from_latent(self, latent, source_prompt: str, *, image_size: tuple[int, int] | None = None) -> Inversion:
+        """An :class:`Inversion` from a known x_999 (e.g. one made by another implementation of the
+        same model), shape (1, 4, h, h) or (4, h, h); ``image_size`` defaults to the bundle's side."""
+        _check_prompt(source_prompt, "source prompt")
+        x = _check_array(latent, (1, 4, self.latent_hw, self.latent_hw), "latent")
+        size = image_size or (self.image_hw, self.image_hw)
+        if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise InputError(f"image_size must be (width, height) in pixels, got {image_size!r}", param="image_size")
+        x.setflags(write=False)
+        return Inversion(x, source_prompt, None, tuple(size), self.bundle.bundle_id, ("stretch", *size), "latent")
 
     def edit_controls(self, source_prompt: str, target_prompt: str, *, cross_replace: float = 0.2,
                       self_replace: float = 0.2, amplify: dict | None = None, blend=None,
@@ -391,8 +436,12 @@ class Editor:
 
     def edit(self, inv: Inversion, target_prompt: str, *, cross_replace: float = 0.2, self_replace: float = 0.2,
              amplify: dict | None = None, blend=None, guidance: float = 19.0, tau: float = 0.8,
-             mode: str = "auto", output_type: str = "pil", keep_size: bool = False, callback=None, preview=None):
+             mode: str = "auto", output_type: str = "pil", keep_size: bool = False, callback=None, preview=None,
+             return_source: bool = False):
         """Decode an inversion under ``target_prompt`` with Prompt-to-Prompt control.
+
+        The defaults are the official editing settings for SD1.5 (cross and self replacement 0.2,
+        guidance 19 in code units, τ = 0.8, no amplification, no local blend).
 
         Args:
             cross_replace: fraction c of steps with cross-attention replacement (k < ⌊c·(N+1)⌋).
@@ -408,6 +457,8 @@ class Editor:
             preview: called as ``preview(step, total, image)`` after each reverse step with the
                 target row's current clean estimate x̂0 decoded to a PIL image (TAESD when the
                 bundle has it, else the full VAE).
+            return_source: also return the source row decoded (the reconstruction the edit is
+                made against, as the official runner returns both): ``(target, source)``.
         """
         self._check_inversion(inv)
         ctl, guidance, tau = self.check_edit(inv.source_prompt, target_prompt, cross_replace=cross_replace,
@@ -437,6 +488,8 @@ class Editor:
                 if callback is not None:
                     callback(k + 1, len(self.reverse_steps))
             result = self._decode(x[1:2], output_type, inv.fit if keep_size else None)
+            if return_source:
+                result = (result, self._decode(x[0:1], output_type, inv.fit if keep_size else None))
             bar.update(1)
         return result
 
@@ -448,23 +501,29 @@ class Editor:
 
     def reconstruct(self, inv: Inversion, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil",
                     keep_size: bool = False):
-        """Decode an inversion under its own source prompt (unguided by default)."""
+        """Decode an inversion under its own source prompt: unguided (w = 0) by default, the
+        official reconstruction setting; τ as in editing (0.8)."""
         self._check_inversion(inv)
         guidance, tau = self.check_reconstruct(guidance=guidance, tau=tau, output_type=output_type)
         _, emb = self.encode_prompt(inv.source_prompt)
         return self._reverse(np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct",
                              inv.fit if keep_size else None)
 
-    def generate(self, prompt: str, *, seed: int = 0, guidance: float = 7.0, tau: float = 1.0, output_type: str = "pil"):
-        """Text to image: x_999 ~ N(0, I) from ``seed``, reverse steps with guidance w (τ = 1: every step)."""
+    def generate(self, prompt: str, *, seed: int = 0, guidance: float = 7.0, tau: float = 1.0, output_type: str = "pil",
+                 rng: str = "torch", noise=None):
+        """Text to image: x_999 ~ N(0, I) from ``seed``, reverse steps with guidance w (τ = 1: every step).
+
+        The defaults follow the official text-to-image setting of the reverse model (w = 7 in code
+        units, guided at every step); ``rng`` and ``noise`` as in :meth:`invert`."""
         _check_prompt(prompt, "prompt")
         seed = _check_seed(seed)
+        rng = _check_rng(rng)
         self._check_output_type(output_type)
         guidance = _check_range(guidance, 0.0, self.max_guidance, "guidance")
         tau = _check_range(tau, 0.0, 1.0, "tau")
-        _, emb = self.encode_prompt(prompt)
         shape = (1, 4, self.latent_hw, self.latent_hw)
-        x = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        x = _check_array(noise, shape, "noise") if noise is not None else make_noise(shape, seed, rng)
+        _, emb = self.encode_prompt(prompt)
         return self._reverse(x, emb, guidance, tau, output_type, "generate")
 
     def _reverse(self, x, emb, guidance, tau, output_type, desc, fit=None):

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from icd_edge.editor import Editor, _check_prompt, _check_range, _check_seed
+from icd_edge.editor import Editor, _check_prompt, _check_range, _check_rng, _check_seed
+from icd_edge.rng import noise as make_noise
 from icd_edge.errors import BackendUnavailable, InputError
 from icd_edge.export.attention import FusedP2PAttnProcessor
 from icd_edge.export.wrappers import TextEncoderGraph, UNetEditGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
@@ -212,13 +213,14 @@ class FastEditor:
             t = torch.from_numpy(np.ascontiguousarray(a))
             bufs[k].copy_(t.pin_memory() if pin else t, non_blocking=pin)
 
-    def _prepare_invert(self, images: list, source_prompts: list[str], seeds: list[int]) -> dict:
+    def _prepare_invert(self, images: list, source_prompts: list[str], seeds: list[int], rng: str = "torch") -> dict:
         n = len(images)
         if not (n == len(source_prompts) == len(seeds)) or n == 0:
             raise InputError("invert_batch needs as many prompts and seeds as images (at least one)")
+        rng = _check_rng(rng)
+        # per photo the same noise as Editor.invert with that seed (one (1, 4, h, h) draw each)
         return {"pixels": np.concatenate([image_to_tensor(load_image(im), 8 * self.h) for im in images]),
-                "noise": np.stack([np.random.default_rng(_check_seed(s)).standard_normal((4, self.h, self.h), dtype=np.float32)
-                                   for s in seeds]),
+                "noise": np.concatenate([make_noise((1, 4, self.h, self.h), _check_seed(s), rng) for s in seeds]),
                 "ids_src": np.stack([self.host.tokenizer(_check_prompt(p, "source prompt")).ids for p in source_prompts]),
                 "w0": np.repeat(self.host._wemb(0.0), n, 0)}
 
@@ -269,9 +271,9 @@ class FastEditor:
         return b["image"].permute(0, 2, 3, 1).cpu().numpy()
 
     @torch.inference_mode()
-    def invert_batch(self, images: list, source_prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    def invert_batch(self, images: list, source_prompts: list[str], seeds: list[int], rng: str = "torch") -> torch.Tensor:
         """Invert N photos; returns x_999 latents (N, 4, h, h) float32 on the device."""
-        arrays = self._prepare_invert(images, source_prompts, seeds)
+        arrays = self._prepare_invert(images, source_prompts, seeds, rng)
         with self._lock:
             return self._run_invert(arrays).clone()
 
@@ -287,10 +289,11 @@ class FastEditor:
             return self._run_edit(latents, arrays, flags)
 
     @torch.inference_mode()
-    def edit_image(self, image, source_prompt: str, target_prompt: str, *, seed: int = 0, output_type: str = "pil", **kw):
+    def edit_image(self, image, source_prompt: str, target_prompt: str, *, seed: int = 0, output_type: str = "pil",
+                   rng: str = "torch", **kw):
         """Invert and edit one photo (the 8-UNet-call edit the benchmark times). All host work
         happens before the first launch, so the GPU runs invert and edit back to back."""
-        inv = self._prepare_invert([image], [source_prompt], [seed])
+        inv = self._prepare_invert([image], [source_prompt], [seed], rng)
         arrays, flags = self._prepare_edit(1, [source_prompt], [target_prompt], **kw)
         with self._lock:
             arr = self._run_edit(self._run_invert(inv), arrays, flags)[0]

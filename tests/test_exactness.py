@@ -1,0 +1,205 @@
+"""Same seed, same noise as the official code: torch_randn against torch.randn bit for bit, noise
+and latents passed in, and the source row of an edit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_cli
+from icd_edge import torch_randn
+from icd_edge.errors import InputError
+
+SHAPES = [(1,), (2,), (7,), (15,), (16,), (17,), (31,), (3, 11), (1, 4, 16, 16), (1, 4, 64, 64), (2, 4, 128, 128), (1, 4, 7, 9)]
+SEEDS = [0, 1, 2, 7, 42, 1234, 99999, 2**31 - 1, 2**32 - 1, 2**32 + 5, 2**62 + 11]
+
+_COMPARE = """
+import json, sys
+import numpy as np, torch
+from icd_edge.rng import torch_randn
+kernel, shapes, seeds = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+bad = []
+for seed in seeds:
+    for shape in shapes:
+        ref = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
+        got = torch_randn(shape, seed, kernel)
+        if got.shape != ref.shape or got.dtype != np.float32 or not np.array_equal(got.view(np.uint32), ref.view(np.uint32)):
+            bad.append([seed, shape, int((got.view(np.uint32) != ref.view(np.uint32)).sum())])
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "bad": bad}))
+"""
+
+
+@pytest.mark.parametrize("capability, kernel", [(None, "auto"), ("avx2", "vectorized"), ("default", "default")])
+def test_torch_randn_is_bit_exact(capability, kernel):
+    """Against torch itself, with each CPU kernel torch dispatches (ATEN_CPU_CAPABILITY forces
+    one): the AVX2/AVX-512 kernel of x86 machines and the generic one of ARM/Apple silicon."""
+    import platform
+
+    if capability == "avx2" and platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("torch's AVX2 kernel exists on x86 only")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if capability:
+        env["ATEN_CPU_CAPABILITY"] = capability
+    shapes = SHAPES if capability != "default" else SHAPES[:9]  # the generic path calls libm per value: slower
+    proc = subprocess.run([sys.executable, "-c", _COMPARE, kernel, json.dumps(shapes), json.dumps(SEEDS)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    if capability:
+        assert rep["capability"].lower() == capability
+    assert rep["bad"] == [], rep
+
+
+def test_torch_randn_arguments():
+    assert torch_randn((), 0).shape == ()
+    assert torch_randn(5, 3).shape == (5,)
+    np.testing.assert_array_equal(torch_randn((2, 3), 1), torch_randn(6, 1).reshape(2, 3))
+    for bad in ({"shape": (-1, 2), "seed": 0}, {"shape": (2,), "seed": -1}, {"shape": (2,), "seed": 1.5}):
+        with pytest.raises(InputError):
+            torch_randn(**bad)
+    with pytest.raises(InputError, match="kernel"):
+        torch_randn((16,), 0, kernel="gpu")
+
+
+def test_invert_noise_latent_and_rng(tiny_bundle, photo):
+    from icd_edge.editor import Editor
+
+    with Editor.open(tiny_bundle, backend="onnxruntime") as ed:
+        h = ed.latent_hw
+        a = ed.invert(photo, "a cat", seed=3)  # default: the official torch noise
+        b = ed.invert(photo, "a cat", noise=torch_randn((1, 4, h, h), 3))
+        c = ed.invert(photo, "a cat", noise=torch_randn((4, h, h), 3))
+        np.testing.assert_array_equal(a.latent, b.latent)
+        np.testing.assert_array_equal(a.latent, c.latent)
+        assert a.rng == "torch" and b.rng == "array" and b.seed is None
+        n = ed.invert(photo, "a cat", seed=3, rng="numpy")
+        assert n.rng == "numpy" and not np.array_equal(n.latent, a.latent)
+        np.testing.assert_array_equal(
+            n.latent, ed.invert(photo, "a cat", noise=np.random.default_rng(3).standard_normal((1, 4, h, h), np.float32)).latent)
+        for noise, match in ((np.zeros((1, 4, h + 1, h), np.float32), "shape"), (np.zeros((1, 4, h, h), np.int64), "float"),
+                             (np.full((1, 4, h, h), np.nan, np.float32), "NaN")):
+            with pytest.raises(InputError, match=match):
+                ed.invert(photo, "a cat", noise=noise)
+        with pytest.raises(InputError, match="rng"):
+            ed.invert(photo, "a cat", rng="philox")
+        # an inversion made elsewhere, decoded here
+        known = ed.inversion_from_latent(np.array(a.latent), "a cat")
+        assert known.rng == "latent" and known.image_size == (ed.image_hw, ed.image_hw)
+        np.testing.assert_array_equal(ed.edit(known, "a dog", output_type="np"), ed.edit(a, "a dog", output_type="np"))
+        with pytest.raises(InputError, match="shape"):
+            ed.inversion_from_latent(np.zeros((1, 3, h, h), np.float32), "a cat")
+        g1 = ed.generate("a dog", seed=5, output_type="np")
+        g2 = ed.generate("a dog", noise=torch_randn((1, 4, h, h), 5), output_type="np")
+        np.testing.assert_array_equal(g1, g2)
+
+
+def test_edit_returns_the_source_row(tiny_bundle, photo):
+    from icd_edge.editor import Editor
+    from icd_edge.export.parity import psnr_db
+
+    with Editor.open(tiny_bundle, backend="onnxruntime") as ed:
+        inv = ed.invert(photo, "a photo of a cat")
+        alone = ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), output_type="np")
+        target, source = ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), output_type="np", return_source=True)
+        np.testing.assert_array_equal(alone, target)
+        # the source row is the unguided reconstruction (batch-2 edit graph vs the batch-1 graph)
+        assert psnr_db(ed.reconstruct(inv, output_type="np"), source, peak=1.0) > 60
+        assert psnr_db(source, target, peak=1.0) < 60  # and not the edit
+
+
+def test_cli_rng_and_save_source(tiny_bundle, photo_png, tmp_path):
+    from PIL import Image
+
+    from icd_edge.image import read_metadata
+
+    base = ["edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
+            "--target", "a photo of a dog"]
+    run_cli(*base, "--out", str(tmp_path / "t.png"), "--save-source", str(tmp_path / "s.png"), check=True)
+    run_cli(*base, "--out", str(tmp_path / "n.png"), "--rng", "numpy", check=True)
+    t, s, n = (np.asarray(Image.open(tmp_path / f)) for f in ("t.png", "s.png", "n.png"))
+    assert not np.array_equal(t, s) and not np.array_equal(t, n)
+    assert read_metadata(tmp_path / "s.png")["command"] == "edit-source" and read_metadata(tmp_path / "n.png")["rng"] == "numpy"
+    proc = run_cli(*base, "--out", str(tmp_path / "x.png"), "--save-source", str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and "same file" in proc.stderr
+
+
+@pytest.fixture(scope="module", params=[("3", "4"), ("4", "3")], ids=["3+4", "4+3"])
+def mixed_bundle(request, tmp_path_factory):
+    fwd, rev = request.param
+    out = tmp_path_factory.mktemp("mixed") / f"f{fwd}r{rev}.bundle"
+    run_cli("--model", "tiny", "--out", str(out), "--targets", "onnx,torch", "--no-progress", "--forward-steps", fwd,
+            "--reverse-steps", rev, module="icd_edge.export", check=True)
+    return out, int(fwd), int(rev)
+
+
+def test_mixed_step_schedules_run_on_every_backend(mixed_bundle, photo):
+    from icd_edge.editor import Editor
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.manifest import open_bundle
+
+    path, fwd, rev = mixed_bundle
+    m = open_bundle(path).manifest
+    assert m["schedule"]["config"] == f"{fwd}+{rev}"
+    assert len(m["schedule"]["forward"]) == fwd and len(m["schedule"]["reverse"]) == rev
+    assert m["schedule"]["forward"][-1][1] == 999 == m["schedule"]["reverse"][0][0]
+    assert m["parity"]["end_to_end"]["edit"]["psnr_db"] >= 45  # the export's own gate, onnxruntime vs torch
+    images, steps = {}, {}
+    for backend in ("onnxruntime", "openvino", "torch"):
+        with Editor.open(path, backend=backend) as ed:
+            calls = []
+            ed.profile = calls
+            inv = ed.invert(photo, "a photo of a cat")
+            images[backend] = ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), cross_replace=0.4, self_replace=0.6,
+                                      output_type="np")
+            steps[backend] = ([s for s, _ in calls if s.startswith("forward_")],
+                              [s for s, _ in calls if s.startswith("reverse_edit_")])
+            ctl = ed.edit_controls("a photo of a cat", "a photo of a dog", cross_replace=0.4, self_replace=0.6)
+            # P2P windows follow the reverse schedule's length: k < floor(c (N+1)) and k < floor(s N)
+            assert ctl.cross_alpha[:, 0].tolist() == [float(k < int(0.4 * (rev + 1))) for k in range(rev)]
+            assert ctl.self_flag[:, 0].tolist() == [float(k < int(0.6 * rev)) for k in range(rev)]
+        assert len(steps[backend][0]) == fwd and len(steps[backend][1]) == rev
+    assert psnr_db(images["torch"], images["onnxruntime"], peak=1.0) > 45
+    assert psnr_db(images["torch"], images["openvino"], peak=1.0) > 45
+
+
+def test_lora_pair_that_does_not_meet_at_999_is_refused(tmp_path):
+    for name in ("forward-19-259-519-779.safetensors", "reverse-249-499-699-899.safetensors"):
+        (tmp_path / name).write_bytes(b"")
+    proc = run_cli("--model", "icd-sd15", "--out", str(tmp_path / "b"), "--forward-lora",
+                   str(tmp_path / "forward-19-259-519-779.safetensors"), "--reverse-lora",
+                   str(tmp_path / "reverse-249-499-699-899.safetensors"), module="icd_edge.export",
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and "do not form one schedule" in proc.stderr and "999" in proc.stderr, proc.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_mixed_schedules_on_the_compiled_gpu_path_code(mixed_bundle, photo):
+    """FastEditor (the compiled GPU path) runs the same schedule: its device-side loop on the CPU
+    in fp32, without compile or CUDA graphs, against the host loop on the torch reference."""
+    import tempfile
+    from pathlib import Path
+
+    from icd_edge.editor import Editor
+    from icd_edge.export.models import build_random
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.manifest import open_bundle
+    from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
+
+    from conftest import TINY_SEED
+
+    path, fwd, rev = mixed_bundle
+    b = open_bundle(path)
+    with tempfile.TemporaryDirectory() as work:
+        src = build_random("tiny", TINY_SEED, Path(work), steps=(fwd, rev))
+    fast = FastEditor(b, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse,
+                      FastOptions(device="cpu", dtype="float32", channels_last=False, compile=False, cuda_graphs=False))
+    kw = dict(cross_replace=0.4, self_replace=0.6, blend=("cat", "dog"))
+    with Editor.open(path, backend="torch") as ref:
+        a = ref.edit(ref.invert(photo, "a photo of a cat", seed=4), "a photo of a dog", output_type="np", **kw)
+    got = fast.edit_image(photo, "a photo of a cat", "a photo of a dog", seed=4, output_type="np", **kw)
+    assert psnr_db(a, got, peak=1.0) > 80
