@@ -67,11 +67,35 @@ STEP_CONFIGS = {
 }
 
 
+# the released forward and reverse timestep lists, by number of steps (SD1.5; any pairing is valid)
+FORWARD_POINTS = {4: (19, 259, 519, 779), 3: (19, 339, 699)}
+REVERSE_POINTS = {4: (259, 519, 779, 999), 3: (339, 699, 999)}
+
+
+def step_config(forward_points, reverse_points) -> StepConfig:
+    """The schedule of a forward LoRA trained on ``forward_points`` (ascending from t = 19) and a
+    reverse LoRA trained on ``reverse_points`` (up to t = 999), paired freely: the forward model
+    ends where the reverse model starts, at 999. Released pairs keep their names ("4A", "3");
+    others are named "<forward>+<reverse>" ("3+4"). Raises ValueError if the two do not meet."""
+    fwd, rev = sorted(int(t) for t in forward_points), sorted(int(t) for t in reverse_points)
+    if not fwd or fwd[0] != ENCODER_START_T or len(set(fwd)) != len(fwd) or fwd[-1] >= 999:
+        raise ValueError(f"forward timesteps must start at {ENCODER_START_T}, rise and stay below 999, got {fwd}")
+    if not rev or rev[-1] != 999 or len(set(rev)) != len(rev) or rev[0] <= 0:
+        raise ValueError(f"reverse timesteps must rise to 999 (where the forward model ends), got {rev}")
+    cfg = StepConfig("", _segments(fwd, 999, False), _segments(rev, 0, True))
+    for known in STEP_CONFIGS.values():
+        if known.forward == cfg.forward and known.reverse == cfg.reverse:
+            return known
+    return StepConfig(f"{len(fwd)}+{len(rev)}", cfg.forward, cfg.reverse)
+
+
 def step_config_from_lora_names(forward_name: str, reverse_name: str) -> StepConfig:
     """Derive the configuration from the released LoRA file names (the authority, §2.2).
 
-    ``forward-19-259-519-779.safetensors`` and ``reverse-259-519-779-999.safetensors`` give "4A".
-    Names without a recognisable timestep list return None so the caller keeps its ``--steps``.
+    ``forward-19-259-519-779.safetensors`` and ``reverse-259-519-779-999.safetensors`` give "4A";
+    any forward file pairs with any reverse file (``forward-19-339-699`` + the 4-step reverse:
+    "3+4"). Names without a recognisable timestep list return None so the caller keeps its
+    ``--forward-steps``/``--reverse-steps``; lists that do not meet at 999 raise ValueError.
     """
     import re
 
@@ -84,10 +108,9 @@ def step_config_from_lora_names(forward_name: str, reverse_name: str) -> StepCon
         return [int(x) for x in found] or None
 
     fwd, rev = nums(forward_name, "forward"), nums(reverse_name, "reverse")
-    for cfg in STEP_CONFIGS.values():
-        if fwd == [t for t, _ in cfg.forward] and rev == sorted(t for t, _ in cfg.reverse):
-            return cfg
-    return None
+    if fwd is None or rev is None:
+        return None
+    return step_config(fwd, rev)
 
 
 def alphas_cumprod(n: int = NUM_TRAIN_STEPS, beta_start: float = BETA_START, beta_end: float = BETA_END) -> np.ndarray:

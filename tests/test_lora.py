@@ -56,8 +56,8 @@ def test_fusion_equals_diffusers(teacher, tmp_path, layout):
     save_file(official_peft_to_kohya(load_file(str(peft_file))), str(kohya_file))
     ref = diffusers_fused(teacher, kohya_file)
     ours = copy.deepcopy(teacher)
-    facts = L.load_and_fuse(ours, peft_file if layout == "peft" else kohya_file)
-    assert facts == {"modules": len(lora_target_names(teacher)), "ranks": [4], "layout": layout}
+    facts = L.load_and_fuse(ours, peft_file if layout == "peft" else kohya_file, rounding="none")
+    assert facts == {"modules": len(lora_target_names(teacher)), "ranks": [4], "layout": layout, "rounding": "none"}
     assert max_diff(ref, teacher) > 1e-2  # the LoRA really moves the weights
     assert max_diff(ref, ours) < 1e-6
 
@@ -71,7 +71,7 @@ def test_kohya_alpha_is_honoured(teacher, tmp_path):
     save_file(kohya, str(f))
     ref = diffusers_fused(teacher, f)
     ours = copy.deepcopy(teacher)
-    L.load_and_fuse(ours, f)
+    L.load_and_fuse(ours, f, rounding="none")  # diffusers fuses the file's values as they are
     assert max_diff(ref, ours) < 1e-6
 
 
@@ -93,3 +93,26 @@ def test_unknown_keys_and_bad_files_are_typed_errors(teacher, tmp_path):
         L.read_lora_file(bad)
     with pytest.raises(ExportError, match="does not exist"):
         L.read_lora_file(tmp_path / "missing.safetensors")
+
+
+def test_official_fp16_rounding_equals_diffusers_after_the_same_cast(teacher, tmp_path):
+    """The official loader casts the LoRA state dict to float16 before load_lora_weights; with
+    fp32 files whose values are not fp16-exact, the default rounding reproduces that fusion."""
+    peft_file = write_random_lora(teacher, tmp_path / "forward.safetensors", rank=4, seed=5, std=0.05)
+    state = load_file(str(peft_file))
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert any((v.half().float() != v).any() for v in state.values())  # not fp16-exact
+    kohya16 = tmp_path / "kohya16.safetensors"
+    save_file({k: v.half() for k, v in official_peft_to_kohya(state).items()}, str(kohya16))
+    ref16 = diffusers_fused(teacher, kohya16)
+    ours = copy.deepcopy(teacher)
+    assert L.load_and_fuse(ours, peft_file)["rounding"] == "fp16"  # the default
+    assert max_diff(ref16, ours) < 1e-6
+    unrounded = copy.deepcopy(teacher)
+    L.load_and_fuse(unrounded, peft_file, rounding="none")
+    assert max_diff(unrounded, ours) > 1e-7  # the rounding is visible
+    branches = copy.deepcopy(teacher)
+    assert L.load_as_branches(branches, peft_file)["rounding"] == "fp16"
+    assert max_diff(L.merge_branches(branches), ours) < 1e-6
+    with pytest.raises(ExportError, match="rounding"):
+        L.load_and_fuse(copy.deepcopy(teacher), peft_file, rounding="bf16")

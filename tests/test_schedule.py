@@ -69,6 +69,13 @@ def test_step_config_from_lora_names():
     assert S.step_config_from_lora_names("forward-19-259-519-779.safetensors", "reverse-259-519-779-999.safetensors").name == "4A"
     assert S.step_config_from_lora_names("iCD-SD15-forward_19_339_699.safetensors", "iCD-SD15-reverse_339_699_999.safetensors").name == "3"
     assert S.step_config_from_lora_names("fwd.safetensors", "rev.safetensors") is None
+    mixed = S.step_config_from_lora_names("forward-19-339-699.safetensors", "reverse-259-519-779-999.safetensors")
+    assert mixed.name == "3+4" and mixed.forward == ((19, 339), (339, 699), (699, 999)) and len(mixed.reverse) == 4
+    assert S.step_config_from_lora_names("forward-19-259-519-779.safetensors", "reverse-339-699-999.safetensors").name == "4+3"
+    with pytest.raises(ValueError, match="999"):
+        S.step_config_from_lora_names("forward-19-259-519-779.safetensors", "reverse-249-499-699-899.safetensors")
+    with pytest.raises(ValueError, match="start at 19"):
+        S.step_config([29, 259], [259, 999])
 
 
 def test_guidance_embedding_zero_is_zeros_then_ones():

@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward-lora", help="forward LoRA: local .safetensors or owner/repo/file [default from dbaranchuk/icd-lora-sd15]")
     p.add_argument("--reverse-lora", help="reverse LoRA: local .safetensors or owner/repo/file [default from dbaranchuk/icd-lora-sd15]")
     p.add_argument("--revision", help="hub revision for --base/--teacher/LoRA downloads")
-    p.add_argument("--steps", default="4", choices=("4", "3"), help="timestep configuration of the released LoRAs")
+    p.add_argument("--steps", default="4", choices=("4", "3"), help="steps of both models (the released LoRA pairs)")
+    p.add_argument("--forward-steps", choices=("4", "3"),
+                   help="steps of the forward (inversion) model, e.g. 3 with --reverse-steps 4: the official "
+                        "'about 7 steps' edit [default: --steps]")
+    p.add_argument("--reverse-steps", choices=("4", "3"), help="steps of the reverse (decoding) model [default: --steps]")
     p.add_argument("--resolution", type=int, help="image side in pixels (multiple of 64) [default 512; tiny 128]")
     p.add_argument("--targets", default="onnx",
                    help="comma list: onnx (always), torch (reference weights), coreml (.mlpackage per graph), "
@@ -55,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings", default="float", choices=("float", "int8"),
                    help="int8: store the text encoder's token embedding as int8 rows with a per-row scale also when it "
                         "is fp16 (int8 text encoders always do; fp16: 76 -> 38 MB)")
+    p.add_argument("--lora-rounding", default="fp16", choices=("fp16", "none"),
+                   help="fp16: round the LoRA matrices to float16 before fusing, as the official loader does; "
+                        "none: fuse them at the file's precision")
     p.add_argument("--int8-weights", default="7bit", choices=("7bit", "8bit"),
                    help="range of the int8 Conv/MatMul weights: 7bit ([-64, 64]) is exact on every x86 CPU; 8bit "
                         "([-127, 127]) saturates on CPUs without VNNI (AVX2-only) [default 7bit]")
@@ -105,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append((graph, value))
         cfg = ExportConfig(precision=args.precision, graph_precision=tuple(overrides), calibration=args.calibration,
                            calibration_count=args.calibration_count, taesd=args.taesd,
-                           unet_weights=args.unet_weights, embeddings=args.embeddings, int8_weights=args.int8_weights, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
+                           unet_weights=args.unet_weights, embeddings=args.embeddings, int8_weights=args.int8_weights, lora_rounding=args.lora_rounding, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
                            forward_lora=args.forward_lora, reverse_lora=args.reverse_lora, revision=args.revision,
-                           steps=args.steps, resolution=args.resolution,
+                           steps=args.steps, forward_steps=args.forward_steps, reverse_steps=args.reverse_steps,
+                           resolution=args.resolution,
                            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                            opset=args.opset, seed=args.seed, parity=args.parity, min_psnr_db=args.min_psnr,
                            coreml_compression=args.coreml_compression, coreml_attention=args.coreml_attention,

@@ -28,6 +28,11 @@ TARGET_CHECKS = {
 }
 
 
+def step_counts(cfg) -> tuple[int, int]:
+    """(forward steps, reverse steps) asked for: each flag, else --steps."""
+    return int(cfg.forward_steps or cfg.steps), int(cfg.reverse_steps or cfg.steps)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """Everything an export needs; validated by :func:`validate` before any download."""
@@ -40,6 +45,8 @@ class ExportConfig:
     reverse_lora: str | None = None
     revision: str | None = None
     steps: str = "4"
+    forward_steps: str | None = None  # None: --steps (any forward pairs with any reverse)
+    reverse_steps: str | None = None
     resolution: int | None = None
     targets: tuple[str, ...] = ("onnx",)
     opset: int = 18
@@ -54,6 +61,7 @@ class ExportConfig:
     taesd: str | None = None
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
+    lora_rounding: str = "fp16"  # A and B through float16 before fusing, as the official loader; or "none"
     int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (precision.INT8_WEIGHT_RANGES)
     coreml_compression: str = "none"
     coreml_attention: str = "standard"
@@ -72,14 +80,17 @@ def validate(cfg: ExportConfig) -> None:
         if target in TARGET_CHECKS:
             module_name, func = TARGET_CHECKS[target].split(":")
             getattr(importlib.import_module(module_name), func)(cfg)
-    if cfg.steps not in ("4", "3"):
-        raise ExportError(f"--steps must be 4 or 3, got {cfg.steps!r}")
+    for flag, value in (("--steps", cfg.steps), ("--forward-steps", cfg.forward_steps), ("--reverse-steps", cfg.reverse_steps)):
+        if value is not None and value not in ("4", "3"):
+            raise ExportError(f"{flag} must be 4 or 3, got {value!r}")
     if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
         raise ExportError(f"--resolution must be a multiple of 64 (≥ 64), got {cfg.resolution}")
     if not 18 <= cfg.opset <= 25:
         raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
     from icd_edge.export.precision import INT8_WEIGHT_RANGES, PRECISIONS
 
+    if cfg.lora_rounding not in ("fp16", "none"):
+        raise ExportError(f"--lora-rounding must be fp16 or none, got {cfg.lora_rounding!r}")
     if cfg.int8_weights not in INT8_WEIGHT_RANGES:
         raise ExportError(f"--int8-weights must be one of {', '.join(INT8_WEIGHT_RANGES)}, got {cfg.int8_weights!r}")
     if cfg.precision not in PRECISIONS or any(v not in PRECISIONS for _, v in cfg.graph_precision):

@@ -7,7 +7,9 @@ Two key layouts are accepted:
 * kohya: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
 
 ``W += (alpha / rank) · B·A`` (Linear) or the 1×1-up ∘ k×k-down product (Conv2d), in float32,
-the rule peft/diffusers' ``fuse_lora`` applies.
+the rule peft/diffusers' ``fuse_lora`` applies. By default A and B are first rounded to float16, as
+the official SD1.5 loader does (it casts the LoRA state dict to float16 before ``load_lora_weights``);
+``rounding="none"`` keeps the file's precision.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from icd_edge.errors import ExportError
 
 OFFICIAL_ALPHA = 8.0
+ROUNDINGS = {"fp16": torch.float16, "none": None}
 _PEFT_PREFIXES = ("unet.base_model.model.", "base_model.model.", "unet.")
 
 
@@ -117,14 +120,28 @@ def fuse_lora(unet, lora: dict[str, LoraPair], default_alpha: float = OFFICIAL_A
     return len(lora)
 
 
-def load_and_fuse(unet, path: str | Path, default_alpha: float = OFFICIAL_ALPHA) -> dict:
-    """Read ``path``, fuse into ``unet``; returns facts for the manifest."""
+def round_lora(lora: dict[str, LoraPair], rounding: str) -> dict[str, LoraPair]:
+    """A and B rounded through ``rounding``'s dtype and back to float32 (``none``: unchanged)."""
+    if rounding not in ROUNDINGS:
+        raise ExportError(f"LoRA rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    dtype = ROUNDINGS[rounding]
+    if dtype is None:
+        return lora
+    return {k: LoraPair(p.down.to(dtype).float(), p.up.to(dtype).float(), p.alpha) for k, p in lora.items()}
+
+
+def _read(unet, path, rounding: str):
     state = read_lora_file(path)
-    lora = parse_lora(state, [n for n, _ in unet.named_modules()], source=str(path))
-    count = fuse_lora(unet, lora, default_alpha)
-    ranks = sorted({p.down.shape[0] for p in lora.values()})
-    layout = "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft"
-    return {"modules": count, "ranks": ranks, "layout": layout}
+    lora = round_lora(parse_lora(state, [n for n, _ in unet.named_modules()], source=str(path)), rounding)
+    facts = {"ranks": sorted({p.down.shape[0] for p in lora.values()}),
+             "layout": "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft", "rounding": rounding}
+    return lora, facts
+
+
+def load_and_fuse(unet, path: str | Path, default_alpha: float = OFFICIAL_ALPHA, rounding: str = "fp16") -> dict:
+    """Read ``path``, fuse into ``unet``; returns facts for the manifest."""
+    lora, facts = _read(unet, path, rounding)
+    return {"modules": fuse_lora(unet, lora, default_alpha), **facts}
 
 
 class LoraBranch(torch.nn.Module):
@@ -152,17 +169,14 @@ class LoraBranch(torch.nn.Module):
         return self.base(x, *args, **kwargs) + self.up(self.down(x))
 
 
-def load_as_branches(unet, path: str | Path, default_alpha: float = OFFICIAL_ALPHA) -> dict:
+def load_as_branches(unet, path: str | Path, default_alpha: float = OFFICIAL_ALPHA, rounding: str = "fp16") -> dict:
     """Like :func:`load_and_fuse` but keeps each LoRA as a :class:`LoraBranch` (weights unfused)."""
-    state = read_lora_file(path)
-    lora = parse_lora(state, [n for n, _ in unet.named_modules()], source=str(path))
+    lora, facts = _read(unet, path, rounding)
     modules = dict(unet.named_modules())
     for name, pair in lora.items():
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else unet, child, LoraBranch(modules[name], pair, default_alpha))
-    ranks = sorted({p.down.shape[0] for p in lora.values()})
-    layout = "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft"
-    return {"modules": len(lora), "ranks": ranks, "layout": layout, "fused": False}
+    return {"modules": len(lora), **facts, "fused": False}
 
 
 def merge_branches(unet):

@@ -16,7 +16,7 @@ import torch
 
 from icd_edge.errors import ExportError
 from icd_edge.export import lora as lora_mod
-from icd_edge.schedule import STEP_CONFIGS, StepConfig, step_config_from_lora_names
+from icd_edge.schedule import FORWARD_POINTS, REVERSE_POINTS, StepConfig, step_config, step_config_from_lora_names
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +24,8 @@ ICD_SD15 = {
     "base": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "teacher": "dbaranchuk/sd15-cfg-distill-unet",
     "lora_repo": "dbaranchuk/icd-lora-sd15",
-    "steps": {
-        "4": ("forward-19-259-519-779.safetensors", "reverse-259-519-779-999.safetensors"),
-        "3": ("forward-19-339-699.safetensors", "reverse-339-699-999.safetensors"),
-    },
+    "forward_files": {4: "forward-19-259-519-779.safetensors", 3: "forward-19-339-699.safetensors"},
+    "reverse_files": {4: "reverse-259-519-779-999.safetensors", 3: "reverse-339-699-999.safetensors"},
 }
 
 # diffusers module-name suffixes the iCD LoRAs adapt (icd_spec.md §1.2): 278 modules in SD1.5.
@@ -153,8 +151,12 @@ def sd15_configs() -> dict:
     }
 
 
+def _lora_name(kind: str, points) -> str:
+    return f"{kind}-{'-'.join(str(t) for t in points)}.safetensors"
+
+
 def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, lora_rank: int | None = None,
-                 unet_weights: str = "fused") -> SourceModels:
+                 unet_weights: str = "fused", lora_rounding: str = "fp16", steps: tuple[int, int] = (4, 4)) -> SourceModels:
     """``tiny`` or ``random-sd15``: random weights, deterministic from ``seed``, LoRAs via files."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -165,10 +167,11 @@ def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, 
     vae = AutoencoderKL(**cfg["vae"]).eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"])).eval()
     rank = lora_rank or (4 if name == "tiny" else 64)
-    steps = STEP_CONFIGS["4A"]
-    fwd_file = write_random_lora(teacher, work / "forward-19-259-519-779.safetensors", rank, seed + 1, std=0.02)
-    rev_file = write_random_lora(teacher, work / "reverse-259-519-779-999.safetensors", rank, seed + 2, std=0.02)
-    unet_forward, unet_reverse, lora_facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights)
+    fwd_points, rev_points = FORWARD_POINTS[steps[0]], REVERSE_POINTS[steps[1]]
+    step_cfg = step_config(fwd_points, rev_points)
+    fwd_file = write_random_lora(teacher, work / _lora_name("forward", fwd_points), rank, seed + 1, std=0.02)
+    rev_file = write_random_lora(teacher, work / _lora_name("reverse", rev_points), rank, seed + 2, std=0.02)
+    unet_forward, unet_reverse, lora_facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights, lora_rounding)
     tok = write_clip_tokenizer(byte_level_vocab(), [], work / "tokenizer")
     sources = {
         "kind": "random",
@@ -176,11 +179,11 @@ def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, 
         "note": "random weights of the SD1.5 classes; LoRAs written in the official peft layout and fused by the real loader",
         "lora": lora_facts,
     }
-    return SourceModels(name, tok, text_encoder, vae, unet_forward, unet_reverse, steps,
+    return SourceModels(name, tok, text_encoder, vae, unet_forward, unet_reverse, step_cfg,
                         image_hw or (128 if name == "tiny" else 512), sources)
 
 
-def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: str = "fused"):
+def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: str = "fused", rounding: str = "fp16"):
     """(forward UNet, reverse UNet, facts): LoRAs fused into copies of the teacher, or attached as
     low-rank branches over identical teacher weights (``shared-base``)."""
     import copy
@@ -189,8 +192,10 @@ def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: st
     unet_forward = teacher
     unet_reverse = copy.deepcopy(teacher)
     facts = {
-        "forward": {"file": forward_file.name, "sha256": _sha(forward_file), **load(unet_forward, forward_file)},
-        "reverse": {"file": reverse_file.name, "sha256": _sha(reverse_file), **load(unet_reverse, reverse_file)},
+        "forward": {"file": forward_file.name, "sha256": _sha(forward_file),
+                    **load(unet_forward, forward_file, rounding=rounding)},
+        "reverse": {"file": reverse_file.name, "sha256": _sha(reverse_file),
+                    **load(unet_reverse, reverse_file, rounding=rounding)},
     }
     return unet_forward.eval(), unet_reverse.eval(), facts
 
@@ -269,25 +274,30 @@ def load_teacher(ref: str, revision: str | None, base: str):
 
 
 def load_icd_sd15(base: str | None, teacher: str | None, forward_lora: str | None, reverse_lora: str | None,
-                  revision: str | None, steps: str, work: Path, image_hw: int | None = None,
-                  unet_weights: str = "fused") -> SourceModels:
+                  revision: str | None, steps: tuple[int, int], work: Path, image_hw: int | None = None,
+                  unet_weights: str = "fused", lora_rounding: str = "fp16") -> SourceModels:
     """The released iCD-SD1.5: base parts, teacher UNet and two LoRAs (hub ids or local paths)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
 
     base = base or ICD_SD15["base"]
     teacher = teacher or ICD_SD15["teacher"]
-    fwd_name, rev_name = ICD_SD15["steps"][steps]
+    fwd_name, rev_name = ICD_SD15["forward_files"][steps[0]], ICD_SD15["reverse_files"][steps[1]]
     fwd_path = _resolve_file(forward_lora or fwd_name, ICD_SD15["lora_repo"], revision if forward_lora else None,
                              "forward LoRA", "--forward-lora FILE.safetensors")
     rev_path = _resolve_file(reverse_lora or rev_name, ICD_SD15["lora_repo"], revision if reverse_lora else None,
                              "reverse LoRA", "--reverse-lora FILE.safetensors")
-    step_cfg = step_config_from_lora_names(fwd_path.name, rev_path.name) or STEP_CONFIGS["4A" if steps == "4" else "3"]
+    try:  # the file names are the authority where they carry timesteps
+        step_cfg = (step_config_from_lora_names(fwd_path.name, rev_path.name)
+                    or step_config(FORWARD_POINTS[steps[0]], REVERSE_POINTS[steps[1]]))
+    except ValueError as exc:
+        raise ExportError(f"the forward LoRA {fwd_path.name} and reverse LoRA {rev_path.name} do not form one "
+                          f"schedule: {exc}") from None
     tokenizer = _from_pretrained(CLIPTokenizer, base, revision, "tokenizer", "--base DIR", subfolder="tokenizer")
     text_encoder = _from_pretrained(CLIPTextModel, base, revision, "text encoder", "--base DIR", subfolder="text_encoder")
     vae = _from_pretrained(AutoencoderKL, base, revision, "VAE", "--base DIR", subfolder="vae")
     unet = load_teacher(teacher, revision, base)
-    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights)
+    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights, lora_rounding)
     tok_dir = work / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(tok_dir / "tokenizer.json"))

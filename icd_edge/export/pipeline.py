@@ -23,7 +23,7 @@ from icd_edge.schedule import (ENCODER_START_T, MAX_GUIDANCE, TRAINED_GUIDANCE_S
 
 logger = logging.getLogger(__name__)
 
-from icd_edge.export.config import TARGETS, ExportConfig, validate
+from icd_edge.export.config import TARGETS, ExportConfig, step_counts, validate
 
 
 @dataclass
@@ -135,9 +135,11 @@ def run_export(cfg: ExportConfig) -> Path:
         bar.set_postfix_str("loading models")
         if cfg.model == "icd-sd15":
             src = models.load_icd_sd15(cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora, cfg.revision,
-                                       cfg.steps, work, cfg.resolution, unet_weights=cfg.unet_weights)
+                                       step_counts(cfg), work, cfg.resolution, unet_weights=cfg.unet_weights,
+                                       lora_rounding=cfg.lora_rounding)
         else:
-            src = models.build_random(cfg.model, cfg.seed, work, cfg.resolution, unet_weights=cfg.unet_weights)
+            src = models.build_random(cfg.model, cfg.seed, work, cfg.resolution, unet_weights=cfg.unet_weights,
+                                      lora_rounding=cfg.lora_rounding, steps=step_counts(cfg))
         timings["load_s"] = time.perf_counter() - t0
         bar.update(1)
 
