@@ -1,4 +1,4 @@
-"""The iCD edit loop over backend sessions (``icd_spec.md`` §7.2). No backend branches here.
+"""The iCD edit loop over backend sessions. No backend branches here.
 
 >>> editor = Editor.open("bundle")
 >>> inv = editor.invert("cat.png", "a photo of a cat", seed=0)

@@ -1,4 +1,4 @@
-"""Image I/O: PIL/arrays ↔ the graphs' [-1, 1] NCHW float32 tensors (``icd_spec.md`` §4).
+"""Image I/O: PIL/arrays ↔ the graphs' [-1, 1] NCHW float32 tensors (the SD VAE's convention).
 
 Fit policies (the graphs take a fixed square side):
 

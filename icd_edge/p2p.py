@@ -1,4 +1,4 @@
-"""Prompt-to-Prompt controls computed on the host (numpy), ``icd_spec.md`` §3.1.
+"""Prompt-to-Prompt controls computed on the host (numpy), as the official Prompt-to-Prompt code computes them.
 
 The reverse-edit graph applies, in every cross-attention layer, to the target row::
 

@@ -1,6 +1,6 @@
 """Noise schedule, consistency-step math and guidance embedding (pure numpy, float32).
 
-Everything here follows ``icd_spec.md`` §2 and is stateless: callers pass what they need.
+Everything here follows the official iCD code's schedule and is stateless: callers pass what they need.
 
 * Schedule (SD1.5/SDXL): 1000 steps, ``scaled_linear`` betas
   ``β_i = linspace(√0.00085, √0.012, 1000)_i²``, ``ᾱ_t = Π_{i≤t}(1-β_i)``,
@@ -33,7 +33,7 @@ ENCODER_START_T = 19
 
 @dataclass(frozen=True)
 class StepConfig:
-    """A released iCD timestep configuration (``icd_spec.md`` §2.2).
+    """A released iCD timestep configuration.
 
     Attributes:
         name: "4A", "4B" or "3".

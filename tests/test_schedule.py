@@ -1,11 +1,11 @@
-"""Schedule, step coefficients, guidance embedding and dynamic guidance vs icd_spec.md §2."""
+"""Schedule, step coefficients, guidance embedding and dynamic guidance against the official code's values."""
 
 import numpy as np
 import pytest
 
 from icd_edge import schedule as S
 
-# icd_spec.md §2.1 table: t -> (ᾱ_t, a_t, σ_t)
+# the official schedule's values: t -> (ᾱ_t, a_t, σ_t)
 SPEC_SCHEDULE = {
     19: (0.982244, 0.991082, 0.133252), 249: (0.675432, 0.821847, 0.569708), 259: (0.658975, 0.811773, 0.583973),
     339: (0.524892, 0.724494, 0.689281), 499: (0.277670, 0.526944, 0.849900), 519: (0.251578, 0.501575, 0.865114),
@@ -94,7 +94,7 @@ def test_guidance_embedding_matches_torch_formula(w):
 
     ref = P.get_guidance_scale_embedding(None, torch.tensor([w]), 512, torch.float32)[0].numpy()
     # Arguments reach 19 000 rad: a 1-ulp difference of exp() between numpy and torch moves the
-    # phase by ~1e-3 (icd_spec.md §2.4). Bundles therefore ship torch's vectors for trained w.
+    # phase by ~1e-3. Bundles therefore ship torch's vectors for trained w.
     np.testing.assert_allclose(S.guidance_embedding(w), ref, atol=5e-3)
 
 

@@ -456,7 +456,7 @@ def test_export_with_tensorrt_target_fails_early_without_tensorrt(tmp_path):
                    module="icd_edge.export", timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert lines == ["error: tensorrt is not installed; install TensorRT from NVIDIA's index (see README, \"TensorRT\") "
+    assert lines == ["error: tensorrt is not installed; install TensorRT from NVIDIA's index (see docs/tensorrt.md) "
                      "or leave the tensorrt target out; the runtime can build engines lazily on the GPU"]
     assert not out.exists()
 

@@ -3,7 +3,7 @@
 The controls arrive as tensors through ``cross_attention_kwargs={"p2p": P2PControls(...)}``,
 so the same module runs eagerly (the torch reference) and traces into the reverse-edit graph
 with the controls as graph inputs. Row 0 of the batch is the source, row 1 the target; only
-row 1 is edited (``icd_spec.md`` §3.1 and §7.1).
+row 1 is edited (Prompt-to-Prompt, as the official code applies it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reading the official iCD LoRA files and fusing them into a UNet (``icd_spec.md`` §1.2).
+"""Reading the official iCD LoRA files and fusing them into a UNet.
 
 Two key layouts are accepted:
 

@@ -28,7 +28,7 @@ ICD_SD15 = {
     "reverse_files": {4: "reverse-259-519-779-999.safetensors", 3: "reverse-339-699-999.safetensors"},
 }
 
-# diffusers module-name suffixes the iCD LoRAs adapt (icd_spec.md §1.2): 278 modules in SD1.5.
+# diffusers module-name suffixes the iCD LoRAs adapt: 278 modules in SD1.5.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                 "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 

@@ -7,7 +7,7 @@
   calibrated on activations recorded along the real iCD trajectories (forward t = 19/259/519/779
   with w = 0, reverse 999/779/519/259 for both rows of the edit batch) of the calibration photos;
   ranges come from :func:`calibrate_ranges`. Only the op list avoids the dynamo exporter's
-  shared-constant failure (dependencies.md §5). Embedding tables become int8 rows
+  shared-constant failure of the dynamo exporter (Gemm/Gather constants shared between nodes). Embedding tables become int8 rows
   (:func:`quantize_embeddings`).
 * ``int8-dynamic``: weights int8, activations quantised at run time (MatMul/Gemm only), no
   calibration.

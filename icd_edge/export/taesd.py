@@ -3,7 +3,7 @@
 Weights come from a diffusers ``AutoencoderTiny`` folder or hub id (``madebyollin/taesd``), or
 from the official taesd ``taesd_decoder.pth`` (read with ``weights_only=True``). The official
 decoder is an ``nn.Sequential`` whose index 0 is a ``Clamp`` with no weights, so its key ``i.rest``
-is diffusers' ``decoder.layers.{i-1}.rest`` (dependencies.md §10, verified on random weights).
+is diffusers' ``decoder.layers.{i-1}.rest`` (verified on random weights).
 The decoder takes the UNet-space latent (no division by 0.18215: AutoencoderTiny's scaling
 factor is 1.0) and returns an image in [-1, 1].
 """

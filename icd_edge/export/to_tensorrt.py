@@ -24,7 +24,7 @@ from icd_edge.runtimes.trt_plan import (PRECISIONS, default_cache_dir, engine_fi
 
 logger = logging.getLogger(__name__)
 
-NOT_INSTALLED = ("tensorrt is not installed; install TensorRT from NVIDIA's index (see README, \"TensorRT\") or leave "
+NOT_INSTALLED = ("tensorrt is not installed; install TensorRT from NVIDIA's index (see docs/tensorrt.md) or leave "
                  "the tensorrt target out; the runtime can build engines lazily on the GPU")
 
 

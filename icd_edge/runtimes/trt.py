@@ -13,7 +13,7 @@ key over the ONNX sha256s + GPU name + compute capability + TensorRT version, se
 
 A stale engine is never used silently: the reason is logged, and with ``build=False`` it is an
 error. No part of this module has been executed against a real TensorRT by the project's tests
-(see README, "TensorRT"); the tests drive it with a fake ``tensorrt`` module.
+(see docs/tensorrt.md); the tests drive it with a fake ``tensorrt`` module.
 """
 
 from __future__ import annotations
