@@ -57,13 +57,16 @@ def test_batch_equals_one_by_one(setup, photo):
 
 
 @pytest.mark.gpu
-def test_cuda_fast_path_matches_eager_reference(tmp_path):
-    """fp16 + channels_last + compile + CUDA graphs vs the fp32 eager reference (≥ 40 dB)."""
+@pytest.mark.parametrize("steps", [(4, 4), (3, 4), (4, 3)], ids=["4+4", "3+4", "4+3"])
+def test_cuda_fast_path_matches_eager_reference(tmp_path, steps):
+    """fp16 + channels_last + compile + CUDA graphs vs the fp32 eager reference (≥ 40 dB), for the
+    released schedule and the mixed ones."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
     from icd_edge.export.pipeline import memory_bundle, sample_photo
 
-    src, b = memory_bundle("tiny", TINY_SEED, tmp_path)
+    src, b = memory_bundle("tiny", TINY_SEED, tmp_path, steps=steps)
+    assert [len(b.manifest["schedule"][k]) for k in ("forward", "reverse")] == list(steps)
     photo = sample_photo(256)
     torch.backends.cudnn.allow_tf32 = False
     ref = FastEditor(b, *copy.deepcopy([src.text_encoder, src.vae, src.unet_forward, src.unet_reverse]),

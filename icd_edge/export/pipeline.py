@@ -386,13 +386,14 @@ def _openvino_backend():
     return backend if backend.probe().ok else None
 
 
-def memory_bundle(model: str, seed: int, work: Path):
+def memory_bundle(model: str, seed: int, work: Path, steps: tuple[int, int] = (4, 4)):
     """(source models, Bundle) for a built-in random model without writing graphs: the manifest
-    constants and tokenizer only (used by the fast torch path's tests and GPU benchmark)."""
+    constants and tokenizer only (used by the fast torch path's tests and GPU benchmark);
+    ``steps``: (forward, reverse) step counts."""
     from icd_edge.export import models
     from icd_edge.manifest import FORMAT, SCHEMA_VERSION, Bundle
 
-    src = models.build_random(model, seed, work)
+    src = models.build_random(model, seed, work, steps=steps)
     dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
     cfg = ExportConfig(out=work / "bundle", model=model, seed=seed)
     manifest = _base_manifest(cfg, src, dims, _guidance_table(src.unet_forward))
