@@ -25,11 +25,18 @@ REGISTRY = {
     "tensorrt": "icd_edge.runtimes.trt",
     "coreml": "icd_edge.runtimes.coreml",
 }
-# openvino before onnxruntime for bundles with int8 UNets, which it runs ≈ 2.2x faster on the x86
-# development CPU (int8 on AMX, fused attention, float parts in bfloat16); onnxruntime is faster for
-# fp32/fp16 UNets there and leaner in the sequential policy, and wins when it has a CUDA provider
-# (benchmarks/results/cpu.json)
+# openvino before onnxruntime for bundles with int8 UNets on the CPU classes where it measured faster
+# (INT8_CPU_BACKEND); onnxruntime is faster for fp32/fp16 UNets, leaner in the sequential policy, and
+# wins when it has a CUDA provider (docs/backends.md has the numbers)
 AUTO_ORDER = ("tensorrt", "coreml", "openvino", "onnxruntime", "torch")
+# The faster CPU backend for an int8 edit, per ISA class (icd_edge.cpu.isa_class), from full-size
+# int8 edits on 2-core VMs (docs/backends.md): AMX Xeon openvino 19.0 s vs onnxruntime 29.6 s;
+# AVX-512 VNNI EPYC 14.5 vs 26.4 s; AVX2-only EPYC onnxruntime 77.9 s vs openvino 94.9 s. Classes not measured take the
+# measured class they share int8 kernels with: avx512 (no VNNI) and older x86 the AVX2 one; ARM
+# boards stay on onnxruntime, the backend tested there.
+INT8_CPU_BACKEND = {"amx": "openvino", "avx512-vnni": "openvino", "avx-vnni": "openvino",
+                    "avx512": "onnxruntime", "avx2": "onnxruntime", "x86": "onnxruntime",
+                    "arm-dotprod": "onnxruntime", "arm": "onnxruntime"}
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,16 @@ def _openvino_skip(bundle, low_memory: bool) -> str | None:
         return "onnxruntime has the lower peak memory in the sequential policy"
     if _onnxruntime_has_gpu():
         return "onnxruntime runs on a GPU here"
+    isa = _isa_class()
+    if INT8_CPU_BACKEND.get(isa, "openvino") != "openvino":
+        return f"onnxruntime runs int8 faster on this CPU class ({isa})"
     return None
+
+
+def _isa_class() -> str:
+    from icd_edge.cpu import info
+
+    return info()["isa"]
 
 
 def _onnxruntime_has_gpu() -> bool:
