@@ -125,8 +125,10 @@ def _same_config(recorded: dict, args: tuple) -> bool:
     from icd_edge.export.__main__ import build_parser
 
     want = vars(build_parser().parse_args(["--out", "x", "--model", "random-sd15", *args]))
-    keys = ("precision", "unet_weights", "embeddings", "taesd", "resolution", "seed", "opset")
-    defaults = {"unet_weights": "fused", "embeddings": "float"}  # bundles exported before the flag existed
+    keys = ("precision", "unet_weights", "embeddings", "taesd", "resolution", "seed", "opset", "int8_weights",
+            "lora_rounding")
+    # bundles exported before a flag existed: what the export did then
+    defaults = {"unet_weights": "fused", "embeddings": "float", "int8_weights": "8bit", "lora_rounding": "none"}
     same = all(recorded.get(k, defaults.get(k)) == want[k] for k in keys)
     same &= sorted(map(tuple, recorded.get("graph_precision", []))) == sorted(tuple(v.split("=")) for v in want["graph_precision"])
     if want["precision"].startswith("int8"):
@@ -223,6 +225,11 @@ def main() -> int:
                 report["runs"][label]["psnr_db_vs_torch_fp32"] = None
                 report["runs"][label]["nonfinite_image"] = True
 
+    if "int8" in bundles and (bundles["int8"] / "manifest.json").is_file():
+        from icd_edge.manifest import open_bundle
+        from icd_edge.runtimes import select_backend
+
+        report["auto_backend_int8"] = select_backend("auto", open_bundle(bundles["int8"], verify=False)).name
     report["summary"] = summarize(report)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -258,6 +265,9 @@ def summarize(report: dict) -> dict:
     fp16_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("fp16") and n in ran)
     return {
         "machine": f'{report["machine"]["cpu"]}, {report["machine"]["cores"]} cores',
+        "isa": report["machine"].get("isa"),
+        "int8_psnr_db_vs_torch_fp32": psnr(int8_label),
+        "auto_backend_int8": report.get("auto_backend_int8"),
         "edit_s_fp32": best("fp32-resident"),
         "edit_s_fp16": best("fp16-resident"),
         "edit_s_int8": int8_s,

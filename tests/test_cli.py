@@ -255,10 +255,3 @@ def test_export_argument_errors_before_torch(tmp_path):
         assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--bogus", module="icd_edge.export")
     assert proc.returncode == 2 and proc.stderr.startswith("error: unrecognized arguments: --bogus")
-
-
-def test_export_console_shows_only_our_lines(tmp_path):
-    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--parity", "none", "--no-progress",
-                   module="icd_edge.export", check=True)
-    assert proc.stdout.strip() == f"wrote {tmp_path / 'b'}"
-    assert proc.stderr.strip() == "", proc.stderr[-2000:]

@@ -132,8 +132,9 @@ def test_cli_rng_and_save_source(tiny_bundle, photo_png, tmp_path):
 def mixed_bundle(request, tmp_path_factory):
     fwd, rev = request.param
     out = tmp_path_factory.mktemp("mixed") / f"f{fwd}r{rev}.bundle"
+    # graph parity at export; the end-to-end comparison is the test's own, on three backends
     run_cli("--model", "tiny", "--out", str(out), "--targets", "onnx,torch", "--no-progress", "--forward-steps", fwd,
-            "--reverse-steps", rev, module="icd_edge.export", check=True)
+            "--reverse-steps", rev, "--parity", "graphs", module="icd_edge.export", check=True)
     return out, int(fwd), int(rev)
 
 
@@ -147,7 +148,7 @@ def test_mixed_step_schedules_run_on_every_backend(mixed_bundle, photo):
     assert m["schedule"]["config"] == f"{fwd}+{rev}"
     assert len(m["schedule"]["forward"]) == fwd and len(m["schedule"]["reverse"]) == rev
     assert m["schedule"]["forward"][-1][1] == 999 == m["schedule"]["reverse"][0][0]
-    assert m["parity"]["end_to_end"]["edit"]["psnr_db"] >= 45  # the export's own gate, onnxruntime vs torch
+    assert all(g["psnr_db"] >= 60 for g in m["parity"]["graphs"].values())  # the export's graph gate
     images, steps = {}, {}
     for backend in ("onnxruntime", "openvino", "torch"):
         with Editor.open(path, backend=backend) as ed:

@@ -214,9 +214,11 @@ def test_killed_export_scratch_is_swept_by_the_next(tmp_path):
     proc.kill()
     proc.wait()
     assert any((tmp_path / "tmp").glob("icd_scratch-*")), "the export made no scratch folder before it was killed"
-    run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--no-progress", "--parity", "none", module="icd_edge.export",
-            env=env, check=True)
+    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--no-progress", "--parity", "none",
+                   module="icd_edge.export", env=env, check=True)
     assert list((tmp_path / "tmp").glob("icd_scratch-*")) == []
+    # and its console shows our lines only (library warnings go to -v)
+    assert proc.stdout.strip() == f"wrote {tmp_path / 'b'}" and proc.stderr.strip() == "", proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- images
