@@ -209,6 +209,7 @@ def _validate(m: dict) -> None:
         _int(value, f"dims.{key}", 1)
     _str(_get(_get(m, "model", ""), "name", "model"), "model.name")
     sched = _get(m, "schedule", "")
+    _str(_get(sched, "config", "schedule"), "schedule.config")
     coeff = _get(sched, "coefficients", "schedule")
     table = _get(sched, "alpha_sigma", "schedule")
     if not isinstance(table, dict):

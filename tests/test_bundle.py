@@ -179,3 +179,19 @@ def test_graph_file_outside_the_file_table_is_refused(tiny_bundle, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="not size- and hash-checked"):
         open_bundle(b)
+
+
+def test_inspect_survives_malformed_parity(tiny_bundle, tmp_path):
+    """Parity figures are informative (the schema leaves them open): inspect says they are malformed."""
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    m["parity"]["end_to_end"]["edit"] = 3
+    m["parity"]["graphs"]["vae_decoder"] = "x"
+    (b / "manifest.json").write_text(json.dumps(m))
+    proc = run_cli("inspect", str(b), "--no-verify")
+    assert proc.returncode == 0 and "present but malformed" in proc.stdout and "Traceback" not in proc.stderr
+    m["schedule"].pop("config")
+    (b / "manifest.json").write_text(json.dumps(m))
+    proc = run_cli("inspect", str(b), "--no-verify")
+    assert proc.returncode == 2 and "schedule.config" in proc.stderr
