@@ -85,7 +85,7 @@ def worker(label: str, bundle: str, runs: int, cache_dir: str) -> dict:
     import numpy as np
     import skimage.data
 
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
 
     config = next(c for c in CONFIGS if c[0] == label)
     options = backend_of(config)
@@ -226,7 +226,7 @@ def main() -> int:
                 report["runs"][label]["nonfinite_image"] = True
 
     if "int8" in bundles and (bundles["int8"] / "manifest.json").is_file():
-        from icd_edge.manifest import open_bundle
+        from icd_edge.bundle.store import open_bundle
         from icd_edge.runtimes import select_backend
 
         report["auto_backend_int8"] = select_backend("auto", open_bundle(bundles["int8"], verify=False)).name

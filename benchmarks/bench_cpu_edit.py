@@ -64,8 +64,8 @@ def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
     import numpy as np
     import skimage.data
 
-    from icd_edge.editor import Editor
-    from icd_edge.manifest import open_bundle
+    from icd_edge.edit.editor import Editor
+    from icd_edge.bundle.store import open_bundle
 
     photo = skimage.data.chelsea()
     t0 = time.perf_counter()
@@ -74,7 +74,7 @@ def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
         import torch
 
         from icd_edge.export.models import build_random
-        from icd_edge.export.wrappers import build_graphs
+        from icd_edge.graphs.wrappers import build_graphs
         from icd_edge.runtimes.torch_ref import TorchBackend
         import tempfile
 

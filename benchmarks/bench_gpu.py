@@ -100,7 +100,7 @@ def phase_latency(args, src, bundle) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from icd_edge.export.parity import max_abs_err, psnr_db
-    from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
+    from icd_edge.fast.editor import FastEditor, FastOptions
 
     img = synthetic(1)[0]
     mods = [src.text_encoder, src.vae, src.unet_forward, src.unet_reverse]
@@ -251,7 +251,7 @@ def phase_knobs(args, src, bundle) -> dict:
     import torch
     import torch._inductor.config as ic
 
-    from icd_edge.export.wrappers import UNetGraph
+    from icd_edge.graphs.wrappers import UNetGraph
 
     torch.backends.cudnn.benchmark = True
     unet = UNetGraph(src.unet_forward.to("cuda", torch.float16, memory_format=torch.channels_last)).eval()
@@ -307,7 +307,7 @@ def _graph_of(fn):
 def phase_throughput(args, src, bundle) -> dict:
     import torch
 
-    from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
+    from icd_edge.fast.editor import FastEditor, FastOptions
 
     fast = FastEditor(bundle, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, FastOptions(compile_mode=args.compile_mode))
     res = {}

@@ -33,7 +33,7 @@ def main() -> int:
     from benchmarks.bench_cpu import CONFIGS, image_file
     from benchmarks.bench_cpu_edit import machine
     from icd_edge.export.parity import psnr_db
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")

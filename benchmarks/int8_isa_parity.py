@@ -35,7 +35,7 @@ EMULATOR = ["qemu-x86_64", "-cpu", "Haswell-v4"]
 
 def cases(bundle: str, backend: str, photo: str) -> dict[str, np.ndarray]:
     """The export's end-to-end cases on one bundle and backend (decoded images, float32 0..1)."""
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
 
     options = {"precision": "f32"} if backend == "openvino" else {}
     with Editor.open(bundle, backend=backend, **options) as ed:
@@ -77,7 +77,7 @@ def main() -> int:
     from icd_edge.cpu import info
     from icd_edge.export.parity import psnr_db
     from icd_edge.export.pipeline import sample_photo
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     emulate = [False] + ([] if args.no_emulation else [True])
     if True in emulate and shutil.which(EMULATOR[0]) is None:

@@ -48,7 +48,7 @@ def main() -> int:
     args = ap.parse_args()
     import openvino
 
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
     from icd_edge.runtimes.openvino import OpenVinoBackend
 
     bundle = open_bundle(args.bundle, verify=False)

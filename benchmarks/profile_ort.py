@@ -37,7 +37,7 @@ def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Pa
         path = Path(model or bundle_dir / art["file"])
         source, fused = str(path), 0
         if fuse:  # what the runtime does for the CPU provider
-            from icd_edge.runtimes.ort_attention import fused_source
+            from icd_edge.runtimes.ort.attention import fused_source
 
             source, fused = fused_source(path, so)
         t0 = time.perf_counter()

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import skimage.data
 
     from benchmarks.bench_cpu_edit import timed_edit
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
 
     ed = Editor.open(a.bundle, backend="onnxruntime", verify=False, memory=a.memory, decoder=a.decoder)
     samples: list[tuple[int, float]] = []

@@ -11,7 +11,7 @@ __all__ = ["Editor", "Inversion", "torch_randn", "__version__"]
 
 def __getattr__(name):  # lazy, so `import icd_edge` stays cheap
     if name in ("Editor", "Inversion"):
-        from icd_edge import editor
+        from icd_edge.edit import editor
 
         return getattr(editor, name)
     if name == "torch_randn":

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _open(args):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
 
     options = {}
     if args.ov_precision is not None:
@@ -350,7 +350,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     if args.bundle.is_file():
         return _inspect_image(args)

@@ -60,8 +60,8 @@ def tiny_graphs(tiny_bundle):
     import tempfile
 
     from icd_edge.export.models import build_random
-    from icd_edge.export.wrappers import build_graphs
-    from icd_edge.manifest import open_bundle
+    from icd_edge.graphs.wrappers import build_graphs
+    from icd_edge.bundle.store import open_bundle
 
     b = open_bundle(tiny_bundle, verify=False)
     with tempfile.TemporaryDirectory() as work:

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import run_cli
 from icd_edge.errors import BundleError
-from icd_edge.manifest import SCHEMA_VERSION, open_bundle, read_manifest
-from icd_edge.spec import GRAPHS as ALL_GRAPHS, OPTIONAL_GRAPHS
+from icd_edge.bundle.store import SCHEMA_VERSION, open_bundle, read_manifest
+from icd_edge.bundle.spec import GRAPHS as ALL_GRAPHS, OPTIONAL_GRAPHS
 
 GRAPHS = {k: v for k, v in ALL_GRAPHS.items() if k not in OPTIONAL_GRAPHS}
 
@@ -54,7 +54,7 @@ def test_recorded_parity_meets_the_gates(tiny_bundle):
 
 def test_parity_rechecked_now(tiny_bundle, photo):
     """Re-run the edit on ONNX Runtime and on the torch weights stored in the bundle."""
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.export.parity import psnr_db
 
     images = {}
@@ -68,7 +68,7 @@ def test_parity_rechecked_now(tiny_bundle, photo):
 
 def test_graph_parity_with_in_memory_reference(tiny_bundle, tiny_graphs):
     """Every ONNX graph vs the torch module rebuilt from the seed (independent of stored weights)."""
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.export.parity import psnr_db
     from icd_edge.runtimes.torch_ref import TorchBackend
 

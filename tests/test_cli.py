@@ -25,7 +25,7 @@ def test_edit_writes_png(tiny_bundle, photo_png, tmp_path):
 
 
 def test_cli_edit_equals_api(tiny_bundle, photo_png, tmp_path):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
 
     out = tmp_path / "a.png"
     run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SEED, run_cli
-from icd_edge import spec
+from icd_edge.bundle import spec
 from icd_edge.errors import BackendUnavailable, BundleError, ExportError
 
 if importlib.util.find_spec("coremltools") is None:
@@ -96,7 +96,7 @@ def test_packages_are_fp16_ml_programs(coreml_bundle):
 
 
 def test_file_table_covers_the_packages(coreml_bundle, tmp_path):
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     m = _manifest(coreml_bundle)
     on_disk = {p.relative_to(coreml_bundle).as_posix() for p in (coreml_bundle / "coreml").rglob("*") if p.is_file()}
@@ -113,7 +113,7 @@ def test_file_table_covers_the_packages(coreml_bundle, tmp_path):
 
 @pytest.mark.skipif(platform.system() == "Darwin", reason="checks the refusal off macOS; this is macOS")
 def test_editor_refuses_coreml_off_macos(coreml_bundle):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
 
     with pytest.raises(BackendUnavailable, match="Core ML runs only on macOS"):
         Editor.open(coreml_bundle, backend="coreml", verify=False)
@@ -143,7 +143,7 @@ def test_compression_shrinks_a_package_and_keeps_its_io(coreml_bundle, tmp_path,
 def tiny_decoder():
     """The tiny VAE decoder graph module, its dims and a sample latent (built in memory, seconds)."""
     from icd_edge.export.models import build_random
-    from icd_edge.export.wrappers import build_graphs
+    from icd_edge.graphs.wrappers import build_graphs
 
     with tempfile.TemporaryDirectory() as work:
         src = build_random("tiny", TINY_SEED, Path(work))

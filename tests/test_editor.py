@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from icd_edge.editor import Editor, Inversion
+from icd_edge.edit.editor import Editor, Inversion
 from icd_edge.errors import BackendUnavailable, ImageError, InputError
 
 

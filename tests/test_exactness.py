@@ -67,7 +67,7 @@ def test_torch_randn_arguments():
 
 
 def test_invert_noise_latent_and_rng(tiny_bundle, photo):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
 
     with Editor.open(tiny_bundle, backend="onnxruntime") as ed:
         h = ed.latent_hw
@@ -99,7 +99,7 @@ def test_invert_noise_latent_and_rng(tiny_bundle, photo):
 
 
 def test_edit_returns_the_source_row(tiny_bundle, photo):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.export.parity import psnr_db
 
     with Editor.open(tiny_bundle, backend="onnxruntime") as ed:
@@ -139,9 +139,9 @@ def mixed_bundle(request, tmp_path_factory):
 
 
 def test_mixed_step_schedules_run_on_every_backend(mixed_bundle, photo):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.export.parity import psnr_db
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     path, fwd, rev = mixed_bundle
     m = open_bundle(path).manifest
@@ -185,11 +185,11 @@ def test_mixed_schedules_on_the_compiled_gpu_path_code(mixed_bundle, photo):
     import tempfile
     from pathlib import Path
 
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.export.models import build_random
     from icd_edge.export.parity import psnr_db
-    from icd_edge.manifest import open_bundle
-    from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
+    from icd_edge.bundle.store import open_bundle
+    from icd_edge.fast.editor import FastEditor, FastOptions
 
     from conftest import TINY_SEED
 

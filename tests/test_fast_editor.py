@@ -1,5 +1,5 @@
 """The device-side fast loop (batched, fused-attention P2P, blend on the device) equals the host
-loop of :class:`icd_edge.editor.Editor` on the torch reference (CPU, fp32, no compile/graphs).
+loop of :class:`icd_edge.edit.editor.Editor` on the torch reference (CPU, fp32, no compile/graphs).
 The CUDA path (fp16, compile, CUDA graphs) is covered by the GPU-marked test and the benchmark."""
 
 import copy
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from icd_edge.editor import Editor
+from icd_edge.edit.editor import Editor
 from icd_edge.export.parity import psnr_db
-from icd_edge.manifest import open_bundle
-from icd_edge.runtimes.torch_cuda import FastEditor, FastOptions
+from icd_edge.bundle.store import open_bundle
+from icd_edge.fast.editor import FastEditor, FastOptions
 from icd_edge.runtimes.torch_ref import TorchBackend
 
 from conftest import TINY_SEED
@@ -22,7 +22,7 @@ from conftest import TINY_SEED
 @pytest.fixture(scope="module")
 def setup(tiny_bundle):
     from icd_edge.export.models import build_random
-    from icd_edge.export.wrappers import build_graphs
+    from icd_edge.graphs.wrappers import build_graphs
 
     b = open_bundle(tiny_bundle)
     with tempfile.TemporaryDirectory() as work:

@@ -279,7 +279,7 @@ def test_metadata_round_trip_and_inspect(tiny_bundle, photo_png, tmp_path):
 # ----------------------------------------------------------------------------- editor API
 
 def test_api_prompts_closed_editor_and_nan(tiny_bundle, photo):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.errors import EditorClosed, InputError, NumericsError
 
     ed = Editor.open(tiny_bundle, backend="onnxruntime")
@@ -327,7 +327,7 @@ def test_immutable_folder(tmp_path):
 def test_nan_inversion_and_unloadable_graph(tiny_bundle, photo, monkeypatch):
     import dataclasses
 
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.errors import BundleError, NumericsError
     from icd_edge.runtimes.ort import OrtBackend
 

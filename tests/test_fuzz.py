@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from icd_edge.errors import BundleError, ImageError, InputError
 from icd_edge.image import load_image
-from icd_edge.manifest import open_bundle
+from icd_edge.bundle.store import open_bundle
 from icd_edge.tokenizer import ClipTokenizer
 
 EXAMPLES = int(os.environ.get("ICD_FUZZ_EXAMPLES", "150"))
@@ -120,8 +120,8 @@ def test_manifest_value_mutations_raise_only_bundle_errors(real_manifest, tiny_b
     and an accepted bundle still builds an Editor and encodes a prompt."""
     import copy
 
-    from icd_edge.editor import Editor
-    from icd_edge.manifest import Bundle, validate_manifest
+    from icd_edge.edit.editor import Editor
+    from icd_edge.bundle.store import Bundle, validate_manifest
 
     m = copy.deepcopy(real_manifest)
     keys = ("dims", "schedule", "guidance", "vae", "p2p", "tokenizer", "graphs", "files", "model", "int8_scheme")

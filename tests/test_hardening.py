@@ -18,10 +18,10 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, run_cli
-from icd_edge.editor import Editor
+from icd_edge.edit.editor import Editor
 from icd_edge.errors import BundleError, ImageError, InputError
 from icd_edge.image import fit_square, load_image, restore_fit
-from icd_edge.manifest import open_bundle
+from icd_edge.bundle.store import open_bundle
 
 
 # ----------------------------------------------------------------------------- images

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
-from icd_edge.export.precision import DEFAULT_INT8_WEIGHTS, INT8_WEIGHT_RANGES, int8_scheme
+from icd_edge.export.quant import DEFAULT_INT8_WEIGHTS, INT8_WEIGHT_RANGES, int8_scheme
 from icd_edge.runtimes import int8_kernels
 
 DEFAULT_WMAX = INT8_WEIGHT_RANGES[DEFAULT_INT8_WEIGHTS]
@@ -105,7 +105,7 @@ def _quantised_weights(path):
 
 
 def test_int8_bundle_records_and_uses_the_scheme(int8_bundle):
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     b = open_bundle(int8_bundle, verify=False)
     assert b.manifest["int8_scheme"] == int8_scheme(DEFAULT_INT8_WEIGHTS)
@@ -122,7 +122,7 @@ class _Backend:
 
 
 def _bundle_with(int8_bundle, scheme):
-    from icd_edge.manifest import Bundle, open_bundle
+    from icd_edge.bundle.store import Bundle, open_bundle
 
     b = open_bundle(int8_bundle, verify=False)
     m = {k: v for k, v in b.manifest.items() if k != "int8_scheme"}
@@ -132,13 +132,13 @@ def _bundle_with(int8_bundle, scheme):
 
 
 def test_saturating_bundle_warns_once(int8_bundle, monkeypatch, caplog):
-    from icd_edge import editor as editor_mod
+    from icd_edge.edit import editor as editor_mod
 
     calls = []
     monkeypatch.setattr(int8_kernels, "saturates", lambda b, w: calls.append((b, w)) or True)
     monkeypatch.setattr(editor_mod, "_WARNED", set())
     legacy = _bundle_with(int8_bundle, None)  # written before the scheme was recorded: 8-bit weights
-    with caplog.at_level(logging.WARNING, logger="icd_edge.editor"):
+    with caplog.at_level(logging.WARNING, logger="icd_edge.edit.editor"):
         editor_mod._warn_if_int8_saturates(legacy, _Backend("openvino"))
         editor_mod._warn_if_int8_saturates(legacy, _Backend("openvino"))
     assert calls == [("openvino", 127)]
@@ -151,11 +151,11 @@ def test_saturating_bundle_warns_once(int8_bundle, monkeypatch, caplog):
 
 
 def test_exact_kernels_do_not_warn(int8_bundle, monkeypatch, caplog):
-    from icd_edge import editor as editor_mod
+    from icd_edge.edit import editor as editor_mod
 
     monkeypatch.setattr(int8_kernels, "saturates", lambda b, w: False)
     monkeypatch.setattr(editor_mod, "_WARNED", set())
-    with caplog.at_level(logging.WARNING, logger="icd_edge.editor"):
+    with caplog.at_level(logging.WARNING, logger="icd_edge.edit.editor"):
         editor_mod._warn_if_int8_saturates(_bundle_with(int8_bundle, int8_scheme("8bit")), _Backend("onnxruntime"))
     assert not caplog.records
 

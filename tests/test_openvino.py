@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from icd_edge.editor import Editor
+from icd_edge.edit.editor import Editor
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError, ShapeMismatch
 from icd_edge.export.parity import psnr_db
-from icd_edge.manifest import open_bundle
+from icd_edge.bundle.store import open_bundle
 from icd_edge.runtimes import openvino as ovb
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'icd_edge[openvino]')")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from icd_edge.editor import Editor
+from icd_edge.edit.editor import Editor
 from icd_edge.runtimes.ort import OrtBackend, OrtSession, choose_providers
 
 
@@ -29,7 +29,7 @@ def test_io_binding_equals_plain_run(tiny_bundle, photo):
 
 
 def test_binding_defaults_on_only_for_cuda(tiny_bundle):
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     sess = OrtBackend().open_session(open_bundle(tiny_bundle), "text_encoder")
     assert sess.providers[0] == "CPUExecutionProvider" and sess._binding is None
@@ -73,7 +73,7 @@ def test_fuse_attention_matches_only_plain_attention():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from icd_edge.runtimes.ort_attention import fuse_attention
+    from icd_edge.runtimes.ort.attention import fuse_attention
 
     B, L, N, D = 2, 24, 4, 8
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from icd_edge import p2p
+from icd_edge.edit import p2p
 from icd_edge.errors import InputError
 from icd_edge.tokenizer import ClipTokenizer, Tokens
 

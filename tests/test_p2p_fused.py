@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from icd_edge.export.attention import FusedP2PAttnProcessor, P2PAttnProcessor, P2PControls
+from icd_edge.graphs.attention import FusedP2PAttnProcessor, P2PAttnProcessor, P2PControls
 
 
 @pytest.fixture(scope="module")

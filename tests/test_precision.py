@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from conftest import run_cli
-from icd_edge.editor import Editor
+from icd_edge.edit.editor import Editor
 from icd_edge.errors import InputError
-from icd_edge.manifest import open_bundle
+from icd_edge.bundle.store import open_bundle
 
 UNETS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
 
@@ -149,7 +149,7 @@ def test_quantiser_failure_is_a_typed_error(tmp_path):
     """The quantiser runs in a child process; its failure (here: a file that is no ONNX graph)
     comes back as an ExportError naming the graph, not as a traceback."""
     from icd_edge.errors import ExportError
-    from icd_edge.export.precision import _quantize
+    from icd_edge.export.quant import _quantize
 
     bad = tmp_path / "unet_forward.onnx"
     bad.write_bytes(b"not an onnx graph")
@@ -204,7 +204,7 @@ def test_lean_calibrator_matches_onnxruntime(tiny_bundle):
     calibrator gives for the same tensors and feeds, on the tiny P2P edit UNet."""
     from onnxruntime.quantization import CalibrationDataReader, create_calibrator
 
-    from icd_edge.export.precision import activation_matmuls, calibrate_ranges
+    from icd_edge.export.quant import activation_matmuls, calibrate_ranges
 
     src = tiny_bundle / "onnx" / "unet_reverse_edit.onnx"
     feeds = _feeds(tiny_bundle, "unet_reverse_edit", 3)
@@ -263,7 +263,7 @@ def test_quantize_gemm_weights_per_output_channel():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from icd_edge.export.precision import quantize_gemm_weights
+    from icd_edge.export.quant import quantize_gemm_weights
 
     rng = np.random.default_rng(0)
     wt = (rng.standard_normal((96, 64)) * rng.uniform(0.01, 2.0, (96, 1))).astype(np.float32)  # (N, K), transB=1
@@ -300,7 +300,7 @@ def test_quantize_embeddings_rows():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from icd_edge.export.precision import quantize_embeddings
+    from icd_edge.export.quant import quantize_embeddings
 
     rng = np.random.default_rng(0)
     vocab = (rng.standard_normal((300, 16)) * rng.uniform(0.01, 2.0, (300, 1))).astype(np.float32)
@@ -333,7 +333,7 @@ def test_quantiser_peak_is_the_childs_own(tmp_path):
     import subprocess
 
     big = np.ones(600_000_000 // 8)  # the parent holds 0.6 GB when it starts the child
-    code = ("import json, resource; from icd_edge.export.precision import _own_peak_rss_gb; "
+    code = ("import json, resource; from icd_edge.export.quant import _own_peak_rss_gb; "
             "print(json.dumps([_own_peak_rss_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9]))")
     own, inherited = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                                check=True).stdout)

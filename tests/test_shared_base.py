@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from icd_edge.editor import Editor
+from icd_edge.edit.editor import Editor
 from icd_edge.errors import InputError
 from icd_edge.export.parity import psnr_db
-from icd_edge.manifest import open_bundle
+from icd_edge.bundle.store import open_bundle
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from icd_edge.editor import Editor
+from icd_edge.edit.editor import Editor
 from icd_edge.errors import ExportError, InputError
 from icd_edge.export.taesd import diffusers_decoder_to_official, load_taesd
 
@@ -48,7 +48,7 @@ def taesd_bundle(tmp_path_factory):
 
 
 def test_taesd_bundle_decodes_and_previews(taesd_bundle, photo, tmp_path):
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
 
     m = open_bundle(taesd_bundle).manifest
     assert m["parity"]["graphs"]["taesd_decoder"]["psnr_db"] >= 60

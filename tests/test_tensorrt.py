@@ -19,9 +19,9 @@ from onnx import numpy_helper
 import fake_trt
 from conftest import run_cli
 from icd_edge.errors import BackendUnavailable, BundleError, InputError
-from icd_edge.manifest import file_table, open_bundle, sha256_file, write_manifest
-from icd_edge.runtimes import trt_plan
-from icd_edge.runtimes.trt_plan import GpuInfo, PrecisionPlan, Source
+from icd_edge.bundle.store import file_table, open_bundle, sha256_file, write_manifest
+from icd_edge.runtimes.trt import plan as trt_plan
+from icd_edge.runtimes.trt.plan import GpuInfo, PrecisionPlan, Source
 
 GPU = GpuInfo("NVIDIA Fake GPU", "8.9")
 STRONG = 1 << 1  # 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED (= 1 in TensorRT 10 and 11)
@@ -149,7 +149,7 @@ def _arrays(path: Path) -> dict[str, np.ndarray]:
 
 
 def test_refit_weight_map_on_tiny_bundle(tiny_bundle):
-    from icd_edge.runtimes.trt_refit import differing, load_weights, refit_weight_map
+    from icd_edge.runtimes.trt.refit import differing, load_weights, refit_weight_map
 
     m = refit_weight_map(tiny_bundle, "onnx/unet_forward.onnx", "onnx/unet_reverse.onnx")
     fwd, rev = _arrays(tiny_bundle / "onnx/unet_forward.onnx"), _arrays(tiny_bundle / "onnx/unet_reverse.onnx")
@@ -167,7 +167,7 @@ def test_refit_weight_map_on_tiny_bundle(tiny_bundle):
 
 
 def test_refit_map_matches_by_topology_when_names_differ(tiny_bundle, tmp_path):
-    from icd_edge.runtimes.trt_refit import differing, load_weights, refit_weight_map
+    from icd_edge.runtimes.trt.refit import differing, load_weights, refit_weight_map
 
     root = tmp_path / "b"
     (root / "onnx").mkdir(parents=True)
@@ -343,7 +343,7 @@ def test_cuda_graph_captures_once_then_replays(fake, tiny_bundle, tmp_path):
 
 
 def test_shared_base_refits_between_forward_and_reverse(fake, tiny_bundle, tmp_path):
-    from icd_edge.runtimes.trt_refit import differing, refit_weight_map
+    from icd_edge.runtimes.trt.refit import differing, refit_weight_map
 
     b = open_bundle(tiny_bundle, verify=False)
     backend = _backend(tmp_path, precision="fp32", shared_base=True)
@@ -368,7 +368,7 @@ def test_shared_base_refits_between_forward_and_reverse(fake, tiny_bundle, tmp_p
 
 
 def test_shared_base_supplies_missing_and_refuses_folded(fake, tiny_bundle, tmp_path):
-    from icd_edge.runtimes.trt_refit import differing, refit_weight_map
+    from icd_edge.runtimes.trt.refit import differing, refit_weight_map
 
     b = open_bundle(tiny_bundle, verify=False)
     m = refit_weight_map(tiny_bundle, "onnx/unet_forward.onnx", "onnx/unet_reverse.onnx")
@@ -416,7 +416,7 @@ def test_export_target_records_engines_the_runtime_reuses(fake, tiny_bundle, tmp
 
 
 def test_int8_qdq_artifact_builds_strongly_typed(fake, tiny_bundle, tmp_path):
-    from icd_edge.runtimes.trt_build import BuildRequest, build_engine
+    from icd_edge.runtimes.trt.build import BuildRequest, build_engine
 
     entry = json.loads(json.dumps(open_bundle(tiny_bundle, verify=False).graphs["vae_decoder"]))
     entry["artifacts"]["onnx_int8"] = {**entry["artifacts"]["onnx"], "precision": "int8"}  # stands in for a Q/DQ graph
@@ -442,7 +442,7 @@ def test_options_are_validated():
 
 
 def test_without_tensorrt_selection_fails_typed(tiny_bundle):
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.runtimes.trt import TensorRTBackend
 
     assert TensorRTBackend().probe().reason == "not installed"
@@ -462,8 +462,8 @@ def test_export_with_tensorrt_target_fails_early_without_tensorrt(tmp_path):
 
 
 def test_tensorrt_modules_import_without_torch():
-    code = ("import sys; import icd_edge.runtimes.trt, icd_edge.runtimes.trt_build, icd_edge.runtimes.trt_cuda, "
-            "icd_edge.runtimes.trt_refit, icd_edge.runtimes.trt_session; "
+    code = ("import sys; import icd_edge.runtimes.trt, icd_edge.runtimes.trt.build, icd_edge.runtimes.trt.cuda, "
+            "icd_edge.runtimes.trt.refit, icd_edge.runtimes.trt.session; "
             "print([m for m in ('torch', 'tensorrt', 'onnx', 'icd_edge.export') if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

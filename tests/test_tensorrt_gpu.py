@@ -87,7 +87,7 @@ ENTRY = {"inputs": [{"name": "x", "dtype": "float32", "shape": list(SHAPE)}],
 
 
 def test_cuda_wrapper_reports_the_gpu_and_round_trips():
-    from icd_edge.runtimes.trt_cuda import Cuda
+    from icd_edge.runtimes.trt.cuda import Cuda
 
     cuda = Cuda()
     gpu = cuda.gpu_info()
@@ -110,8 +110,8 @@ def test_cuda_wrapper_reports_the_gpu_and_round_trips():
 @pytest.mark.parametrize("engine_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_session_runs_on_the_gpu(engine_dtype, cuda_graph):
-    from icd_edge.runtimes.trt_cuda import Cuda
-    from icd_edge.runtimes.trt_session import TrtSession
+    from icd_edge.runtimes.trt.cuda import Cuda
+    from icd_edge.runtimes.trt.session import TrtSession
 
     trt = _trt_module()
     engine = CopyEngine(trt, engine_dtype)

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from icd_edge import spec  # noqa: E402
+from icd_edge.bundle import spec  # noqa: E402
 from icd_edge.errors import ExportError  # noqa: E402
 from icd_edge.export.to_onnx import (Template, WeightStore, _reuse_plan, retarget, same_structure,  # noqa: E402
                                      trace_graph, write_program)

@@ -87,7 +87,7 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--resolution must be a multiple of 64 (≥ 64), got {cfg.resolution}")
     if not 18 <= cfg.opset <= 25:
         raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
-    from icd_edge.export.precision import INT8_WEIGHT_RANGES, PRECISIONS
+    from icd_edge.export.quant import INT8_WEIGHT_RANGES, PRECISIONS
 
     if cfg.lora_rounding not in ("fp16", "none"):
         raise ExportError(f"--lora-rounding must be fp16 or none, got {cfg.lora_rounding!r}")

@@ -201,7 +201,7 @@ def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: st
 
 
 def _sha(path: Path) -> str:
-    from icd_edge.manifest import sha256_file
+    from icd_edge.bundle.store import sha256_file
 
     return sha256_file(path)
 

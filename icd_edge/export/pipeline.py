@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icd_edge import spec
+from icd_edge.bundle import spec
 from icd_edge.atomic import atomic_dir, scratch_dir, sweep_scratch
 from icd_edge.errors import ExportError, ParityError
 from icd_edge.export import parity as parity_mod
-from icd_edge.manifest import file_table, guidance_key, write_manifest
+from icd_edge.bundle.store import file_table, guidance_key, write_manifest
 from icd_edge.schedule import (ENCODER_START_T, MAX_GUIDANCE, TRAINED_GUIDANCE_SD15, alpha_sigma, step_coefficients)
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _sample_inputs(graphs, tokenizer, dims, guidance_table) -> dict[str, dict[st
     wg = np.asarray(guidance_table[guidance_key(19.0)], np.float32)[None]
     unet1 = {"sample": rng.standard_normal((1, 4, h, h), dtype=np.float32), "timestep": np.array([519.0], np.float32),
              "encoder_hidden_states": text, "timestep_cond": wg}
-    from icd_edge import p2p
+    from icd_edge.edit import p2p
 
     src, tgt = tokenizer(src_prompt), tokenizer(tgt_prompt)
     token_map, refine_alpha = p2p.refine_map(src, tgt)
@@ -121,7 +121,7 @@ def run_export(cfg: ExportConfig) -> Path:
     from tqdm.auto import tqdm
 
     from icd_edge.export import models
-    from icd_edge.export.wrappers import build_graphs
+    from icd_edge.graphs.wrappers import build_graphs
     from icd_edge.tokenizer import ClipTokenizer
 
     t_start = time.perf_counter()
@@ -176,7 +176,7 @@ def run_export(cfg: ExportConfig) -> Path:
             bar.update(1)
             if cfg.parity == "e2e":
                 bar.set_postfix_str("parity: end to end")
-                from icd_edge.export.precision import DEFAULT_E2E_GATE_DB
+                from icd_edge.export.quant import DEFAULT_E2E_GATE_DB
 
                 precisions = {manifest["graphs"][g]["artifacts"]["onnx"]["precision"] for g in graphs}
                 lowest = "int8" if any(q.startswith("int8") for q in precisions) else "fp16" if "fp16" in precisions else "fp32"
@@ -264,7 +264,7 @@ def torch_target(ctx: ExportContext) -> None:
 
 
 def _graph_parity(bundle_dir: Path, graphs: dict, samples: dict, min_psnr: float) -> dict:
-    from icd_edge.manifest import open_bundle
+    from icd_edge.bundle.store import open_bundle
     from icd_edge.runtimes.ort import OrtBackend
     from icd_edge.runtimes.torch_ref import TorchBackend
 
@@ -292,15 +292,15 @@ def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict, cal
     openvino backend (its default precision rule) and are recorded under ``openvino``; the gate
     is ONNX Runtime's, OpenVINO's figures say whether they meet it.
     """
-    from icd_edge.editor import Editor
-    from icd_edge.manifest import open_bundle
+    from icd_edge.edit.editor import Editor
+    from icd_edge.bundle.store import open_bundle
     from icd_edge.runtimes.ort import OrtBackend
     from icd_edge.runtimes.torch_ref import TorchBackend
 
     bundle = open_bundle(bundle_dir, verify=False, allow_incomplete=True)
     cases = [("synthetic", sample_photo(dims["H"]), "a photo of a cat", "a photo of a dog", ("cat", "dog"))]
     if calibration_cfg is not None:
-        from icd_edge.export.precision import calibration_cases
+        from icd_edge.export.quant import calibration_cases
 
         for i, (img, src, tgt, blend) in enumerate(calibration_cases(calibration_cfg.calibration, dims["H"],
                                                                      calibration_cfg.calibration_count)):
@@ -391,7 +391,7 @@ def memory_bundle(model: str, seed: int, work: Path, steps: tuple[int, int] = (4
     constants and tokenizer only (used by the fast torch path's tests and GPU benchmark);
     ``steps``: (forward, reverse) step counts."""
     from icd_edge.export import models
-    from icd_edge.manifest import FORMAT, SCHEMA_VERSION, Bundle
+    from icd_edge.bundle.store import FORMAT, SCHEMA_VERSION, Bundle
 
     src = models.build_random(model, seed, work, steps=steps)
     dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))

@@ -71,13 +71,3 @@ def load_taesd(ref: str, revision: str | None = None, seed: int = 0):
     except Exception as exc:  # hub/offline/missing-folder errors of several types
         raise ExportError(f"cannot load the TAESD decoder {ref!r} ({type(exc).__name__}); pass a local "
                           "taesd_decoder.pth or AutoencoderTiny folder with --taesd") from exc
-
-
-class TaesdDecoderGraph(torch.nn.Module):
-    def __init__(self, taesd):
-        super().__init__()
-        self.taesd = taesd
-
-    def forward(self, latent):
-        """latent (1, 4, h, w) in UNet space (not divided by 0.18215) → image (1, 3, 8h, 8w) in [-1, 1]."""
-        return self.taesd.decoder(latent)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from icd_edge import spec
+from icd_edge.bundle import spec
 from icd_edge.errors import ExportError
 from icd_edge.export.config import COREML_ATTENTIONS as ATTENTIONS
 from icd_edge.export.config import COREML_COMPRESSIONS as COMPRESSIONS

@@ -26,8 +26,8 @@ from onnx import numpy_helper
 
 from icd_edge.atomic import scratch_dir
 from icd_edge.errors import ExportError
-from icd_edge.runtimes.ort import trim_heap as _trim_heap
-from icd_edge.export.wrappers import HalfGraph
+from icd_edge.memory import trim_heap as _trim_heap
+from icd_edge.graphs.wrappers import HalfGraph
 
 logger = logging.getLogger(__name__)
 
@@ -217,8 +217,8 @@ def export_target(ctx) -> None:
     graphs and precisions are converted from an fp32 export in a scratch folder (int8 after
     recording calibration feeds on the torch reference).
     """
-    from icd_edge import spec
-    from icd_edge.export import precision as prec
+    from icd_edge.bundle import spec
+    from icd_edge.export import quant as prec
 
     precisions = prec.graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs)
     groups = dict(WEIGHT_GROUPS)
@@ -334,8 +334,8 @@ def shared_initializer_table(root: Path, graphs: dict) -> dict[str, list]:
 
 def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[str, str], stores: dict) -> None:
     """Convert the fp32 graphs in ``scratch`` to their precisions, weights into ``stores`` (the caller closes them)."""
-    from icd_edge.export import precision as prec
-    from icd_edge.manifest import Bundle
+    from icd_edge.export import quant as prec
+    from icd_edge.bundle.store import Bundle
 
     calibration = {}
     if any(p == "int8" for p in precisions.values()):

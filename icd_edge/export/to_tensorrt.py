@@ -17,9 +17,9 @@ import importlib.util
 import logging
 
 from icd_edge.errors import BackendUnavailable, ExportError
-from icd_edge.manifest import sha256_file
-from icd_edge.runtimes.trt_build import BuildRequest, build_engine
-from icd_edge.runtimes.trt_plan import (PRECISIONS, default_cache_dir, engine_filename, engine_key, key_material,
+from icd_edge.bundle.store import sha256_file
+from icd_edge.runtimes.trt.build import BuildRequest, build_engine
+from icd_edge.runtimes.trt.plan import (PRECISIONS, default_cache_dir, engine_filename, engine_key, key_material,
                                         plan_precision, profile_shapes, timing_cache_name)
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def export_target(ctx) -> None:
     except Exception as exc:  # ImportError/OSError when libnvinfer is missing
         raise ExportError(f"tensorrt is installed but cannot be imported ({exc}); fix the TensorRT install "
                           "or leave the tensorrt target out") from exc
-    from icd_edge.runtimes.trt_cuda import Cuda
+    from icd_edge.runtimes.trt.cuda import Cuda
 
     precision = ctx.cfg.extra.get("trt_precision", "auto")
     workspace_mb = ctx.cfg.extra.get("trt_workspace_mb")

@@ -31,7 +31,7 @@ import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, ShapeMismatch
 from icd_edge.runtimes import Availability
-from icd_edge.spec import check_feeds
+from icd_edge.bundle.spec import check_feeds
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError
 from icd_edge.runtimes import Availability
-from icd_edge.spec import check_feeds, check_graph_io
+from icd_edge.bundle.spec import check_feeds, check_graph_io
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class OvSession:
         return out
 
     def close(self) -> None:
-        from icd_edge.runtimes.ort import trim_heap
+        from icd_edge.memory import trim_heap
 
         self._request = self._compiled = None
         trim_heap()

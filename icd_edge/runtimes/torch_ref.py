@@ -1,6 +1,6 @@
 """The ``torch`` backend: the eager reference (ground truth for parity).
 
-It runs the very modules the export traces (:mod:`icd_edge.export.wrappers`, P2P processors
+It runs the very modules the export traces (:mod:`icd_edge.graphs.wrappers`, P2P processors
 included) on the diffusers/transformers classes, from a bundle's ``torch/`` weights or from
 modules handed over in memory. Needs the ``export`` extra.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from icd_edge.errors import BackendUnavailable
 from icd_edge.runtimes import Availability
-from icd_edge.spec import check_feeds
+from icd_edge.bundle.spec import check_feeds
 
 
 def _has_module(name: str) -> bool:
@@ -69,7 +69,7 @@ class TorchBackend:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from icd_edge.export.wrappers import build_graphs
+        from icd_edge.graphs.wrappers import build_graphs
 
         def part(name):
             art = bundle.artifact(name, "torch")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from icd_edge import p2p
+from icd_edge.edit import p2p
 from icd_edge.errors import BundleError, EditorClosed, InputError, NumericsError
 from icd_edge.image import array_to_pil, fit_square, image_to_tensor, load_image, restore_fit, tensor_to_array
-from icd_edge.manifest import Bundle, open_bundle
+from icd_edge.bundle.store import Bundle, open_bundle
 from icd_edge.rng import RNGS
 from icd_edge.rng import noise as make_noise
 from icd_edge.schedule import consistency_step, dynamic_guidance
@@ -147,7 +147,7 @@ class Editor:
     threads (sessions are created under a lock and runs are independent).
 
     Args:
-        bundle: an opened :class:`~icd_edge.manifest.Bundle`.
+        bundle: an opened :class:`~icd_edge.bundle.store.Bundle`.
         backend: a backend instance (see :func:`icd_edge.runtimes.select_backend`).
         progress: show a progress bar on calls that take more than a second.
         decoder: ``full`` (the SD VAE, default) or ``taesd`` (the tiny decoder, bundles exported

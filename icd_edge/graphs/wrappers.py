@@ -1,4 +1,4 @@
-"""Trace-friendly modules, one per graph of :data:`icd_edge.spec.GRAPHS` (positional tensors in,
+"""Trace-friendly modules, one per graph of :data:`icd_edge.bundle.spec.GRAPHS` (positional tensors in,
 exactly the spec's outputs out). They are also the torch reference backend's sessions."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from icd_edge.export.attention import P2PControls, install_p2p
+from icd_edge.graphs.attention import P2PControls, install_p2p
 
 
 class TextEncoderGraph(nn.Module):
@@ -101,7 +101,7 @@ def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, 
         "unet_reverse_edit": UNetEditGraph(unet_reverse, self_max_keys=(latent // 2) ** 2, blend_queries=dims["Q"]),
     }
     if taesd is not None:
-        from icd_edge.export.taesd import TaesdDecoderGraph
+        from icd_edge.graphs.taesd import TaesdDecoderGraph
 
         graphs["taesd_decoder"] = TaesdDecoderGraph(taesd)
     for g in graphs.values():

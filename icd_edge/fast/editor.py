@@ -1,11 +1,11 @@
 """Fast torch path for NVIDIA GPUs: the whole edit on the device.
 
 fp16 (bf16 optional) weights, channels_last UNets, Prompt-to-Prompt on fused attention
-(:class:`~icd_edge.export.attention.FusedP2PAttnProcessor`), ``torch.compile`` of the UNets and
+(:class:`~icd_edge.graphs.attention.FusedP2PAttnProcessor`), ``torch.compile`` of the UNets and
 CUDA graphs over the fixed-shape invert and edit loops with static buffers. Consistency steps
 and local blend run on the device in float32; nothing synchronises with the host inside a loop.
 N photos (or N target prompts) run as one batch. Host-side work (tokenizer, P2P controls,
-validation) is shared with :class:`icd_edge.editor.Editor`. Needs the ``export`` extra and CUDA;
+validation) is shared with :class:`icd_edge.edit.editor.Editor`. Needs the ``export`` extra and CUDA;
 runs on the CPU too (``device="cpu"``, no compile/graphs), which the tests use.
 """
 
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from icd_edge.editor import Editor, _check_prompt, _check_range, _check_rng, _check_seed
+from icd_edge.edit.editor import Editor, _check_prompt, _check_range, _check_rng, _check_seed
 from icd_edge.rng import noise as make_noise
 from icd_edge.errors import BackendUnavailable, InputError
-from icd_edge.export.attention import FusedP2PAttnProcessor
-from icd_edge.export.wrappers import TextEncoderGraph, UNetEditGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
+from icd_edge.graphs.attention import FusedP2PAttnProcessor
+from icd_edge.graphs.wrappers import TextEncoderGraph, UNetEditGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
 from icd_edge.image import array_to_pil, image_to_tensor, load_image
 from icd_edge.schedule import dynamic_guidance
 
@@ -92,7 +92,7 @@ class FastEditor:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from icd_edge.manifest import open_bundle
+        from icd_edge.bundle.store import open_bundle
 
         b = open_bundle(path)
         art = {g: b.artifact(g, "torch") for g in ("text_encoder", "vae_encoder", "unet_forward", "unet_reverse")}

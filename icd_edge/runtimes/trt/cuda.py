@@ -13,7 +13,7 @@ import importlib
 import numpy as np
 
 from icd_edge.errors import BackendUnavailable
-from icd_edge.runtimes.trt_plan import GpuInfo
+from icd_edge.runtimes.trt.plan import GpuInfo
 
 CUDA_PYTHON_HINT = "pip install cuda-python (the CUDA runtime bindings; match your driver's CUDA major)"
 

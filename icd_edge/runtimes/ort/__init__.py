@@ -11,8 +11,9 @@ from typing import Mapping
 import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError
+from icd_edge.memory import trim_heap
 from icd_edge.runtimes import Availability
-from icd_edge.spec import check_feeds, check_graph_io
+from icd_edge.bundle.spec import check_feeds, check_graph_io
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +31,6 @@ def choose_providers(available: list[str], system: str | None = None) -> list[st
 
 
 IMAGE_GRAPHS = ("vae_encoder", "vae_decoder", "taesd_decoder")  # activations at image resolution
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS: glibc keeps freed chunks below its mmap threshold in
-    the process, and the next graph would sit on top of what a closed session left. No-op off glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass(frozen=True)
@@ -113,9 +102,9 @@ class OrtSession:
 
     def _fused(self, path, so):
         """The graph with its plain attention fused, or the path itself when nothing matched or
-        onnx is not installed (see :mod:`icd_edge.runtimes.ort_attention`)."""
+        onnx is not installed (see :mod:`icd_edge.runtimes.ort.attention`)."""
         try:
-            from icd_edge.runtimes.ort_attention import fused_source
+            from icd_edge.runtimes.ort.attention import fused_source
 
             source, self.fused_attention = fused_source(path, so)
         except ImportError:

@@ -30,7 +30,7 @@ import onnx
 
 from icd_edge.atomic import scratch_dir
 from icd_edge.errors import ExportError
-from icd_edge.runtimes.ort import trim_heap
+from icd_edge.memory import trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class _Recorder:
 
 def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
     """Run invert + edit (and a reconstruction) on the torch reference, recording each graph's feeds."""
-    from icd_edge.editor import Editor
+    from icd_edge.edit.editor import Editor
     from icd_edge.runtimes.torch_ref import TorchBackend
 
     rec = _Recorder(TorchBackend(graphs))
@@ -269,7 +269,7 @@ def _quantize(src: Path, precision: str, calibration: list[dict] | None,
             np.savez(feeds / f"{i:05d}.npz", **feed)
         pkg_root = str(Path(__file__).resolve().parents[2])  # importable however the parent found icd_edge
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "icd_edge.export.precision", str(src), str(out), precision, str(feeds),
+        proc = subprocess.run([sys.executable, "-m", "icd_edge.export.quant", str(src), str(out), precision, str(feeds),
                                int8_weights],
                               capture_output=True, text=True, env=env)
         if proc.returncode:
@@ -303,7 +303,7 @@ def _no_arena_sessions() -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """``python -m icd_edge.export.precision SRC OUT PRECISION FEEDS_DIR WEIGHTS`` (used by :func:`_quantize`)."""
+    """``python -m icd_edge.export.quant SRC OUT PRECISION FEEDS_DIR WEIGHTS`` (used by :func:`_quantize`)."""
     src, out, precision, feeds, weights = Path(argv[0]), Path(argv[1]), argv[2], Path(argv[3]), argv[4]
     calibration = []
     for f in sorted(feeds.glob("*.npz")):

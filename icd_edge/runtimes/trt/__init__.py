@@ -2,7 +2,7 @@
 
 For each graph the backend works out the engine it needs (precision plan, fixed-shape profile,
 key over the ONNX sha256s + GPU name + compute capability + TensorRT version, see
-:mod:`icd_edge.runtimes.trt_plan`) and then uses, in this order:
+:mod:`icd_edge.runtimes.trt.plan`) and then uses, in this order:
 
 1. the engine recorded under ``artifacts["tensorrt"]`` in the bundle, if its key matches;
 2. the engine in the cache folder (``engine_cache``, default ``~/.cache/icd_edge/trt``), if its
@@ -28,14 +28,14 @@ from pathlib import Path
 
 from icd_edge.atomic import write_bytes_atomic
 from icd_edge.errors import BackendUnavailable, InputError
-from icd_edge.manifest import sha256_file
+from icd_edge.bundle.store import sha256_file
 from icd_edge.runtimes import Availability
-from icd_edge.runtimes.trt_build import BuildRequest, build_engine
-from icd_edge.runtimes.trt_plan import (PRECISIONS, default_cache_dir, describe_difference, engine_filename, engine_io_problems,
+from icd_edge.runtimes.trt.build import BuildRequest, build_engine
+from icd_edge.runtimes.trt.plan import (PRECISIONS, default_cache_dir, describe_difference, engine_filename, engine_io_problems,
                                         engine_key, key_material, meta_path, plan_precision, profile_shapes, read_meta,
                                         Source, source_digests, stale_reason, timing_cache_name,
                                         version_problem)
-from icd_edge.runtimes.trt_session import SharedBase, SharedBaseSession, TrtSession, engine_io
+from icd_edge.runtimes.trt.session import SharedBase, SharedBaseSession, TrtSession, engine_io
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class TensorRTBackend:
         problem = version_problem(str(getattr(trt, "__version__", "unknown")))
         if problem:
             return Availability(False, problem)
-        from icd_edge.runtimes.trt_cuda import device_count, import_cudart
+        from icd_edge.runtimes.trt.cuda import device_count, import_cudart
 
         try:
             cudart = import_cudart()
@@ -127,7 +127,7 @@ class TensorRTBackend:
         with self._lock:
             if self._rt is None:
                 trt = importlib.import_module("tensorrt")
-                from icd_edge.runtimes.trt_cuda import Cuda
+                from icd_edge.runtimes.trt.cuda import Cuda
 
                 cuda = Cuda(device=self.options.device)
                 trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -150,7 +150,7 @@ class TensorRTBackend:
         return TrtSession(graph, engine, entry, rt["trt"], rt["cuda"], self.options.cuda_graph)
 
     def _shared_base(self, bundle) -> SharedBase:
-        from icd_edge.runtimes.trt_refit import refit_weight_map
+        from icd_edge.runtimes.trt.refit import refit_weight_map
 
         root = str(Path(bundle.root).resolve())
         with self._lock:

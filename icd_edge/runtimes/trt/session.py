@@ -15,9 +15,9 @@ from typing import Mapping
 import numpy as np
 
 from icd_edge.errors import BackendUnavailable
-from icd_edge.runtimes.trt_plan import TRT_DTYPES, binding_plan
-from icd_edge.runtimes.trt_refit import differing, load_weights
-from icd_edge.spec import check_feeds
+from icd_edge.runtimes.trt.plan import TRT_DTYPES, binding_plan
+from icd_edge.runtimes.trt.refit import differing, load_weights
+from icd_edge.bundle.spec import check_feeds
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class TrtSession:
         engine: a deserialized ``ICudaEngine``.
         entry: ``manifest["graphs"][graph]`` (names, dtypes, shapes).
         trt: the tensorrt module.
-        cuda: a :class:`~icd_edge.runtimes.trt_cuda.Cuda`.
+        cuda: a :class:`~icd_edge.runtimes.trt.cuda.Cuda`.
         cuda_graph: capture H2D copies + enqueue + D2H copies as one CUDA graph on the first run
             and replay it afterwards.
     """

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from icd_edge.atomic import write_bytes_atomic
 from icd_edge.errors import BackendUnavailable
-from icd_edge.manifest import sha256_file
-from icd_edge.runtimes.trt_plan import PrecisionPlan, engine_key, meta_path
+from icd_edge.bundle.store import sha256_file
+from icd_edge.runtimes.trt.plan import PrecisionPlan, engine_key, meta_path
 
 logger = logging.getLogger(__name__)
 
