@@ -60,7 +60,7 @@ CONFIGS = [  # (label, bundle, memory, decoder[, backend options]); onnxruntime 
     ("openvino-fp32-resident", "fp32", "resident", "full", {"backend": "openvino"}),
     ("openvino-fp32-bf16-resident", "fp32", "resident", "full", {"backend": "openvino", "precision": "bf16"}),
     ("openvino-int8-resident", "int8", "resident", "full", {"backend": "openvino"}),
-    ("openvino-int8-f32-resident", "int8", "resident", "full", {"backend": "openvino", "precision": "f32"}),
+    ("openvino-int8-f32-resident", "int8", "resident", "full", {"backend": "openvino", "precision": "fp32"}),
     ("openvino-int8-sequential", "int8", "sequential", "full", {"backend": "openvino"}),
     ("openvino-int8-resident-taesd", "int8", "resident", "taesd", {"backend": "openvino"}),
     ("openvino-int8-sequential-taesd", "int8", "sequential", "taesd", {"backend": "openvino"}),

@@ -79,7 +79,7 @@ def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
         import tempfile
 
         torch.set_num_threads(os.cpu_count())
-        seed = b.manifest["sources"]["seed"]
+        seed = b.manifest.info["sources"]["seed"]
         with tempfile.TemporaryDirectory() as work:
             src = build_random("random-sd15", seed, Path(work))
         graphs = build_graphs(src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, b.dims)

@@ -44,7 +44,7 @@ def build(work: Path):
 
 
 def synthetic(n: int):
-    from icd_edge.export.pipeline import sample_photo
+    from icd_edge.export.samples import sample_photo
 
     import numpy as np
 

@@ -29,6 +29,12 @@ sys.path.insert(0, str(ROOT))
 EMULATOR = ["qemu-x86_64", "-cpu", "Haswell-v4"]
 
 
+
+def _scheme(bundle) -> dict:
+    """The bundle's int8 scheme as JSON ({} for bundles that predate it)."""
+    scheme = bundle.manifest.int8_scheme
+    return scheme.to_json() if scheme is not None else {}
+
 def main() -> int:
     from benchmarks.bench_cpu import CONFIGS, image_file
     from benchmarks.bench_cpu_edit import machine
@@ -67,7 +73,7 @@ def main() -> int:
     shutil.move(keep, native_img)  # the native image stays where bench_cpu.py left it
     ref = np.load(ref_img)
     run = json.loads(proc.stdout.strip().splitlines()[-1])
-    scheme = open_bundle(bundle, verify=False).manifest.get("int8_scheme", {})
+    scheme = _scheme(open_bundle(bundle, verify=False))
     result = {
         "machine": machine(), "config": args.config, "bundle": bundle.name, "int8_scheme": scheme,
         "emulated_cpu": " ".join(EMULATOR) + " (user-mode TCG: AVX2 + FMA, no AVX-512, no VNNI)",

@@ -33,11 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 EMULATOR = ["qemu-x86_64", "-cpu", "Haswell-v4"]
 
 
+
+def _scheme(bundle) -> dict:
+    """The bundle's int8 scheme as JSON ({} for bundles that predate it)."""
+    scheme = bundle.manifest.int8_scheme
+    return scheme.to_json() if scheme is not None else {}
+
 def cases(bundle: str, backend: str, photo: str) -> dict[str, np.ndarray]:
     """The export's end-to-end cases on one bundle and backend (decoded images, float32 0..1)."""
     from icd_edge.edit.editor import Editor
 
-    options = {"precision": "f32"} if backend == "openvino" else {}
+    options = {"precision": "fp32"} if backend == "openvino" else {}
     with Editor.open(bundle, backend=backend, **options) as ed:
         inv = ed.invert(photo, "a photo of a cat", seed=0)
         edit = ed.edit(inv, "a photo of a dog", cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0},
@@ -76,7 +82,7 @@ def main() -> int:
 
     from icd_edge.cpu import info
     from icd_edge.export.parity import psnr_db
-    from icd_edge.export.pipeline import sample_photo
+    from icd_edge.export.samples import sample_photo
     from icd_edge.bundle.store import open_bundle
 
     emulate = [False] + ([] if args.no_emulation else [True])
@@ -87,12 +93,12 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="icd_isa_") as d:
         work = Path(d)
-        side = int(open_bundle(args.reference, verify=False).manifest["dims"]["H"])
+        side = open_bundle(args.reference, verify=False).manifest.image_hw
         photo = work / "photo.png"
         Image.fromarray(sample_photo(side)).save(photo)
         ref, ref_s = run_cases(args.reference, "torch", photo, False, work)
         for label, path in bundles.items():
-            scheme = open_bundle(path, verify=False).manifest.get("int8_scheme", {})
+            scheme = _scheme(open_bundle(path, verify=False))
             for backend in args.backends:
                 for emu in emulate:
                     got, secs = run_cases(Path(path), backend, photo, emu, work)

@@ -1,6 +1,6 @@
 """Per-operator time of one bundle graph on OpenVINO's CPU plugin (its performance counters).
 
-    python benchmarks/profile_openvino.py BUNDLE GRAPH [--precision auto|f32|bf16] [--top 20]
+    python benchmarks/profile_openvino.py BUNDLE GRAPH [--precision auto|fp32|bf16] [--top 20]
 
 Feeds are random but shaped and typed from the manifest (timestep 519, P2P controls on). Prints
 the call time, the time per (operator type, kernel) and the slowest fused subgraphs (attention
@@ -21,11 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def feeds_for(inputs: list[dict]) -> dict[str, np.ndarray]:
+def feeds_for(inputs) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     feeds = {}
     for spec in inputs:
-        name, shape, dtype = spec["name"], spec["shape"], np.dtype(spec["dtype"])
+        name, shape, dtype = spec.name, spec.shape, np.dtype(spec.dtype)
         if name == "timestep":
             feeds[name] = np.full(shape, 519.0, dtype)
         elif name == "input_ids":
@@ -54,10 +54,10 @@ def main() -> int:
     bundle = open_bundle(args.bundle, verify=False)
     backend = OpenVinoBackend(precision=args.precision, cache_dir="")
     art = bundle.artifact(args.graph, "onnx")
-    config = {**backend.compile_config(art.get("precision", "fp32")), "PERF_COUNT": True}
-    compiled = openvino.Core().compile_model(str(bundle.path(art["file"])), "CPU", config)
+    config = {**backend.compile_config(art.precision), "PERF_COUNT": True}
+    compiled = openvino.Core().compile_model(str(bundle.path(art.file)), "CPU", config)
     request = compiled.create_infer_request()
-    feeds = feeds_for(bundle.graphs[args.graph]["inputs"])
+    feeds = feeds_for(bundle.graphs[args.graph].inputs)
     request.infer(feeds)  # first call: allocations
     t0 = time.perf_counter()
     request.infer(feeds)

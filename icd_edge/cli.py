@@ -43,6 +43,12 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _precision_name(value: str) -> str:
+    from icd_edge.precision import ALIASES
+
+    return ALIASES.get(value.lower(), value.lower())  # f32/f16, the spellings of earlier versions
+
+
 def _amplify(values: list[str] | None) -> dict[str, float]:
     out = {}
     for item in values or []:
@@ -76,7 +82,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", default="resident", choices=("resident", "sequential", "shared-base"),
                    help="resident: keep graphs loaded; sequential: one graph at a time; shared-base: teacher weights "
                         "mapped once for all UNets (bundles exported with --unet-weights shared-base)", **once)
-    p.add_argument("--ov-precision", choices=("auto", "f32", "bf16", "f16"),
+    p.add_argument("--ov-precision", choices=("auto", "fp32", "bf16", "fp16"), type=_precision_name,
                    help="openvino: precision of the graphs' float parts (auto: float32, bfloat16 in int8 graphs where "
                         "native)", **once)
     p.add_argument("--ov-cache", metavar="DIR",
@@ -169,15 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
 def _open(args):
     from icd_edge.edit.editor import Editor
 
-    options = {}
+    fields = {}
     if args.ov_precision is not None:
-        options["precision"] = args.ov_precision
+        fields["precision"] = args.ov_precision
     if args.ov_cache is not None:
-        options["cache_dir"] = "" if args.ov_cache == "none" else args.ov_cache
-    if options and args.backend not in ("auto", "openvino"):
+        fields["cache_dir"] = "" if args.ov_cache == "none" else args.ov_cache
+    if fields and args.backend not in ("auto", "openvino"):
         raise InputError(f"--ov-precision and --ov-cache apply to the openvino backend, not {args.backend!r}")
+    options = ()
+    if fields:
+        from icd_edge.runtimes.openvino import OvOptions
+
+        options = (OvOptions(**fields),)
     return Editor.open(args.bundle, backend=args.backend, verify=not args.no_verify,
-                       progress=not (args.no_progress or args.quiet), memory=args.memory, decoder=args.decoder, **options)
+                       progress=not (args.no_progress or args.quiet), memory=args.memory, decoder=args.decoder, options=options)
 
 
 def _check_quality(args, fmt: str) -> None:
@@ -190,9 +201,8 @@ def _check_quality(args, fmt: str) -> None:
 def _metadata(ed, command: str, **params) -> dict:
     from icd_edge.image import METADATA_KEY
 
-    m = ed.bundle.manifest
     return {METADATA_KEY: __version__, "command": command, "bundle_id": ed.bundle.bundle_id,
-            "model": m.get("model", {}).get("name"), "backend": ed.backend.name, **params}
+            "model": ed.bundle.manifest.model, "backend": ed.backend.name, **params}
 
 
 def _check_room(args, ed, photo=None) -> None:
@@ -200,7 +210,7 @@ def _check_room(args, ed, photo=None) -> None:
     upper bound), before the model work."""
     from icd_edge.atomic import check_output_file
 
-    side = ed.image_hw
+    side = ed.constants.image_hw
     w, h = photo.size if (photo is not None and getattr(args, "keep_size", False)) else (side, side)
     check_output_file(args.out, need_bytes=w * h * 3 + (1 << 16))
 
@@ -285,7 +295,7 @@ def cmd_invert(args) -> int:
     clock = _Clock()
     photo = load_image(args.image)
     with _open(args) as ed:
-        check_output_file(args.out, need_bytes=4 * ed.latent_hw ** 2 * 4 + (1 << 16))
+        check_output_file(args.out, need_bytes=4 * ed.constants.latent_hw ** 2 * 4 + (1 << 16))
         clock.lap("open")
         inv = ed.invert(photo, args.source, seed=args.seed, rng=args.rng)
         clock.lap("invert")
@@ -357,41 +367,39 @@ def cmd_inspect(args) -> int:
     b = open_bundle(args.bundle, verify=not args.no_verify)
     m = b.manifest
     if args.json:
-        print(json.dumps(m, indent=1))
+        print(json.dumps(m.to_json(), indent=1))
         return 0
-    size = sum(f["bytes"] for f in m["files"].values())
-    print(f"bundle   {b.root}  (schema {m['schema_version']}, id {b.bundle_id}, {size / 1e6:.1f} MB, files verified: {not args.no_verify})")
-    print(f"model    {m['model']['name']}  image {m['dims']['H']} px, latent {m['dims']['h']}, steps {m['schedule']['config']}")
-    print(f"forward  {m['schedule']['forward']}")
-    print(f"reverse  {m['schedule']['reverse']}")
-    if m.get("int8_scheme"):
-        s = m["int8_scheme"]
-        print(f"int8     weights [-{s['weight_max']}, {s['weight_max']}] ({s['weight_range']}), "
-              f"{'exact on every x86 CPU' if s['exact_without_vnni'] else 'exact only with VNNI/AMX'}")
+    size = sum(f.bytes for f in m.files.values())
+    print(f"bundle   {b.root}  (schema {m.schema_version}, id {b.bundle_id}, {size / 1e6:.1f} MB, files verified: {not args.no_verify})")
+    print(f"model    {m.model}  image {m.image_hw} px, latent {m.latent_hw}, steps {m.schedule.config}")
+    print(f"forward  {[[st.t, st.s] for st in m.schedule.forward]}")
+    print(f"reverse  {[[st.t, st.s] for st in m.schedule.reverse]}")
+    if m.int8_scheme is not None:
+        s = m.int8_scheme
+        print(f"int8     weights [-{s.weight_max}, {s.weight_max}] ({s.weight_range}), "
+              f"{'exact on every x86 CPU' if s.exact_without_vnni else 'exact only with VNNI/AMX'}")
     print("graphs")
-    parity = m.get("parity") if isinstance(m.get("parity"), dict) else {}
-    for name, g in m["graphs"].items():
-        arts = ", ".join(f"{fmt}:{a.get('precision', '')}" for fmt, a in g["artifacts"].items())
-        par = (parity.get("graphs") or {}).get(name) if isinstance(parity.get("graphs"), dict) else None
-        ptxt = f"  parity {par.get('psnr_db')} dB vs torch" if isinstance(par, dict) else ""
+    for name, g in m.graphs.items():
+        arts = ", ".join(f"{fmt}:{a.precision}" for fmt, a in g.artifacts.items())
+        par = m.parity.get("graph", name)
+        ptxt = f"  parity {par.psnr_db} dB vs torch" if par is not None and par.psnr_db is not None else ""
         print(f"  {name:<18} {arts}{ptxt}")
-    try:
-        _print_e2e(parity.get("end_to_end"))
-    except (KeyError, TypeError, ValueError, AttributeError):  # parity is informative; the schema does not cover it
-        print("end-to-end parity: present but malformed in the manifest")
+    _print_e2e(m.parity)
     return 0
 
 
-def _print_e2e(e2e) -> None:
-    if e2e:
-        for case in ("edit", "generate"):
-            print(f"end-to-end {case}: {e2e[case]['psnr_db']} dB PSNR, max abs err {e2e[case]['max_abs_err']:.2e} "
-                  f"({e2e[case]['backend']} {e2e[case]['precision']} vs torch)")
-        ov = e2e.get("openvino")
-        if ov and "edit" in ov:
-            hints = "+".join(sorted(set(ov["inference_precision"].values())))
-            print(f"end-to-end on openvino {ov['version']} ({hints}): edit {ov['edit']['psnr_db']} dB, generate "
-                  f"{ov['generate']['psnr_db']} dB vs torch{'' if ov['meets_gate'] else ' (below the gate: use --ov-precision f32)'}")
+def _print_e2e(parity) -> None:
+    for backend in parity.backends():
+        for check in ("edit", "generate"):
+            e = parity.get(check, "synthetic", backend)
+            if e is None:
+                continue
+            if e.error is not None:
+                print(f"end-to-end {check} on {backend}: failed ({e.error})")
+                continue
+            gate = "" if e.meets_gate in (None, True) else " (below the gate)"
+            err = f", max abs err {e.max_abs_err:.2e}" if e.max_abs_err is not None else ""
+            print(f"end-to-end {check} on {backend}: {e.psnr_db} dB PSNR{err} ({e.precision} vs torch){gate}")
 
 
 def _inspect_image(args) -> int:

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import run_cli
 from icd_edge.errors import BundleError
+from icd_edge.bundle.schema import Manifest
 from icd_edge.bundle.store import SCHEMA_VERSION, open_bundle, read_manifest
 from icd_edge.bundle.spec import GRAPHS as ALL_GRAPHS, OPTIONAL_GRAPHS
 
@@ -20,22 +21,24 @@ GRAPHS = {k: v for k, v in ALL_GRAPHS.items() if k not in OPTIONAL_GRAPHS}
 def test_manifest_describes_every_graph(tiny_bundle):
     b = open_bundle(tiny_bundle)
     m = b.manifest
-    assert m["schema_version"] == SCHEMA_VERSION and m["model"]["name"] == "tiny"
-    assert set(m["graphs"]) == set(GRAPHS)
-    for name, g in m["graphs"].items():
-        onnx_art = g["artifacts"]["onnx"]
-        assert (tiny_bundle / onnx_art["file"]).is_file() and onnx_art["precision"] == "fp32"
-        assert [i["name"] for i in g["inputs"]] == [s.name for s in GRAPHS[name][0]]
-        assert all(isinstance(d, int) for i in g["inputs"] + g["outputs"] for d in i["shape"])
+    assert m.schema_version == SCHEMA_VERSION and m.model == "tiny"
+    assert set(m.graphs) == set(GRAPHS)
+    for name, g in m.graphs.items():
+        onnx_art = g.artifacts["onnx"]
+        assert (tiny_bundle / onnx_art.file).is_file() and onnx_art.precision == "fp32"
+        assert [i.name for i in g.inputs] == [s.name for s in GRAPHS[name][0]]
+        assert all(isinstance(d, int) for i in g.inputs + g.outputs for d in i.shape)
     # the reverse UNet's weights are stored once and shared by the plain and the edit graph
-    assert m["graphs"]["unet_reverse"]["artifacts"]["onnx"]["weights"] == m["graphs"]["unet_reverse_edit"]["artifacts"]["onnx"]["weights"]
-    assert m["schedule"]["config"] == "4A"
-    assert m["schedule"]["reverse"] == [[999, 779], [779, 519], [519, 259], [259, 0]]
-    np.testing.assert_allclose(m["schedule"]["coefficients"]["reverse"][0], [3.079753, -2.094919], atol=2e-6)
-    assert set(m["guidance"]["embeddings"]) == {"0", "7", "11", "15", "19"}
-    assert m["vae"]["scaling_factor"] == pytest.approx(0.18215)
-    assert m["sources"]["lora"]["forward"]["layout"] == "peft"
-    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert m.graphs["unet_reverse"].artifacts["onnx"].weights == m.graphs["unet_reverse_edit"].artifacts["onnx"].weights
+    assert m.schedule.config == "4A"
+    assert [[st.t, st.s] for st in m.schedule.reverse] == [[999, 779], [779, 519], [519, 259], [259, 0]]
+    np.testing.assert_allclose([m.schedule.reverse[0].c1, m.schedule.reverse[0].c2], [3.079753, -2.094919], atol=2e-6)
+    assert set(m.guidance.embeddings) == {"0", "7", "11", "15", "19"}
+    assert m.vae_scaling_factor == pytest.approx(0.18215)
+    assert m.info["sources"]["lora"]["forward"]["layout"] == "peft"
+    assert all(len(f.sha256) == 64 for f in m.files.values())
+    # the typed manifest writes back the very JSON it was read from
+    assert m.to_json() == json.loads((tiny_bundle / "manifest.json").read_text())
     # no exporter debug metadata (stack traces etc.) in the graph files
     import onnx
 
@@ -45,11 +48,38 @@ def test_manifest_describes_every_graph(tiny_bundle):
 
 
 def test_recorded_parity_meets_the_gates(tiny_bundle):
-    par = read_manifest(tiny_bundle)["parity"]
-    assert set(par["graphs"]) == set(GRAPHS)
-    assert min(g["psnr_db"] for g in par["graphs"].values()) >= 60.0
-    assert par["end_to_end"]["edit"]["psnr_db"] >= 45.0
-    assert par["end_to_end"]["generate"]["psnr_db"] >= 45.0
+    par = read_manifest(tiny_bundle).parity
+    graphs = par.find("graph")
+    assert {e.target for e in graphs} == set(GRAPHS)
+    assert min(e.psnr_db for e in graphs) >= 60.0 and all(e.meets_gate for e in graphs)
+    assert par.get("edit", "synthetic").psnr_db >= 45.0
+    assert par.get("generate", "synthetic").psnr_db >= 45.0
+    assert par.get("edit", "synthetic").gate_db == 45.0
+
+
+def test_reads_the_previous_schema_version(tiny_bundle, tmp_path):
+    """A schema-1 manifest (parity as nested objects) opens, its parity as the same entries."""
+    b = tmp_path / "b"
+    shutil.copytree(tiny_bundle, b)
+    m = json.loads((b / "manifest.json").read_text())
+    current = open_bundle(tiny_bundle, verify=False).manifest.parity
+    e2e = {("edit" if e.target == "synthetic" else f"edit_{e.target}") if e.check == "edit" else e.check:
+           {"backend": e.backend, "precision": e.precision, "psnr_db": e.psnr_db, "max_abs_err": e.max_abs_err}
+           for e in current.find("edit") + current.find("generate")}
+    m["schema_version"] = 1
+    m["parity"] = {"reference": current.reference, "end_to_end": {**e2e, "gate_db": 45.0},
+                   "graphs": {e.target: {"backend": e.backend, "precision": e.precision, "psnr_db": e.psnr_db,
+                                         "max_abs_err": e.max_abs_err} for e in current.find("graph")}}
+    (b / "manifest.json").write_text(json.dumps(m))
+    old = open_bundle(b, verify=False).manifest
+    assert old.schema_version == 1
+    key = lambda e: (e.check, e.target, e.backend, e.precision, e.psnr_db, e.max_abs_err)  # noqa: E731
+    assert sorted(map(key, old.parity.entries)) == sorted(map(key, current.find("graph") + current.find("edit")
+                                                                 + current.find("generate")))
+    m["schema_version"] = 0
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="too old; re-export"):
+        open_bundle(b, verify=False)
 
 
 def test_parity_rechecked_now(tiny_bundle, photo):
@@ -181,16 +211,16 @@ def test_graph_file_outside_the_file_table_is_refused(tiny_bundle, tmp_path):
         open_bundle(b)
 
 
-def test_inspect_survives_malformed_parity(tiny_bundle, tmp_path):
-    """Parity figures are informative (the schema leaves them open): inspect says they are malformed."""
+def test_inspect_names_a_malformed_parity_entry(tiny_bundle, tmp_path):
+    """Parity entries are part of the schema: a malformed one is a one-line error naming it."""
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
     m = json.loads((b / "manifest.json").read_text())
-    m["parity"]["end_to_end"]["edit"] = 3
-    m["parity"]["graphs"]["vae_decoder"] = "x"
+    m["parity"]["entries"][1]["psnr_db"] = "high"
     (b / "manifest.json").write_text(json.dumps(m))
     proc = run_cli("inspect", str(b), "--no-verify")
-    assert proc.returncode == 0 and "present but malformed" in proc.stdout and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "parity.entries[1].psnr_db" in proc.stderr and "Traceback" not in proc.stderr
+    m["parity"]["entries"][1]["psnr_db"] = 50.0
     m["schedule"].pop("config")
     (b / "manifest.json").write_text(json.dumps(m))
     proc = run_cli("inspect", str(b), "--no-verify")

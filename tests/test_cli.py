@@ -49,7 +49,8 @@ def test_invert_reconstruct_generate(tiny_bundle, photo_png, tmp_path):
 def test_inspect_json_shows_parity(tiny_bundle):
     proc = run_cli("inspect", str(tiny_bundle), "--json", check=True)
     m = json.loads(proc.stdout)
-    assert m["parity"]["end_to_end"]["edit"]["psnr_db"] >= 45
+    edit = next(e for e in m["parity"]["entries"] if (e["check"], e["target"], e["backend"]) == ("edit", "synthetic", "onnxruntime"))
+    assert edit["psnr_db"] >= 45 and edit["gate_db"] == 45
     text = run_cli("inspect", str(tiny_bundle), check=True).stdout
     assert "end-to-end edit" in text and "unet_reverse_edit" in text
 

@@ -9,12 +9,14 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from conftest import TINY_SEED, run_cli
 from icd_edge.bundle import spec
+from icd_edge.bundle.schema import Graph, IOSpec
 from icd_edge.errors import BackendUnavailable, BundleError, ExportError
 
 if importlib.util.find_spec("coremltools") is None:
@@ -160,14 +162,15 @@ def test_export_target_records_options(tmp_path, tiny_decoder, compression, atte
 
     src, dims, module, latent = tiny_decoder
     inputs, outputs = spec.GRAPHS["vae_decoder"]
-    manifest = {"graphs": {"vae_decoder": {"inputs": [s.to_json(dims) for s in inputs],
-                                           "outputs": [s.to_json(dims) for s in outputs], "artifacts": {}}}}
+    graph = Graph("vae_decoder", tuple(s.concrete(dims) for s in inputs), tuple(s.concrete(dims) for s in outputs))
+    manifest = SimpleNamespace(graphs={"vae_decoder": graph})  # the part of a Manifest the target writes
     cfg = ExportConfig(out=tmp_path / "b", model="tiny", targets=("onnx", "coreml"), coreml_compression=compression,
                        coreml_attention=attention)
     ctx = ExportContext(cfg, tmp_path, src, {"vae_decoder": module}, {"vae_decoder": {"latent": latent}},
                         dims, manifest, {}, None)
     to_coreml.export_target(ctx)
-    art = manifest["graphs"]["vae_decoder"]["artifacts"]["coreml"]
+    coreml = manifest.graphs["vae_decoder"].artifacts["coreml"]
+    art = {**coreml.details, "file": coreml.file, "precision": coreml.precision}
     package = tmp_path / art["file"]
     assert (art["compression"], art["attention"]) == (compression, attention)
     assert art["bytes"] == to_coreml.package_bytes(package) and ctx.timings["coreml_vae_decoder_s"] > 0
@@ -183,10 +186,10 @@ def test_export_target_records_options(tmp_path, tiny_decoder, compression, atte
 
 
 def test_check_io_names_the_difference():
-    entry = {"inputs": [{"name": "input_ids", "dtype": "int64", "shape": [1, 77]}],
-             "outputs": [{"name": "last_hidden_state", "dtype": "float32", "shape": [1, 77, 32]}]}
+    entry = Graph("text_encoder", (IOSpec("input_ids", "int64", (1, 77)),),
+                  (IOSpec("last_hidden_state", "float32", (1, 77, 32)),))
     good_in = [{"name": "input_ids", "dtype": "int32", "shape": [1, 77]}]
-    good_out = [dict(entry["outputs"][0])]
+    good_out = [{"name": "last_hidden_state", "dtype": "float32", "shape": [1, 77, 32]}]
     to_coreml.check_io("text_encoder", entry, good_in, good_out)
     with pytest.raises(ExportError, match=r"outputs \['var_179'\]"):
         to_coreml.check_io("text_encoder", entry, good_in, [{**good_out[0], "name": "var_179"}])

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from icd_edge.bundle.schema import FileEntry, IOSpec
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, ShapeMismatch
 from icd_edge.runtimes.coreml import (CoreMLBackend, CoreMLOptions, CoreMLSession, availability, cache_key,
                                       cast_feeds, check_target, default_cache_dir, package_files)
@@ -57,10 +58,10 @@ def test_compute_units_are_validated():
             CoreMLBackend(compute_units=bad)
 
 
-FILES = {"coreml/unet_forward.mlpackage/Manifest.json": {"bytes": 10, "sha256": "a" * 64},
-         "coreml/unet_forward.mlpackage/Data/com.apple.CoreML/weights/weight.bin": {"bytes": 99, "sha256": "b" * 64},
-         "coreml/unet_forward.mlpackage2/Manifest.json": {"bytes": 10, "sha256": "c" * 64},
-         "onnx/unet_forward.onnx": {"bytes": 5, "sha256": "d" * 64}}
+FILES = {"coreml/unet_forward.mlpackage/Manifest.json": FileEntry(10, "a" * 64),
+         "coreml/unet_forward.mlpackage/Data/com.apple.CoreML/weights/weight.bin": FileEntry(99, "b" * 64),
+         "coreml/unet_forward.mlpackage2/Manifest.json": FileEntry(10, "c" * 64),
+         "onnx/unet_forward.onnx": FileEntry(5, "d" * 64)}
 
 
 def test_package_files_takes_only_that_package():
@@ -85,12 +86,14 @@ def test_default_cache_dir():
     home = Path("/home/u")
     assert default_cache_dir("Darwin", {}, home) == home / "Library/Caches/icd_edge/coreml"
     assert default_cache_dir("Linux", {}, home) == home / ".cache/icd_edge/coreml"
-    assert default_cache_dir("Darwin", {"ICD_EDGE_CACHE_DIR": "/tmp/c"}, home) == Path("/tmp/c/coreml")
+    assert default_cache_dir("Darwin", {"ICD_EDGE_CACHE": "/tmp/c"}, home) == Path("/tmp/c/coreml")
+    # one cache root for every backend; the variables of earlier versions are named, not read
+    assert default_cache_dir("Darwin", {"ICD_EDGE_CACHE_DIR": "/tmp/old"}, home) == home / "Library/Caches/icd_edge/coreml"
 
 
 PACKAGE_IN = [{"name": "input_ids", "dtype": "int32", "shape": [1, 77]}]
-MANIFEST_IN = [{"name": "input_ids", "dtype": "int64", "shape": [1, 77]}]
-MANIFEST_OUT = [{"name": "last_hidden_state", "dtype": "float32", "shape": [1, 77, 8]}]
+MANIFEST_IN = (IOSpec("input_ids", "int64", (1, 77)),)
+MANIFEST_OUT = (IOSpec("last_hidden_state", "float32", (1, 77, 8)),)
 
 
 def test_cast_feeds_int64_to_int32_with_range_check():

@@ -1,5 +1,7 @@
 """Editor API semantics on the tiny bundle (ONNX Runtime)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -63,11 +65,12 @@ def test_blend_limits_the_edit_to_the_mask(editor, photo):
     inv = editor.invert(photo, "a photo of a cat")
     rec = editor.reconstruct(inv, output_type="np")
     free = editor.edit(inv, "a photo of a dog", cross_replace=0.4, output_type="np")
-    editor.blend_threshold = 0.995
+    spec = editor.constants
+    editor.constants = dataclasses.replace(spec, blend_threshold=0.995)
     try:
         blended = editor.edit(inv, "a photo of a dog", cross_replace=0.4, blend=("cat", "dog"), output_type="np")
     finally:
-        editor.blend_threshold = 0.3
+        editor.constants = spec
     changed_free = np.abs(free - rec).max(axis=-1) > 1e-3
     changed_blend = np.abs(blended - rec).max(axis=-1) > 1e-3
     assert changed_free.mean() > 0.5

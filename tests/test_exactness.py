@@ -70,7 +70,7 @@ def test_invert_noise_latent_and_rng(tiny_bundle, photo):
     from icd_edge.edit.editor import Editor
 
     with Editor.open(tiny_bundle, backend="onnxruntime") as ed:
-        h = ed.latent_hw
+        h = ed.constants.latent_hw
         a = ed.invert(photo, "a cat", seed=3)  # default: the official torch noise
         b = ed.invert(photo, "a cat", noise=torch_randn((1, 4, h, h), 3))
         c = ed.invert(photo, "a cat", noise=torch_randn((4, h, h), 3))
@@ -89,7 +89,7 @@ def test_invert_noise_latent_and_rng(tiny_bundle, photo):
             ed.invert(photo, "a cat", rng="philox")
         # an inversion made elsewhere, decoded here
         known = ed.inversion_from_latent(np.array(a.latent), "a cat")
-        assert known.rng == "latent" and known.image_size == (ed.image_hw, ed.image_hw)
+        assert known.rng == "latent" and known.image_size == (ed.constants.image_hw, ed.constants.image_hw)
         np.testing.assert_array_equal(ed.edit(known, "a dog", output_type="np"), ed.edit(a, "a dog", output_type="np"))
         with pytest.raises(InputError, match="shape"):
             ed.inversion_from_latent(np.zeros((1, 3, h, h), np.float32), "a cat")
@@ -145,10 +145,10 @@ def test_mixed_step_schedules_run_on_every_backend(mixed_bundle, photo):
 
     path, fwd, rev = mixed_bundle
     m = open_bundle(path).manifest
-    assert m["schedule"]["config"] == f"{fwd}+{rev}"
-    assert len(m["schedule"]["forward"]) == fwd and len(m["schedule"]["reverse"]) == rev
-    assert m["schedule"]["forward"][-1][1] == 999 == m["schedule"]["reverse"][0][0]
-    assert all(g["psnr_db"] >= 60 for g in m["parity"]["graphs"].values())  # the export's graph gate
+    assert m.schedule.config == f"{fwd}+{rev}"
+    assert len(m.schedule.forward) == fwd and len(m.schedule.reverse) == rev
+    assert m.schedule.forward[-1].s == 999 == m.schedule.reverse[0].t
+    assert all(e.psnr_db >= 60 for e in m.parity.find("graph"))  # the export's graph gate
     images, steps = {}, {}
     for backend in ("onnxruntime", "openvino", "torch"):
         with Editor.open(path, backend=backend) as ed:

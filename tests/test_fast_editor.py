@@ -63,10 +63,11 @@ def test_cuda_fast_path_matches_eager_reference(tmp_path, steps):
     released schedule and the mixed ones."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU on this machine")
-    from icd_edge.export.pipeline import memory_bundle, sample_photo
+    from icd_edge.export.pipeline import memory_bundle
+    from icd_edge.export.samples import sample_photo
 
     src, b = memory_bundle("tiny", TINY_SEED, tmp_path, steps=steps)
-    assert [len(b.manifest["schedule"][k]) for k in ("forward", "reverse")] == list(steps)
+    assert [len(b.manifest.schedule.forward), len(b.manifest.schedule.reverse)] == list(steps)
     photo = sample_photo(256)
     torch.backends.cudnn.allow_tf32 = False
     ref = FastEditor(b, *copy.deepcopy([src.text_encoder, src.vae, src.unet_forward, src.unet_reverse]),

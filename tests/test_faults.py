@@ -281,6 +281,7 @@ def test_metadata_round_trip_and_inspect(tiny_bundle, photo_png, tmp_path):
 def test_api_prompts_closed_editor_and_nan(tiny_bundle, photo):
     from icd_edge.edit.editor import Editor
     from icd_edge.errors import EditorClosed, InputError, NumericsError
+    from icd_edge.runtimes.ort import OrtBackend
 
     ed = Editor.open(tiny_bundle, backend="onnxruntime")
     with pytest.raises(InputError, match="not valid text"):
@@ -302,9 +303,13 @@ def test_api_prompts_closed_editor_and_nan(tiny_bundle, photo):
         def close(self):
             self.inner.close()
 
-    ed._sessions["unet_reverse_edit"] = Nan(ed._session("unet_reverse_edit"))
+    ed.close()
+    backend = OrtBackend()
+    real_open = backend.open_session
+    backend.open_session = lambda b, g: Nan(real_open(b, g)) if g == "unet_reverse_edit" else real_open(b, g)
+    ed = Editor(ed.bundle, backend)
     with pytest.raises(NumericsError, match="unet_reverse_edit returned NaN"):
-        ed.edit(inv, "a dog")
+        ed.edit(ed.invert(photo, "a cat"), "a dog")
     ed.close()
     with pytest.raises(EditorClosed, match="closed"):
         ed.edit(inv, "a dog")

@@ -135,10 +135,10 @@ def test_manifest_value_mutations_raise_only_bundle_errors(real_manifest, tiny_b
     else:
         parent[path[-1]] = data.draw(replacement)
     try:
-        validate_manifest(m)
+        typed = validate_manifest(m)
     except BundleError:
         return
-    b = Bundle(tiny_bundle, m)
+    b = Bundle(tiny_bundle, typed)
     try:
         Editor(b, _NoBackend())
     except BundleError:  # the tokenizer file it names may be another listed file
@@ -147,6 +147,10 @@ def test_manifest_value_mutations_raise_only_bundle_errors(real_manifest, tiny_b
 
 class _NoBackend:
     name, fmt = "none", "onnx"
+    memory_policies = ("resident",)
+
+    def configure(self, bundle, memory):
+        pass
 
     def open_session(self, bundle, graph):
         raise AssertionError("no session is opened by this test")

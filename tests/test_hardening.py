@@ -209,7 +209,7 @@ def test_killed_export_leaves_previous_bundle_intact(tiny_bundle, tmp_path):
     for after in (1.0, 6.0, 15.0):
         _export_and_kill(out, after)
         bundle = open_bundle(out)  # verifies every sha256
-        assert bundle.bundle_id == before or bundle.manifest["complete"] is True
+        assert bundle.bundle_id == before or bundle.manifest.complete is True
         for leftover in tmp_path.glob(".bundle.*"):  # killed temp folders never pass for bundles
             with pytest.raises(BundleError):
                 open_bundle(leftover)

@@ -108,55 +108,48 @@ def test_int8_bundle_records_and_uses_the_scheme(int8_bundle):
     from icd_edge.bundle.store import open_bundle
 
     b = open_bundle(int8_bundle, verify=False)
-    assert b.manifest["int8_scheme"] == int8_scheme(DEFAULT_INT8_WEIGHTS)
+    assert b.manifest.int8_scheme.to_json() == int8_scheme(DEFAULT_INT8_WEIGHTS)
     for graph in ("unet_reverse", "unet_reverse_edit", "text_encoder"):
-        weights = dict(_quantised_weights(b.path(b.artifact(graph, "onnx")["file"])))
+        weights = dict(_quantised_weights(b.path(b.artifact(graph, "onnx").file)))
         assert len(weights) > 5, graph
         peak = max(int(np.abs(w.astype(np.int32)).max()) for w in weights.values())
         assert peak == DEFAULT_WMAX, (graph, peak)  # the range is used, and never exceeded
 
 
-class _Backend:
-    def __init__(self, name):
-        self.name, self.fmt = name, "onnx"
-
-
 def _bundle_with(int8_bundle, scheme):
+    from icd_edge.bundle.schema import Int8Scheme
     from icd_edge.bundle.store import Bundle, open_bundle
 
     b = open_bundle(int8_bundle, verify=False)
-    m = {k: v for k, v in b.manifest.items() if k != "int8_scheme"}
-    if scheme is not None:
-        m["int8_scheme"] = scheme
-    return Bundle(b.root, m)
+    return Bundle(b.root, b.manifest.with_(int8_scheme=None if scheme is None else Int8Scheme.from_json(scheme)))
 
 
 def test_saturating_bundle_warns_once(int8_bundle, monkeypatch, caplog):
-    from icd_edge.edit import editor as editor_mod
+    from icd_edge import runtimes as editor_mod
 
     calls = []
     monkeypatch.setattr(int8_kernels, "saturates", lambda b, w: calls.append((b, w)) or True)
     monkeypatch.setattr(editor_mod, "_WARNED", set())
     legacy = _bundle_with(int8_bundle, None)  # written before the scheme was recorded: 8-bit weights
-    with caplog.at_level(logging.WARNING, logger="icd_edge.edit.editor"):
-        editor_mod._warn_if_int8_saturates(legacy, _Backend("openvino"))
-        editor_mod._warn_if_int8_saturates(legacy, _Backend("openvino"))
+    with caplog.at_level(logging.WARNING, logger="icd_edge.edit"):
+        editor_mod.warn_if_int8_saturates(legacy, "openvino")
+        editor_mod.warn_if_int8_saturates(legacy, "openvino")
     assert calls == [("openvino", 127)]
     assert len([r for r in caplog.records if "--int8-weights 7bit" in r.getMessage()]) == 1
     caplog.clear()
     # the default scheme is never probed; neither is a backend the check does not cover
-    editor_mod._warn_if_int8_saturates(_bundle_with(int8_bundle, int8_scheme("7bit")), _Backend("onnxruntime"))
-    editor_mod._warn_if_int8_saturates(_bundle_with(int8_bundle, int8_scheme("8bit")), _Backend("torch"))
+    editor_mod.warn_if_int8_saturates(_bundle_with(int8_bundle, int8_scheme("7bit")), "onnxruntime")
+    editor_mod.warn_if_int8_saturates(_bundle_with(int8_bundle, int8_scheme("8bit")), "torch")
     assert calls == [("openvino", 127)] and not caplog.records
 
 
 def test_exact_kernels_do_not_warn(int8_bundle, monkeypatch, caplog):
-    from icd_edge.edit import editor as editor_mod
+    from icd_edge import runtimes as editor_mod
 
     monkeypatch.setattr(int8_kernels, "saturates", lambda b, w: False)
     monkeypatch.setattr(editor_mod, "_WARNED", set())
-    with caplog.at_level(logging.WARNING, logger="icd_edge.edit.editor"):
-        editor_mod._warn_if_int8_saturates(_bundle_with(int8_bundle, int8_scheme("8bit")), _Backend("onnxruntime"))
+    with caplog.at_level(logging.WARNING, logger="icd_edge.edit"):
+        editor_mod.warn_if_int8_saturates(_bundle_with(int8_bundle, int8_scheme("8bit")), "onnxruntime")
     assert not caplog.records
 
 

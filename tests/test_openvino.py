@@ -30,7 +30,9 @@ def test_hint_follows_the_graph_precision():
     assert ovb.hint_for("auto", "int8", caps_bf16) == "bf16"
     assert ovb.hint_for("auto", "int8-dynamic", caps_bf16) == "bf16"
     assert ovb.hint_for("auto", "int8", caps_plain) == "f32"  # no native bfloat16: stay float32
-    assert ovb.hint_for("f32", "int8", caps_bf16) == "f32" and ovb.hint_for("bf16", "fp32", caps_plain) == "bf16"
+    assert ovb.hint_for("fp32", "int8", caps_bf16) == "f32" and ovb.hint_for("bf16", "fp32", caps_plain) == "bf16"
+    # one precision vocabulary; the spellings of earlier versions still read
+    assert ovb.OvOptions(precision="f32").precision == "fp32" and ovb.OvOptions(precision="half").precision == "fp16"
 
 
 def test_fp32_edit_equals_torch_and_onnxruntime(tiny_bundle, tiny_graphs, photo):
@@ -43,7 +45,7 @@ def test_fp32_edit_equals_torch_and_onnxruntime(tiny_bundle, tiny_graphs, photo)
         ort_img = _edit(ed, photo)
     with Editor.open(b, "openvino", precision="auto") as ed:
         got = _edit(ed, photo)
-        assert {s.precision for s in ed._sessions.values()} == {"f32"}  # fp32 graphs stay float32 under auto
+        assert {ed.session(g).precision for g in ed.loaded_graphs()} == {"fp32"}  # fp32 graphs stay float32 under auto
         gen = ed.generate("a photo of a dog", seed=1, output_type="np")
     assert psnr_db(ref, got, peak=1.0) > 80 and psnr_db(ort_img, got, peak=1.0) > 80
     with Editor(b, TorchBackend(tiny_graphs)) as ed:
@@ -55,9 +57,9 @@ def test_memory_policies_and_preview_decoder(tiny_bundle, photo):
         resident = _edit(ed, photo)
     with Editor.open(tiny_bundle, "openvino", memory="sequential") as ed:
         inv = ed.invert(photo, "a photo of a cat", seed=3)
-        assert "unet_forward" not in ed._sessions  # released after the inversion
+        assert "unet_forward" not in ed.loaded_graphs()  # released after the inversion
         seq = ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), amplify={"dog": 2.0}, output_type="np")
-        assert list(ed._sessions) == ["vae_decoder"]
+        assert list(ed.loaded_graphs()) == ["vae_decoder"]
     np.testing.assert_array_equal(resident, seq)
     with pytest.raises(InputError, match="shared-base"):
         Editor.open(tiny_bundle, "openvino", memory="shared-base")
@@ -75,21 +77,23 @@ def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
     for precision in ("auto", "f32"):
         with Editor.open(b, "openvino", precision=precision) as ed:
             images[precision] = _edit(ed, photo)
-            hints = {g: s.precision for g, s in ed._sessions.items()}
-        assert hints["unet_reverse_edit"] == ("bf16" if precision == "auto" and "BF16" in caps else "f32")
-        assert hints["unet_forward"] == "f32" and hints["vae_encoder"] == "f32"  # exported fp32 (the defaults)
+            hints = {g: ed.session(g).precision for g in ed.loaded_graphs()}
+        assert hints["unet_reverse_edit"] == ("bf16" if precision == "auto" and "BF16" in caps else "fp32")
+        assert hints["unet_forward"] == "fp32" and hints["vae_encoder"] == "fp32"  # exported fp32 (the defaults)
     # the same int8 graph on two engines: rounding of int8 arithmetic and requantisation differs
     assert psnr_db(ref, images["f32"], peak=1.0) > 20
     assert psnr_db(ref, images["auto"], peak=1.0) > 15
     assert np.isfinite(images["auto"]).all()
-    e2e = b.manifest["parity"]["end_to_end"]
-    ov = e2e["openvino"]
-    assert ov["precision"] == "auto" and ov["inference_precision"]["unet_reverse_edit"] in ("bf16", "f32")
-    assert {"edit", "edit_calibration_0", "generate"} <= set(ov) and ov["meets_gate"] == (
-        ov["edit_mean_psnr_db"] >= e2e["gate_db"] and ov["generate"]["psnr_db"] >= e2e["gate_db"])
-    assert 5 < ov["edit"]["psnr_db"] < 200
+    parity = b.manifest.parity
+    ov = {(e.check, e.target): e for e in parity.entries if e.backend == "openvino"}
+    assert set(ov) == {("edit", "synthetic"), ("edit", "calibration_0"), ("generate", "synthetic")}
+    assert all(e.precision == "auto" and e.error is None for e in ov.values())
+    assert ov["edit", "synthetic"].details["inference_precision"]["unet_reverse_edit"] in ("bf16", "fp32")
+    # each entry carries the gate of onnxruntime's entries and says whether it meets it
+    for e in ov.values():
+        assert e.gate_db == parity.get("edit", "synthetic").gate_db and e.meets_gate == (e.psnr_db >= e.gate_db)
     out = run_cli("inspect", str(int8_bundle), "--no-verify")
-    assert out.returncode == 0 and "end-to-end on openvino" in out.stdout
+    assert out.returncode == 0 and "end-to-end edit on openvino" in out.stdout
 
 
 def test_compiled_graphs_are_cached(tiny_bundle, tmp_path):
@@ -118,7 +122,7 @@ def test_non_finite_outputs_raise(tiny_bundle):
             return {port: np.full((1, 77, 32), np.nan, np.float32)}
 
     sess._request = Overflowing()
-    with pytest.raises(NumericsError, match="--ov-precision f32"):
+    with pytest.raises(NumericsError, match="--ov-precision fp32"):
         sess.run(feeds)
 
 
@@ -169,18 +173,25 @@ def test_probe_and_auto_selection(tiny_bundle, int8_bundle, monkeypatch):
     # auto: openvino for int8 edit UNets on the CPU classes where it measured faster, onnxruntime on
     # the others, for fp32/fp16 UNets and for the sequential policy (lower peak memory)
     for isa, fastest in runtimes.INT8_CPU_BACKEND.items():
-        monkeypatch.setattr(runtimes, "_isa_class", lambda isa=isa: isa)
+        monkeypatch.setattr(runtimes, "isa_class", lambda isa=isa: isa)
         assert runtimes.select_backend("auto", int8).name == fastest, isa
     assert runtimes.INT8_CPU_BACKEND["amx"] == "openvino" and runtimes.INT8_CPU_BACKEND["avx2"] == "onnxruntime"
-    monkeypatch.setattr(runtimes, "_isa_class", lambda: "amx")
+    monkeypatch.setattr(runtimes, "isa_class", lambda: "amx")
     assert runtimes.select_backend("auto", int8).name == "openvino"
     assert runtimes.select_backend("auto", fp32).name == "onnxruntime"
-    assert runtimes.select_backend("auto", int8, low_memory=True).name == "onnxruntime"
+    assert runtimes.select_backend("auto", int8, memory="sequential").name == "onnxruntime"
     with Editor.open(int8, memory="sequential") as ed:
         assert ed.backend.name == "onnxruntime"
-    # options of another backend are not passed to it
-    assert runtimes.select_backend("auto", int8, fuse_attention=False).name == "openvino"
-    monkeypatch.setattr(runtimes, "_onnxruntime_has_gpu", lambda: True)  # a GPU onnxruntime wins
+    # typed options: each backend takes its own, those of another backend are not passed to it
+    from icd_edge.runtimes.ort import OrtOptions
+
+    chosen = runtimes.select_backend("auto", int8, options=(OrtOptions(fuse_attention=False), ovb.OvOptions(threads=1)))
+    assert chosen.name == "openvino" and chosen.options.threads == 1
+    with pytest.raises(InputError, match="need a named backend"):  # keyword fields belong to one backend
+        runtimes.select_backend("auto", int8, fuse_attention=False)
+    with pytest.raises(InputError, match="its options are precision, threads, cache_dir"):
+        Editor.open(int8, "openvino", fuse_attention=False)
+    monkeypatch.setattr(runtimes, "onnxruntime_has_gpu", lambda: True)  # a GPU onnxruntime wins
     assert runtimes.select_backend("auto", int8).name == "onnxruntime"
     monkeypatch.setattr(ovb.importlib.util, "find_spec", lambda name: None)
     assert "pip install 'icd_edge[openvino]'" in ovb.OpenVinoBackend().probe().reason

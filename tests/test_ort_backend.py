@@ -23,7 +23,7 @@ def test_io_binding_equals_plain_run(tiny_bundle, photo):
         with Editor.open(tiny_bundle, backend="onnxruntime", io_binding=binding) as ed:
             inv = ed.invert(photo, "a photo of a cat", seed=2)
             images.append(ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), output_type="np"))
-            sess = ed._sessions["unet_reverse_edit"]
+            sess = ed.session("unet_reverse_edit")
             assert isinstance(sess, OrtSession) and (sess._binding is not None) == binding
     np.testing.assert_array_equal(images[0], images[1])
 
@@ -53,7 +53,7 @@ def test_attention_fused_for_the_cpu_provider(tiny_bundle, photo):
             inv = ed.invert(photo, "a photo of a cat", seed=2)
             images.append(ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), output_type="np"))
             ed.reconstruct(inv)
-            counts.append({g: s.fused_attention for g, s in ed._sessions.items()})
+            counts.append({g: ed.session(g).fused_attention for g in ed.loaded_graphs()})
     assert all(v == 0 for v in counts[0].values())
     fused = counts[1]
     # every attention layer of the plain UNets (8 in the tiny model), none of the masked text encoder's

@@ -37,23 +37,24 @@ def _ops(bundle, graph):
 
 def test_fp16_bundle(fp16_bundle, photo):
     m = open_bundle(fp16_bundle).manifest
-    prec = {g: v["artifacts"]["onnx"]["precision"] for g, v in m["graphs"].items()}
+    prec = {g: v.artifacts["onnx"].precision for g, v in m.graphs.items()}
     assert prec["vae_decoder"] == "fp32" and all(p == "fp16" for g, p in prec.items() if g != "vae_decoder")
     # UNets are traced in float16 (no conversion pass), the small graphs converted; I/O stays float32
-    methods = {g: v["artifacts"]["onnx"].get("fp16_method") for g, v in m["graphs"].items()}
+    methods = {g: v.artifacts["onnx"].details.get("fp16_method") for g, v in m.graphs.items()}
     assert all(methods[g] == "traced in float16" for g in UNETS) and methods["text_encoder"].startswith("onnxconverter")
     model = onnx.load(str(fp16_bundle / "onnx" / "unet_reverse_edit.onnx"), load_external_data=False)
     assert {i.type.tensor_type.elem_type for i in model.graph.input} <= {onnx.TensorProto.FLOAT, onnx.TensorProto.INT64}
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     # --embeddings int8: the fp16 text encoder's token embedding as int8 rows with fp16 row scales
-    assert list(m["int8_embeddings"]) == ["text_encoder"]
+    assert list(m.info["int8_embeddings"]) == ["text_encoder"]
     te = {t.name: t for t in onnx.load(str(fp16_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph.initializer}
     table = next(n for n in te if n.endswith("_int8"))
     assert te[table].data_type == onnx.TensorProto.INT8
     assert te[table.replace("_int8", "_row_scale")].data_type == onnx.TensorProto.FLOAT16
-    e2e = m["parity"]["end_to_end"]
-    assert e2e["gate_db"] == 35.0 and e2e["edit_mean_psnr_db"] >= 35.0 and e2e["generate"]["psnr_db"] >= 35.0
-    assert "edit_calibration_0" in e2e  # quality also measured on a real photo
+    par = m.parity
+    assert par.get("edit", "synthetic").gate_db == 35.0 and par.edit_mean_psnr_db() >= 35.0
+    assert par.get("generate", "synthetic").psnr_db >= 35.0
+    assert par.get("edit", "calibration_0") is not None  # quality also measured on a real photo
     with Editor.open(fp16_bundle) as ed:
         img = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", blend=("cat", "dog"), output_type="np")
     assert img.shape == (128, 128, 3) and np.isfinite(img).all()
@@ -62,29 +63,28 @@ def test_fp16_bundle(fp16_bundle, photo):
 def test_int8_bundle(int8_bundle, photo, tmp_path):
     m = open_bundle(int8_bundle).manifest
     for g in ("unet_reverse", "unet_reverse_edit"):
-        assert m["graphs"][g]["artifacts"]["onnx"]["precision"] == "int8"
+        assert m.graphs[g].artifacts["onnx"].precision == "int8"
         assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8_bundle, g)
     # the forward UNet stays fp32 by default: inversion errors are amplified by the reverse jumps
-    assert m["graphs"]["unet_forward"]["artifacts"]["onnx"]["precision"] == "fp32"
+    assert m.graphs["unet_forward"].artifacts["onnx"].precision == "fp32"
     assert "QuantizeLinear" not in _ops(int8_bundle, "unet_forward")
-    assert m["graphs"]["vae_decoder"]["artifacts"]["onnx"]["precision"] == "fp32"
+    assert m.graphs["vae_decoder"].artifacts["onnx"].precision == "fp32"
     # the text encoder's token embedding is stored as int8 rows (the quantiser leaves Gather alone)
-    assert m["graphs"]["text_encoder"]["artifacts"]["onnx"]["precision"] == "int8"
-    assert list(m["int8_embeddings"]) == ["text_encoder"] and len(m["int8_embeddings"]["text_encoder"]) == 1
+    assert m.graphs["text_encoder"].artifacts["onnx"].precision == "int8"
+    assert list(m.info["int8_embeddings"]) == ["text_encoder"] and len(m.info["int8_embeddings"]["text_encoder"]) == 1
     te = onnx.load(str(int8_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph
     assert any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_int8") for t in te.initializer)
-    assert m["calibration"]["feeds"]["unet_reverse_edit"] == 4 and m["calibration"]["feeds"]["unet_reverse"] == 4
+    assert m.info["calibration"]["feeds"]["unet_reverse_edit"] == 4 and m.info["calibration"]["feeds"]["unet_reverse"] == 4
     # the time embedding's Gemm weights, which the static quantiser leaves float, are weight-only int8
-    assert {"unet_reverse", "unet_reverse_edit"} <= set(m["int8_gemm_weights"])
+    assert {"unet_reverse", "unet_reverse_edit"} <= set(m.info["int8_gemm_weights"])
     g = onnx.load(str(int8_bundle / "onnx" / "unet_reverse.onnx"), load_external_data=False).graph
     dq = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear" and n.input[0].endswith("_int8")}
     gemms = [n for n in g.node if n.op_type == "Gemm"]
     assert gemms and all(n.input[1] in dq for n in gemms)
     # each quantiser process reports its peak RSS (Linux), recorded for memory planning
-    assert set(m["quantiser_peak_rss_gb"]) == {"text_encoder", "unet_reverse", "unet_reverse_edit"}
-    assert all(0.05 < v < 8 for v in m["quantiser_peak_rss_gb"].values())
-    e2e = m["parity"]["end_to_end"]
-    assert e2e["gate_db"] == 25.0 and e2e["edit_mean_psnr_db"] >= 25.0
+    assert set(m.info["quantiser_peak_rss_gb"]) == {"text_encoder", "unet_reverse", "unet_reverse_edit"}
+    assert all(0.05 < v < 8 for v in m.info["quantiser_peak_rss_gb"].values())
+    assert m.parity.get("edit", "synthetic").gate_db == 25.0 and m.parity.edit_mean_psnr_db() >= 25.0
     out = tmp_path / "o.png"
     from PIL import Image
 
@@ -115,31 +115,31 @@ def test_int8_dynamic_and_gate(tmp_path_factory):
 def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
     with Editor.open(tiny_bundle, "onnxruntime", memory="resident") as ed:
         ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np")
-        assert {"unet_forward", "unet_reverse_edit"} <= set(ed._sessions)
-        assert ed._sessions["unet_reverse_edit"]._sess.get_session_options().enable_mem_reuse
+        assert {"unet_forward", "unet_reverse_edit"} <= set(ed.loaded_graphs())
+        assert ed.session("unet_reverse_edit").session_options.enable_mem_reuse
     with Editor.open(tiny_bundle, "onnxruntime", memory=memory) as ed:
         inv = ed.invert(photo, "a photo of a cat")
-        assert "unet_forward" not in ed._sessions  # released after the inversion
+        assert "unet_forward" not in ed.loaded_graphs()  # released after the inversion
         opened, options = [], {}
         real_open = ed.backend.open_session
 
         def spy(b, g):
-            opened.append((g, sorted(ed._sessions)))
+            opened.append((g, sorted(ed.loaded_graphs())))
             sess = real_open(b, g)
-            options[g] = sess._sess.get_session_options()
+            options[g] = sess.session_options
             return sess
 
         ed.backend.open_session = spy
         got = ed.edit(inv, "a photo of a dog", output_type="np")
         # one graph at a time: each opens with nothing else loaded; the decoder is the last one
         assert [g for g, _ in opened] == ["text_encoder", "unet_reverse_edit", "vae_decoder"]
-        assert all(loaded == [] for _, loaded in opened) and list(ed._sessions) == ["vae_decoder"]
+        assert all(loaded == [] for _, loaded in opened) and list(ed.loaded_graphs()) == ["vae_decoder"]
         # sequential sessions run without planned buffer reuse, image-resolution graphs without
         # the arena (lower peak memory)
         assert not options["vae_decoder"].enable_mem_reuse and not options["vae_decoder"].enable_cpu_mem_arena
         assert not options["unet_reverse_edit"].enable_mem_reuse and options["unet_reverse_edit"].enable_cpu_mem_arena
         ed.reconstruct(inv)
-        assert list(ed._sessions) == ["vae_decoder"] and opened[-2][0] == "unet_reverse"
+        assert list(ed.loaded_graphs()) == ["vae_decoder"] and opened[-2][0] == "unet_reverse"
     np.testing.assert_array_equal(ref, got)
     with pytest.raises(InputError, match="memory"):
         Editor.open(tiny_bundle, memory="swap")
@@ -183,8 +183,8 @@ def test_int8_taesd_decoder_is_calibrated(tmp_path_factory):
     out = _export(tmp_path_factory, "taesd8.bundle", "--precision", "int8", "--taesd", "random",
                   "--graph-precision", "taesd_decoder=int8", "--parity", "graphs")
     m = open_bundle(out).manifest
-    assert m["graphs"]["taesd_decoder"]["artifacts"]["onnx"]["precision"] == "int8"
-    assert m["calibration"]["feeds"]["taesd_decoder"] == m["calibration"]["feeds"]["vae_decoder"] > 0
+    assert m.graphs["taesd_decoder"].artifacts["onnx"].precision == "int8"
+    assert m.info["calibration"]["feeds"]["taesd_decoder"] == m.info["calibration"]["feeds"]["vae_decoder"] > 0
     assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out, "taesd_decoder")
 
 
@@ -193,7 +193,7 @@ def _feeds(bundle, graph, n, seed=0):
     rng = np.random.default_rng(seed)
     feeds = []
     for k in range(n):
-        f = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in entry["inputs"]}
+        f = {i.name: rng.standard_normal(i.shape).astype(i.dtype) for i in entry.inputs}
         f["timestep"] = np.array([259.0 * (k + 1)], np.float32)
         feeds.append(f)
     return feeds

@@ -51,19 +51,19 @@ def test_taesd_bundle_decodes_and_previews(taesd_bundle, photo, tmp_path):
     from icd_edge.bundle.store import open_bundle
 
     m = open_bundle(taesd_bundle).manifest
-    assert m["parity"]["graphs"]["taesd_decoder"]["psnr_db"] >= 60
+    assert m.parity.get("graph", "taesd_decoder").psnr_db >= 60
     previews = []
     with Editor.open(taesd_bundle, decoder="taesd") as ed:
         inv = ed.invert(photo, "a photo of a cat")
         img = ed.edit(inv, "a photo of a dog", preview=lambda k, n, im: previews.append((k, n, im.size)))
-        assert img.size == (128, 128) and "taesd_decoder" in ed._sessions and "vae_decoder" not in ed._sessions
+        assert img.size == (128, 128) and "taesd_decoder" in ed.loaded_graphs() and "vae_decoder" not in ed.loaded_graphs()
     assert previews == [(k, 4, (128, 128)) for k in range(1, 5)]
     previews.clear()
     with Editor.open(taesd_bundle, decoder="taesd", memory="sequential") as ed:
         seq = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog",
-                      preview=lambda k, n, im: previews.append(sorted(ed._sessions)))
+                      preview=lambda k, n, im: previews.append(sorted(ed.loaded_graphs())))
         # previews decode beside the edit UNet; the final decode releases it first
-        assert previews == [["taesd_decoder", "unet_reverse_edit"]] * 4 and list(ed._sessions) == ["taesd_decoder"]
+        assert previews == [["taesd_decoder", "unet_reverse_edit"]] * 4 and list(ed.loaded_graphs()) == ["taesd_decoder"]
     assert np.array_equal(np.asarray(seq), np.asarray(img))
     Image.fromarray(photo).save(tmp_path / "p.png")
     (tmp_path / "prev").mkdir()

@@ -4,6 +4,7 @@ driven by a fake ``tensorrt`` + cuda-python (tests/fake_trt.py). No real TensorR
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import logging
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from onnx import numpy_helper
 import fake_trt
 from conftest import run_cli
 from icd_edge.errors import BackendUnavailable, BundleError, InputError
+from icd_edge.bundle.schema import Artifact, Graph, IOSpec
 from icd_edge.bundle.store import file_table, open_bundle, sha256_file, write_manifest
 from icd_edge.runtimes.trt import plan as trt_plan
 from icd_edge.runtimes.trt.plan import GpuInfo, PrecisionPlan, Source
@@ -29,9 +31,8 @@ STRONG = 1 << 1  # 1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED (= 1 in Ten
 
 def _entry(*sources):
     """A graph entry with the given (fmt, precision) ONNX artifacts and one input/output."""
-    arts = {fmt: {"file": f"onnx/g.{fmt}.onnx", "precision": prec, "weights": f"onnx/g.{fmt}.weights"} for fmt, prec in sources}
-    return {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4, 8, 8]}],
-            "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 4, 8, 8]}], "artifacts": arts}
+    arts = {fmt: Artifact(prec, file=f"onnx/g.{fmt}.onnx", weights=f"onnx/g.{fmt}.weights") for fmt, prec in sources}
+    return Graph("g", (IOSpec("x", "float32", (1, 4, 8, 8)),), (IOSpec("y", "float32", (1, 4, 8, 8)),), arts)
 
 
 # ------------------------------------------------------------------------------ pure logic
@@ -78,10 +79,10 @@ def test_profile_and_bindings_from_manifest(tiny_bundle):
     b = open_bundle(tiny_bundle, verify=False)
     entry = b.graphs["unet_reverse_edit"]
     profile = trt_plan.profile_shapes(entry)
-    assert [n for n, _ in profile] == [s["name"] for s in entry["inputs"]]
+    assert [n for n, _ in profile] == [s.name for s in entry.inputs]
     assert dict(profile)["sample"] == (2, 4, 16, 16) and dict(profile)["token_map"] == (77, 77)
     plan = trt_plan.binding_plan(entry)
-    assert [x.name for x in plan] == [s["name"] for s in entry["inputs"]] + ["eps", "blend_maps"]
+    assert [x.name for x in plan] == [s.name for s in entry.inputs] + ["eps", "blend_maps"]
     assert [x.is_input for x in plan].count(False) == 2
     eps = next(x for x in plan if x.name == "eps")
     assert eps.nbytes == 2 * 4 * 16 * 16 * 4
@@ -208,7 +209,7 @@ def _backend(tmp_path, **options):
 
 def _unet_feeds(b, graph="unet_forward", seed=0):
     rng = np.random.default_rng(seed)
-    return {s["name"]: rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in b.graphs[graph]["inputs"]}
+    return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in b.graphs[graph].inputs}
 
 
 def _checksum(path: Path) -> float:
@@ -225,7 +226,7 @@ def test_lazy_build_binds_manifest_names_and_runs(fake, tiny_bundle, tmp_path):
     assert fake.named("parse_from_file") == [("parse_from_file", str(tiny_bundle / "onnx/unet_forward.onnx"))]
     assert fake.named("create_timing_cache") == [("create_timing_cache", b"")]
     addresses = dict((c[1], c[2]) for c in fake.named("set_tensor_address"))
-    assert sorted(addresses) == sorted([s["name"] for s in b.graphs["unet_forward"]["inputs"]] + ["eps"])
+    assert sorted(addresses) == sorted([s.name for s in b.graphs["unet_forward"].inputs] + ["eps"])
     assert len(set(addresses.values())) == len(addresses)
     feeds = _unet_feeds(b)
     out = sess.run(feeds)
@@ -319,14 +320,14 @@ def test_dynamic_inputs_get_fixed_profile_from_manifest(fake, tiny_bundle, tmp_p
     b = open_bundle(tiny_bundle, verify=False)
     fake.dynamic_inputs = {"sample", "encoder_hidden_states"}
     sess = _backend(tmp_path).open_session(b, "unet_reverse_edit")
-    shapes = {s["name"]: tuple(s["shape"]) for s in b.graphs["unet_reverse_edit"]["inputs"]}
+    shapes = {s.name: tuple(s.shape) for s in b.graphs["unet_reverse_edit"].inputs}
     assert sorted(c[1] for c in fake.named("set_shape")) == ["encoder_hidden_states", "sample"]
     for _, name, lo, opt, hi in fake.named("set_shape"):
         assert lo == opt == hi == shapes[name]
     assert len(fake.named("add_optimization_profile")) == 1
     feeds = _unet_feeds(b, "unet_reverse_edit")
     out = sess.run(feeds)
-    assert out["eps"].shape == (2, 4, 16, 16) and out["blend_maps"].shape == tuple(b.graphs["unet_reverse_edit"]["outputs"][1]["shape"])
+    assert out["eps"].shape == (2, 4, 16, 16) and out["blend_maps"].shape == tuple(b.graphs["unet_reverse_edit"].outputs[1].shape)
     sess.close()
 
 
@@ -388,7 +389,7 @@ def test_shared_base_supplies_missing_and_refuses_folded(fake, tiny_bundle, tmp_
 def test_export_target_records_engines_the_runtime_reuses(fake, tiny_bundle, tmp_path, monkeypatch, caplog):
     from icd_edge.export import to_tensorrt
 
-    monkeypatch.setenv("ICD_EDGE_TRT_CACHE", str(tmp_path / "export-cache"))
+    monkeypatch.setenv("ICD_EDGE_CACHE", str(tmp_path / "export-cache"))
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)
     b = open_bundle(out, verify=False)
@@ -396,17 +397,17 @@ def test_export_target_records_engines_the_runtime_reuses(fake, tiny_bundle, tmp
     ctx = SimpleNamespace(cfg=SimpleNamespace(extra={"trt_precision": "fp16"}), out_dir=out, manifest=manifest,
                           timings={}, progress=None, step=lambda label: None)
     to_tensorrt.export_target(ctx)
-    assert fake.builds == len(manifest["graphs"])
-    assert len(list((tmp_path / "export-cache").glob("timing-*.cache"))) == 1
-    for graph, entry in manifest["graphs"].items():
-        art = entry["artifacts"]["tensorrt"]
-        assert art["file"].startswith(f"tensorrt/{graph}.fp16.") and (out / art["file"]).is_file()
-        assert art["material"]["sources"][f"onnx/{graph}.onnx"] == sha256_file(out / f"onnx/{graph}.onnx")
-    write_manifest(out, {**manifest, "files": file_table(out)})
+    assert fake.builds == len(manifest.graphs)
+    assert len(list((tmp_path / "export-cache" / "trt").glob("timing-*.cache"))) == 1
+    for graph, entry in manifest.graphs.items():
+        art = entry.artifacts["tensorrt"]
+        assert art.file.startswith(f"tensorrt/{graph}.fp16.") and (out / art.file).is_file()
+        assert art.details["material"]["sources"][f"onnx/{graph}.onnx"] == sha256_file(out / f"onnx/{graph}.onnx")
+    write_manifest(out, manifest.with_(files=file_table(out)))
     b = open_bundle(out)
     backend = _backend(tmp_path, precision="fp16")
     backend.open_session(b, "vae_decoder").close()
-    assert backend.built == [] and fake.builds == len(manifest["graphs"])  # the bundle's engine was used
+    assert backend.built == [] and fake.builds == len(manifest.graphs)  # the bundle's engine was used
     fake.gpu = "NVIDIA Other GPU"  # same bundle on another kind of GPU: never use the bundle's engine
     with caplog.at_level(logging.INFO, logger="icd_edge.runtimes.trt"):
         other = _backend(tmp_path / "other", precision="fp16")
@@ -418,8 +419,9 @@ def test_export_target_records_engines_the_runtime_reuses(fake, tiny_bundle, tmp
 def test_int8_qdq_artifact_builds_strongly_typed(fake, tiny_bundle, tmp_path):
     from icd_edge.runtimes.trt.build import BuildRequest, build_engine
 
-    entry = json.loads(json.dumps(open_bundle(tiny_bundle, verify=False).graphs["vae_decoder"]))
-    entry["artifacts"]["onnx_int8"] = {**entry["artifacts"]["onnx"], "precision": "int8"}  # stands in for a Q/DQ graph
+    entry = open_bundle(tiny_bundle, verify=False).graphs["vae_decoder"]
+    # a fp32 graph standing in for a Q/DQ one
+    entry = replace(entry, artifacts={**entry.artifacts, "onnx_int8": replace(entry.artifacts["onnx"], precision="int8")})
     plan = trt_plan.plan_precision("vae_decoder", entry, "int8", fake.version)
     path = tmp_path / "e.plan"
     trt = sys.modules["tensorrt"]
@@ -433,7 +435,7 @@ def test_int8_qdq_artifact_builds_strongly_typed(fake, tiny_bundle, tmp_path):
 def test_options_are_validated():
     from icd_edge.runtimes.trt import TensorRTBackend
 
-    with pytest.raises(InputError, match="unknown tensorrt option"):
+    with pytest.raises(InputError, match="tensorrt backend has no option"):
         TensorRTBackend(precison="fp16")
     with pytest.raises(InputError, match="precision must be one of"):
         TensorRTBackend(precision="fp8")

@@ -1,4 +1,4 @@
-"""Graph I/O, declared once as data (house style rule 3).
+"""Graph I/O, declared once as data.
 
 Dims are ints or symbols resolved from the manifest's ``dims``: ``H`` image side, ``h`` latent
 side (H/8), ``D`` text-embedding width, ``Q`` query count of the local-blend maps
@@ -32,8 +32,11 @@ class TensorSpec:
         except KeyError as exc:
             raise ShapeMismatch(f"{self.name}: dim {exc.args[0]!r} is not defined by the bundle") from exc
 
-    def to_json(self, dims: dict[str, int]) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.resolve(dims))}
+    def concrete(self, dims: dict[str, int]):
+        """The manifest's form of this spec for a bundle's dims."""
+        from icd_edge.bundle.schema import IOSpec
+
+        return IOSpec(self.name, self.dtype, self.resolve(dims))
 
 
 def _unet_io(batch: int) -> tuple[TensorSpec, ...]:
@@ -95,31 +98,29 @@ def dims_for(image_hw: int, text_dim: int) -> dict[str, int]:
     return {"H": image_hw, "h": latent, "D": text_dim, "Q": (latent // 4) ** 2}
 
 
-def check_feeds(graph: str, feeds: dict, specs: list[dict]) -> None:
-    """Validate numpy feeds against manifest specs (names, dtypes, shapes); raise ShapeMismatch."""
-    names = {s["name"] for s in specs}
+def check_feeds(graph: str, feeds: dict, specs) -> None:
+    """Validate numpy feeds against a graph's manifest specs (names, dtypes, shapes); raise ShapeMismatch."""
+    names = {s.name for s in specs}
     extra = set(feeds) - names
     missing = names - set(feeds)
     if extra or missing:
         raise ShapeMismatch(f"{graph}: inputs {sorted(feeds)} do not match the graph's {sorted(names)}")
     for s in specs:
-        arr = feeds[s["name"]]
-        if str(arr.dtype) != s["dtype"] or list(arr.shape) != list(s["shape"]):
-            raise ShapeMismatch(
-                f"{graph}.{s['name']}: expected {s['dtype']}{tuple(s['shape'])}, got {arr.dtype}{tuple(arr.shape)}"
-            )
+        arr = feeds[s.name]
+        if str(arr.dtype) != s.dtype or tuple(arr.shape) != tuple(s.shape):
+            raise ShapeMismatch(f"{graph}.{s.name}: expected {s.dtype}{tuple(s.shape)}, got {arr.dtype}{tuple(arr.shape)}")
 
 
-def check_graph_io(graph: str, path, actual: dict, declared: list[dict]) -> None:
+def check_graph_io(graph: str, path, actual: dict, declared) -> None:
     """A graph file's own I/O (``{name: shape}``, symbolic dims as str/None) must be what the
     manifest declares, e.g. the same resolution; raise BundleError otherwise."""
     got = {name: [d if isinstance(d, int) else None for d in shape] for name, shape in actual.items()}
     for spec in declared:
-        shape = got.get(spec["name"])
+        shape = got.get(spec.name)
         if shape is None:
-            raise BundleError(f"{path.name} has no tensor {spec['name']!r} that the manifest declares for {graph}; re-export the bundle")
-        if any(g is not None and g != d for g, d in zip(shape, spec["shape"])) or len(shape) != len(spec["shape"]):
+            raise BundleError(f"{path.name} has no tensor {spec.name!r} that the manifest declares for {graph}; re-export the bundle")
+        if any(g is not None and g != d for g, d in zip(shape, spec.shape)) or len(shape) != len(spec.shape):
             raise BundleError(
-                f"{graph}: the graph {path.name} takes {spec['name']} of shape {shape} but the manifest declares "
-                f"{spec['shape']} (a bundle built for another resolution?); re-export the bundle"
+                f"{graph}: the graph {path.name} takes {spec.name} of shape {shape} but the manifest declares "
+                f"{list(spec.shape)} (a bundle built for another resolution?); re-export the bundle"
             )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from icd_edge.edit.validate import check_prompt, check_range
 from icd_edge.errors import InputError
 from icd_edge.tokenizer import MAX_LENGTH, ClipTokenizer, Tokens
 
@@ -202,3 +203,43 @@ def blend_mask(acc_maps: np.ndarray, blend_tokens: np.ndarray, latent_hw: int,
     with np.errstate(divide="ignore", invalid="ignore"):
         mask = (up / peak) > threshold
     return mask[0] | mask[1]
+
+
+MODES = ("auto", "refine", "replace")
+
+
+def build_controls(tokenizer: ClipTokenizer, source_prompt: str, target_prompt: str, num_steps: int, *,
+                   cross_replace: float = 0.2, self_replace: float = 0.2, amplify: dict | None = None, blend=None,
+                   mode: str = "auto") -> EditControls:
+    """The Prompt-to-Prompt inputs of an edit with ``num_steps`` reverse steps (validated)."""
+    check_prompt(source_prompt, "source prompt")
+    check_prompt(target_prompt, "target prompt")
+    cross_replace = check_range(cross_replace, 0.0, 1.0, "cross_replace")
+    self_replace = check_range(self_replace, 0.0, 1.0, "self_replace")
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}", param="mode")
+    src_tok = tokenizer(source_prompt)
+    tgt_tok = tokenizer(target_prompt)
+    same_words = len(source_prompt.split(" ")) == len(target_prompt.split(" "))
+    if mode == "replace" or (mode == "auto" and same_words):
+        token_map, refine_alpha = replace_map(tokenizer, source_prompt, src_tok, target_prompt, tgt_tok)
+    else:
+        token_map, refine_alpha = refine_map(src_tok, tgt_tok)
+    equalizer = np.ones(77, dtype=np.float32)
+    for word, factor in (amplify or {}).items():
+        f = check_range(factor, 0.0, 20.0, f"amplify factor of {word!r}", param="amplify")
+        equalizer[word_mask(tokenizer, tgt_tok, target_prompt, word, "amplify") > 0] = f
+    n = num_steps
+    cross = np.repeat(cross_schedule(cross_replace, n)[:, None], 77, axis=1)
+    self_flag = self_schedule(self_replace, n)[:, None]
+    blend_tokens = None
+    if blend is not None:
+        if not (isinstance(blend, (tuple, list)) and len(blend) == 2 and all(isinstance(w, str) for w in blend)):
+            raise InputError(f"blend must be a pair of words (source_word, target_word), got {blend!r}",
+                             param="blend")
+        blend_tokens = np.stack([
+            word_mask(tokenizer, src_tok, source_prompt, blend[0], "blend source"),
+            word_mask(tokenizer, tgt_tok, target_prompt, blend[1], "blend target"),
+        ])
+    return EditControls(token_map, refine_alpha, equalizer, cross.astype(np.float32), self_flag.astype(np.float32),
+                        blend_tokens)

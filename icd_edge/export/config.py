@@ -15,10 +15,10 @@ COREML_COMPRESSIONS = ("none", "linear8", "palettize8", "palettize6")
 COREML_ATTENTIONS = ("standard", "sliced-q")
 MODELS = ("icd-sd15", "tiny", "random-sd15")
 # target name -> "module:function(ctx: ExportContext)"; each writes its artifacts into ctx.out_dir
-# and records them under manifest["graphs"][graph]["artifacts"][<format>].
+# and records them as Artifacts in ctx.manifest.graphs[graph].artifacts[<format>].
 TARGETS = {
     "onnx": "icd_edge.export.to_onnx:export_target",
-    "torch": "icd_edge.export.pipeline:torch_target",
+    "torch": "icd_edge.export.to_torch:torch_target",
     "coreml": "icd_edge.export.to_coreml:export_target",
     "tensorrt": "icd_edge.export.to_tensorrt:export_target",
 }

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from icd_edge.bundle import spec
+from icd_edge.bundle.schema import Artifact
 from icd_edge.errors import ExportError
 from icd_edge.export.config import COREML_ATTENTIONS as ATTENTIONS
 from icd_edge.export.config import COREML_COMPRESSIONS as COMPRESSIONS
@@ -149,18 +150,18 @@ def package_io(mlmodel) -> tuple[list[dict], list[dict]]:
     return [one(f) for f in desc.input], [one(f) for f in desc.output]
 
 
-def check_io(graph: str, entry: dict, inputs: list[dict], outputs: list[dict]) -> None:
+def check_io(graph: str, entry, inputs: list[dict], outputs: list[dict]) -> None:
     """The package's I/O must be the manifest's: same names in order, same shapes, same dtypes
     (except the documented int64 → int32). Raise ExportError naming the first difference."""
-    for kind, want, got in (("input", entry["inputs"], inputs), ("output", entry["outputs"], outputs)):
-        if [s["name"] for s in want] != [s["name"] for s in got]:
+    for kind, want, got in (("input", entry.inputs, inputs), ("output", entry.outputs, outputs)):
+        if [s.name for s in want] != [s["name"] for s in got]:
             raise ExportError(f"coreml/{graph}.mlpackage has {kind}s {[s['name'] for s in got]}, "
-                              f"the manifest declares {[s['name'] for s in want]}; the wrapper's forward signature changed")
+                              f"the manifest declares {[s.name for s in want]}; the wrapper's forward signature changed")
         for w, g in zip(want, got):
-            dtype = CONVERTED_DTYPES.get(w["dtype"], w["dtype"])
-            if list(w["shape"]) != list(g["shape"]) or g["dtype"] != dtype:
-                raise ExportError(f"coreml/{graph}.mlpackage {kind} {w['name']} is {g['dtype']}{tuple(g['shape'])}, "
-                                  f"expected {dtype}{tuple(w['shape'])} from the manifest")
+            dtype = CONVERTED_DTYPES.get(w.dtype, w.dtype)
+            if list(w.shape) != list(g["shape"]) or g["dtype"] != dtype:
+                raise ExportError(f"coreml/{graph}.mlpackage {kind} {w.name} is {g['dtype']}{tuple(g['shape'])}, "
+                                  f"expected {dtype}{tuple(w.shape)} from the manifest")
 
 
 def package_bytes(path: Path) -> int:
@@ -176,13 +177,13 @@ def _stamp(mlmodel, graph: str, compression: str) -> None:
     mlmodel.user_defined_metadata.update({"icd_edge.graph": graph, "icd_edge.compression": compression})
 
 
-def export_graph(module: torch.nn.Module, args: tuple, entry: dict, graph: str, compression: str,
+def export_graph(module: torch.nn.Module, args: tuple, entry, graph: str, compression: str,
                  out_path: Path, attention: str = "standard", min_queries: int = 0) -> dict:
     """Capture, convert, compress and save one graph; returns its ``artifacts["coreml"]`` entry."""
     t0 = time.perf_counter()
     program = capture(module, args, graph)
     t_capture = time.perf_counter() - t0
-    mlmodel = convert(program, [s["name"] for s in entry["outputs"]], graph, attention, min_queries)
+    mlmodel = convert(program, [s.name for s in entry.outputs], graph, attention, min_queries)
     del program
     t_convert = time.perf_counter() - t0 - t_capture
     mlmodel = compress(mlmodel, compression)
@@ -211,9 +212,10 @@ def export_target(ctx) -> None:
         inputs, _ = spec.GRAPHS[name]
         args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
         t0 = time.perf_counter()
-        entry = ctx.manifest["graphs"][name]
-        entry["artifacts"]["coreml"] = export_graph(module, args, entry, name, compression,
-                                                    ctx.out_dir / "coreml" / f"{name}.mlpackage", attention, min_queries)
+        entry = ctx.manifest.graphs[name]
+        art = export_graph(module, args, entry, name, compression, ctx.out_dir / "coreml" / f"{name}.mlpackage",
+                           attention, min_queries)
+        entry.artifacts["coreml"] = Artifact(art.pop("precision"), file=art.pop("file"), details=art)
         ctx.timings[f"coreml_{name}_s"] = time.perf_counter() - t0
     if ctx.progress is not None:
         ctx.progress.update(1)

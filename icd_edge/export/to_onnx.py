@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from icd_edge.atomic import scratch_dir
+from icd_edge.bundle.schema import Artifact, Int8Scheme
 from icd_edge.errors import ExportError
 from icd_edge.memory import trim_heap as _trim_heap
 from icd_edge.graphs.wrappers import HalfGraph
@@ -262,7 +263,7 @@ def export_target(ctx) -> None:
                 if template is not None:
                     try:
                         program = retarget(template, module)
-                        ctx.manifest.setdefault("export", {}).setdefault("reused_traces", {})[name] = source
+                        ctx.manifest.info.setdefault("export", {}).setdefault("reused_traces", {})[name] = source
                     except ExportError:  # e.g. fp16 forward, fp32 reverse: trace it
                         program = None
                 if program is None:
@@ -287,15 +288,14 @@ def export_target(ctx) -> None:
                 store.close()
     for name in ctx.graphs:
         group = groups.get(name, name)
-        ctx.manifest["graphs"][name]["artifacts"]["onnx"] = {
-            "file": f"onnx/{name}.onnx", "precision": precisions[name], "opset": ctx.cfg.opset,
-            "weights": f"onnx/{group}.weights"}
+        details = {"opset": ctx.cfg.opset}
         if precisions[name] == "fp16":
-            ctx.manifest["graphs"][name]["artifacts"]["onnx"]["fp16_method"] = (
-                "traced in float16" if name in direct else "onnxconverter-common (keep_io_types)")
-    ctx.manifest["precision"] = {"requested": ctx.cfg.precision, "graphs": precisions}
+            details["fp16_method"] = "traced in float16" if name in direct else "onnxconverter-common (keep_io_types)"
+        ctx.manifest.graphs[name].artifacts["onnx"] = Artifact(precisions[name], file=f"onnx/{name}.onnx",
+                                                               weights=f"onnx/{group}.weights", details=details)
+    ctx.manifest.info["precision"] = {"requested": ctx.cfg.precision, "graphs": precisions}
     if ctx.cfg.unet_weights == "shared-base":
-        ctx.manifest["shared_initializers"] = shared_initializer_table(ctx.out_dir, ctx.manifest["graphs"])
+        ctx.manifest.info["shared_initializers"] = shared_initializer_table(ctx.out_dir, ctx.manifest.graphs)
 
 
 def _reuse_plan(graphs: dict[str, torch.nn.Module]) -> dict[str, str]:
@@ -315,16 +315,16 @@ def shared_initializer_table(root: Path, graphs: dict) -> dict[str, list]:
     refs: dict[tuple, set] = {}
     per_graph: dict[str, list] = {}
     for name, entry in graphs.items():
-        art = entry["artifacts"].get("onnx")
+        art = entry.artifacts.get("onnx")
         if art is None:
             continue
-        model = onnx.load(str(root / art["file"]), load_external_data=False)
+        model = onnx.load(str(root / art.file), load_external_data=False)
         rows = []
         for t in model.graph.initializer:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue
             ext = {e.key: e.value for e in t.external_data}
-            key = (f"{Path(art['file']).parent.as_posix()}/{ext['location']}", int(ext["offset"]), int(ext["length"]))
+            key = (f"{Path(art.file).parent.as_posix()}/{ext['location']}", int(ext["offset"]), int(ext["length"]))
             dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name
             rows.append([t.name, *key, dtype, list(t.dims)])
             refs.setdefault(key, set()).add(name)
@@ -342,13 +342,13 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         ctx.step("int8 calibration")
         t0 = time.perf_counter()
         cases = prec.calibration_cases(ctx.cfg.calibration, ctx.dims["H"], ctx.cfg.calibration_count)
-        bundle = Bundle(ctx.out_dir, {**ctx.manifest, "files": {}, "complete": True})
+        bundle = Bundle(ctx.out_dir, ctx.manifest.with_(files={}, complete=True))
         calibration = prec.record_trajectories(bundle, ctx.graphs, cases)
         ctx.timings["int8_calibration_s"] = time.perf_counter() - t0
-        ctx.manifest["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
+        ctx.manifest.info["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
                                        "feeds": {g: len(v) for g, v in calibration.items()}}
     if any(p.startswith("int8") for p in precisions.values()):
-        ctx.manifest["int8_scheme"] = prec.int8_scheme(ctx.cfg.int8_weights)
+        ctx.manifest = ctx.manifest.with_(int8_scheme=Int8Scheme.from_json(prec.int8_scheme(ctx.cfg.int8_weights)))
         # a batch-2 UNet's quantisation peaks at 9.3 GB RSS; the fp32 torch modules (7.5 GB at SD1.5
         # size, needed again for parity) would push a 24 GB machine out of memory
         _page_out_modules(ctx, scratch)
@@ -363,11 +363,11 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
                             int8_weights=ctx.cfg.int8_weights)
         ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
         if info.get("peak_rss_gb") is not None:  # the quantiser's own peak, for memory planning
-            ctx.manifest.setdefault("quantiser_peak_rss_gb", {})[name] = info["peak_rss_gb"]
+            ctx.manifest.info.setdefault("quantiser_peak_rss_gb", {})[name] = info["peak_rss_gb"]
         if info.get("int8_embeddings"):
-            ctx.manifest.setdefault("int8_embeddings", {})[name] = info["int8_embeddings"]
+            ctx.manifest.info.setdefault("int8_embeddings", {})[name] = info["int8_embeddings"]
         if info.get("int8_gemm_weights"):  # weight-only int8 (time-embedding linears)
-            ctx.manifest.setdefault("int8_gemm_weights", {})[name] = len(info["int8_gemm_weights"])
+            ctx.manifest.info.setdefault("int8_gemm_weights", {})[name] = len(info["int8_gemm_weights"])
 
 
 def _page_out_modules(ctx, scratch: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from icd_edge.bundle.schema import Artifact
 from icd_edge.errors import BackendUnavailable, ExportError
 from icd_edge.bundle.store import sha256_file
 from icd_edge.runtimes.trt.build import BuildRequest, build_engine
@@ -58,7 +59,7 @@ def export_target(ctx) -> None:
         trt_logger = trt.Logger(trt.Logger.WARNING)
         timing_cache = default_cache_dir() / timing_cache_name(gpu, version)
         (ctx.out_dir / "tensorrt").mkdir(exist_ok=True)
-        for graph, entry in ctx.manifest["graphs"].items():
+        for graph, entry in ctx.manifest.graphs.items():
             ctx.step(f"tensorrt {graph}")
             plan = plan_precision(graph, entry, precision, version)
             profile = profile_shapes(entry)
@@ -71,7 +72,7 @@ def export_target(ctx) -> None:
                                                   ctx.out_dir / rel, timing_cache,
                                                   workspace_mb * (1 << 20) if workspace_mb else None), trt_logger)
             ctx.timings[f"tensorrt_{graph}_s"] = meta["build_s"]
-            entry["artifacts"]["tensorrt"] = {"file": rel, "precision": plan.precision, "key": key, "material": material}
+            entry.artifacts["tensorrt"] = Artifact(plan.precision, file=rel, details={"key": key, "material": material})
     except BackendUnavailable as exc:
         raise ExportError(str(exc)) from exc
     if ctx.progress is not None:

@@ -4,8 +4,9 @@ fp16 (bf16 optional) weights, channels_last UNets, Prompt-to-Prompt on fused att
 (:class:`~icd_edge.graphs.attention.FusedP2PAttnProcessor`), ``torch.compile`` of the UNets and
 CUDA graphs over the fixed-shape invert and edit loops with static buffers. Consistency steps
 and local blend run on the device in float32; nothing synchronises with the host inside a loop.
-N photos (or N target prompts) run as one batch. Host-side work (tokenizer, P2P controls,
-validation) is shared with :class:`icd_edge.edit.editor.Editor`. Needs the ``export`` extra and CUDA;
+N photos (or N target prompts) run as one batch. The loops are :mod:`icd_edge.edit.loop`'s, run
+with torch ops; host-side work (tokenizer, P2P controls, validation) is the edit layer's, as for
+:class:`icd_edge.edit.editor.Editor`. Needs the ``export`` extra and CUDA;
 runs on the CPU too (``device="cpu"``, no compile/graphs), which the tests use.
 """
 
@@ -17,15 +18,48 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from icd_edge.edit.editor import Editor, _check_prompt, _check_range, _check_rng, _check_seed
-from icd_edge.rng import noise as make_noise
+from icd_edge import precision
+from icd_edge.bundle.schema import Step
+from icd_edge.edit import loop, p2p
+from icd_edge.edit.validate import check_prompt, check_range, check_rng, check_seed
 from icd_edge.errors import BackendUnavailable, InputError
 from icd_edge.graphs.attention import FusedP2PAttnProcessor
 from icd_edge.graphs.wrappers import TextEncoderGraph, UNetEditGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
 from icd_edge.image import array_to_pil, image_to_tensor, load_image
-from icd_edge.schedule import dynamic_guidance
+from icd_edge.rng import noise as make_noise
+from icd_edge.tokenizer import ClipTokenizer
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DTYPES = {precision.FP16: torch.float16, precision.BF16: torch.bfloat16, precision.FP32: torch.float32}
+
+
+class TorchOps:
+    """:class:`icd_edge.edit.loop.Ops` on device tensors: float32 steps, no host sync."""
+
+    def __init__(self, timesteps: dict):
+        self._t = timesteps
+
+    def timestep(self, t: int):
+        return self._t[t]
+
+    @staticmethod
+    def start(z0, noise, a: float, sigma: float):
+        return a * z0 + sigma * noise
+
+    @staticmethod
+    def step(x, eps, st: Step):
+        return st.c1 * x + st.c2 * eps.float()
+
+    @staticmethod
+    def pair(latent):
+        return torch.cat([latent, latent])
+
+    @staticmethod
+    def accumulate(acc, maps):
+        return maps if acc is None else acc + maps
+
+    @staticmethod
+    def blend(x, mask, n: int):
+        return torch.cat([x[:n], x[:n] + mask * (x[n:] - x[:n])])
 
 
 @dataclass(frozen=True)
@@ -33,7 +67,7 @@ class FastOptions:
     """Options of the fast path (this backend only)."""
 
     device: str = "cuda"
-    dtype: str = "float16"
+    dtype: str = "fp16"  # fp16, bf16 or fp32 (float16/bfloat16/float32 are accepted)
     channels_last: bool = True
     compile: bool = True
     cuda_graphs: bool = True
@@ -54,14 +88,15 @@ class FastEditor:
     def __init__(self, bundle, text_encoder, vae, unet_forward, unet_reverse, options: FastOptions = FastOptions()):
         if options.device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
-        if options.dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {options.dtype!r}")
+        dtype = precision.canonical(options.dtype, tuple(DTYPES), "dtype", param="dtype")
         self.opt = options
         if options.device.startswith("cuda"):
             torch.backends.cudnn.benchmark = options.cudnn_benchmark  # process-wide, like every torch knob
-        self.host = Editor(bundle, backend=None)  # tokenizer, controls, constants, validation
+        self.bundle = bundle
+        self.c = loop.Constants.from_manifest(bundle.manifest)
+        self.tokenizer = ClipTokenizer(bundle.path(bundle.manifest.tokenizer_file))
         self.dev = torch.device(options.device)
-        self.dt = DTYPES[options.dtype]
+        self.dt = DTYPES[dtype]
         dims = bundle.dims
         self.h, self.q = dims["h"], dims["Q"]
         mf = torch.channels_last if options.channels_last else torch.contiguous_format
@@ -80,7 +115,7 @@ class FastEditor:
             self.unet_f_c, self.unet_e_c, self.unet_r_c = comp(self.unet_f), comp(self.unet_e), comp(self.unet_r)
         else:
             self.unet_f_c, self.unet_e_c, self.unet_r_c = self.unet_f, self.unet_e, self.unet_r
-        self._t = {t: torch.full((1,), float(t), device=self.dev) for seg in self.host.forward_steps + self.host.reverse_steps for t in seg[:1]}
+        self._ops = TorchOps({st.t: torch.full((1,), float(st.t), device=self.dev) for st in self.c.forward + self.c.reverse})
         self._buffers: dict = {}
         self._graphs: dict = {}
         self._lock = threading.Lock()
@@ -98,10 +133,10 @@ class FastEditor:
         art = {g: b.artifact(g, "torch") for g in ("text_encoder", "vae_encoder", "unet_forward", "unet_reverse")}
         if any(a is None for a in art.values()):
             raise BackendUnavailable(f"bundle {b.root} has no torch weights; re-export with --targets onnx,torch")
-        return cls(b, CLIPTextModel.from_pretrained(b.path(art["text_encoder"]["dir"]), use_safetensors=True),
-                   AutoencoderKL.from_pretrained(b.path(art["vae_encoder"]["dir"]), use_safetensors=True),
-                   UNet2DConditionModel.from_pretrained(b.path(art["unet_forward"]["dir"]), use_safetensors=True),
-                   UNet2DConditionModel.from_pretrained(b.path(art["unet_reverse"]["dir"]), use_safetensors=True), FastOptions(**options))
+        return cls(b, CLIPTextModel.from_pretrained(b.path(art["text_encoder"].dir), use_safetensors=True),
+                   AutoencoderKL.from_pretrained(b.path(art["vae_encoder"].dir), use_safetensors=True),
+                   UNet2DConditionModel.from_pretrained(b.path(art["unet_forward"].dir), use_safetensors=True),
+                   UNet2DConditionModel.from_pretrained(b.path(art["unet_reverse"].dir), use_safetensors=True), FastOptions(**options))
 
     # ----------------------------------------------------------------- device functions
     def _stage(self, name):
@@ -120,42 +155,48 @@ class FastEditor:
             ev.setdefault(name, []).append((start, end))
         return cm()
 
+    def _run(self, graph: str, stage: str, **f) -> dict:
+        """The loops' model call: the compiled module of ``graph`` with the bundle's feed names."""
+        with self._stage(stage):
+            sample = f["sample"].to(self.dt, memory_format=self._mf)
+            if graph == "unet_forward":
+                return {"eps": self.unet_f_c(sample, f["timestep"], f["encoder_hidden_states"], f["timestep_cond"])}
+            if graph == "unet_reverse_edit":
+                eps, maps = self.unet_e_c(sample, f["timestep"], f["encoder_hidden_states"], f["timestep_cond"],
+                                          f["token_map"], f["refine_alpha"], f["equalizer"], f["cross_alpha"],
+                                          f["self_flag"], f["cross_on"], f["self_on"])
+                return {"eps": eps, "blend_maps": maps.float()}
+        raise InputError(f"the fast path runs no graph {graph!r}")
+
     def _invert_fn(self, s: dict) -> None:
-        host = self.host
         with self._stage("text_encoder"):
             e_src = self.text(s["ids_src"])
         with self._stage("vae_encoder"):
-            z0 = self.vae_enc_c(s["pixels"]).float() * host.vae_scale
-        x = host.start_a * z0 + host.start_sigma * s["noise"]
-        for i, (t, _s, c1, c2) in enumerate(host.forward_steps):
-            with self._stage(f"forward_{i}"):
-                eps = self.unet_f_c(x.to(self.dt, memory_format=self._mf), self._t[t], e_src, s["w0"])
-                x = c1 * x + c2 * eps.float()
-        s["latent"].copy_(x)
+            z0 = self.vae_enc_c(s["pixels"]).float() * self.c.vae_scale
+        s["latent"].copy_(loop.invert(self._run, self.c, z0, s["noise"], e_src, s["w0"], ops=self._ops))
 
     @property
     def _mf(self):
         return torch.channels_last if self.opt.channels_last else torch.contiguous_format
 
     def _edit_fn(self, s: dict) -> None:
-        host, n = self.host, s["latent"].shape[0]
+        n = s["latent"].shape[0]
         with self._stage("text_encoder"):
             text = self.text(torch.cat([s["ids_src"], s["ids_tgt"]]))
-        x = torch.cat([s["latent"], s["latent"]])
-        acc = None
-        for k, (t, _s, c1, c2) in enumerate(host.reverse_steps):
-            with self._stage(f"reverse_edit_{k}"):
-                cross_on, self_on = s["flags"][k]
-                eps, maps = self.unet_e_c(x.to(self.dt, memory_format=self._mf), self._t[t], text, s["cond"][k],
-                                          s["token_map"], s["refine_alpha"], s["equalizer"], s["cross_alpha"][k], s["self_flag"][k],
-                                          cross_on, self_on)
-                x = c1 * x + c2 * eps.float()
-                acc = maps.float() if acc is None else acc + maps.float()
-                mask = self._blend_mask(acc, s["blend_tokens"])
-                mask = torch.where(s["blend_on"] > 0, mask, torch.ones_like(mask))
-                x = torch.cat([x[:n], x[:n] + mask * (x[n:] - x[:n])])
+
+        def step_feeds(k: int) -> dict:
+            cross_on, self_on = s["flags"][k]  # host-known 0/1 schedules, baked into the graph
+            return {"token_map": s["token_map"], "refine_alpha": s["refine_alpha"], "equalizer": s["equalizer"],
+                    "cross_alpha": s["cross_alpha"][k], "self_flag": s["self_flag"][k], "cross_on": cross_on,
+                    "self_on": self_on}
+
+        def blend(acc):
+            mask = self._blend_mask(acc, s["blend_tokens"])
+            return torch.where(s["blend_on"] > 0, mask, torch.ones_like(mask))
+
+        x = loop.edit(self._run, self.c, s["latent"], text, s["cond"], step_feeds, blend, ops=self._ops)
         with self._stage("vae_decoder"):
-            img = self.vae_dec_c((x[n:] / host.vae_scale).to(self.dt)).float()
+            img = self.vae_dec_c((x[n:] / self.c.vae_scale).to(self.dt)).float()
         s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
 
     def _blend_mask(self, acc: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -165,13 +206,13 @@ class FastEditor:
         g = torch.nn.functional.max_pool2d(g, 3, 1, 1)
         g = torch.nn.functional.interpolate(g, size=(self.h, self.h), mode="nearest")
         g = g / g.amax(dim=(-2, -1), keepdim=True)
-        return (g > self.host.blend_threshold).any(dim=1, keepdim=True).float()
+        return (g > self.c.blend_threshold).any(dim=1, keepdim=True).float()
 
     # ----------------------------------------------------------------- buffers and graphs
     def _buffers_for(self, kind: str, n: int) -> dict:
         key = (kind, n)
         if key not in self._buffers:
-            d, h, k = self.dev, self.h, len(self.host.reverse_steps)
+            d, h, k = self.dev, self.h, len(self.c.reverse)
             b = {"ids_src": torch.zeros(n, 77, dtype=torch.long, device=d), "latent": torch.zeros(n, 4, h, h, device=d)}
             if kind == "invert":
                 b |= {"pixels": torch.zeros(n, 3, 8 * h, 8 * h, device=d, dtype=self.dt),
@@ -217,12 +258,15 @@ class FastEditor:
         n = len(images)
         if not (n == len(source_prompts) == len(seeds)) or n == 0:
             raise InputError("invert_batch needs as many prompts and seeds as images (at least one)")
-        rng = _check_rng(rng)
+        rng = check_rng(rng)
         # per photo the same noise as Editor.invert with that seed (one (1, 4, h, h) draw each)
         return {"pixels": np.concatenate([image_to_tensor(load_image(im), 8 * self.h) for im in images]),
-                "noise": np.concatenate([make_noise((1, 4, self.h, self.h), _check_seed(s), rng) for s in seeds]),
-                "ids_src": np.stack([self.host.tokenizer(_check_prompt(p, "source prompt")).ids for p in source_prompts]),
-                "w0": np.repeat(self.host._wemb(0.0), n, 0)}
+                "noise": np.concatenate([make_noise((1, 4, self.h, self.h), check_seed(s), rng) for s in seeds]),
+                "ids_src": np.stack([self.tokenizer(check_prompt(p, "source prompt")).ids for p in source_prompts]),
+                "w0": np.repeat(self._wemb(0.0), n, 0)}
+
+    def _wemb(self, w: float) -> np.ndarray:
+        return self.bundle.guidance_embedding(w)[None]
 
     def _prepare_edit(self, n: int, source_prompts: list[str], target_prompts: list[str], *, cross_replace: float = 0.2,
                       self_replace: float = 0.2, amplify: dict | None = None, blend=None, guidance: float = 19.0,
@@ -230,18 +274,18 @@ class FastEditor:
         """Host side of an edit (tokens, P2P controls, guidance embeddings) → (arrays, step flags)."""
         if not (n == len(source_prompts) == len(target_prompts)):
             raise InputError("edit_batch needs one source and one target prompt per latent")
-        guidance = _check_range(guidance, 0.0, self.host.max_guidance, "guidance")
-        tau = _check_range(tau, 0.0, 1.0, "tau")
-        ctls = [self.host.edit_controls(s, _check_prompt(t, "target prompt"), cross_replace=cross_replace,
-                                        self_replace=self_replace, amplify=amplify, blend=blend, mode=mode)
+        guidance = check_range(guidance, 0.0, self.c.max_guidance, "guidance")
+        tau = check_range(tau, 0.0, 1.0, "tau")
+        k = len(self.c.reverse)
+        ctls = [p2p.build_controls(self.tokenizer, s, check_prompt(t, "target prompt"), k, cross_replace=cross_replace,
+                                   self_replace=self_replace, amplify=amplify, blend=blend, mode=mode)
                 for s, t in zip(source_prompts, target_prompts)]
-        k = len(self.host.reverse_steps)
-        w0 = self.host._wemb(0.0)
-        cond = np.stack([np.concatenate([np.repeat(w0, n, 0), np.repeat(self.host._wemb(dynamic_guidance(guidance, t, tau)), n, 0)])
-                         for t, *_ in self.host.reverse_steps])
+        w0 = self._wemb(0.0)
+        cond = np.stack([np.concatenate([np.repeat(w0, n, 0), np.repeat(self._wemb(w), n, 0)])
+                         for w in self.c.guided_w(guidance, tau)])
         arrays = {
-            "ids_src": np.stack([self.host.tokenizer(p).ids for p in source_prompts]),
-            "ids_tgt": np.stack([self.host.tokenizer(p).ids for p in target_prompts]),
+            "ids_src": np.stack([self.tokenizer(p).ids for p in source_prompts]),
+            "ids_tgt": np.stack([self.tokenizer(p).ids for p in target_prompts]),
             "cond": cond,
             "token_map": np.stack([c.token_map for c in ctls]),
             "refine_alpha": np.stack([c.refine_alpha for c in ctls]),

@@ -1,18 +1,22 @@
-"""Backends behind one small interface, imported lazily (house style rules 4-5).
+"""Backends behind one small interface, imported lazily.
 
-A backend has ``name``, ``fmt`` (the bundle artifact format it runs), ``probe()`` and
+A backend class has ``name``, ``fmt`` (the bundle artifact format it runs), ``Options`` (its typed
+options), ``memory_policies`` (the Editor policies it can serve), ``probe()``, ``auto_skip(bundle,
+memory)`` (why ``auto`` should pass it over, or None), ``configure(bundle, memory)`` (called once by
+an Editor: the policy's meaning for this backend, warnings about the bundle) and
 ``open_session(bundle, graph)``. A session has ``run(feeds) -> outputs`` and ``close()``.
-Selection: the user's choice, else the first backend in :data:`AUTO_ORDER` that probes OK
-and whose format the bundle holds. A backend that was asked for and cannot run raises
+Selection: the user's choice, else the first backend in :data:`AUTO_ORDER` that does not skip,
+probes OK and whose format the bundle holds. A backend that was asked for and cannot run raises
 :class:`~icd_edge.errors.BackendUnavailable` with the probe's reason; nothing falls back silently.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -25,15 +29,11 @@ REGISTRY = {
     "tensorrt": "icd_edge.runtimes.trt",
     "coreml": "icd_edge.runtimes.coreml",
 }
-# openvino before onnxruntime for bundles with int8 UNets on the CPU classes where it measured faster
-# (INT8_CPU_BACKEND); onnxruntime is faster for fp32/fp16 UNets, leaner in the sequential policy, and
-# wins when it has a CUDA provider (docs/backends.md has the numbers)
 AUTO_ORDER = ("tensorrt", "coreml", "openvino", "onnxruntime", "torch")
-# The faster CPU backend for an int8 edit, per ISA class (icd_edge.cpu.isa_class), from full-size
-# int8 edits on 2-core VMs (docs/backends.md): AMX Xeon openvino 19.0 s vs onnxruntime 29.6 s;
-# AVX-512 VNNI EPYC 14.5 vs 26.4 s; AVX2-only EPYC onnxruntime 77.9 s vs openvino 94.9 s. Classes not measured take the
-# measured class they share int8 kernels with: avx512 (no VNNI) and older x86 the AVX2 one; ARM
-# boards stay on onnxruntime, the backend tested there.
+# The faster CPU backend for an int8 edit, per ISA class (icd_edge.cpu.isa_class), measured on
+# full-size int8 edits (docs/backends.md has the figures). Classes not measured take the measured
+# class they share int8 kernels with: avx512 without VNNI and older x86 the AVX2 one; ARM boards
+# stay on onnxruntime, the backend tested there.
 INT8_CPU_BACKEND = {"amx": "openvino", "avx512-vnni": "openvino", "avx-vnni": "openvino",
                     "avx512": "onnxruntime", "avx2": "onnxruntime", "x86": "onnxruntime",
                     "arm-dotprod": "onnxruntime", "arm": "onnxruntime"}
@@ -56,16 +56,37 @@ class Session(Protocol):
 class Backend(Protocol):
     name: str
     fmt: str
+    memory_policies: tuple[str, ...]
 
     def probe(self) -> Availability: ...
+
+    def configure(self, bundle, memory: str) -> None: ...
 
     def open_session(self, bundle, graph: str) -> Session: ...
 
 
 def backend_class(name: str):
     if name not in REGISTRY:
-        raise InputError(f"unknown backend {name!r}; choose one of: auto, {', '.join(REGISTRY)}")
+        raise InputError(f"unknown backend {name!r}; choose one of: auto, {', '.join(REGISTRY)}", param="backend")
     return importlib.import_module(REGISTRY[name]).BACKEND
+
+
+def build_options(options_cls, given=None, fields: Mapping | None = None, backend: str = ""):
+    """A backend's typed options: ``given`` (an instance of ``options_cls``, or None for the
+    defaults) with keyword ``fields`` applied; an unknown field is an InputError naming the known ones."""
+    if given is None:
+        given = options_cls()
+    elif not isinstance(given, options_cls):
+        raise InputError(f"the {backend} backend takes {options_cls.__name__}, not {type(given).__name__}",
+                         param="options")
+    if fields:
+        known = [f.name for f in dataclasses.fields(options_cls)]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise InputError(f"the {backend} backend has no option {', '.join(map(repr, unknown))}; "
+                             f"its options are {', '.join(known)}", param="options")
+        given = dataclasses.replace(given, **fields)
+    return given
 
 
 def probe_all() -> dict[str, Availability]:
@@ -73,14 +94,25 @@ def probe_all() -> dict[str, Availability]:
     return {name: backend_class(name)().probe() for name in REGISTRY}
 
 
-def select_backend(name: str, bundle, low_memory: bool = False, **options) -> Backend:
-    """The backend to run ``bundle`` with; ``name`` is a registry name or ``"auto"``.
+def _pick(cls, options: Iterable) -> object | None:
+    """The options object of ``cls``'s type among ``options`` (None: its defaults)."""
+    hits = [o for o in options if isinstance(o, cls.Options)]
+    return hits[0] if hits else None
 
-    ``low_memory`` (the sequential policy) tells auto to prefer the backend with the lower peak
-    memory where two could run the bundle."""
+
+def select_backend(name: str, bundle, memory: str = "resident", options=(), **fields) -> Backend:
+    """The backend to run ``bundle`` with under the memory policy ``memory``.
+
+    ``name`` is a registry name or ``"auto"``; ``options`` one typed options object, or several
+    for ``auto`` (each backend takes the one of its type); ``fields`` set options of a named backend."""
     formats = bundle.formats()
+    options = tuple(options) if isinstance(options, (list, tuple)) else (options,)
     if name != "auto":
-        backend = backend_class(name)(**options)
+        cls = backend_class(name)
+        if memory not in cls.memory_policies:
+            raise InputError(f"backend {name!r} does not run the {memory} memory policy "
+                             f"(it runs: {', '.join(cls.memory_policies)})", param="memory")
+        backend = cls(options=_pick(cls, options), **fields)
         avail = backend.probe()
         if not avail.ok:
             raise BackendUnavailable(f"backend {name!r} is not available: {avail.reason}. Run `icd-edge doctor` to see what can run here.")
@@ -90,16 +122,17 @@ def select_backend(name: str, bundle, low_memory: bool = False, **options) -> Ba
                 f"re-export with --targets {backend.fmt} or pick another backend"
             )
         return backend
+    if fields:
+        raise InputError(f"backend options {', '.join(sorted(fields))} need a named backend; with auto pass typed "
+                         "options (e.g. options=OvOptions(...))", param="options")
     reasons = []
     for candidate in AUTO_ORDER:
-        if candidate == "openvino":
-            why = _openvino_skip(bundle, low_memory)
-            if why:
-                reasons.append(f"openvino: {why}")
-                continue
         cls = backend_class(candidate)
-        # the options auto forwards are the CPU backends' (Editor.open / CLI); each gets those it takes
-        backend = cls(**(_accepted(cls, options) if candidate in ("onnxruntime", "openvino") else {}))
+        why = "it does not run this memory policy" if memory not in cls.memory_policies else cls.auto_skip(bundle, memory)
+        if why:
+            reasons.append(f"{candidate}: {why}")
+            continue
+        backend = cls(options=_pick(cls, options))
         avail = backend.probe()
         if avail.ok and backend.fmt in formats:
             return backend
@@ -107,39 +140,47 @@ def select_backend(name: str, bundle, low_memory: bool = False, **options) -> Ba
     raise BackendUnavailable("no backend can run this bundle here (" + "; ".join(reasons) + ")")
 
 
-def _accepted(cls, options: dict) -> dict:
-    """The ``options`` that ``cls``'s constructor takes (auto passes each backend its own)."""
-    import inspect
-
-    params = inspect.signature(cls.__init__).parameters
-    return {k: v for k, v in options.items() if k in params}
-
-
-def _openvino_skip(bundle, low_memory: bool) -> str | None:
-    """Why auto passes over openvino for this bundle (None: it does not)."""
-    # the edit UNet (four batch-2 calls an edit) decides; int8 bundles keep the forward UNet fp32 by default
+def edit_unet_precision(bundle) -> str:
+    """The stored precision of the edit UNet (four batch-2 calls an edit): what decides speed."""
     edit = next((g for g in ("unet_reverse_edit", "unet_reverse") if g in bundle.graphs), None)
-    if edit is None or not str((bundle.artifact(edit, "onnx") or {}).get("precision", "fp32")).startswith("int8"):
-        return "onnxruntime is faster for fp32/fp16 UNets on the CPU"
-    if low_memory:
-        return "onnxruntime has the lower peak memory in the sequential policy"
-    if _onnxruntime_has_gpu():
-        return "onnxruntime runs on a GPU here"
-    isa = _isa_class()
-    if INT8_CPU_BACKEND.get(isa, "openvino") != "openvino":
-        return f"onnxruntime runs int8 faster on this CPU class ({isa})"
-    return None
+    return (bundle.precision(edit) or "fp32") if edit is not None else "fp32"
 
 
-def _isa_class() -> str:
+def isa_class() -> str:
     from icd_edge.cpu import info
 
     return info()["isa"]
 
 
-def _onnxruntime_has_gpu() -> bool:
+def onnxruntime_has_gpu() -> bool:
     if importlib.util.find_spec("onnxruntime") is None:
         return False
     import onnxruntime
 
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def warn_if_int8_saturates(bundle, backend_name: str) -> None:
+    """Warn once per bundle and CPU backend when the bundle's int8 weights are wider than this CPU's
+    int8 kernels sum exactly (full 8-bit weights on a CPU without VNNI), measured on one-node graphs."""
+    from icd_edge.runtimes import int8_kernels
+
+    from icd_edge.precision import is_int8
+
+    key = (bundle.bundle_id, backend_name)
+    if backend_name not in int8_kernels.BACKENDS or key in _WARNED or not any(is_int8(bundle.precision(g)) for g in bundle.graphs):
+        return
+    # bundles written before the manifest recorded the scheme used the full 8-bit range
+    wmax = bundle.manifest.int8_scheme.weight_max if bundle.manifest.int8_scheme else 127
+    if 2 * 255 * wmax <= 32767 or not int8_kernels.saturates(backend_name, wmax):
+        return
+    _WARNED.add(key)
+    import logging
+
+    logging.getLogger("icd_edge.edit").warning(
+        "this bundle's int8 weights use the range [-%d, %d], which %s's int8 kernels on this CPU (no VNNI) sum with "
+        "saturation: edits lose quality. Re-export it with --int8-weights 7bit (the default), or run an fp16/fp32 "
+        "bundle", wmax, wmax, backend_name)
+
+
+_WARNED: set[tuple[str, str]] = set()

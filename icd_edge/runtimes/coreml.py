@@ -30,14 +30,13 @@ from typing import Mapping
 import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, ShapeMismatch
-from icd_edge.runtimes import Availability
+from icd_edge.runtimes import Availability, build_options
 from icd_edge.bundle.spec import check_feeds
 
 logger = logging.getLogger(__name__)
 
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
 MIN_MACOS = (14, 0)  # the lowest minimum_deployment_target the export writes (icd_edge.export.to_coreml.TARGETS)
-CACHE_ENV = "ICD_EDGE_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -56,6 +55,8 @@ class CoreMLOptions:
     def __post_init__(self):
         if self.compute_units not in COMPUTE_UNITS:
             raise InputError(f"compute_units must be one of {', '.join(COMPUTE_UNITS)}, got {self.compute_units!r}")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
@@ -96,21 +97,17 @@ def check_target(graph: str, target: str, mac_version: str) -> None:
 
 
 def default_cache_dir(system: str | None = None, env: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
-    """``$ICD_EDGE_CACHE_DIR/coreml``, else ``~/Library/Caches/icd_edge/coreml`` on macOS
-    (``~/.cache/icd_edge/coreml`` elsewhere)."""
-    env = os.environ if env is None else env
-    if env.get(CACHE_ENV):
-        return Path(env[CACHE_ENV]) / "coreml"
-    home = Path.home() if home is None else home
-    system = system or platform.system()
-    base = home / "Library" / "Caches" if system == "Darwin" else home / ".cache"
-    return base / "icd_edge" / "coreml"
+    """``$ICD_EDGE_CACHE/coreml``, else ``~/Library/Caches/icd_edge/coreml`` on macOS (see
+    :mod:`icd_edge.cache`)."""
+    from icd_edge.cache import cache_dir
+
+    return cache_dir("coreml", env, system, home)
 
 
-def package_files(bundle_files: Mapping[str, dict], package: str) -> dict[str, str]:
+def package_files(bundle_files: Mapping, package: str) -> dict[str, str]:
     """``{path inside the package: sha256}`` from the bundle's file table (no re-hashing)."""
     prefix = package.rstrip("/") + "/"
-    table = {rel[len(prefix):]: meta["sha256"] for rel, meta in bundle_files.items() if rel.startswith(prefix)}
+    table = {rel[len(prefix):]: meta.sha256 for rel, meta in bundle_files.items() if rel.startswith(prefix)}
     if not table:
         raise BundleError(f"the bundle's file table lists no files under {package}; re-export the bundle")
     return table
@@ -143,7 +140,7 @@ def cast_feeds(graph: str, feeds: Mapping[str, np.ndarray], package_inputs: list
 class CoreMLSession:
     """One graph. ``model`` is anything with ``predict(dict) -> dict`` (a coremltools model)."""
 
-    def __init__(self, graph: str, model, inputs: list[dict], outputs: list[dict], package_inputs: list[dict]):
+    def __init__(self, graph: str, model, inputs, outputs, package_inputs: list[dict]):
         self.graph = graph
         self._model = model
         self._inputs, self._outputs = inputs, outputs
@@ -154,13 +151,13 @@ class CoreMLSession:
         got = self._model.predict(cast_feeds(self.graph, feeds, self._package_inputs))
         result = {}
         for spec in self._outputs:
-            if spec["name"] not in got:
-                raise BundleError(f"Core ML {self.graph} returned {sorted(got)}, not {spec['name']!r}; re-export the bundle")
-            arr = np.asarray(got[spec["name"]], dtype=np.float32)
-            if list(arr.shape) != list(spec["shape"]):
-                raise ShapeMismatch(f"Core ML {self.graph}.{spec['name']} came back {tuple(arr.shape)}, "
-                                    f"the manifest declares {tuple(spec['shape'])}; re-export the bundle")
-            result[spec["name"]] = arr
+            if spec.name not in got:
+                raise BundleError(f"Core ML {self.graph} returned {sorted(got)}, not {spec.name!r}; re-export the bundle")
+            arr = np.asarray(got[spec.name], dtype=np.float32)
+            if tuple(arr.shape) != tuple(spec.shape):
+                raise ShapeMismatch(f"Core ML {self.graph}.{spec.name} came back {tuple(arr.shape)}, "
+                                    f"the manifest declares {tuple(spec.shape)}; re-export the bundle")
+            result[spec.name] = arr
         return result
 
     def close(self) -> None:
@@ -199,8 +196,18 @@ class CoreMLBackend:
     name = "coreml"
     fmt = "coreml"
 
-    def __init__(self, compute_units: str = "ALL", cache_dir: str | Path | None = None):
-        self.options = CoreMLOptions(compute_units, Path(cache_dir) if cache_dir is not None else None)
+    Options = CoreMLOptions
+    memory_policies = ("resident", "sequential")
+
+    def __init__(self, options: CoreMLOptions | None = None, **fields):
+        self.options = build_options(CoreMLOptions, options, fields, self.name)
+
+    @staticmethod
+    def auto_skip(bundle, memory: str) -> str | None:
+        return None
+
+    def configure(self, bundle, memory: str) -> None:
+        pass
 
     def probe(self) -> Availability:
         system = platform.system()
@@ -225,12 +232,12 @@ class CoreMLBackend:
         if art is None:
             raise BackendUnavailable(f"bundle {bundle.root} has no Core ML package for {graph}; "
                                      "re-export with --targets onnx,coreml")
-        check_target(graph, art.get("minimum_deployment_target", "macOS14"), platform.mac_ver()[0])
+        check_target(graph, art.details.get("minimum_deployment_target", "macOS14"), platform.mac_ver()[0])
         import coremltools as ct
 
-        key = cache_key(package_files(bundle.manifest["files"], art["file"]), ct.__version__, platform.mac_ver()[0])
+        key = cache_key(package_files(bundle.manifest.files, art.file), ct.__version__, platform.mac_ver()[0])
         cache_dir = self.options.cache_dir or default_cache_dir()
-        compiled = compile_cached(bundle.path(art["file"]), key, cache_dir)
+        compiled = compile_cached(bundle.path(art.file), key, cache_dir)
         try:
             model = ct.models.CompiledMLModel(str(compiled), compute_units=getattr(ct.ComputeUnit, self.options.compute_units))
         except Exception as exc:  # coremltools raises bare Exception on load failures
@@ -238,7 +245,7 @@ class CoreMLBackend:
                                      f"Delete that folder to recompile it.") from exc
         entry = bundle.graphs[graph]
         logger.info("coreml %s: %s (compute units %s)", graph, compiled, self.options.compute_units)
-        return CoreMLSession(graph, model, entry["inputs"], entry["outputs"], art["inputs"])
+        return CoreMLSession(graph, model, entry.inputs, entry.outputs, art.details["inputs"])
 
 
 BACKEND = CoreMLBackend

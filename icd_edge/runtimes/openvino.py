@@ -3,7 +3,7 @@
 It runs the same ``onnx`` artifacts as onnxruntime (no extra export). On x86 CPUs OpenVINO
 brings kernels onnxruntime's CPU provider lacks: int8 convolutions and matmuls on AMX where the
 CPU has it, fused scaled-dot-product attention, and, by default on CPUs with native bfloat16
-(AMX / AVX512-BF16), the graph's float parts in bfloat16. ``precision="f32"`` keeps them in
+(AMX / AVX512-BF16), the graph's float parts in bfloat16. ``precision="fp32"`` keeps them in
 float32 (closest to the torch reference, slower). The default, ``auto``, follows the bundle:
 graphs exported in fp32 or fp16 run in float32 (x86 CPUs have no fast float16), graphs exported in
 int8 run their remaining float parts (attention, normalisation) in bfloat16 where the CPU has it
@@ -28,21 +28,21 @@ from typing import Mapping
 import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError
-from icd_edge.runtimes import Availability
+from icd_edge import precision
+from icd_edge.cache import cache_dir
+from icd_edge import runtimes
+from icd_edge.runtimes import INT8_CPU_BACKEND, Availability, build_options, edit_unet_precision, warn_if_int8_saturates
 from icd_edge.bundle.spec import check_feeds, check_graph_io
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"auto": None, "f32": "f32", "bf16": "bf16", "f16": "f16"}  # ours → INFERENCE_PRECISION_HINT
-_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPABILITIES entry each needs
+PRECISIONS = (precision.AUTO, *precision.FLOATS)
+_CAPABILITY = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}  # OPTIMIZATION_CAPABILITIES entry each hint needs
 
 
 def default_cache_dir() -> Path:
-    """``$ICD_EDGE_CACHE/openvino``, else ``$XDG_CACHE_HOME/icd_edge/openvino``, else ``~/.cache/icd_edge/openvino``."""
-    if os.environ.get("ICD_EDGE_CACHE"):
-        return Path(os.environ["ICD_EDGE_CACHE"]) / "openvino"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "icd_edge" / "openvino"
+    """``$ICD_EDGE_CACHE/openvino``, else the user cache (see :mod:`icd_edge.cache`)."""
+    return cache_dir("openvino")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class OvOptions:
     """Options only this backend understands.
 
     Attributes:
-        precision: the float parts' precision: ``auto`` (see :func:`hint_for`), ``f32``,
-            ``bf16`` or ``f16``; the int8 parts of an int8 graph stay int8 whatever this says.
+        precision: the float parts' precision: ``auto`` (see :func:`hint_for`), ``fp32``,
+            ``bf16`` or ``fp16``; the int8 parts of an int8 graph stay int8 whatever this says.
         threads: 0 lets OpenVINO choose (one per physical core).
         cache_dir: compiled-graph cache; ``None`` means :func:`default_cache_dir`, ``""`` no cache.
     """
@@ -60,9 +60,17 @@ class OvOptions:
     threads: int = 0
     cache_dir: str | None = None
 
+    def __post_init__(self):
+        object.__setattr__(self, "precision", precision.canonical(self.precision, PRECISIONS, "openvino precision"))
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise InputError(f"threads must be an integer >= 0 (0: OpenVINO chooses), got {self.threads!r}",
+                             param="threads")
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", str(self.cache_dir))
+
 
 class OvSession:
-    def __init__(self, core, graph: str, path: Path, inputs: list[dict], outputs: list[dict], config: dict):
+    def __init__(self, core, graph: str, path: Path, inputs, outputs, config: dict):
         self.graph = graph
         self._inputs = inputs
         try:
@@ -77,9 +85,10 @@ class OvSession:
             raise BundleError(f"OpenVINO cannot compile {path.name} for the CPU: {_first_line(exc)}") from exc
         del model
         hint = self._compiled.get_property("INFERENCE_PRECISION_HINT")  # what the plugin chose: f32, bf16, f16
-        self.precision = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        # reported in icd_edge's vocabulary (fp32, bf16, fp16)
+        self.precision = precision.from_library(hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint))
         self._request = self._compiled.create_infer_request()
-        self._ports = {o["name"]: self._compiled.output(o["name"]) for o in outputs}
+        self._ports = {o.name: self._compiled.output(o.name) for o in outputs}
         self._lock = threading.Lock()  # one infer request: runs from several threads take turns
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -93,7 +102,7 @@ class OvSession:
             # fp32 SD1.5 UNet gives NaN everywhere under bf16); say so instead of decoding NaN
             if not np.isfinite(value).all():
                 raise NumericsError(f"OpenVINO's {self.graph} gave NaN/inf in {name!r} running in {self.precision}; "
-                                    "run with --ov-precision f32 (precision='f32') or on onnxruntime")
+                                    "run with --ov-precision fp32 (precision='fp32') or on onnxruntime")
         return out
 
     def close(self) -> None:
@@ -103,16 +112,16 @@ class OvSession:
         trim_heap()
 
 
-def hint_for(precision: str, graph_precision: str, capabilities) -> str:
-    """OpenVINO's inference precision for a graph exported in ``graph_precision`` (``fp32``,
-    ``fp16``, ``int8``, ``int8-dynamic``) when the user asked for ``precision``.
+def hint_for(requested: str, graph_precision: str, capabilities) -> str:
+    """OpenVINO's inference precision hint for a graph exported in ``graph_precision`` (``fp32``,
+    ``fp16``, ``int8``, ``int8-dynamic``) when the user asked for ``requested``.
 
     ``auto``: float32, except int8 graphs on a CPU with native bfloat16 (``BF16`` among the CPU
     plugin's ``OPTIMIZATION_CAPABILITIES``), whose float parts run in bfloat16.
     """
-    if precision != "auto":
-        return PRECISIONS[precision]
-    return "bf16" if graph_precision.startswith("int8") and "BF16" in capabilities else "f32"
+    if requested != precision.AUTO:
+        return precision.OPENVINO[requested]
+    return "bf16" if precision.is_int8(graph_precision) and "BF16" in capabilities else "f32"
 
 
 def _dims(port) -> list:
@@ -127,14 +136,29 @@ def _first_line(exc: Exception) -> str:
 class OpenVinoBackend:
     name = "openvino"
     fmt = "onnx"
+    Options = OvOptions
+    memory_policies = ("resident", "sequential")
 
-    def __init__(self, precision: str = "auto", threads: int = 0, cache_dir: str | Path | None = None):
-        if precision not in PRECISIONS:
-            raise InputError(f"openvino precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise InputError(f"threads must be an integer >= 0 (0: OpenVINO chooses), got {threads!r}")
-        self.options = OvOptions(precision, threads, None if cache_dir is None else str(cache_dir))
+    def __init__(self, options: OvOptions | None = None, **fields):
+        self.options = build_options(OvOptions, options, fields, self.name)
         self._core = None
+
+    @staticmethod
+    def auto_skip(bundle, memory: str) -> str | None:
+        """Why auto prefers onnxruntime for this bundle (None: it does not)."""
+        if not precision.is_int8(edit_unet_precision(bundle)):
+            return "onnxruntime is faster for fp32/fp16 UNets on the CPU"
+        if memory == "sequential":
+            return "onnxruntime has the lower peak memory in the sequential policy"
+        if runtimes.onnxruntime_has_gpu():  # looked up on the module: tests stand in for the machine
+            return "onnxruntime runs on a GPU here"
+        isa = runtimes.isa_class()
+        if INT8_CPU_BACKEND.get(isa, "openvino") != "openvino":
+            return f"onnxruntime runs int8 faster on this CPU class ({isa})"
+        return None
+
+    def configure(self, bundle, memory: str) -> None:
+        warn_if_int8_saturates(bundle, self.name)
 
     def probe(self) -> Availability:
         if importlib.util.find_spec("openvino") is None:
@@ -162,7 +186,7 @@ class OpenVinoBackend:
         hint = hint_for(self.options.precision, graph_precision, caps)
         if _CAPABILITY[hint] not in caps:
             raise BackendUnavailable(f"this CPU has no native {hint} for OpenVINO (it offers: {', '.join(caps)}); "
-                                     "use --ov-precision auto or f32")
+                                     "use --ov-precision auto or fp32")
         config["INFERENCE_PRECISION_HINT"] = hint
         if self.options.threads:
             config["INFERENCE_NUM_THREADS"] = self.options.threads
@@ -179,7 +203,7 @@ class OpenVinoBackend:
             raise BackendUnavailable(f"bundle {bundle.root} has no ONNX graph for {graph}")
         entry = bundle.graphs[graph]
         core = self._get_core()
-        config = self.compile_config(art.get("precision", "fp32"))
+        config = self.compile_config(art.precision)
         cache = self.cache_dir()
         if cache is not None:
             try:
@@ -187,7 +211,7 @@ class OpenVinoBackend:
                 config["CACHE_DIR"] = str(cache)
             except OSError as exc:  # a read-only home: compile every time rather than fail
                 logger.warning("OpenVINO cache %s is not writable (%s); graphs compile on every load", cache, exc)
-        return OvSession(core, graph, bundle.path(art["file"]), entry["inputs"], entry["outputs"], config)
+        return OvSession(core, graph, bundle.path(art.file), entry.inputs, entry.outputs, config)
 
 
 BACKEND = OpenVinoBackend

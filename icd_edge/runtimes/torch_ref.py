@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import importlib.util
 import threading
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
 
 from icd_edge.errors import BackendUnavailable
-from icd_edge.runtimes import Availability
+from icd_edge.runtimes import Availability, build_options
 from icd_edge.bundle.spec import check_feeds
 
 
@@ -27,7 +28,7 @@ def _has_module(name: str) -> bool:
 
 
 class TorchSession:
-    def __init__(self, graph: str, module, inputs: list[dict], outputs: list[dict], device: str):
+    def __init__(self, graph: str, module, inputs, outputs, device: str):
         self.graph, self.module, self.device = graph, module, device
         self._inputs, self._outputs = inputs, outputs
 
@@ -35,26 +36,43 @@ class TorchSession:
         import torch
 
         check_feeds(self.graph, dict(feeds), self._inputs)
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[s["name"]])).to(self.device) for s in self._inputs]
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(self.device) for s in self._inputs]
         with torch.inference_mode():
             out = self.module(*args)
         out = out if isinstance(out, tuple) else (out,)
-        return {s["name"]: o.float().cpu().numpy() for s, o in zip(self._outputs, out)}
+        return {s.name: o.float().cpu().numpy() for s, o in zip(self._outputs, out)}
 
     def close(self) -> None:
         self.module = None
 
 
+@dataclass(frozen=True)
+class TorchOptions:
+    """Attributes: device: where the reference runs (``cpu`` unless checking a GPU)."""
+
+    device: str = "cpu"
+
+
 class TorchBackend:
-    """Args: graphs: optional in-memory ``{graph: nn.Module}`` (export-time parity); device."""
+    """Args: graphs: optional in-memory ``{graph: nn.Module}`` (export-time parity); options."""
 
     name = "torch"
     fmt = "torch"
+    Options = TorchOptions
+    memory_policies = ("resident", "sequential")
 
-    def __init__(self, graphs: dict | None = None, device: str = "cpu"):
+    def __init__(self, graphs: dict | None = None, options: TorchOptions | None = None, **fields):
         self._graphs = graphs
-        self.device = device
+        self.options = build_options(TorchOptions, options, fields, self.name)
+        self.device = self.options.device
         self._lock = threading.Lock()
+
+    @staticmethod
+    def auto_skip(bundle, memory: str) -> str | None:
+        return None
+
+    def configure(self, bundle, memory: str) -> None:
+        pass  # the reference keeps its modules loaded under every policy
 
     def probe(self) -> Availability:
         missing = [m for m in ("torch", "diffusers", "transformers") if not _has_module(m)]
@@ -75,7 +93,7 @@ class TorchBackend:
             art = bundle.artifact(name, "torch")
             if art is None:
                 raise BackendUnavailable(f"bundle {bundle.root} has no torch weights for {name}; re-export with --targets onnx,torch")
-            return bundle.path(art["dir"])
+            return bundle.path(art.dir)
 
         # safetensors only: a bundle never unpickles anything
         text = CLIPTextModel.from_pretrained(part("text_encoder"), use_safetensors=True)
@@ -90,7 +108,7 @@ class TorchBackend:
             if self._graphs is None:
                 self._graphs = self._load_graphs(bundle)
         entry = bundle.graphs[graph]
-        return TorchSession(graph, self._graphs[graph], entry["inputs"], entry["outputs"], self.device)
+        return TorchSession(graph, self._graphs[graph], entry.inputs, entry.outputs, self.device)
 
 
 BACKEND = TorchBackend

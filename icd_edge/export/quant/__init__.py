@@ -105,10 +105,14 @@ class _Recorder:
 
     def __init__(self, backend):
         self.backend, self.name, self.fmt = backend, backend.name, backend.fmt
+        self.memory_policies = backend.memory_policies
         self.feeds: dict[str, list[dict]] = {}
 
     def probe(self):
         return self.backend.probe()
+
+    def configure(self, bundle, memory: str) -> None:
+        self.backend.configure(bundle, memory)
 
     def open_session(self, bundle, graph):
         inner = self.backend.open_session(bundle, graph)
@@ -139,7 +143,7 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
     feeds = rec.feeds
     if "taesd_decoder" in graphs and not feeds.get("taesd_decoder"):
         # the editor decoded with the full VAE: TAESD sees the same final latents, unscaled
-        feeds["taesd_decoder"] = [{"latent": f["latent"] * np.float32(ed.vae_scale)} for f in feeds.get("vae_decoder", [])]
+        feeds["taesd_decoder"] = [{"latent": f["latent"] * np.float32(ed.constants.vae_scale)} for f in feeds.get("vae_decoder", [])]
     return feeds
 
 
@@ -421,8 +425,3 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             per_channel=INT8_PER_CHANNEL, use_external_data_format=True, reduce_range=reduce_range,
                             calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(_child_main(sys.argv[1:]))

@@ -12,7 +12,8 @@ import numpy as np
 
 from icd_edge.errors import BackendUnavailable, BundleError
 from icd_edge.memory import trim_heap
-from icd_edge.runtimes import Availability
+from icd_edge import runtimes
+from icd_edge.runtimes import Availability, build_options, warn_if_int8_saturates
 from icd_edge.bundle.spec import check_feeds, check_graph_io
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class OrtOptions:
 
 
 class OrtSession:
-    def __init__(self, graph: str, path, inputs: list[dict], outputs: list[dict], options: OrtOptions,
+    def __init__(self, graph: str, path, inputs, outputs, options: OrtOptions,
                  initializers: list | None = None):
         import onnxruntime as ort
 
@@ -94,7 +95,7 @@ class OrtSession:
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}. The file may be corrupt; re-export the bundle.") from exc
         self.providers = self._sess.get_providers()
-        self._out_names = [o["name"] for o in outputs]
+        self._out_names = [o.name for o in outputs]
         check_graph_io(graph, path, {a.name: a.shape for a in self._sess.get_inputs()}, inputs)
         check_graph_io(graph, path, {a.name: a.shape for a in self._sess.get_outputs()}, outputs)
         use_binding = options.io_binding if options.io_binding is not None else self.providers[0] == "CUDAExecutionProvider"
@@ -114,6 +115,11 @@ class OrtSession:
             return str(path)
         logger.debug("%s: %d attention layers fused", self.graph, self.fused_attention)
         return source
+
+    @property
+    def session_options(self):
+        """The onnxruntime SessionOptions this graph runs with (memory reuse, arena, threads)."""
+        return self._sess.get_session_options()
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         check_feeds(self.graph, dict(feeds), self._inputs)
@@ -140,9 +146,9 @@ class _Binding:
         self._device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
         self._outputs = {}
         for o in outputs:
-            value = ort.OrtValue.ortvalue_from_shape_and_type(o["shape"], np.dtype(o["dtype"]).type, self._device, 0)
-            self._io.bind_ortvalue_output(o["name"], value)
-            self._outputs[o["name"]] = value
+            value = ort.OrtValue.ortvalue_from_shape_and_type(list(o.shape), np.dtype(o.dtype).type, self._device, 0)
+            self._io.bind_ortvalue_output(o.name, value)
+            self._outputs[o.name] = value
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, arr in feeds.items():
@@ -155,19 +161,35 @@ class _Binding:
 class OrtBackend:
     name = "onnxruntime"
     fmt = "onnx"
+    Options = OrtOptions
+    memory_policies = ("resident", "sequential", "shared-base")
 
-    def __init__(self, providers: tuple[str, ...] | None = None, intra_op_threads: int = 0, io_binding: bool | None = None,
-                 share_weights: bool = False, fuse_attention: bool = True):
-        self.options = OrtOptions(tuple(providers) if providers else None, intra_op_threads, io_binding, share_weights,
-                                  fuse_attention=fuse_attention)
+    def __init__(self, options: OrtOptions | None = None, **fields):
+        if fields.get("providers") is not None:
+            fields["providers"] = tuple(fields["providers"])
+        self.options = build_options(OrtOptions, options, fields, self.name)
         self._shared_values: dict[tuple, object] = {}
 
-    def prefer_low_memory(self) -> None:
-        """Sessions opened from now on run without planned buffer reuse (the sequential policy):
-        lower peak memory, see :class:`OrtSession`."""
+    @staticmethod
+    def auto_skip(bundle, memory: str) -> str | None:
+        return None
+
+    def configure(self, bundle, memory: str) -> None:
+        """sequential: sessions without planned buffer reuse (lower peak, see :class:`OrtSession`);
+        shared-base: each shared initializer mapped once for all sessions."""
         import dataclasses
 
-        self.options = dataclasses.replace(self.options, low_memory=True)
+        if memory == "sequential":
+            self.options = dataclasses.replace(self.options, low_memory=True)
+        elif memory == "shared-base":
+            self.options = dataclasses.replace(self.options, share_weights=True)
+        if self.runs_on_cpu():  # the int8 check is of the CPU kernels
+            warn_if_int8_saturates(bundle, self.name)
+
+    def runs_on_cpu(self) -> bool:
+        chosen = self.options.providers
+        first = chosen[0] if chosen else "CUDAExecutionProvider" if runtimes.onnxruntime_has_gpu() else "CPUExecutionProvider"
+        return first == "CPUExecutionProvider"
 
     def probe(self) -> Availability:
         if importlib.util.find_spec("onnxruntime") is None:
@@ -184,12 +206,12 @@ class OrtBackend:
         entry = bundle.graphs[graph]
         initializers = None
         if self.options.share_weights:
-            table = bundle.manifest.get("shared_initializers")
+            table = bundle.manifest.info.get("shared_initializers")
             if table is None:
                 raise BundleError(f"bundle {bundle.root} stores fused UNets; memory policy shared-base needs a bundle "
                                   "exported with --unet-weights shared-base")
             initializers = [(name, self._shared_value(bundle, f, off, n, dt, dims)) for name, f, off, n, dt, dims in table.get(graph, [])]
-        return OrtSession(graph, bundle.path(art["file"]), entry["inputs"], entry["outputs"], self.options, initializers)
+        return OrtSession(graph, bundle.path(art.file), entry.inputs, entry.outputs, self.options, initializers)
 
     def _shared_value(self, bundle, rel: str, offset: int, length: int, dtype: str, dims: list):
         """One read-only memory map per shared tensor, reused by every session that names it.

@@ -29,7 +29,8 @@ from pathlib import Path
 from icd_edge.atomic import write_bytes_atomic
 from icd_edge.errors import BackendUnavailable, InputError
 from icd_edge.bundle.store import sha256_file
-from icd_edge.runtimes import Availability
+from icd_edge.precision import canonical
+from icd_edge.runtimes import Availability, build_options
 from icd_edge.runtimes.trt.build import BuildRequest, build_engine
 from icd_edge.runtimes.trt.plan import (PRECISIONS, default_cache_dir, describe_difference, engine_filename, engine_io_problems,
                                         engine_key, key_material, meta_path, plan_precision, profile_shapes, read_meta,
@@ -44,7 +45,7 @@ SHARED_GRAPHS = {"unet_forward": "forward", "unet_reverse": "reverse"}
 
 @dataclass(frozen=True)
 class TrtOptions:
-    """Options only this backend understands (``Editor.open(b, backend="tensorrt", **options)``).
+    """Options only this backend understands (``Editor.open(b, backend="tensorrt", options=TrtOptions(...))``).
 
     Attributes:
         precision: ``auto`` (fp16 where this TensorRT can build it, else fp32), ``fp32``, ``fp16``
@@ -54,7 +55,7 @@ class TrtOptions:
         workspace_mb: builder workspace limit (``MemoryPoolType.WORKSPACE``); None: TensorRT's default.
         cuda_graph: capture each graph's copies + enqueue as a CUDA graph and replay it.
         shared_base: one refittable engine for ``unet_forward`` and ``unet_reverse``, refitted
-            between them (refit times in ``backend.refit_log``).
+            between them (refit times in ``backend.refit_log``); set by the shared-base memory policy.
         device: CUDA device index.
     """
 
@@ -67,8 +68,9 @@ class TrtOptions:
     device: int = 0
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise InputError(f"tensorrt precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        object.__setattr__(self, "precision", canonical(self.precision, PRECISIONS, "tensorrt precision"))
+        if self.engine_cache is not None:
+            object.__setattr__(self, "engine_cache", Path(self.engine_cache).expanduser())
         if self.workspace_mb is not None and (not isinstance(self.workspace_mb, int) or self.workspace_mb <= 0):
             raise InputError(f"workspace_mb must be a positive integer (MiB), got {self.workspace_mb!r}")
         if not isinstance(self.device, int) or self.device < 0:
@@ -82,19 +84,28 @@ class TensorRTBackend:
     # select_backend() requires the bundle to hold `fmt`, so that format is "onnx".
     fmt = "onnx"
 
-    def __init__(self, **options):
-        known = {f.name for f in fields(TrtOptions)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise InputError(f"unknown tensorrt option(s) {unknown}; known: {sorted(known)}")
-        if options.get("engine_cache") is not None:
-            options["engine_cache"] = Path(options["engine_cache"]).expanduser()
-        self.options = TrtOptions(**options)
+    Options = TrtOptions
+    memory_policies = ("resident", "sequential", "shared-base")
+
+    def __init__(self, options: TrtOptions | None = None, **fields):
+        self.options = build_options(TrtOptions, options, fields, self.name)
         self.refit_log: list[dict] = []
         self.built: list[str] = []  # engine files built by this backend instance
         self._rt = None
         self._shared: dict[str, SharedBase] = {}
         self._lock = threading.Lock()
+
+    @staticmethod
+    def auto_skip(bundle, memory: str) -> str | None:
+        if memory == "shared-base":
+            return "auto runs shared-base bundles on onnxruntime; ask for tensorrt by name to refit one engine"
+        return None
+
+    def configure(self, bundle, memory: str) -> None:
+        if memory == "shared-base":
+            import dataclasses
+
+            self.options = dataclasses.replace(self.options, shared_base=True)
 
     # ------------------------------------------------------------------ availability
     def probe(self) -> Availability:
@@ -163,13 +174,13 @@ class TensorRTBackend:
             raise BackendUnavailable("shared_base needs the unet_forward and unet_reverse ONNX graphs in the bundle")
         if importlib.util.find_spec("onnx") is None:
             raise BackendUnavailable("shared_base reads the ONNX initializers once: pip install onnx")
-        files = bundle.manifest["files"]
+        files = bundle.manifest.files
         map_key = engine_key({"refit_map": 1, "forward": source_digests(files, _src(fwd)),
                               "reverse": source_digests(files, _src(rev))})
         map_path = self._cache_dir() / f"refit-map.{map_key[:16]}.json"
         refit_map = read_meta(map_path)
         if refit_map is None or refit_map.get("key") != map_key:
-            refit_map = {**refit_weight_map(bundle.root, fwd["file"], rev["file"]), "key": map_key}
+            refit_map = {**refit_weight_map(bundle.root, fwd.file, rev.file), "key": map_key}
             map_path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(map_path, json.dumps(refit_map).encode())
         engine = self.engine_for(bundle, "unet_forward", refit=True)
@@ -207,20 +218,20 @@ class TensorRTBackend:
         trt, entry = rt["trt"], bundle.graphs[graph]
         plan = plan_precision(graph, entry, self.options.precision, rt["version"], refit=refit)
         profile = profile_shapes(entry)
-        material = key_material(graph, source_digests(bundle.manifest["files"], plan.source), plan, profile,
+        material = key_material(graph, source_digests(bundle.manifest.files, plan.source), plan, profile,
                                 rt["gpu"], rt["version"])
         key = engine_key(material)
 
-        prebuilt = entry.get("artifacts", {}).get("tensorrt")
+        prebuilt = entry.artifacts.get("tensorrt")
         if prebuilt is not None and not refit:
-            if prebuilt.get("key") == key:
-                engine, problem = self._load(bundle.path(prebuilt["file"]), entry)
+            if prebuilt.details.get("key") == key:
+                engine, problem = self._load(bundle.path(prebuilt.file), entry)
                 if engine is not None:
                     return engine
-                logger.warning("bundle engine %s is not usable here (%s); using the engine cache", prebuilt["file"], problem)
+                logger.warning("bundle engine %s is not usable here (%s); using the engine cache", prebuilt.file, problem)
             else:
-                logger.info("bundle engine %s was built for other inputs (%s); using the engine cache", prebuilt["file"],
-                            describe_difference(prebuilt.get("material") or {}, material))
+                logger.info("bundle engine %s was built for other inputs (%s); using the engine cache", prebuilt.file,
+                            describe_difference(prebuilt.details.get("material") or {}, material))
 
         path = self._cache_dir() / engine_filename(graph, plan.precision, key)
         reason = stale_reason(read_meta(meta_path(path)), material, path, sha256_file)
@@ -255,7 +266,7 @@ class TensorRTBackend:
 
 
 def _src(art: dict) -> Source:
-    return Source("onnx", art["file"], art.get("weights"), str(art.get("precision", "fp32")))
+    return Source("onnx", art.file, art.weights, art.precision)
 
 
 BACKEND = TensorRTBackend

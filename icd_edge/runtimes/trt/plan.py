@@ -133,9 +133,9 @@ def version_problem(version: str) -> str | None:
 def onnx_sources(entry: dict) -> list[Source]:
     """Every ONNX artifact of a manifest graph entry (``artifacts`` keys ``onnx`` / ``onnx_*``)."""
     out = []
-    for fmt, art in entry.get("artifacts", {}).items():
-        if (fmt == "onnx" or fmt.startswith("onnx_")) and str(art.get("file", "")).endswith(".onnx"):
-            out.append(Source(fmt, art["file"], art.get("weights"), str(art.get("precision", "fp32"))))
+    for fmt, art in entry.artifacts.items():
+        if (fmt == "onnx" or fmt.startswith("onnx_")) and str(art.file or "").endswith(".onnx"):
+            out.append(Source(fmt, art.file, art.weights, art.precision))
     return out
 
 
@@ -179,7 +179,7 @@ def plan_precision(graph: str, entry: dict, requested: str, trt_version: str, re
 
 def profile_shapes(entry: dict) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The fixed shape of every input, in manifest order: the profile's min = opt = max."""
-    return tuple((s["name"], tuple(int(d) for d in s["shape"])) for s in entry["inputs"])
+    return tuple((s.name, tuple(int(d) for d in s.shape)) for s in entry.inputs)
 
 
 def binding_plan(entry: dict, engine_dtypes: dict[str, str] | None = None) -> tuple[Binding, ...]:
@@ -190,14 +190,14 @@ def binding_plan(entry: dict, engine_dtypes: dict[str, str] | None = None) -> tu
         engine_dtypes: numpy dtype names the engine reports per tensor (default: the manifest's).
     """
     out = []
-    for is_input, specs in ((True, entry["inputs"]), (False, entry["outputs"])):
+    for is_input, specs in ((True, entry.inputs), (False, entry.outputs)):
         for s in specs:
-            shape = tuple(int(d) for d in s["shape"])
-            engine_dtype = (engine_dtypes or {}).get(s["name"], s["dtype"])
+            shape = tuple(int(d) for d in s.shape)
+            engine_dtype = (engine_dtypes or {}).get(s.name, s.dtype)
             count = 1
             for d in shape:
                 count *= d
-            out.append(Binding(s["name"], is_input, s["dtype"], engine_dtype, shape, count * _ITEMSIZE[engine_dtype]))
+            out.append(Binding(s.name, is_input, s.dtype, engine_dtype, shape, count * _ITEMSIZE[engine_dtype]))
     return tuple(out)
 
 
@@ -208,7 +208,7 @@ def engine_io_problems(entry: dict, engine_io: dict[str, tuple[bool, str, tuple[
         engine_io: ``name -> (is_input, numpy dtype name, shape)`` as the engine reports it.
     """
     problems = []
-    expected = {s["name"]: (True, s) for s in entry["inputs"]} | {s["name"]: (False, s) for s in entry["outputs"]}
+    expected = {s.name: (True, s) for s in entry.inputs} | {s.name: (False, s) for s in entry.outputs}
     for name in sorted(set(expected) - set(engine_io)):
         problems.append(f"engine lacks tensor {name!r}")
     for name in sorted(set(engine_io) - set(expected)):
@@ -218,10 +218,10 @@ def engine_io_problems(entry: dict, engine_io: dict[str, tuple[bool, str, tuple[
         got_input, got_dtype, got_shape = engine_io[name]
         if got_input != is_input:
             problems.append(f"{name!r} is an {'input' if got_input else 'output'} of the engine, the manifest says otherwise")
-        if got_dtype != spec["dtype"] and (spec["dtype"], got_dtype) not in _CASTABLE:
-            problems.append(f"{name!r} is {got_dtype} in the engine, {spec['dtype']} in the manifest")
-        if tuple(got_shape) != tuple(spec["shape"]) and not _fits(tuple(got_shape), tuple(spec["shape"])):
-            problems.append(f"{name!r} has shape {tuple(got_shape)} in the engine, {tuple(spec['shape'])} in the manifest")
+        if got_dtype != spec.dtype and (spec.dtype, got_dtype) not in _CASTABLE:
+            problems.append(f"{name!r} is {got_dtype} in the engine, {spec.dtype} in the manifest")
+        if tuple(got_shape) != tuple(spec.shape) and not _fits(tuple(got_shape), tuple(spec.shape)):
+            problems.append(f"{name!r} has shape {tuple(got_shape)} in the engine, {tuple(spec.shape)} in the manifest")
     return problems
 
 
@@ -236,7 +236,7 @@ def source_digests(files: dict, source: Source) -> dict[str, str]:
     missing = [r for r in rels if r not in files]
     if missing:
         raise BackendUnavailable(f"the bundle's file table lacks {missing}; re-export the bundle")
-    return {r: files[r]["sha256"] for r in rels}
+    return {r: files[r].sha256 for r in rels}
 
 
 def key_material(graph: str, digests: dict[str, str], plan: PrecisionPlan, profile, gpu: GpuInfo,
@@ -306,11 +306,10 @@ def read_meta(path: Path) -> dict | None:
 
 
 def default_cache_dir() -> Path:
-    """``$ICD_EDGE_TRT_CACHE``, else ``$XDG_CACHE_HOME/icd_edge/trt``, else ``~/.cache/icd_edge/trt``."""
-    if os.environ.get("ICD_EDGE_TRT_CACHE"):
-        return Path(os.environ["ICD_EDGE_TRT_CACHE"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "icd_edge" / "trt"
+    """``$ICD_EDGE_CACHE/trt``, else the user cache (see :mod:`icd_edge.cache`)."""
+    from icd_edge.cache import cache_dir
+
+    return cache_dir("trt")
 
 
 def timing_cache_name(gpu: GpuInfo, trt_version: str) -> str:

@@ -58,7 +58,7 @@ class TrtSession:
     def __init__(self, graph: str, engine, entry: dict, trt, cuda, cuda_graph: bool = False):
         self.graph = graph
         self.engine = engine
-        self._inputs = entry["inputs"]
+        self._inputs = entry.inputs
         self._cuda = cuda
         self.cuda_graph = cuda_graph
         io = engine_io(trt, engine)
@@ -227,7 +227,7 @@ class SharedBaseSession:
     def __init__(self, graph: str, base: SharedBase, side: str, entry: dict):
         self.graph = graph
         self._base, self._side = base, side
-        self._inputs = entry["inputs"]
+        self._inputs = entry.inputs
         self._open = True
         base.users += 1
 

@@ -1,0 +1,137 @@
+"""The iCD loops, written once: invert (forward consistency steps), reverse (reconstruct and
+generate) and edit (the two-row source/target Prompt-to-Prompt decode with local blend).
+
+They call the models only through ``run(graph, stage, **feeds) -> outputs`` and do their array
+arithmetic only through an :class:`Ops` (numpy on the host here; the compiled GPU path passes
+torch ops so the same loop runs on the device without a host sync). Everything that is not a
+model call or step arithmetic (prompts, P2P controls, decoding, validation) stays with the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from icd_edge.bundle.schema import Manifest, Step
+from icd_edge.schedule import consistency_step, dynamic_guidance
+
+Run = Callable[..., dict]
+
+
+@dataclass(frozen=True)
+class Constants:
+    """What the loops need from a manifest."""
+
+    image_hw: int
+    latent_hw: int
+    vae_scale: float
+    forward: tuple[Step, ...]
+    reverse: tuple[Step, ...]
+    start: tuple[float, float]  # (a, σ) of the t = 19 start point x = a·z0 + σ·ε
+    alpha_sigma: dict[int, tuple[float, float]]
+    max_guidance: float
+    blend_threshold: float
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> "Constants":
+        return cls(m.image_hw, m.latent_hw, m.vae_scaling_factor, m.schedule.forward, m.schedule.reverse,
+                   m.schedule.encoder_start, m.schedule.alpha_sigma, m.guidance.max, m.p2p.blend_threshold)
+
+    def guided_w(self, guidance: float, tau: float) -> list[float]:
+        """The guidance w of each reverse step under dynamic guidance (0 where t > 1000·τ)."""
+        return [dynamic_guidance(guidance, st.t, tau) for st in self.reverse]
+
+
+class Ops(Protocol):
+    """Array arithmetic of the loops, so that one loop serves numpy and torch."""
+
+    def timestep(self, t: int): ...
+
+    def start(self, z0, noise, a: float, sigma: float): ...
+
+    def step(self, x, eps, st: Step): ...
+
+    def pair(self, latent): ...
+
+    def accumulate(self, acc, maps): ...
+
+    def blend(self, x, mask, n: int): ...
+
+
+class NumpyOps:
+    """float32 arithmetic as the reference computes it (scalars as float32)."""
+
+    @staticmethod
+    def timestep(t: int) -> np.ndarray:
+        return np.array([t], np.float32)
+
+    @staticmethod
+    def start(z0, noise, a: float, sigma: float) -> np.ndarray:
+        return (np.float32(a) * z0 + np.float32(sigma) * noise).astype(np.float32)
+
+    @staticmethod
+    def step(x, eps, st: Step) -> np.ndarray:
+        return consistency_step(x, eps, st.c1, st.c2)
+
+    @staticmethod
+    def pair(latent) -> np.ndarray:
+        return np.concatenate([latent, latent]).astype(np.float32)
+
+    @staticmethod
+    def accumulate(acc, maps):
+        return maps if acc is None else acc + maps
+
+    @staticmethod
+    def blend(x, mask, n: int) -> np.ndarray:
+        """Rows n.. (targets) keep their change only inside ``mask``; elsewhere the source rows."""
+        x[n:] = x[:n] + np.asarray(mask, np.float32) * (x[n:] - x[:n])
+        return x
+
+
+NUMPY = NumpyOps()
+
+
+def invert(run: Run, c: Constants, z0, noise, emb, w0, ops: Ops = NUMPY, on_step: Callable | None = None):
+    """x_19 = a·z0 + σ·ε, then the forward model's steps up to x_999 under the source prompt."""
+    x = ops.start(z0, noise, *c.start)
+    for i, st in enumerate(c.forward):
+        eps = run("unet_forward", f"forward_{i}", sample=x, timestep=ops.timestep(st.t), encoder_hidden_states=emb,
+                  timestep_cond=w0)["eps"]
+        x = ops.step(x, eps, st)
+        if on_step is not None:
+            on_step(i)
+    return x
+
+
+def reverse(run: Run, c: Constants, x, emb, conds: Sequence, ops: Ops = NUMPY, on_step: Callable | None = None):
+    """The reverse model's steps from x_999 under one prompt; ``conds[k]``: step k's guidance row."""
+    for k, st in enumerate(c.reverse):
+        eps = run("unet_reverse", f"reverse_{k}", sample=x, timestep=ops.timestep(st.t), encoder_hidden_states=emb,
+                  timestep_cond=conds[k])["eps"]
+        x = ops.step(x, eps, st)
+        if on_step is not None:
+            on_step(k, None, None, st)
+    return x
+
+
+def edit(run: Run, c: Constants, latent, text, conds: Sequence, step_feeds: Callable[[int], dict],
+         blend: Callable | None = None, ops: Ops = NUMPY, on_step: Callable | None = None):
+    """The edit decode: rows [sources; targets] from the same x_999, Prompt-to-Prompt controls of
+    step k from ``step_feeds(k)``; with ``blend(acc) -> mask`` (acc: the summed blend maps so far)
+    the targets change only inside the mask. ``on_step(k, x_before, eps, step)`` after each step."""
+    n = latent.shape[0]
+    x = ops.pair(latent)
+    acc = None
+    for k, st in enumerate(c.reverse):
+        out = run("unet_reverse_edit", f"reverse_edit_{k}", sample=x, timestep=ops.timestep(st.t),
+                  encoder_hidden_states=text, timestep_cond=conds[k], **step_feeds(k))
+        x_before = x
+        x = ops.step(x, out["eps"], st)
+        if blend is not None:
+            acc = ops.accumulate(acc, out["blend_maps"])
+            x = ops.blend(x, blend(acc), n)
+        if on_step is not None:
+            on_step(k, x_before, out["eps"], st)
+    return x
