@@ -157,6 +157,24 @@ def test_quantiser_failure_is_a_typed_error(tmp_path):
         _quantize(bad, "int8", [{"x": np.zeros(1, np.float32)}])
 
 
+def test_quantiser_child_runs(tmp_path):
+    """The child process starts and quantises (a regression: after the module became a package,
+    ``python -m`` found no entry and every int8 export failed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from icd_edge.export.quant import _quantize
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    model, _ = _quantize(src, "int8-dynamic", None)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & {n.op_type for n in model.graph.node}
+
+
 def test_paged_out_modules_keep_their_values(tmp_path):
     """Before quantising, the exporter moves the torch weights into memory-mapped files; the
     modules must compute exactly what they did (parity runs on them afterwards)."""

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+import icd_edge
 from icd_edge.atomic import scratch_dir
 from icd_edge.errors import ExportError
 from icd_edge.memory import trim_heap
@@ -267,7 +268,7 @@ def _quantize(src: Path, precision: str, calibration: list[dict] | None,
         feeds.mkdir()
         for i, feed in enumerate(calibration or []):
             np.savez(feeds / f"{i:05d}.npz", **feed)
-        pkg_root = str(Path(__file__).resolve().parents[2])  # importable however the parent found icd_edge
+        pkg_root = str(Path(icd_edge.__file__).resolve().parents[1])  # importable however the parent found icd_edge
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run([sys.executable, "-m", "icd_edge.export.quant", str(src), str(out), precision, str(feeds),
                                int8_weights],
@@ -422,7 +423,3 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
                             per_channel=INT8_PER_CHANNEL, use_external_data_format=True, reduce_range=reduce_range,
                             calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(_child_main(sys.argv[1:]))
