@@ -62,7 +62,7 @@ class ExportConfig:
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
     lora_rounding: str = "fp16"  # A and B through float16 before fusing, as the official loader; or "none"
-    int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (precision.INT8_WEIGHT_RANGES)
+    int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (quant.policy.INT8_WEIGHT_RANGES)
     coreml_compression: str = "none"
     coreml_attention: str = "standard"
     progress: bool = True
@@ -87,7 +87,7 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--resolution must be a multiple of 64 (≥ 64), got {cfg.resolution}")
     if not 18 <= cfg.opset <= 25:
         raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
-    from icd_edge.export.quant import INT8_WEIGHT_RANGES, PRECISIONS
+    from icd_edge.export.quant.policy import INT8_WEIGHT_RANGES, PRECISIONS
 
     if cfg.lora_rounding not in ("fp16", "none"):
         raise ExportError(f"--lora-rounding must be fp16 or none, got {cfg.lora_rounding!r}")

@@ -176,7 +176,7 @@ def run_export(cfg: ExportConfig) -> Path:
             bar.update(1)
             if cfg.parity == "e2e":
                 bar.set_postfix_str("parity: end to end")
-                from icd_edge.export.quant import DEFAULT_E2E_GATE_DB
+                from icd_edge.export.quant.policy import DEFAULT_E2E_GATE_DB
 
                 precisions = {manifest["graphs"][g]["artifacts"]["onnx"]["precision"] for g in graphs}
                 lowest = "int8" if any(q.startswith("int8") for q in precisions) else "fp16" if "fp16" in precisions else "fp32"
@@ -300,7 +300,7 @@ def _e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict, cal
     bundle = open_bundle(bundle_dir, verify=False, allow_incomplete=True)
     cases = [("synthetic", sample_photo(dims["H"]), "a photo of a cat", "a photo of a dog", ("cat", "dog"))]
     if calibration_cfg is not None:
-        from icd_edge.export.quant import calibration_cases
+        from icd_edge.export.quant.calibration import calibration_cases
 
         for i, (img, src, tgt, blend) in enumerate(calibration_cases(calibration_cfg.calibration, dims["H"],
                                                                      calibration_cfg.calibration_count)):

@@ -6,7 +6,7 @@ names the package, whichever module holds the quantiser."""
 import logging
 import sys
 
-from icd_edge.export.quant import _child_main
+from icd_edge.export.quant.int8 import _child_main
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
