@@ -65,11 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-weights", default="7bit", choices=("7bit", "8bit"),
                    help="range of the int8 Conv/MatMul weights: 7bit ([-64, 64]) is exact on every x86 CPU; 8bit "
                         "([-127, 127]) saturates on CPUs without VNNI (AVX2-only) [default 7bit]")
+    p.add_argument("--int8-ops", default="Conv,MatMul", type=_comma_list,
+                   help="comma list of the ops static int8 quantises: Conv, MatMul, Gemm (attention's activation "
+                        "MatMuls stay float; Gemm weights left out are stored weight-only int8)")
+    p.add_argument("--int8-per-channel", default="on", choices=("on", "off"),
+                   help="int8 Conv/MatMul weights with a scale per output channel (on) or one per tensor (off)")
     p.add_argument("--calibration-count", type=int, default=3, help="calibration photos to use")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log more, library warnings included")
     p.add_argument("--version", action="version", version=f"icd_edge.export {__version__}")
     return p
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append((graph, value))
         cfg = ExportConfig(precision=args.precision, graph_precision=tuple(overrides), calibration=args.calibration,
                            calibration_count=args.calibration_count, taesd=args.taesd,
-                           unet_weights=args.unet_weights, embeddings=args.embeddings, int8_weights=args.int8_weights, lora_rounding=args.lora_rounding, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
+                           unet_weights=args.unet_weights, embeddings=args.embeddings, int8_weights=args.int8_weights,
+                           int8_ops=args.int8_ops, int8_per_channel=args.int8_per_channel == "on",
+                           lora_rounding=args.lora_rounding, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
                            forward_lora=args.forward_lora, reverse_lora=args.reverse_lora, revision=args.revision,
                            steps=args.steps, forward_steps=args.forward_steps, reverse_steps=args.reverse_steps,
                            resolution=args.resolution,

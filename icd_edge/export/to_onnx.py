@@ -350,7 +350,7 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         ctx.manifest["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
                                        "feeds": {g: len(v) for g, v in calibration.items()}}
     if any(p.startswith("int8") for p in precisions.values()):
-        ctx.manifest["int8_scheme"] = int8_scheme(ctx.cfg.int8_weights)
+        ctx.manifest["int8_scheme"] = int8_scheme(ctx.cfg.int8_weights, ctx.cfg.int8_per_channel)
         # a batch-2 UNet's quantisation peaks at 9.3 GB RSS; the fp32 torch modules (7.5 GB at SD1.5
         # size, needed again for parity) would push a 24 GB machine out of memory
         _page_out_modules(ctx, scratch)
@@ -362,7 +362,8 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         t0 = time.perf_counter()
         info = convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group],
                             calibration.get(name), int8_embeddings=ctx.cfg.embeddings == "int8",
-                            int8_weights=ctx.cfg.int8_weights)
+                            int8_weights=ctx.cfg.int8_weights, int8_ops=ctx.cfg.int8_ops,
+                            int8_per_channel=ctx.cfg.int8_per_channel)
         ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
         if info.get("peak_rss_gb") is not None:  # the quantiser's own peak, for memory planning
             ctx.manifest.setdefault("quantiser_peak_rss_gb", {})[name] = info["peak_rss_gb"]

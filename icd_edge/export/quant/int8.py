@@ -1,10 +1,10 @@
 """int8 quantisation by ONNX Runtime, in a child process.
 
-* ``int8``: static Q/DQ (u8 activations, s8 per-channel weights) on Conv and the weight MatMuls
-  (attention's activation MatMuls stay float, :func:`~icd_edge.export.quant.surgery.activation_matmuls`),
-  with ranges from :func:`~icd_edge.export.quant.calibration.calibrate_ranges`. Keeping Gemm and
-  Gather off the op list avoids the quantiser's failure on the constants the dynamo exporter
-  shares between those nodes.
+* ``int8``: static Q/DQ (u8 activations, s8 weights, per channel by default) on the export's
+  ``int8_ops`` (default Conv and the weight MatMuls; attention's activation MatMuls stay float,
+  :func:`~icd_edge.export.quant.surgery.activation_matmuls`), with ranges from
+  :func:`~icd_edge.export.quant.calibration.calibrate_ranges`. The default list leaves Gemm and
+  Gather out: the quantiser failed on the constants the dynamo exporter shares between those nodes.
 * ``int8-dynamic``: weights int8, activations quantised at run time (MatMul/Gemm only), no
   calibration.
 
@@ -26,17 +26,18 @@ import icd_edge
 from icd_edge.atomic import scratch_dir
 from icd_edge.errors import ExportError
 from icd_edge.export.quant.calibration import calibrate_ranges
-from icd_edge.export.quant.policy import DEFAULT_INT8_WEIGHTS, INT8_OPS, INT8_PER_CHANNEL, INT8_WEIGHT_RANGES
+from icd_edge.export.quant.policy import DEFAULT_INT8_OPS, DEFAULT_INT8_WEIGHTS, INT8_WEIGHT_RANGES
 from icd_edge.export.quant.surgery import activation_matmuls
 from icd_edge.memory import trim_heap
 
 
 def quantize(src: Path, precision: str, calibration: list[dict] | None,
-             int8_weights: str = DEFAULT_INT8_WEIGHTS) -> tuple[onnx.ModelProto, float | None]:
+             int8_weights: str = DEFAULT_INT8_WEIGHTS, int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS,
+             int8_per_channel: bool = True) -> tuple[onnx.ModelProto, float | None]:
     """Quantise in a child process, so that what the exporter holds does not add to the
     quantiser's peak (at 512 px: 6.3 GB for a batch-1 UNet, 9.3 GB for the batch-2 P2P edit UNet)
-    and the child's memory is returned whole when it exits. Returns the model and the child's
-    peak RSS in GB."""
+    and the child's memory is returned whole when it exits. ``int8_ops`` and ``int8_per_channel``
+    shape the static quantisation only. Returns the model and the child's peak RSS in GB."""
     import subprocess
 
     with scratch_dir("quant") as d:
@@ -47,7 +48,7 @@ def quantize(src: Path, precision: str, calibration: list[dict] | None,
         pkg_root = str(Path(icd_edge.__file__).resolve().parents[1])  # importable however the parent found icd_edge
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run([sys.executable, "-m", "icd_edge.export.quant", str(src), str(out), precision, str(feeds),
-                               int8_weights],
+                               int8_weights, ",".join(int8_ops), "on" if int8_per_channel else "off"],
                               capture_output=True, text=True, env=env)
         if proc.returncode:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -80,15 +81,17 @@ def _no_arena_sessions() -> None:
 
 
 def _child_main(argv: list[str]) -> int:
-    """``python -m icd_edge.export.quant SRC OUT PRECISION FEEDS_DIR WEIGHTS`` (used by :func:`quantize`)."""
+    """``python -m icd_edge.export.quant SRC OUT PRECISION FEEDS_DIR WEIGHTS OPS on|off`` (used by
+    :func:`quantize`; OPS is a comma list, on|off the per-channel weight scales)."""
     src, out, precision, feeds, weights = Path(argv[0]), Path(argv[1]), argv[2], Path(argv[3]), argv[4]
+    ops, per_channel = tuple(argv[5].split(",")), argv[6] == "on"
     calibration = []
     for f in sorted(feeds.glob("*.npz")):
         with np.load(f) as z:
             calibration.append({k: z[k] for k in z.files})
     _no_arena_sessions()
     try:
-        _run_quantizer(src, out, precision, calibration, weights)
+        _run_quantizer(src, out, precision, calibration, weights, ops, per_channel)
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,7 +117,8 @@ def _own_peak_rss_gb() -> float | None:
 
 
 def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict] | None,
-                   int8_weights: str = DEFAULT_INT8_WEIGHTS) -> None:
+                   int8_weights: str = DEFAULT_INT8_WEIGHTS, int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS,
+                   int8_per_channel: bool = True) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
@@ -128,7 +132,7 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
             raise ExportError(f"int8 calibration recorded no inputs for {src.stem}")
 
         exclude = activation_matmuls(src)
-        ranges = calibrate_ranges(src, calibration, INT8_OPS, exclude)
+        ranges = calibrate_ranges(src, calibration, int8_ops, exclude)
         trim_heap()
         with scratch_dir("ranges") as d:
             # ranges go in through ORT's calibration cache, so its own calibrator never runs
@@ -136,7 +140,7 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
             save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
                 t: (np.array(a, np.float32), np.array(b, np.float32)) for t, (a, b) in ranges.items()}), cache)
             quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(INT8_OPS), nodes_to_exclude=exclude,
+                            op_types_to_quantize=list(int8_ops), nodes_to_exclude=exclude,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=INT8_PER_CHANNEL, use_external_data_format=True, reduce_range=reduce_range,
+                            per_channel=int8_per_channel, use_external_data_format=True, reduce_range=reduce_range,
                             calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))

@@ -8,16 +8,16 @@ encoder stay fp32 unless overridden.
 
 from __future__ import annotations
 
-import os
-
 from icd_edge.errors import ExportError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic")
 UNETS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
 INT8_DEFAULT = ("unet_reverse", "unet_reverse_edit")
-# Conv and MatMul carry almost all UNet FLOPs; the time-embedding Gemms are tiny and sensitive.
-INT8_OPS = tuple(os.environ.get("ICD_INT8_OPS", "Conv,MatMul").split(","))
-INT8_PER_CHANNEL = os.environ.get("ICD_INT8_PER_CHANNEL", "1") == "1"
+# Conv and MatMul carry almost all UNet FLOPs; the time-embedding Gemms are tiny and sensitive
+# (left out, their weights are stored weight-only int8 instead).
+DEFAULT_INT8_OPS = ("Conv", "MatMul")
+# what --int8-ops may name: the ops whose weights the static path quantises
+INT8_OP_CHOICES = ("Conv", "MatMul", "Gemm")
 DEFAULT_E2E_GATE_DB = {"fp32": 45.0, "fp16": 35.0, "int8": 25.0, "int8-dynamic": 25.0}
 # Largest |weight| of the quantised Conv/MatMul weights. Without VNNI, x86 int8 kernels (ONNX Runtime's
 # and OpenVINO's) add two u8·s8 products in a signed 16-bit lane (vpmaddubsw): 2·255·127 saturates it,
@@ -26,10 +26,11 @@ INT8_WEIGHT_RANGES = {"7bit": 64, "8bit": 127}
 DEFAULT_INT8_WEIGHTS = "7bit"
 
 
-def int8_scheme(weights: str) -> dict:
+def int8_scheme(weights: str, per_channel: bool = True) -> dict:
     """What the manifest records about how the int8 graphs' integer products are formed."""
     wmax = INT8_WEIGHT_RANGES[weights]
-    return {"activations": "uint8, per tensor", "weights": "int8, symmetric, per output channel",
+    scales = "per output channel" if per_channel else "per tensor"
+    return {"activations": "uint8, per tensor", "weights": f"int8, symmetric, {scales}",
             "weight_range": weights, "weight_max": wmax, "exact_without_vnni": 2 * 255 * wmax <= 32767}
 
 

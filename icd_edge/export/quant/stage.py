@@ -9,15 +9,18 @@ import onnx
 
 from icd_edge.export.quant.fp16 import to_fp16
 from icd_edge.export.quant.int8 import quantize
-from icd_edge.export.quant.policy import DEFAULT_INT8_WEIGHTS
+from icd_edge.export.quant.policy import DEFAULT_INT8_OPS, DEFAULT_INT8_WEIGHTS
 from icd_edge.export.quant.surgery import quantize_embeddings, quantize_gemm_weights
 
 
 def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None,
-            int8_embeddings: bool = False, int8_weights: str = DEFAULT_INT8_WEIGHTS) -> dict:
+            int8_embeddings: bool = False, int8_weights: str = DEFAULT_INT8_WEIGHTS,
+            int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS, int8_per_channel: bool = True) -> dict:
     """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``;
     ``int8_embeddings`` also stores an fp16 graph's embedding tables as int8 rows (int8 graphs always);
-    ``int8_weights`` is the range of the quantised Conv/MatMul weights (:data:`.policy.INT8_WEIGHT_RANGES`).
+    ``int8_weights`` is the range of the quantised Conv/MatMul weights (:data:`.policy.INT8_WEIGHT_RANGES`),
+    ``int8_ops`` the ops static int8 quantises, ``int8_per_channel`` whether their weights get a
+    scale per output channel (else one per tensor).
 
     Returns what is worth recording: the quantiser's peak RSS (``peak_rss_gb``) for int8."""
     info = {}
@@ -28,7 +31,7 @@ def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict]
         if int8_embeddings:
             info["int8_embeddings"] = quantize_embeddings(model)
     else:
-        model, info["peak_rss_gb"] = quantize(src, precision, calibration, int8_weights)
+        model, info["peak_rss_gb"] = quantize(src, precision, calibration, int8_weights, int8_ops, int8_per_channel)
         info["int8_embeddings"] = quantize_embeddings(model)
         if precision == "int8":  # the dynamic quantiser already covers Gemm
             info["int8_gemm_weights"] = quantize_gemm_weights(model)
