@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from icd_edge import __version__
+from icd_edge.cli_args import Parser
 from icd_edge.errors import ExportError, IcdEdgeError, Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m icd_edge.export", description=__doc__.split(":")[1].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m icd_edge.export", description=__doc__.split(":")[1].strip(),
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write (replaced atomically)")
     p.add_argument("--model", default="icd-sd15", choices=("icd-sd15", "tiny", "random-sd15"),
                    help="icd-sd15: the released iCD SD1.5; tiny: built-in toy model; random-sd15: full size, random weights")
@@ -79,11 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _quiet_libraries() -> None:
