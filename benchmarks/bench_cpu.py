@@ -131,6 +131,9 @@ def _same_config(recorded: dict, args: tuple) -> bool:
     defaults = {"unet_weights": "fused", "embeddings": "float", "int8_weights": "8bit", "lora_rounding": "none"}
     same = all(recorded.get(k, defaults.get(k)) == want[k] for k in keys)
     same &= sorted(map(tuple, recorded.get("graph_precision", []))) == sorted(tuple(v.split("=")) for v in want["graph_precision"])
+    # recorded as a list and a bool; bundles from before these flags were quantised with the defaults
+    same &= tuple(recorded.get("int8_ops", ("Conv", "MatMul"))) == want["int8_ops"]
+    same &= recorded.get("int8_per_channel", True) == (want["int8_per_channel"] == "on")
     if want["precision"].startswith("int8"):
         same &= recorded.get("calibration_count") == want["calibration_count"]
     return same

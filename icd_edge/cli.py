@@ -16,31 +16,13 @@ import time
 from pathlib import Path
 
 from icd_edge import __version__
+from icd_edge.cli_args import EXIT_BAD_INPUT, Once, Parser
 from icd_edge.errors import IcdEdgeError, InputError, Terminated
 
-EXIT_BAD_INPUT = 2
 # API parameter names in error messages → the flags a CLI user typed
 FLAGS = {"cross_replace": "--cross-replace", "self_replace": "--self-replace", "guidance": "--guidance", "tau": "--tau",
          "seed": "--seed", "mode": "--mode", "blend": "--blend", "amplify": "--amplify", "fit": "--fit",
          "quality": "--quality", "source prompt": "--source", "target prompt": "--target", "prompt": "--prompt"}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one line like every other error."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: {message} (see {self.prog} --help)\n")
-
-
-class _Once(argparse.Action):
-    """A single-valued flag given twice is an error, not "last wins"."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        seen = namespace.__dict__.setdefault("_given", set())
-        if self.dest in seen:
-            raise argparse.ArgumentError(self, "given twice; pass it once")
-        seen.add(self.dest)
-        setattr(namespace, self.dest, values)
 
 
 def _precision_name(value: str) -> str:
@@ -72,7 +54,7 @@ def _verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    once = {"action": _Once}
+    once = {"action": Once}
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder written by python -m icd_edge.export", **once)
     p.add_argument("--backend", default="auto", help="auto, openvino, onnxruntime, torch, tensorrt or coreml", **once)
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster open)")
@@ -88,31 +70,31 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ov-cache", metavar="DIR",
                    help="openvino: compiled-graph cache folder, or 'none' (default: ~/.cache/icd_edge/openvino)", **once)
     p.add_argument("--json", action="store_true", help="print what was written, timings, backend and parameters as JSON")
-    p.add_argument("--rng", default="torch", choices=("torch", "numpy"), action=_Once,
+    p.add_argument("--rng", default="torch", choices=("torch", "numpy"), action=Once,
                    help="noise generator: torch (the official code's torch.randn on the CPU, bit for bit) or numpy")
     _verbosity(p)
 
 
 def _image_out(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--out", required=True, type=Path, action=_Once, help=f"{what} (.png, .jpg, .webp, .bmp, .tif)")
-    p.add_argument("--quality", type=int, action=_Once, help="JPEG/WebP quality 1-100 (default 95)")
+    p.add_argument("--out", required=True, type=Path, action=Once, help=f"{what} (.png, .jpg, .webp, .bmp, .tif)")
+    p.add_argument("--quality", type=int, action=Once, help="JPEG/WebP quality 1-100 (default 95)")
     p.add_argument("--force", action="store_true", help="allow --out to be the input photo (it is overwritten)")
 
 
 def _fit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fit", default="stretch", choices=("stretch", "crop", "pad"), action=_Once,
+    p.add_argument("--fit", default="stretch", choices=("stretch", "crop", "pad"), action=Once,
                    help="how a non-square photo becomes square: stretch (official), centre crop, or pad")
     p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = _Parser(prog="icd-edge", description="iCD text-guided image editing from an exported bundle.",
+    parser = Parser(prog="icd-edge", description="iCD text-guided image editing from an exported bundle.",
                      formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"icd-edge {__version__}")
     _verbosity(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    once = {"action": _Once}
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    once = {"action": Once}
 
     p = sub.add_parser("edit", help="invert a photo and decode it under a target prompt", formatter_class=fmt)
     _common(p)
@@ -129,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping", **once)
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
     p.add_argument("--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR", **once)
-    p.add_argument("--save-source", type=Path, metavar="PATH", action=_Once,
+    p.add_argument("--save-source", type=Path, metavar="PATH", action=Once,
                    help="also write the source row (the reconstruction the edit is made against)")
     _fit(p)
 

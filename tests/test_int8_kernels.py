@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
-from icd_edge.export.quant import DEFAULT_INT8_WEIGHTS, INT8_WEIGHT_RANGES, int8_scheme
+from icd_edge.export.quant.policy import DEFAULT_INT8_WEIGHTS, INT8_WEIGHT_RANGES, int8_scheme
 from icd_edge.runtimes import int8_kernels
 
 DEFAULT_WMAX = INT8_WEIGHT_RANGES[DEFAULT_INT8_WEIGHTS]

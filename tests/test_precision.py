@@ -149,12 +149,30 @@ def test_quantiser_failure_is_a_typed_error(tmp_path):
     """The quantiser runs in a child process; its failure (here: a file that is no ONNX graph)
     comes back as an ExportError naming the graph, not as a traceback."""
     from icd_edge.errors import ExportError
-    from icd_edge.export.quant import _quantize
+    from icd_edge.export.quant.int8 import quantize
 
     bad = tmp_path / "unet_forward.onnx"
     bad.write_bytes(b"not an onnx graph")
     with pytest.raises(ExportError, match="int8 quantisation of unet_forward failed"):
-        _quantize(bad, "int8", [{"x": np.zeros(1, np.float32)}])
+        quantize(bad, "int8", [{"x": np.zeros(1, np.float32)}])
+
+
+def test_quantiser_child_runs(tmp_path):
+    """The child process starts and quantises (a regression: after the module became a package,
+    ``python -m`` found no entry and every int8 export failed)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from icd_edge.export.quant.int8 import quantize
+
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+                              [numpy_helper.from_array(w, "w")])
+    src = tmp_path / "g.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    model, _ = quantize(src, "int8-dynamic", None)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & {n.op_type for n in model.graph.node}
 
 
 def test_paged_out_modules_keep_their_values(tmp_path):
@@ -204,7 +222,8 @@ def test_lean_calibrator_matches_onnxruntime(tiny_bundle):
     calibrator gives for the same tensors and feeds, on the tiny P2P edit UNet."""
     from onnxruntime.quantization import CalibrationDataReader, create_calibrator
 
-    from icd_edge.export.quant import activation_matmuls, calibrate_ranges
+    from icd_edge.export.quant.calibration import calibrate_ranges
+    from icd_edge.export.quant.surgery import activation_matmuls
 
     src = tiny_bundle / "onnx" / "unet_reverse_edit.onnx"
     feeds = _feeds(tiny_bundle, "unet_reverse_edit", 3)
@@ -263,7 +282,7 @@ def test_quantize_gemm_weights_per_output_channel():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from icd_edge.export.quant import quantize_gemm_weights
+    from icd_edge.export.quant.surgery import quantize_gemm_weights
 
     rng = np.random.default_rng(0)
     wt = (rng.standard_normal((96, 64)) * rng.uniform(0.01, 2.0, (96, 1))).astype(np.float32)  # (N, K), transB=1
@@ -300,7 +319,7 @@ def test_quantize_embeddings_rows():
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from icd_edge.export.quant import quantize_embeddings
+    from icd_edge.export.quant.surgery import quantize_embeddings
 
     rng = np.random.default_rng(0)
     vocab = (rng.standard_normal((300, 16)) * rng.uniform(0.01, 2.0, (300, 1))).astype(np.float32)
@@ -333,7 +352,7 @@ def test_quantiser_peak_is_the_childs_own(tmp_path):
     import subprocess
 
     big = np.ones(600_000_000 // 8)  # the parent holds 0.6 GB when it starts the child
-    code = ("import json, resource; from icd_edge.export.quant import _own_peak_rss_gb; "
+    code = ("import json, resource; from icd_edge.export.quant.int8 import _own_peak_rss_gb; "
             "print(json.dumps([_own_peak_rss_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9]))")
     own, inherited = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                                check=True).stdout)

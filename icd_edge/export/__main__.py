@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 from icd_edge import __version__
+from icd_edge.cli_args import Parser
 from icd_edge.errors import ExportError, IcdEdgeError, Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m icd_edge.export", description=__doc__.split(":")[1].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python -m icd_edge.export", description=__doc__.split(":")[1].strip(),
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write (replaced atomically)")
     p.add_argument("--model", default="icd-sd15", choices=("icd-sd15", "tiny", "random-sd15"),
                    help="icd-sd15: the released iCD SD1.5; tiny: built-in toy model; random-sd15: full size, random weights")
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-weights", default="7bit", choices=("7bit", "8bit"),
                    help="range of the int8 Conv/MatMul weights: 7bit ([-64, 64]) is exact on every x86 CPU; 8bit "
                         "([-127, 127]) saturates on CPUs without VNNI (AVX2-only) [default 7bit]")
+    p.add_argument("--int8-ops", default="Conv,MatMul", type=_comma_list,
+                   help="comma list of the ops static int8 quantises: Conv, MatMul, Gemm (attention's activation "
+                        "MatMuls stay float; Gemm weights left out are stored weight-only int8)")
+    p.add_argument("--int8-per-channel", default="on", choices=("on", "off"),
+                   help="int8 Conv/MatMul weights with a scale per output channel (on) or one per tensor (off)")
     p.add_argument("--calibration-count", type=int, default=3, help="calibration photos to use")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log more, library warnings included")
@@ -72,9 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def _quiet_libraries() -> None:
@@ -112,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append((graph, value))
         cfg = ExportConfig(precision=args.precision, graph_precision=tuple(overrides), calibration=args.calibration,
                            calibration_count=args.calibration_count, taesd=args.taesd,
-                           unet_weights=args.unet_weights, embeddings=args.embeddings, int8_weights=args.int8_weights, lora_rounding=args.lora_rounding, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
+                           unet_weights=args.unet_weights, embeddings=args.embeddings, int8_weights=args.int8_weights,
+                           int8_ops=args.int8_ops, int8_per_channel=args.int8_per_channel == "on",
+                           lora_rounding=args.lora_rounding, out=args.out, model=args.model, base=args.base, teacher=args.teacher,
                            forward_lora=args.forward_lora, reverse_lora=args.reverse_lora, revision=args.revision,
                            steps=args.steps, forward_steps=args.forward_steps, reverse_steps=args.reverse_steps,
                            resolution=args.resolution,

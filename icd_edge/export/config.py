@@ -62,7 +62,9 @@ class ExportConfig:
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
     lora_rounding: str = "fp16"  # A and B through float16 before fusing, as the official loader; or "none"
-    int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (precision.INT8_WEIGHT_RANGES)
+    int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (quant.policy.INT8_WEIGHT_RANGES)
+    int8_ops: tuple[str, ...] = ("Conv", "MatMul")  # ops static int8 quantises (quant.policy.INT8_OP_CHOICES)
+    int8_per_channel: bool = True  # weight scales per output channel; False: one per tensor
     coreml_compression: str = "none"
     coreml_attention: str = "standard"
     progress: bool = True
@@ -87,7 +89,7 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--resolution must be a multiple of 64 (≥ 64), got {cfg.resolution}")
     if not 18 <= cfg.opset <= 25:
         raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
-    from icd_edge.export.quant import INT8_WEIGHT_RANGES, PRECISIONS
+    from icd_edge.export.quant.policy import DEFAULT_INT8_OPS, INT8_OP_CHOICES, INT8_WEIGHT_RANGES, PRECISIONS
 
     if cfg.lora_rounding not in ("fp16", "none"):
         raise ExportError(f"--lora-rounding must be fp16 or none, got {cfg.lora_rounding!r}")
@@ -95,6 +97,19 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--int8-weights must be one of {', '.join(INT8_WEIGHT_RANGES)}, got {cfg.int8_weights!r}")
     if cfg.precision not in PRECISIONS or any(v not in PRECISIONS for _, v in cfg.graph_precision):
         raise ExportError(f"--precision/--graph-precision take one of {', '.join(PRECISIONS)}")
+    ops = cfg.int8_ops
+    if (isinstance(ops, str) or not isinstance(ops, (tuple, list)) or not ops or len(set(ops)) != len(ops)
+            or any(op not in INT8_OP_CHOICES for op in ops)):
+        shown = ",".join(map(str, ops)) if isinstance(ops, (tuple, list)) else repr(ops)
+        raise ExportError(f"--int8-ops takes a comma list of distinct ops from {', '.join(INT8_OP_CHOICES)}, "
+                          f"got {shown or 'nothing'}")
+    if not isinstance(cfg.int8_per_channel, bool):
+        raise ExportError(f"--int8-per-channel must be on or off, got {cfg.int8_per_channel!r}")
+    # like the Core ML flags: a setting that would change nothing is refused, not silently ignored
+    static_int8 = cfg.precision == "int8" or any(v == "int8" for _, v in cfg.graph_precision)
+    if (tuple(ops) != DEFAULT_INT8_OPS or not cfg.int8_per_channel) and not static_int8:
+        raise ExportError("--int8-ops/--int8-per-channel apply to static int8 graphs only; add --precision int8 "
+                          "or --graph-precision GRAPH=int8")
     if cfg.calibration is not None and not Path(cfg.calibration).is_dir():
         raise ExportError(f"--calibration {cfg.calibration} is not a folder of photos")
     if cfg.unet_weights not in ("fused", "shared-base"):

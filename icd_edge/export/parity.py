@@ -93,7 +93,7 @@ def e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict,
     bundle = open_bundle(bundle_dir, verify=False, allow_incomplete=True)
     cases = [("synthetic", sample_photo(dims["H"]), "a photo of a cat", "a photo of a dog", ("cat", "dog"))]
     if calibration_cfg is not None:
-        from icd_edge.export.quant import calibration_cases
+        from icd_edge.export.quant.calibration import calibration_cases
 
         for i, (img, src, tgt, blend) in enumerate(calibration_cases(calibration_cfg.calibration, dims["H"],
                                                                      calibration_cfg.calibration_count)):

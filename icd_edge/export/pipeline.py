@@ -122,7 +122,7 @@ def run_export(cfg: ExportConfig) -> Path:
             bar.update(1)
             if cfg.parity == "e2e":
                 bar.set_postfix_str("parity: end to end")
-                from icd_edge.export.quant import DEFAULT_E2E_GATE_DB
+                from icd_edge.export.quant.policy import DEFAULT_E2E_GATE_DB
 
                 precisions = {manifest.graphs[g].artifacts["onnx"].precision for g in graphs}
                 lowest = "int8" if any(q.startswith("int8") for q in precisions) else "fp16" if "fp16" in precisions else "fp32"

@@ -219,9 +219,9 @@ def export_target(ctx) -> None:
     recording calibration feeds on the torch reference).
     """
     from icd_edge.bundle import spec
-    from icd_edge.export import quant as prec
+    from icd_edge.export.quant.policy import UNETS, graph_precisions
 
-    precisions = prec.graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs)
+    precisions = graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs)
     groups = dict(WEIGHT_GROUPS)
     if ctx.cfg.unet_weights == "shared-base":  # one file: identical teacher tensors are stored once
         groups.update({g: "unet_base" for g in ("unet_forward", "unet_reverse", "unet_reverse_edit")})
@@ -231,7 +231,7 @@ def export_target(ctx) -> None:
     # graphs); the small graphs are cheap to convert and keep the tested converter path
     # (fused UNets only: a float16 trace of the shared-base LoRA branches failed at run time in
     # ONNX Runtime with a broadcast error in a Mul, so those go through the converter)
-    direct = {g for g, p in precisions.items() if p == "fp16" and g in prec.UNETS and ctx.cfg.unet_weights == "fused"}
+    direct = {g for g, p in precisions.items() if p == "fp16" and g in UNETS and ctx.cfg.unet_weights == "fused"}
     staged = set(precisions.values()) != {"fp32"}  # other precisions start from an fp32 graph
     final: dict[str, WeightStore] = {}
     # a graph whose module has the structure of an earlier one (the reverse UNet after the
@@ -334,21 +334,24 @@ def shared_initializer_table(root: Path, graphs: dict) -> dict[str, list]:
 
 def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[str, str], stores: dict) -> None:
     """Convert the fp32 graphs in ``scratch`` to their precisions, weights into ``stores`` (the caller closes them)."""
-    from icd_edge.export import quant as prec
     from icd_edge.bundle.store import Bundle
+    from icd_edge.export.quant.calibration import calibration_cases, record_trajectories
+    from icd_edge.export.quant.policy import int8_scheme
+    from icd_edge.export.quant.stage import convert
 
     calibration = {}
     if any(p == "int8" for p in precisions.values()):
         ctx.step("int8 calibration")
         t0 = time.perf_counter()
-        cases = prec.calibration_cases(ctx.cfg.calibration, ctx.dims["H"], ctx.cfg.calibration_count)
+        cases = calibration_cases(ctx.cfg.calibration, ctx.dims["H"], ctx.cfg.calibration_count)
         bundle = Bundle(ctx.out_dir, ctx.manifest.with_(files={}, complete=True))
-        calibration = prec.record_trajectories(bundle, ctx.graphs, cases)
+        calibration = record_trajectories(bundle, ctx.graphs, cases)
         ctx.timings["int8_calibration_s"] = time.perf_counter() - t0
         ctx.manifest.info["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
                                        "feeds": {g: len(v) for g, v in calibration.items()}}
     if any(p.startswith("int8") for p in precisions.values()):
-        ctx.manifest = ctx.manifest.with_(int8_scheme=Int8Scheme.from_json(prec.int8_scheme(ctx.cfg.int8_weights)))
+        scheme = int8_scheme(ctx.cfg.int8_weights, ctx.cfg.int8_per_channel)
+        ctx.manifest = ctx.manifest.with_(int8_scheme=Int8Scheme.from_json(scheme))
         # a batch-2 UNet's quantisation peaks at 9.3 GB RSS; the fp32 torch modules (7.5 GB at SD1.5
         # size, needed again for parity) would push a 24 GB machine out of memory
         _page_out_modules(ctx, scratch)
@@ -358,9 +361,10 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         if group not in stores:
             stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
         t0 = time.perf_counter()
-        info = prec.convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group],
+        info = convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group],
                             calibration.get(name), int8_embeddings=ctx.cfg.embeddings == "int8",
-                            int8_weights=ctx.cfg.int8_weights)
+                            int8_weights=ctx.cfg.int8_weights, int8_ops=ctx.cfg.int8_ops,
+                            int8_per_channel=ctx.cfg.int8_per_channel)
         ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
         if info.get("peak_rss_gb") is not None:  # the quantiser's own peak, for memory planning
             ctx.manifest.info.setdefault("quantiser_peak_rss_gb", {})[name] = info["peak_rss_gb"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WEIGHT_MAXES = (64, 127)  # the export's 7-bit and 8-bit ranges (export.quant.INT8_WEIGHT_RANGES)
+WEIGHT_MAXES = (64, 127)  # the export's 7-bit and 8-bit ranges (export.quant.policy.INT8_WEIGHT_RANGES)
 BACKENDS = ("onnxruntime", "openvino")
 
 
