@@ -78,16 +78,23 @@ def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
             hints = {g: s.precision for g, s in ed._sessions.items()}
         assert hints["unet_reverse_edit"] == ("bf16" if precision == "auto" and "BF16" in caps else "f32")
         assert hints["unet_forward"] == "f32" and hints["vae_encoder"] == "f32"  # exported fp32 (the defaults)
-    # the same int8 graph on two engines: rounding of int8 arithmetic and requantisation differs
-    assert psnr_db(ref, images["f32"], peak=1.0) > 20
-    assert psnr_db(ref, images["auto"], peak=1.0) > 15
+    # the same int8 graph on two engines: rounding of int8 arithmetic and requantisation differs; they
+    # still agree as closely as the int8 gate asks of onnxruntime vs torch, bfloat16 float parts given
+    # 3 dB of it (measured on an AVX-512 BF16 EPYC: f32 32.1 dB, auto 28.7 dB, gate 25 dB)
+    gate = b.manifest["parity"]["end_to_end"]["gate_db"]
+    assert psnr_db(ref, images["f32"], peak=1.0) > gate
+    assert psnr_db(ref, images["auto"], peak=1.0) > gate - 3
     assert np.isfinite(images["auto"]).all()
     e2e = b.manifest["parity"]["end_to_end"]
     ov = e2e["openvino"]
     assert ov["precision"] == "auto" and ov["inference_precision"]["unet_reverse_edit"] in ("bf16", "f32")
     assert {"edit", "edit_calibration_0", "generate"} <= set(ov) and ov["meets_gate"] == (
         ov["edit_mean_psnr_db"] >= e2e["gate_db"] and ov["generate"]["psnr_db"] >= e2e["gate_db"])
-    assert 5 < ov["edit"]["psnr_db"] < 200
+    # recorded only (the gate is onnxruntime's), so held to onnxruntime's figures for the same cases:
+    # the same int8 graphs on another engine land within 3 dB (measured: edit 25.9 vs 25.1 dB,
+    # generate 48.5 vs 49.0 dB)
+    assert abs(ov["edit"]["psnr_db"] - e2e["edit"]["psnr_db"]) < 3.0
+    assert abs(ov["generate"]["psnr_db"] - e2e["generate"]["psnr_db"]) < 3.0
     out = run_cli("inspect", str(int8_bundle), "--no-verify")
     assert out.returncode == 0 and "end-to-end on openvino" in out.stdout
 
