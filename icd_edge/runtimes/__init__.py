@@ -16,7 +16,7 @@ import dataclasses
 import importlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Protocol
+from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -53,12 +53,15 @@ class Session(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
 class Backend(Protocol):
     name: str
     fmt: str
     memory_policies: tuple[str, ...]
 
     def probe(self) -> Availability: ...
+
+    def auto_skip(self, bundle, memory: str) -> str | None: ...
 
     def configure(self, bundle, memory: str) -> None: ...
 

@@ -108,7 +108,8 @@ class OvSession:
     def close(self) -> None:
         from icd_edge.memory import trim_heap
 
-        self._request = self._compiled = None
+        # the output ports hold the compiled model too: drop them, or its memory outlives close()
+        self._request = self._compiled = self._ports = None
         trim_heap()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1] / "icd_edge"
+ROOT = Path(__file__).resolve().parents[2] / "icd_edge"
 TORCH_BY_DESIGN = ("runtimes/torch_ref.py", "fast/")
 FORBIDDEN_ROOTS = {"torch", "diffusers", "transformers", "peft", "accelerate", "onnxscript"}
 

@@ -1,5 +1,5 @@
 """TensorRT backend and export target: pure planning logic, and the TensorRT/CUDA code paths
-driven by a fake ``tensorrt`` + cuda-python (tests/fake_trt.py). No real TensorRT runs here."""
+driven by a fake ``tensorrt`` + cuda-python (tests/backends/fake_trt.py). No real TensorRT runs here."""
 
 from __future__ import annotations
 

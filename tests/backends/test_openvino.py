@@ -80,18 +80,26 @@ def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
             hints = {g: ed.session(g).precision for g in ed.loaded_graphs()}
         assert hints["unet_reverse_edit"] == ("bf16" if precision == "auto" and "BF16" in caps else "fp32")
         assert hints["unet_forward"] == "fp32" and hints["vae_encoder"] == "fp32"  # exported fp32 (the defaults)
-    # the same int8 graph on two engines: rounding of int8 arithmetic and requantisation differs
-    assert psnr_db(ref, images["f32"], peak=1.0) > 20
-    assert psnr_db(ref, images["auto"], peak=1.0) > 15
-    assert np.isfinite(images["auto"]).all()
+    # the same int8 graph on two engines: rounding of int8 arithmetic and requantisation differs; they
+    # still agree as closely as the int8 gate asks of onnxruntime vs torch, bfloat16 float parts given
+    # 3 dB of it (measured on an AVX-512 BF16 EPYC: f32 32.1 dB, auto 28.7 dB, gate 25 dB)
     parity = b.manifest.parity
+    gate = parity.get("edit", "synthetic").gate_db
+    assert psnr_db(ref, images["f32"], peak=1.0) > gate
+    assert psnr_db(ref, images["auto"], peak=1.0) > gate - 3
+    assert np.isfinite(images["auto"]).all()
     ov = {(e.check, e.target): e for e in parity.entries if e.backend == "openvino"}
     assert set(ov) == {("edit", "synthetic"), ("edit", "calibration_0"), ("generate", "synthetic")}
     assert all(e.precision == "auto" and e.error is None for e in ov.values())
     assert ov["edit", "synthetic"].details["inference_precision"]["unet_reverse_edit"] in ("bf16", "fp32")
     # each entry carries the gate of onnxruntime's entries and says whether it meets it
     for e in ov.values():
-        assert e.gate_db == parity.get("edit", "synthetic").gate_db and e.meets_gate == (e.psnr_db >= e.gate_db)
+        assert e.gate_db == gate and e.meets_gate == (e.psnr_db >= e.gate_db)
+    # recorded only (the gate is onnxruntime's), so held to onnxruntime's figures for the same cases:
+    # the same int8 graphs on another engine land within 3 dB (measured: edit 25.9 vs 25.1 dB,
+    # generate 48.5 vs 49.0 dB)
+    for check in ("edit", "generate"):
+        assert abs(ov[check, "synthetic"].psnr_db - parity.get(check, "synthetic").psnr_db) < 3.0
     out = run_cli("inspect", str(int8_bundle), "--no-verify")
     assert out.returncode == 0 and "end-to-end edit on openvino" in out.stdout
 

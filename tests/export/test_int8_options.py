@@ -79,7 +79,7 @@ def test_config_reaches_convert(monkeypatch, tmp_path):
     monkeypatch.setattr(stage, "convert", lambda *a, **kw: calls.append((a, kw)) or {})
     cfg = _cfg(tmp_path, precision="int8", int8_ops=("Conv",), int8_per_channel=False)
     (tmp_path / "onnx").mkdir()
-    ctx = types.SimpleNamespace(cfg=cfg, out_dir=tmp_path, graphs={}, manifest={}, timings={}, dims={"H": 128},
+    ctx = types.SimpleNamespace(cfg=cfg, out_dir=tmp_path, graphs={}, manifest=_Manifest(), timings={}, dims={"H": 128},
                                 step=lambda s: None)
     stores = {}
     to_onnx._convert_all(ctx, tmp_path, {"unet_reverse": "int8"}, {}, stores)
@@ -87,7 +87,17 @@ def test_config_reaches_convert(monkeypatch, tmp_path):
         s.close()
     (args, kw), = calls
     assert args[2] == "int8" and kw["int8_ops"] == ("Conv",) and kw["int8_per_channel"] is False
-    assert ctx.manifest["int8_scheme"]["weights"] == "int8, symmetric, per tensor"
+    assert ctx.manifest.int8_scheme.info["weights"] == "int8, symmetric, per tensor"
+
+
+class _Manifest:
+    """The part of a Manifest the ONNX target's conversion step reads and replaces."""
+
+    def __init__(self, int8_scheme=None, info=None):
+        self.int8_scheme, self.info = int8_scheme, {} if info is None else info
+
+    def with_(self, **changes):
+        return _Manifest(changes.get("int8_scheme", self.int8_scheme), self.info)
 
 
 def test_fields_reach_the_quantiser_call(monkeypatch, tmp_path):

@@ -72,7 +72,9 @@ def _emulated_report() -> dict:
     if qemu is None:
         pytest.skip("qemu-user is not installed (apt-get install qemu-user): the emulated AVX2-only check did not run; "
                     "the native check above covers this CPU only")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from conftest import ROOT
+
+    root = str(ROOT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([qemu, "-cpu", "Haswell-v4", os.path.realpath(sys.executable), "-m",
                            "icd_edge.runtimes.int8_kernels", "--json"], capture_output=True, text=True, env=env, timeout=600)

@@ -5,7 +5,7 @@ stand-in whose ``execute_async_v3`` enqueues a device-to-device copy (``y = x``)
 TensorRT would get. Everything else is real: device and pinned buffers, the stream, the
 host<->device copies, CUDA-graph capture and replay, and the fp16 host cast.
 
-Run: ``PYTHONPATH=. python -m pytest -m gpu tests/test_tensorrt_gpu.py`` on a CUDA machine.
+Run: ``PYTHONPATH=. python -m pytest -m gpu tests/backends/test_tensorrt_gpu.py`` on a CUDA machine.
 """
 
 from __future__ import annotations

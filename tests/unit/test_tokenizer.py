@@ -16,7 +16,7 @@ import pytest
 
 from icd_edge.tokenizer import ClipTokenizer
 
-CACHE = Path(__file__).resolve().parents[1] / ".cache"
+CACHE = Path(__file__).resolve().parents[2] / ".cache"
 WHEEL = "clip-anytorch==2.6.0"
 
 
