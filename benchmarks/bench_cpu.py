@@ -29,9 +29,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.bench_cpu_edit import EDIT, machine, timed_edit  # noqa: E402
 
-INT8_ALL = ("--precision", "int8", "--graph-precision", "unet_forward=int8", "--graph-precision", "vae_encoder=int8",
-            "--graph-precision", "vae_decoder=int8", "--graph-precision", "taesd_decoder=int8", "--taesd", "random",
-            "--calibration-count", "2")
+INT8_ALL = (
+    "--precision",
+    "int8",
+    "--graph-precision",
+    "unet_forward=int8",
+    "--graph-precision",
+    "vae_encoder=int8",
+    "--graph-precision",
+    "vae_decoder=int8",
+    "--graph-precision",
+    "taesd_decoder=int8",
+    "--taesd",
+    "random",
+    "--calibration-count",
+    "2",
+)
 BUNDLES = {  # name → export arguments (random-sd15, --parity none; int8 also --calibration DIR)
     "fp32": (),
     "fp16": ("--precision", "fp16"),
@@ -115,8 +128,23 @@ def export(out: Path, *args: str) -> tuple[float, str]:
             return m["export"]["timings"]["total_s"], EXPORT_REUSED
         print(f"re-exporting {out.name}: no complete bundle of these arguments", flush=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "icd_edge.export", "--model", "random-sd15", "--out", str(out), "--parity", "none",
-                    "--no-progress", *args], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "icd_edge.export",
+            "--model",
+            "random-sd15",
+            "--out",
+            str(out),
+            "--parity",
+            "none",
+            "--no-progress",
+            *args,
+        ],
+        check=True,
+        cwd=ROOT,
+    )
     return round(time.perf_counter() - t0, 1), EXPORT_TIMED
 
 
@@ -125,12 +153,23 @@ def _same_config(recorded: dict, args: tuple) -> bool:
     from icd_edge.export.__main__ import build_parser
 
     want = vars(build_parser().parse_args(["--out", "x", "--model", "random-sd15", *args]))
-    keys = ("precision", "unet_weights", "embeddings", "taesd", "resolution", "seed", "opset", "int8_weights",
-            "lora_rounding")
+    keys = (
+        "precision",
+        "unet_weights",
+        "embeddings",
+        "taesd",
+        "resolution",
+        "seed",
+        "opset",
+        "int8_weights",
+        "lora_rounding",
+    )
     # bundles exported before a flag existed: what the export did then
     defaults = {"unet_weights": "fused", "embeddings": "float", "int8_weights": "8bit", "lora_rounding": "none"}
     same = all(recorded.get(k, defaults.get(k)) == want[k] for k in keys)
-    same &= sorted(map(tuple, recorded.get("graph_precision", []))) == sorted(tuple(v.split("=")) for v in want["graph_precision"])
+    same &= sorted(map(tuple, recorded.get("graph_precision", []))) == sorted(
+        tuple(v.split("=")) for v in want["graph_precision"]
+    )
     # recorded as a list and a bool; bundles from before these flags were quantised with the defaults
     same &= tuple(recorded.get("int8_ops", ("Conv", "MatMul"))) == want["int8_ops"]
     same &= recorded.get("int8_per_channel", True) == (want["int8_per_channel"] == "on")
@@ -149,12 +188,20 @@ def main() -> int:
     ap.add_argument("--worker", nargs=2, metavar=("LABEL", "BUNDLE"))
     ap.add_argument("--ov-cache", default="", help="worker: OpenVINO's compiled-graph cache ('' none)")
     ap.add_argument("--runs", type=int, default=2)
-    ap.add_argument("--only", nargs="+", metavar="LABEL",
-                    help="run only these configurations (and the reference) into --out; add them to cpu.json with --merge")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="LABEL",
+        help="run only these configurations (and the reference) into --out; add them to cpu.json with --merge",
+    )
     ap.add_argument("--export-only", action="store_true", help="export (or reuse) the bundles, run nothing")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
-    ap.add_argument("--merge", type=Path, metavar="JSON",
-                    help="add the configuration runs of a later (--only) report to --out and recompute its summary")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        metavar="JSON",
+        help="add the configuration runs of a later (--only) report to --out and recompute its summary",
+    )
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker, runs=args.runs, cache_dir=args.ov_cache)))
@@ -168,8 +215,14 @@ def main() -> int:
         return 0
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    report = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "model": "random-sd15 (SD1.5 architecture, random weights), 512 px, 4+4 steps, P2P + blend",
-              "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()}, "exports": {}, "runs": {}}
+    report = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "model": "random-sd15 (SD1.5 architecture, random weights), 512 px, 4+4 steps, P2P + blend",
+        "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()},
+        "exports": {},
+        "runs": {},
+    }
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     names = sorted({c[1] for c in configs} | {"fp32", "fp16"})
     bundles = {n: work / f"sd15-{n}.bundle" for n in names}
@@ -180,12 +233,23 @@ def main() -> int:
     calib.mkdir(exist_ok=True)
     Image.fromarray(skimage.data.astronaut()).save(calib / "astronaut.png")
     Image.fromarray(skimage.data.coffee()).save(calib / "coffee.png")
-    (calib / "prompts.json").write_text(json.dumps({"astronaut.png": ["a photo of an astronaut", "a photo of a robot"],
-                                                    "coffee.png": ["a cup of coffee", "a cup of tea"]}))
+    (calib / "prompts.json").write_text(
+        json.dumps(
+            {
+                "astronaut.png": ["a photo of an astronaut", "a photo of a robot"],
+                "coffee.png": ["a cup of coffee", "a cup of tea"],
+            }
+        )
+    )
     for n, b in bundles.items():
         extra = ("--calibration", str(calib)) if "int8" in BUNDLES[n] else ()
         seconds, measured = export(b, *BUNDLES[n], *extra)
-        report["exports"][n] = {"args": list(BUNDLES[n]), "export_s": seconds, "export_s_measures": measured, "bundle_gb": size_gb(b)}
+        report["exports"][n] = {
+            "args": list(BUNDLES[n]),
+            "export_s": seconds,
+            "export_s_measures": measured,
+            "bundle_gb": size_gb(b),
+        }
         m = json.loads((b / "manifest.json").read_text())
         report["exports"][n]["timings"] = m["export"]["timings"]
         report["exports"][n]["precision"] = m["precision"]["graphs"] if "precision" in m else None
@@ -201,8 +265,22 @@ def main() -> int:
         # resident: the first edit loads (OpenVINO: compiles) the graphs, the best later one counts; three edits on
         # OpenVINO, whose 15 s edits vary by 10-20 % on this VM; sequential reloads every edit: one
         runs = "1" if memory == "sequential" else "3" if backend_of(config)["backend"] == "openvino" else "2"
-        proc = subprocess.run([sys.executable, __file__, "--runs", runs, "--ov-cache",
-                               str(ov_cache), "--worker", label, str(bundles[bundle])], capture_output=True, text=True, cwd=ROOT)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--runs",
+                runs,
+                "--ov-cache",
+                str(ov_cache),
+                "--worker",
+                label,
+                str(bundles[bundle]),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         if proc.returncode:
             report["runs"][label] = {"error": proc.stderr[-2000:]}
             print(label, "FAILED", proc.stderr[-500:], flush=True)
@@ -210,9 +288,24 @@ def main() -> int:
         report["runs"][label] = {"backend": backend_of(config), **json.loads(proc.stdout.strip().splitlines()[-1])}
         print(label, json.dumps(report["runs"][label])[:300], flush=True)
     # torch eager fp32 reference, same machine, same run (from bench_cpu_edit's worker)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_cpu_edit.py"), "--runs", "1", "--worker", "torch",
-                           str(bundles["fp32"]), str(work / "edit_torch.png")], capture_output=True, text=True, cwd=ROOT)
-    report["runs"]["torch-reference"] = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_cpu_edit.py"),
+            "--runs",
+            "1",
+            "--worker",
+            "torch",
+            str(bundles["fp32"]),
+            str(work / "edit_torch.png"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    report["runs"]["torch-reference"] = (
+        json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {"error": proc.stderr[-2000:]}
+    )
     import numpy as np
 
     from icd_edge.export.parity import psnr_db
@@ -251,12 +344,16 @@ def summarize(report: dict) -> dict:
         return min(x["edit_s"] for x in r["runs"]) if "runs" in r else None
 
     def fastest(prefix, taesd):
-        vals = [(best(c[0]), c[0]) for c in configs if c[1].startswith(prefix) and (c[3] == "taesd") == taesd and best(c[0])]
+        vals = [
+            (best(c[0]), c[0]) for c in configs if c[1].startswith(prefix) and (c[3] == "taesd") == taesd and best(c[0])
+        ]
         return min(vals) if vals else (None, None)
 
     ref = report["runs"].get("torch-reference", {})
     torch_s = min(x["edit_s"] for x in ref["runs"]) if "runs" in ref else None
-    rss = sorted((r["peak_rss_gb"], k) for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference")
+    rss = sorted(
+        (r["peak_rss_gb"], k) for k, r in report["runs"].items() if "peak_rss_gb" in r and k != "torch-reference"
+    )
     int8_s, int8_label = fastest("int8", False)
     taesd_s, taesd_label = fastest("int8", True)
 
@@ -267,7 +364,7 @@ def summarize(report: dict) -> dict:
     int8_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("int8") and n in ran)
     fp16_sizes = sorted((report["exports"][n]["bundle_gb"], n) for n in bundles if n.startswith("fp16") and n in ran)
     return {
-        "machine": f'{report["machine"]["cpu"]}, {report["machine"]["cores"]} cores',
+        "machine": f"{report['machine']['cpu']}, {report['machine']['cores']} cores",
         "isa": report["machine"].get("isa"),
         "int8_psnr_db_vs_torch_fp32": psnr(int8_label),
         "auto_backend_int8": report.get("auto_backend_int8"),
@@ -281,7 +378,9 @@ def summarize(report: dict) -> dict:
         "edit_s_int8_taesd_psnr_db_vs_torch_fp32": psnr(taesd_label),
         "edit_s_torch_reference": torch_s,
         "speedup_vs_reference_int8": round(torch_s / int8_s, 2) if torch_s and int8_s else None,
-        "speedup_vs_reference_fp32": round(torch_s / best("fp32-resident"), 2) if torch_s and best("fp32-resident") else None,
+        "speedup_vs_reference_fp32": round(torch_s / best("fp32-resident"), 2)
+        if torch_s and best("fp32-resident")
+        else None,
         "peak_rss_gb_min": rss[0][0] if rss else None,
         "peak_rss_gb_min_config": rss[0][1] if rss else None,
         "bundle_gb_fp32": report["exports"]["fp32"]["bundle_gb"],
@@ -292,8 +391,8 @@ def summarize(report: dict) -> dict:
         "export_s": report["exports"]["fp16"]["export_s"],  # the full SD1.5 fp16 export (issue target)
         "export_s_measures": report["exports"]["fp16"].get("export_s_measures", EXPORT_REUSED),
         "notes": "Random weights: PSNR figures are not quality figures. GB are 10^9 bytes (sizes and the worker's peak "
-                 "RSS, ru_maxrss). Runs marked separate_run come from a later --only run merged in (their own torch "
-                 "reference beside them); ratios use this report's reference.",
+        "RSS, ru_maxrss). Runs marked separate_run come from a later --only run merged in (their own torch "
+        "reference beside them); ratios use this report's reference.",
     }
 
 
@@ -304,11 +403,21 @@ def merge(report: dict, other: dict) -> None:
     for label, run in other["runs"].items():
         if label == "torch-reference":
             continue
-        report["runs"][label] = {**run, "separate_run": {
-            "started": other.get("started"), "torch_reference_edit_s": min((x["edit_s"] for x in ref.get("runs", [])), default=None)}}
-    for name, exp in other["exports"].items():  # a bundle exported again (in that run or before it) replaces the earlier one's figures
-        if name not in report["exports"] or exp.get("export_s_measures") == EXPORT_TIMED \
-                or exp.get("timings") != report["exports"][name].get("timings"):
+        report["runs"][label] = {
+            **run,
+            "separate_run": {
+                "started": other.get("started"),
+                "torch_reference_edit_s": min((x["edit_s"] for x in ref.get("runs", [])), default=None),
+            },
+        }
+    for name, exp in other[
+        "exports"
+    ].items():  # a bundle exported again (in that run or before it) replaces the earlier one's figures
+        if (
+            name not in report["exports"]
+            or exp.get("export_s_measures") == EXPORT_TIMED
+            or exp.get("timings") != report["exports"][name].get("timings")
+        ):
             report["exports"][name] = exp
     report["summary"] = summarize(report)
 
@@ -317,7 +426,9 @@ def _chart(report: dict, path: Path) -> None:
     """A small bar chart of edit time and peak RSS per configuration (Pillow only)."""
     from PIL import Image, ImageDraw
 
-    rows = [(k, min(x["edit_s"] for x in v["runs"]), v["peak_rss_gb"]) for k, v in report["runs"].items() if "runs" in v]
+    rows = [
+        (k, min(x["edit_s"] for x in v["runs"]), v["peak_rss_gb"]) for k, v in report["runs"].items() if "runs" in v
+    ]
     if not rows:
         return
     w, h, pad = 900, 60 + 40 * len(rows), 230

@@ -22,8 +22,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-EDIT = dict(source="a photo of a cat", target="a photo of a dog", cross_replace=0.4, self_replace=0.6,
-            amplify={"dog": 2.0}, blend=("cat", "dog"), guidance=19.0, tau=0.8, seed=0)
+EDIT = dict(
+    source="a photo of a cat",
+    target="a photo of a dog",
+    cross_replace=0.4,
+    self_replace=0.6,
+    amplify={"dog": 2.0},
+    blend=("cat", "dog"),
+    guidance=19.0,
+    tau=0.8,
+    seed=0,
+)
 
 
 def machine() -> dict:
@@ -39,9 +48,16 @@ def machine() -> dict:
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     isa = info()  # int8 speed and results depend on it: every CPU figure names the class
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa["isa"], "cpu_features": isa["features"],
-            "ram_gib": round(mem, 1), "os": platform.platform(), "python": platform.python_version(),
-            "loadavg_at_start": os.getloadavg()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "isa": isa["isa"],
+        "cpu_features": isa["features"],
+        "ram_gib": round(mem, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+    }
 
 
 def timed_edit(ed, photo) -> tuple:
@@ -49,8 +65,17 @@ def timed_edit(ed, photo) -> tuple:
     ed.profile = []
     t0 = time.perf_counter()
     inv = ed.invert(photo, EDIT["source"], seed=EDIT["seed"])
-    img = ed.edit(inv, EDIT["target"], cross_replace=EDIT["cross_replace"], self_replace=EDIT["self_replace"],
-                  amplify=EDIT["amplify"], blend=EDIT["blend"], guidance=EDIT["guidance"], tau=EDIT["tau"], output_type="np")
+    img = ed.edit(
+        inv,
+        EDIT["target"],
+        cross_replace=EDIT["cross_replace"],
+        self_replace=EDIT["self_replace"],
+        amplify=EDIT["amplify"],
+        blend=EDIT["blend"],
+        guidance=EDIT["guidance"],
+        tau=EDIT["tau"],
+        output_type="np",
+    )
     total = time.perf_counter() - t0
     stages: dict[str, float] = {}
     for stage, ms in ed.profile:
@@ -64,19 +89,20 @@ def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
     import numpy as np
     import skimage.data
 
-    from icd_edge.edit.editor import Editor
     from icd_edge.bundle.store import open_bundle
+    from icd_edge.edit.editor import Editor
 
     photo = skimage.data.chelsea()
     t0 = time.perf_counter()
     b = open_bundle(bundle, verify=False)
     if backend == "torch":
+        import tempfile
+
         import torch
 
         from icd_edge.export.models import build_random
         from icd_edge.graphs.wrappers import build_graphs
         from icd_edge.runtimes.torch_ref import TorchBackend
-        import tempfile
 
         torch.set_num_threads(os.cpu_count())
         seed = b.manifest.info["sources"]["seed"]
@@ -113,17 +139,46 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or args.work / "random-sd15.bundle"
     args.skip_export = args.skip_export or args.bundle is not None
-    report = {"machine": machine(), "model": "SD1.5 architecture, random weights (random-sd15), 512 px, 4+4 steps, P2P + local blend",
-              "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()}}
+    report = {
+        "machine": machine(),
+        "model": "SD1.5 architecture, random weights (random-sd15), 512 px, 4+4 steps, P2P + local blend",
+        "edit": {k: list(v) if isinstance(v, tuple) else v for k, v in EDIT.items()},
+    }
     if not args.skip_export:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "icd_edge.export", "--model", "random-sd15", "--out", str(bundle),
-                        "--parity", "none", "--no-progress"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "icd_edge.export",
+                "--model",
+                "random-sd15",
+                "--out",
+                str(bundle),
+                "--parity",
+                "none",
+                "--no-progress",
+            ],
+            check=True,
+        )
         report["export_s"] = round(time.perf_counter() - t0, 1)
     report["bundle_gb"] = round(sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 1e9, 3)
     for backend in ("onnxruntime", "torch"):
-        out = subprocess.run([sys.executable, __file__, "--runs", str(args.runs), "--worker", backend, str(bundle),
-                              str(args.work / f"edit_{backend}.png")], check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--runs",
+                str(args.runs),
+                "--worker",
+                backend,
+                str(bundle),
+                str(args.work / f"edit_{backend}.png"),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         report[backend] = json.loads(out.stdout.strip().splitlines()[-1])
         print(backend, json.dumps(report[backend])[:400], flush=True)
     import numpy as np
@@ -143,7 +198,8 @@ def main() -> int:
         "e2e_psnr_db_ort_vs_torch": round(psnr_db(b, a, peak=1.0), 2),
         "e2e_max_abs_err": max_abs_err(b, a),
         "bundle_gb_fp32": report["bundle_gb"],
-        "export_s": report.get("export_s") or json.loads((bundle / "manifest.json").read_text())["export"]["timings"]["total_s"],
+        "export_s": report.get("export_s")
+        or json.loads((bundle / "manifest.json").read_text())["export"]["timings"]["total_s"],
     }
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     out = ROOT / "benchmarks" / "results" / "cpu_edit_fp32.json"

@@ -44,9 +44,9 @@ def build(work: Path):
 
 
 def synthetic(n: int):
-    from icd_edge.export.samples import sample_photo
-
     import numpy as np
+
+    from icd_edge.export.samples import sample_photo
 
     base = sample_photo(512)
     return [np.roll(base, 37 * i, axis=1) for i in range(n)]
@@ -108,16 +108,22 @@ def phase_latency(args, src, bundle) -> dict:
     # fp32 eager reference (TF32 off): the ground truth for the fp16 paths
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    ref_ed = FastEditor(bundle, *copy.deepcopy(mods), FastOptions(dtype="float32", channels_last=False, compile=False, cuda_graphs=False))
+    ref_ed = FastEditor(
+        bundle,
+        *copy.deepcopy(mods),
+        FastOptions(dtype="float32", channels_last=False, compile=False, cuda_graphs=False),
+    )
     ref = ref_ed.edit_image(img, SRC, TGT, output_type="np", **EDIT)
-    res["reference_fp32_eager_ms"] = statistics.median(wall_ms(lambda: ref_ed.edit_image(img, SRC, TGT, output_type="np", **EDIT), 3, 1))
+    res["reference_fp32_eager_ms"] = statistics.median(
+        wall_ms(lambda: ref_ed.edit_image(img, SRC, TGT, output_type="np", **EDIT), 3, 1)  # noqa: F821 (del below)
+    )
     del ref_ed
     torch.cuda.empty_cache()
     torch.backends.cudnn.allow_tf32 = True
     log("reference done", res)
 
     eager = FastEditor(bundle, *copy.deepcopy(mods), FastOptions(compile=False, cuda_graphs=False))
-    run_eager = lambda: eager.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731
+    run_eager = lambda: eager.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731, F821 (del below)
     res["eager_ms"] = wall_ms(run_eager, args.iters_eager)
     eager.events = {}
     run_eager()
@@ -157,7 +163,10 @@ def phase_latency(args, src, bundle) -> dict:
         t = torch.full((1,), 779.0, device="cuda")
         text = torch.randn(2, 77, 768, device="cuda", dtype=torch.float16)
         cond = ed_b["cond"][1]
-        ctl = [ed_b[k] for k in ("token_map", "refine_alpha", "equalizer")] + [ed_b["cross_alpha"][0], ed_b["self_flag"][0]]
+        ctl = [ed_b[k] for k in ("token_map", "refine_alpha", "equalizer")] + [
+            ed_b["cross_alpha"][0],
+            ed_b["self_flag"][0],
+        ]
 
         graph_of = _graph_of
         g_edit = graph_of(lambda: fast.unet_e_c(x, t, text, cond, *ctl, True, True))
@@ -184,9 +193,16 @@ KINDS = (  # kernel name fragments → kind (first match wins)
     ("triton_pointwise", ("triton_poi", "triton_")),
     ("copy", ("memcpy", "memset", "copy")),
 )
-FLOP_KINDS = {"convolution": "conv", "mm": "gemm", "addmm": "gemm", "bmm": "gemm", "baddbmm": "gemm",
-              "_scaled_dot_product_flash_attention": "attention", "_scaled_dot_product_efficient_attention": "attention",
-              "_scaled_dot_product_cudnn_attention": "attention"}
+FLOP_KINDS = {
+    "convolution": "conv",
+    "mm": "gemm",
+    "addmm": "gemm",
+    "bmm": "gemm",
+    "baddbmm": "gemm",
+    "_scaled_dot_product_flash_attention": "attention",
+    "_scaled_dot_product_efficient_attention": "attention",
+    "_scaled_dot_product_cudnn_attention": "attention",
+}
 
 
 def kind_of(name: str) -> str:
@@ -241,9 +257,13 @@ def profile_edit(g_inv, g_ed, peak: float, flops: dict) -> dict:
             row["floor_ms"] = round(flops[k] / (peak * 1e12) * 1000, 3)
         kinds[k] = row
     kernels.sort(reverse=True)
-    return {"span_ms": round(span_ms, 3), "kernel_ms": round(busy, 3),
-            "idle_share": round(1 - busy / span_ms, 3) if span_ms else None, "kinds": kinds,
-            "top_kernels": [{"ms": round(ms, 3), "calls": c, "kind": k, "name": n} for ms, c, k, n in kernels[:25]]}
+    return {
+        "span_ms": round(span_ms, 3),
+        "kernel_ms": round(busy, 3),
+        "idle_share": round(1 - busy / span_ms, 3) if span_ms else None,
+        "kinds": kinds,
+        "top_kernels": [{"ms": round(ms, 3), "calls": c, "kind": k, "name": n} for ms, c, k, n in kernels[:25]],
+    }
 
 
 def phase_knobs(args, src, bundle) -> dict:
@@ -261,7 +281,10 @@ def phase_knobs(args, src, bundle) -> dict:
     w = torch.randn(1, 512, device="cuda", dtype=torch.float16)
     configs = {
         "default": ({}, None),
-        "conv1x1_mm+coord_descent": ({"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}, None),
+        "conv1x1_mm+coord_descent": (
+            {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False},
+            None,
+        ),
         "max-autotune-no-cudagraphs": ({}, "max-autotune-no-cudagraphs"),
     }
     res = {}
@@ -279,7 +302,10 @@ def phase_knobs(args, src, bundle) -> dict:
                 torch.cuda.synchronize()
                 compile_s = time.perf_counter() - t0
                 g = _graph_of(lambda: f(x, t, text, w))
-                res[name] = {"unet_b1_ms": round(statistics.median(cuda_ms(g.replay, 50, 5)), 3), "compile_s": round(compile_s, 1)}
+                res[name] = {
+                    "unet_b1_ms": round(statistics.median(cuda_ms(g.replay, 50, 5)), 3),
+                    "compile_s": round(compile_s, 1),
+                }
         except Exception as exc:
             res[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
         finally:
@@ -309,7 +335,14 @@ def phase_throughput(args, src, bundle) -> dict:
 
     from icd_edge.fast.editor import FastEditor, FastOptions
 
-    fast = FastEditor(bundle, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, FastOptions(compile_mode=args.compile_mode))
+    fast = FastEditor(
+        bundle,
+        src.text_encoder,
+        src.vae,
+        src.unet_forward,
+        src.unet_reverse,
+        FastOptions(compile_mode=args.compile_mode),
+    )
     res = {}
     for n in args.batches:
         imgs = synthetic(n)
@@ -323,7 +356,11 @@ def phase_throughput(args, src, bundle) -> dict:
         run()
         first = time.perf_counter() - t0
         ms = statistics.median(wall_ms(run, args.iters, 1))
-        res[str(n)] = {"batch_ms": round(ms, 2), "edits_per_s": round(n / (ms / 1000), 2), "first_call_s": round(first, 1)}
+        res[str(n)] = {
+            "batch_ms": round(ms, 2),
+            "edits_per_s": round(n / (ms / 1000), 2),
+            "first_call_s": round(first, 1),
+        }
         log("batch", n, res[str(n)])
         torch.cuda.empty_cache()
     return res
@@ -375,16 +412,27 @@ def main() -> int:
         return merge(args.merge)
     import torch
 
-    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "capability": list(torch.cuda.get_device_capability())}
+    env = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "capability": list(torch.cuda.get_device_capability()),
+    }
     with tempfile.TemporaryDirectory() as work:
         src, bundle = build(Path(work))
         phase = {"latency": phase_latency, "throughput": phase_throughput, "knobs": phase_knobs}[args.phase]
         result = {"env": env, args.phase: phase(args, src, bundle)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_{args.phase}.json").write_text(json.dumps(result, indent=1))
-    log(json.dumps({k: (statistics.median(v) if isinstance(v, list) and v and isinstance(v[0], (int, float)) else v)
-                    for k, v in result[args.phase].items()}, indent=0))
+    log(
+        json.dumps(
+            {
+                k: (statistics.median(v) if isinstance(v, list) and v and isinstance(v[0], (int, float)) else v)
+                for k, v in result[args.phase].items()
+            },
+            indent=0,
+        )
+    )
     return 0
 
 

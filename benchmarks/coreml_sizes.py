@@ -35,7 +35,9 @@ def main() -> int:
         for graph, entry in manifest["graphs"].items():
             art = entry["artifacts"]["coreml"]
             if art["compression"] != "none":
-                raise SystemExit(f"{graph} is already compressed ({art['compression']}); export without --coreml-compression")
+                raise SystemExit(
+                    f"{graph} is already compressed ({art['compression']}); export without --coreml-compression"
+                )
             package = args.bundle / art["file"]
             rows[graph] = {"none": {"bytes": to_coreml.package_bytes(package), "seconds": 0.0}}
             for compression in to_coreml.COMPRESSIONS[1:]:
@@ -47,10 +49,15 @@ def main() -> int:
                 rows[graph][compression] = {"bytes": to_coreml.package_bytes(out), "seconds": round(seconds, 2)}
                 print(graph, compression, rows[graph][compression], flush=True)
     totals = {c: sum(r[c]["bytes"] for r in rows.values()) for c in to_coreml.COMPRESSIONS}
-    result = {"model": manifest["model"]["name"], "dims": manifest["dims"], "coremltools": ct.__version__,
-              "machine": {"os": platform.platform(), "python": platform.python_version()},
-              "note": "compression seconds on a shared 2-core machine; k-means time depends on tensor count",
-              "graphs": rows, "total_bytes": totals}
+    result = {
+        "model": manifest["model"]["name"],
+        "dims": manifest["dims"],
+        "coremltools": ct.__version__,
+        "machine": {"os": platform.platform(), "python": platform.python_version()},
+        "note": "compression seconds on a shared 2-core machine; k-means time depends on tensor count",
+        "graphs": rows,
+        "total_bytes": totals,
+    }
     out = args.out or ROOT / "benchmarks" / "results" / f"coreml_sizes_{manifest['model']['name']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

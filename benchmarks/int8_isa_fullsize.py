@@ -29,17 +29,17 @@ sys.path.insert(0, str(ROOT))
 EMULATOR = ["qemu-x86_64", "-cpu", "Haswell-v4"]
 
 
-
 def _scheme(bundle) -> dict:
     """The bundle's int8 scheme as JSON ({} for bundles that predate it)."""
     scheme = bundle.manifest.int8_scheme
     return scheme.to_json() if scheme is not None else {}
 
+
 def main() -> int:
     from benchmarks.bench_cpu import CONFIGS, image_file
     from benchmarks.bench_cpu_edit import machine
-    from icd_edge.export.parity import psnr_db
     from icd_edge.bundle.store import open_bundle
+    from icd_edge.export.parity import psnr_db
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work")
@@ -62,9 +62,24 @@ def main() -> int:
     shutil.copyfile(native_img, keep)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
-    proc = subprocess.run([*EMULATOR, os.path.realpath(sys.executable), str(ROOT / "benchmarks" / "bench_cpu.py"),
-                           "--runs", "1", "--ov-cache", str(args.work / "openvino-cache-emulated"), "--worker",
-                           args.config, str(bundle)], capture_output=True, text=True, cwd=ROOT, env=env)
+    proc = subprocess.run(
+        [
+            *EMULATOR,
+            os.path.realpath(sys.executable),
+            str(ROOT / "benchmarks" / "bench_cpu.py"),
+            "--runs",
+            "1",
+            "--ov-cache",
+            str(args.work / "openvino-cache-emulated"),
+            "--worker",
+            args.config,
+            str(bundle),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     seconds = time.perf_counter() - t0
     if proc.returncode:
         print(proc.stderr[-3000:], file=sys.stderr)
@@ -75,14 +90,18 @@ def main() -> int:
     run = json.loads(proc.stdout.strip().splitlines()[-1])
     scheme = _scheme(open_bundle(bundle, verify=False))
     result = {
-        "machine": machine(), "config": args.config, "bundle": bundle.name, "int8_scheme": scheme,
+        "machine": machine(),
+        "config": args.config,
+        "bundle": bundle.name,
+        "int8_scheme": scheme,
         "emulated_cpu": " ".join(EMULATOR) + " (user-mode TCG: AVX2 + FMA, no AVX-512, no VNNI)",
         "summary": {
             "int8_psnr_db_vs_torch_fp32_native": round(psnr_db(ref, native, peak=1.0), 2),
             "int8_psnr_db_vs_torch_fp32_emulated_avx2": round(psnr_db(ref, emulated, peak=1.0), 2),
             "emulated_vs_native_psnr_db": round(psnr_db(native, emulated, peak=1.0), 2),
         },
-        "emulated_run": run, "emulated_wall_s": round(seconds, 1),
+        "emulated_run": run,
+        "emulated_wall_s": round(seconds, 1),
     }
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["summary"], indent=1))

@@ -69,8 +69,10 @@ def main() -> int:
     total = sum(per_kind.values())
     for (kind, kernel), ms in sorted(per_kind.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"{ms:8.1f} ms {100 * ms / total:5.1f} %  x{count[(kind, kernel)]:<4d} {kind} ({kernel})")
-    subgraphs = sorted(((p.real_time.total_seconds() * 1e3, p.node_name) for p in request.profiling_info
-                        if p.node_type == "Subgraph"), reverse=True)
+    subgraphs = sorted(
+        ((p.real_time.total_seconds() * 1e3, p.node_name) for p in request.profiling_info if p.node_type == "Subgraph"),
+        reverse=True,
+    )
     print("slowest subgraphs:")
     for ms, name in subgraphs[:8]:
         print(f"{ms:8.1f} ms {name}")

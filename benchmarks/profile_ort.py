@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 
 
-def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Path | None = None, fuse: bool = False) -> dict:
+def profile(
+    bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Path | None = None, fuse: bool = False
+) -> dict:
     import numpy as np
     import onnxruntime as ort
 
@@ -65,8 +67,14 @@ def profile(bundle_dir: Path, graph: str, runs: int, threads: int = 0, model: Pa
     table = sorted(((op, ms, n // runs) for op, (ms, n) in per_op.items()), key=lambda r: -r[1])
     top = sorted(per_node.items(), key=lambda kv: -kv[1])[:25]
     return {
-        "bundle": str(bundle_dir), "model": str(model or art["file"]), "graph": graph, "precision": art.get("precision"), "fused_attention": fused, "load_s": round(load_s, 2),
-        "run_s": [round(w, 3) for w in walls[1:]], "kernel_ms": round(total, 1),
+        "bundle": str(bundle_dir),
+        "model": str(model or art["file"]),
+        "graph": graph,
+        "precision": art.get("precision"),
+        "fused_attention": fused,
+        "load_s": round(load_s, 2),
+        "run_s": [round(w, 3) for w in walls[1:]],
+        "kernel_ms": round(total, 1),
         "ops": [{"op": op, "ms": round(ms, 1), "share": round(ms / total, 3), "nodes": n} for op, ms, n in table],
         "top_nodes": [{"op": op, "node": node, "ms": round(ms, 1)} for (op, node), ms in top],
     }
@@ -83,7 +91,10 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, help="profile this .onnx instead of the bundle's (same I/O)")
     a = ap.parse_args(argv)
     res = profile(a.bundle, a.graph, a.runs, a.threads, a.model, a.fuse_attention)
-    print(f"{a.graph} ({res['precision']}, {res['fused_attention']} attention layers fused): load {res['load_s']} s, runs {res['run_s']} s, kernels {res['kernel_ms']} ms")
+    print(
+        f"{a.graph} ({res['precision']}, {res['fused_attention']} attention layers fused): load {res['load_s']} s, "
+        f"runs {res['run_s']} s, kernels {res['kernel_ms']} ms"
+    )
     for r in res["ops"][:20]:
         print(f"  {r['op']:<24} {r['ms']:>9.1f} ms  {100 * r['share']:5.1f} %  {r['nodes']:>5} nodes")
     if a.out:

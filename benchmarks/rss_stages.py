@@ -66,8 +66,14 @@ def main(argv=None) -> int:
         name = stages[finished] if finished < len(stages) else "after"
         peaks[name] = round(max(peaks.get(name, 0.0), gb), 2)
         anon[name] = round(max(anon.get(name, 0.0), anon_gb), 2)
-    res = {"bundle": a.bundle, "memory": a.memory, "decoder": a.decoder, "edit_s": rec["edit_s"],
-           "peak_rss_gb_by_stage": peaks, "peak_anon_rss_gb_by_stage": anon}
+    res = {
+        "bundle": a.bundle,
+        "memory": a.memory,
+        "decoder": a.decoder,
+        "edit_s": rec["edit_s"],
+        "peak_rss_gb_by_stage": peaks,
+        "peak_anon_rss_gb_by_stage": anon,
+    }
     print(json.dumps(res, indent=1))
     if a.out:
         a.out.write_text(json.dumps(res, indent=1) + "\n")

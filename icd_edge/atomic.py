@@ -16,21 +16,22 @@ import sys
 import tempfile
 from pathlib import Path
 
-
 SCRATCH_PREFIX = "icd_scratch"
 
 
 def describe_os_error(exc: OSError) -> str:
     """What went wrong and what to do, in one line, for an OS fault."""
     where = f" ({exc.filename})" if exc.filename else ""
-    hint = {errno.ENOSPC: "the disk is full: free space or choose a folder on another disk",
-            errno.EDQUOT: "the disk quota is exhausted: free space or choose another folder",
-            errno.EROFS: "the file system is read-only: choose a writable folder",
-            errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
-            errno.EPERM: "the operation is not permitted (an immutable file or folder?): choose another path",
-            errno.ENAMETOOLONG: "the file name is too long: choose a shorter one",
-            errno.EIO: "an input/output error: the disk or network share may be failing",
-            errno.ENOMEM: "out of memory: close other programs or use --memory sequential"}.get(exc.errno)
+    hint = {
+        errno.ENOSPC: "the disk is full: free space or choose a folder on another disk",
+        errno.EDQUOT: "the disk quota is exhausted: free space or choose another folder",
+        errno.EROFS: "the file system is read-only: choose a writable folder",
+        errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
+        errno.EPERM: "the operation is not permitted (an immutable file or folder?): choose another path",
+        errno.ENAMETOOLONG: "the file name is too long: choose a shorter one",
+        errno.EIO: "an input/output error: the disk or network share may be failing",
+        errno.ENOMEM: "out of memory: close other programs or use --memory sequential",
+    }.get(exc.errno)
     return f"{exc.strerror or exc}{where}" + (f"; {hint}" if hint else "")
 
 
@@ -60,8 +61,10 @@ def _check_output_file(path: Path, what: str, need_bytes: int) -> None:
     except (OSError, ValueError, AttributeError):
         limit = 255
     if len(os.fsencode(path.name)) > limit:
-        raise OutputError(f"{what} name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes; "
-                          f"this file system allows {limit}: choose a shorter name")
+        raise OutputError(
+            f"{what} name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes; "
+            f"this file system allows {limit}: choose a shorter name"
+        )
     if not path.parent.is_dir():
         raise OutputError(f"{what} folder {path.parent} does not exist; create it first")
     if path.is_dir():
@@ -77,8 +80,10 @@ def _check_output_file(path: Path, what: str, need_bytes: int) -> None:
         st = os.statvfs(path.parent)
         free = st.f_bavail * st.f_frsize
         if free < need_bytes:
-            raise OutputError(f"the disk is full: {path.parent} has {free} bytes free and {what} {path.name} needs up to "
-                              f"{need_bytes}; free space or choose a folder on another disk")
+            raise OutputError(
+                f"the disk is full: {path.parent} has {free} bytes free and {what} {path.name} needs up to "
+                f"{need_bytes}; free space or choose a folder on another disk"
+            )
 
 
 @contextlib.contextmanager
@@ -197,7 +202,7 @@ def _remove_stale(path: Path) -> None:
     """Delete ``.<name>.tmp-<pid>-*`` folders whose exporting process no longer runs."""
     for p in path.parent.glob(f".{path.name}.tmp-*"):
         try:
-            pid = int(p.name[len(f".{path.name}.tmp-"):].split("-", 1)[0])
+            pid = int(p.name[len(f".{path.name}.tmp-") :].split("-", 1)[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _alive(pid):

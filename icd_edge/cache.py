@@ -33,6 +33,8 @@ def cache_root(env: Mapping[str, str] | None = None, system: str | None = None, 
     return base / "icd_edge"
 
 
-def cache_dir(kind: str, env: Mapping[str, str] | None = None, system: str | None = None, home: Path | None = None) -> Path:
+def cache_dir(
+    kind: str, env: Mapping[str, str] | None = None, system: str | None = None, home: Path | None = None
+) -> Path:
     """The cache folder of one backend (``openvino``, ``trt``, ``coreml``)."""
     return cache_root(env, system, home) / kind

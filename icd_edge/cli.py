@@ -20,9 +20,21 @@ from icd_edge.cli_args import EXIT_BAD_INPUT, Once, Parser
 from icd_edge.errors import IcdEdgeError, InputError, Terminated
 
 # API parameter names in error messages → the flags a CLI user typed
-FLAGS = {"cross_replace": "--cross-replace", "self_replace": "--self-replace", "guidance": "--guidance", "tau": "--tau",
-         "seed": "--seed", "mode": "--mode", "blend": "--blend", "amplify": "--amplify", "fit": "--fit",
-         "quality": "--quality", "source prompt": "--source", "target prompt": "--target", "prompt": "--prompt"}
+FLAGS = {
+    "cross_replace": "--cross-replace",
+    "self_replace": "--self-replace",
+    "guidance": "--guidance",
+    "tau": "--tau",
+    "seed": "--seed",
+    "mode": "--mode",
+    "blend": "--blend",
+    "amplify": "--amplify",
+    "fit": "--fit",
+    "quality": "--quality",
+    "source prompt": "--source",
+    "target prompt": "--target",
+    "prompt": "--prompt",
+}
 
 
 def _precision_name(value: str) -> str:
@@ -55,23 +67,50 @@ def _verbosity(p: argparse.ArgumentParser, top: bool = False) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     once = {"action": Once}
-    p.add_argument("--bundle", required=True, type=Path, help="bundle folder written by python -m icd_edge.export", **once)
+    p.add_argument(
+        "--bundle", required=True, type=Path, help="bundle folder written by python -m icd_edge.export", **once
+    )
     p.add_argument("--backend", default="auto", help="auto, openvino, onnxruntime, torch, tensorrt or coreml", **once)
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster open)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--decoder", default="full", choices=("full", "taesd"),
-                   help="final decoder: the full SD VAE, or TAESD (bundles exported with --taesd)", **once)
-    p.add_argument("--memory", default="resident", choices=("resident", "sequential", "shared-base"),
-                   help="resident: keep graphs loaded; sequential: one graph at a time; shared-base: teacher weights "
-                        "mapped once for all UNets (bundles exported with --unet-weights shared-base)", **once)
-    p.add_argument("--ov-precision", choices=("auto", "fp32", "bf16", "fp16"), type=_precision_name,
-                   help="openvino: precision of the graphs' float parts (auto: float32, bfloat16 in int8 graphs where "
-                        "native)", **once)
-    p.add_argument("--ov-cache", metavar="DIR",
-                   help="openvino: compiled-graph cache folder, or 'none' (default: ~/.cache/icd_edge/openvino)", **once)
-    p.add_argument("--json", action="store_true", help="print what was written, timings, backend and parameters as JSON")
-    p.add_argument("--rng", default="torch", choices=("torch", "numpy"), action=Once,
-                   help="noise generator: torch (the official code's torch.randn on the CPU, bit for bit) or numpy")
+    p.add_argument(
+        "--decoder",
+        default="full",
+        choices=("full", "taesd"),
+        help="final decoder: the full SD VAE, or TAESD (bundles exported with --taesd)",
+        **once,
+    )
+    p.add_argument(
+        "--memory",
+        default="resident",
+        choices=("resident", "sequential", "shared-base"),
+        help="resident: keep graphs loaded; sequential: one graph at a time; shared-base: teacher weights "
+        "mapped once for all UNets (bundles exported with --unet-weights shared-base)",
+        **once,
+    )
+    p.add_argument(
+        "--ov-precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        type=_precision_name,
+        help="openvino: precision of the graphs' float parts (auto: float32, bfloat16 in int8 graphs where native)",
+        **once,
+    )
+    p.add_argument(
+        "--ov-cache",
+        metavar="DIR",
+        help="openvino: compiled-graph cache folder, or 'none' (default: ~/.cache/icd_edge/openvino)",
+        **once,
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print what was written, timings, backend and parameters as JSON"
+    )
+    p.add_argument(
+        "--rng",
+        default="torch",
+        choices=("torch", "numpy"),
+        action=Once,
+        help="noise generator: torch (the official code's torch.randn on the CPU, bit for bit) or numpy",
+    )
     _verbosity(p)
 
 
@@ -82,15 +121,21 @@ def _image_out(p: argparse.ArgumentParser, what: str) -> None:
 
 
 def _fit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fit", default="stretch", choices=("stretch", "crop", "pad"), action=Once,
-                   help="how a non-square photo becomes square: stretch (official), centre crop, or pad")
+    p.add_argument(
+        "--fit",
+        default="stretch",
+        choices=("stretch", "crop", "pad"),
+        action=Once,
+        help="how a non-square photo becomes square: stretch (official), centre crop, or pad",
+    )
     p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = Parser(prog="icd-edge", description="iCD text-guided image editing from an exported bundle.",
-                     formatter_class=fmt)
+    parser = Parser(
+        prog="icd-edge", description="iCD text-guided image editing from an exported bundle.", formatter_class=fmt
+    )
     parser.add_argument("--version", action="version", version=f"icd-edge {__version__}")
     _verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
@@ -102,17 +147,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="prompt describing the photo", **once)
     p.add_argument("--target", required=True, help="prompt describing the edited photo", **once)
     _image_out(p, "output image")
-    p.add_argument("--cross-replace", type=float, default=0.2, help="fraction of steps with cross-attention replacement", **once)
-    p.add_argument("--self-replace", type=float, default=0.2, help="fraction of steps with self-attention injection", **once)
-    p.add_argument("--amplify", action="append", metavar="WORD=F", help="re-weight a target word's attention (repeatable, one per word)")
-    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: change only these words' region", **once)
-    p.add_argument("--guidance", type=float, default=19.0, help="guidance w of the target row (0..19, code units)", **once)
+    p.add_argument(
+        "--cross-replace", type=float, default=0.2, help="fraction of steps with cross-attention replacement", **once
+    )
+    p.add_argument(
+        "--self-replace", type=float, default=0.2, help="fraction of steps with self-attention injection", **once
+    )
+    p.add_argument(
+        "--amplify",
+        action="append",
+        metavar="WORD=F",
+        help="re-weight a target word's attention (repeatable, one per word)",
+    )
+    p.add_argument(
+        "--blend",
+        nargs=2,
+        metavar=("SRC_WORD", "TGT_WORD"),
+        help="local blend: change only these words' region",
+        **once,
+    )
+    p.add_argument(
+        "--guidance", type=float, default=19.0, help="guidance w of the target row (0..19, code units)", **once
+    )
     p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau", **once)
     p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping", **once)
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
-    p.add_argument("--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR", **once)
-    p.add_argument("--save-source", type=Path, metavar="PATH", action=Once,
-                   help="also write the source row (the reconstruction the edit is made against)")
+    p.add_argument(
+        "--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR", **once
+    )
+    p.add_argument(
+        "--save-source",
+        type=Path,
+        metavar="PATH",
+        action=Once,
+        help="also write the source row (the reconstruction the edit is made against)",
+    )
     _fit(p)
 
     p = sub.add_parser("invert", help="invert a photo to noise and save it (.npz) for later edits", formatter_class=fmt)
@@ -122,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output .npz (the x_999 latent and its prompt)", **once)
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
 
-    p = sub.add_parser("reconstruct", help="invert and decode under the source prompt (round trip)", formatter_class=fmt)
+    p = sub.add_parser(
+        "reconstruct", help="invert and decode under the source prompt (round trip)", formatter_class=fmt
+    )
     _common(p)
     p.add_argument("--image", required=True, type=Path, help="input photo", **once)
     p.add_argument("--source", required=True, help="prompt describing the photo", **once)
@@ -140,15 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=1.0, help="dynamic guidance: guided iff t <= 1000*tau", **once)
     p.add_argument("--seed", type=int, default=0, help="seed of the starting noise", **once)
 
-    p = sub.add_parser("inspect", help="print a bundle's manifest and parity figures, or an output image's parameters",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "inspect",
+        help="print a bundle's manifest and parity figures, or an output image's parameters",
+        formatter_class=fmt,
+    )
     p.add_argument("bundle", type=Path, metavar="PATH", help="a bundle folder, or an image written by icd-edge")
     p.add_argument("--json", action="store_true", help="the whole manifest (or the image's parameters) as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 checks")
     _verbosity(p)
 
-    p = sub.add_parser("doctor", help="list every backend as available or why not, and the CPU's int8 behaviour",
-                       formatter_class=fmt)
+    p = sub.add_parser(
+        "doctor", help="list every backend as available or why not, and the CPU's int8 behaviour", formatter_class=fmt
+    )
     p.add_argument("--json", action="store_true", help="the same as one JSON object")
     _verbosity(p)
     return parser
@@ -169,22 +244,37 @@ def _open(args):
         from icd_edge.runtimes.openvino import OvOptions
 
         options = (OvOptions(**fields),)
-    return Editor.open(args.bundle, backend=args.backend, verify=not args.no_verify,
-                       progress=not (args.no_progress or args.quiet), memory=args.memory, decoder=args.decoder, options=options)
+    return Editor.open(
+        args.bundle,
+        backend=args.backend,
+        verify=not args.no_verify,
+        progress=not (args.no_progress or args.quiet),
+        memory=args.memory,
+        decoder=args.decoder,
+        options=options,
+    )
 
 
 def _check_quality(args, fmt: str) -> None:
     from icd_edge.image import LOSSY
 
     if args.quality is not None and (fmt not in LOSSY or not 1 <= args.quality <= 100):
-        raise InputError(f"--quality takes 1-100 and applies to .jpg/.webp outputs (got {args.quality} for {args.out.suffix})")
+        raise InputError(
+            f"--quality takes 1-100 and applies to .jpg/.webp outputs (got {args.quality} for {args.out.suffix})"
+        )
 
 
 def _metadata(ed, command: str, **params) -> dict:
     from icd_edge.image import METADATA_KEY
 
-    return {METADATA_KEY: __version__, "command": command, "bundle_id": ed.bundle.bundle_id,
-            "model": ed.bundle.manifest.model, "backend": ed.backend.name, **params}
+    return {
+        METADATA_KEY: __version__,
+        "command": command,
+        "bundle_id": ed.bundle.bundle_id,
+        "model": ed.bundle.manifest.model,
+        "backend": ed.backend.name,
+        **params,
+    }
 
 
 def _check_room(args, ed, photo=None) -> None:
@@ -199,9 +289,18 @@ def _check_room(args, ed, photo=None) -> None:
 
 def _report(args, command: str, out: Path, ed, timings: dict, params: dict) -> None:
     if args.json:
-        print(json.dumps({"command": command, "wrote": str(out), "backend": ed.backend.name,
-                          "bundle_id": ed.bundle.bundle_id, "seconds": {k: round(v, 3) for k, v in timings.items()},
-                          "parameters": params}))
+        print(
+            json.dumps(
+                {
+                    "command": command,
+                    "wrote": str(out),
+                    "backend": ed.backend.name,
+                    "bundle_id": ed.bundle.bundle_id,
+                    "seconds": {k: round(v, 3) for k, v in timings.items()},
+                    "parameters": params,
+                }
+            )
+        )
     elif not args.quiet:
         print(f"wrote {out}")
 
@@ -238,25 +337,57 @@ def cmd_edit(args) -> int:
 
         def preview(step, total, image):
             save_image(image, args.preview / f"step_{step}_of_{total}.png")
+
     blend = tuple(args.blend) if args.blend else None
-    params = {"source": args.source, "target": args.target, "seed": args.seed, "rng": args.rng,
-              "cross_replace": args.cross_replace,
-              "self_replace": args.self_replace, "amplify": amplify, "blend": list(blend) if blend else None,
-              "guidance": args.guidance, "tau": args.tau, "mode": args.mode, "fit": args.fit, "keep_size": args.keep_size,
-              "decoder": args.decoder}
+    params = {
+        "source": args.source,
+        "target": args.target,
+        "seed": args.seed,
+        "rng": args.rng,
+        "cross_replace": args.cross_replace,
+        "self_replace": args.self_replace,
+        "amplify": amplify,
+        "blend": list(blend) if blend else None,
+        "guidance": args.guidance,
+        "tau": args.tau,
+        "mode": args.mode,
+        "fit": args.fit,
+        "keep_size": args.keep_size,
+        "decoder": args.decoder,
+    }
     clock = _Clock()
     photo = load_image(args.image)  # decoded once, before the bundle is opened
     with _open(args) as ed:
         # every edit parameter is checked before the (slow) inversion
-        ed.check_edit(args.source, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace,
-                      amplify=amplify, blend=blend, guidance=args.guidance, tau=args.tau, mode=args.mode)
+        ed.check_edit(
+            args.source,
+            args.target,
+            cross_replace=args.cross_replace,
+            self_replace=args.self_replace,
+            amplify=amplify,
+            blend=blend,
+            guidance=args.guidance,
+            tau=args.tau,
+            mode=args.mode,
+        )
         _check_room(args, ed, photo)
         clock.lap("open")
         inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
         clock.lap("invert")
-        img = ed.edit(inv, args.target, cross_replace=args.cross_replace, self_replace=args.self_replace, amplify=amplify,
-                      blend=blend, guidance=args.guidance, tau=args.tau, mode=args.mode,
-                      keep_size=args.keep_size, preview=preview, return_source=args.save_source is not None)
+        img = ed.edit(
+            inv,
+            args.target,
+            cross_replace=args.cross_replace,
+            self_replace=args.self_replace,
+            amplify=amplify,
+            blend=blend,
+            guidance=args.guidance,
+            tau=args.tau,
+            mode=args.mode,
+            keep_size=args.keep_size,
+            preview=preview,
+            return_source=args.save_source is not None,
+        )
         clock.lap("edit")
         if args.save_source is not None:
             img, source = img
@@ -277,13 +408,15 @@ def cmd_invert(args) -> int:
     clock = _Clock()
     photo = load_image(args.image)
     with _open(args) as ed:
-        check_output_file(args.out, need_bytes=4 * ed.constants.latent_hw ** 2 * 4 + (1 << 16))
+        check_output_file(args.out, need_bytes=4 * ed.constants.latent_hw**2 * 4 + (1 << 16))
         clock.lap("open")
         inv = ed.invert(photo, args.source, seed=args.seed, rng=args.rng)
         clock.lap("invert")
         _inversion_to_npz(inv, args.out)
         clock.lap("save")
-        _report(args, "invert", args.out, ed, clock.seconds, {"source": args.source, "seed": args.seed, "rng": args.rng})
+        _report(
+            args, "invert", args.out, ed, clock.seconds, {"source": args.source, "seed": args.seed, "rng": args.rng}
+        )
     return 0
 
 
@@ -294,9 +427,14 @@ def _inversion_to_npz(inv, path: Path) -> None:
 
     with atomic_file(path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, latent=inv.latent, source_prompt=np.array(inv.source_prompt),
-                     seed=np.array(-1 if inv.seed is None else inv.seed),
-                     image_size=np.array(inv.image_size), bundle_id=np.array(inv.bundle_id))
+            np.savez(
+                f,
+                latent=inv.latent,
+                source_prompt=np.array(inv.source_prompt),
+                seed=np.array(-1 if inv.seed is None else inv.seed),
+                image_size=np.array(inv.image_size),
+                bundle_id=np.array(inv.bundle_id),
+            )
 
 
 def cmd_reconstruct(args) -> int:
@@ -304,8 +442,16 @@ def cmd_reconstruct(args) -> int:
 
     _, fmt = check_output_path(args.out, input_path=args.image, force=args.force)
     _check_quality(args, fmt)
-    params = {"source": args.source, "seed": args.seed, "rng": args.rng, "guidance": args.guidance, "tau": args.tau,
-              "fit": args.fit, "keep_size": args.keep_size, "decoder": args.decoder}
+    params = {
+        "source": args.source,
+        "seed": args.seed,
+        "rng": args.rng,
+        "guidance": args.guidance,
+        "tau": args.tau,
+        "fit": args.fit,
+        "keep_size": args.keep_size,
+        "decoder": args.decoder,
+    }
     clock = _Clock()
     photo = load_image(args.image)
     with _open(args) as ed:
@@ -327,8 +473,14 @@ def cmd_generate(args) -> int:
 
     _, fmt = check_output_path(args.out)
     _check_quality(args, fmt)
-    params = {"prompt": args.prompt, "seed": args.seed, "rng": args.rng, "guidance": args.guidance, "tau": args.tau,
-              "decoder": args.decoder}
+    params = {
+        "prompt": args.prompt,
+        "seed": args.seed,
+        "rng": args.rng,
+        "guidance": args.guidance,
+        "tau": args.tau,
+        "decoder": args.decoder,
+    }
     clock = _Clock()
     with _open(args) as ed:
         _check_room(args, ed)
@@ -352,14 +504,19 @@ def cmd_inspect(args) -> int:
         print(json.dumps(m.to_json(), indent=1))
         return 0
     size = sum(f.bytes for f in m.files.values())
-    print(f"bundle   {b.root}  (schema {m.schema_version}, id {b.bundle_id}, {size / 1e6:.1f} MB, files verified: {not args.no_verify})")
+    print(
+        f"bundle   {b.root}  (schema {m.schema_version}, id {b.bundle_id}, {size / 1e6:.1f} MB, "
+        f"files verified: {not args.no_verify})"
+    )
     print(f"model    {m.model}  image {m.image_hw} px, latent {m.latent_hw}, steps {m.schedule.config}")
     print(f"forward  {[[st.t, st.s] for st in m.schedule.forward]}")
     print(f"reverse  {[[st.t, st.s] for st in m.schedule.reverse]}")
     if m.int8_scheme is not None:
         s = m.int8_scheme
-        print(f"int8     weights [-{s.weight_max}, {s.weight_max}] ({s.weight_range}), "
-              f"{'exact on every x86 CPU' if s.exact_without_vnni else 'exact only with VNNI/AMX'}")
+        print(
+            f"int8     weights [-{s.weight_max}, {s.weight_max}] ({s.weight_range}), "
+            f"{'exact on every x86 CPU' if s.exact_without_vnni else 'exact only with VNNI/AMX'}"
+        )
     print("graphs")
     for name, g in m.graphs.items():
         arts = ", ".join(f"{fmt}:{a.precision}" for fmt, a in g.artifacts.items())
@@ -389,8 +546,10 @@ def _inspect_image(args) -> int:
 
     meta = read_metadata(args.bundle)
     if meta is None:
-        raise InputError(f"{args.bundle} carries no icd-edge parameters (not written by icd-edge, or a format "
-                         "without metadata such as .bmp); inspect takes a bundle folder or an icd-edge output image")
+        raise InputError(
+            f"{args.bundle} carries no icd-edge parameters (not written by icd-edge, or a format "
+            "without metadata such as .bmp); inspect takes a bundle folder or an icd-edge output image"
+        )
     if args.json:
         print(json.dumps(meta))
     else:
@@ -406,23 +565,34 @@ def cmd_doctor(args) -> int:
     backends = {name: {"available": a.ok, "reason": a.reason} for name, a in probe_all().items()}
     info = cpu.info()
     # measured, not inferred from flags: which int8 weight ranges each CPU backend sums exactly here
-    int8 = {b: {str(w): not int8_kernels.saturates(b, w) for w in int8_kernels.WEIGHT_MAXES}
-            for b in int8_kernels.installed_backends() if backends.get(b, {}).get("available")}
+    int8 = {
+        b: {str(w): not int8_kernels.saturates(b, w) for w in int8_kernels.WEIGHT_MAXES}
+        for b in int8_kernels.installed_backends()
+        if backends.get(b, {}).get("available")
+    }
     if args.json:
         print(json.dumps({"icd_edge": __version__, "backends": backends, "cpu": info, "int8_exact": int8}))
         return 0
     for name, b in backends.items():
         print(f"{name}: {'available' if b['available'] else 'not available'} ({b['reason']})")
-    print(f"cpu: {info['model']}, {info['cores']} cores, {info['machine']}, class {info['isa']} "
-          f"({' '.join(info['features']) or 'none of the listed features'})")
+    print(
+        f"cpu: {info['model']}, {info['cores']} cores, {info['machine']}, class {info['isa']} "
+        f"({' '.join(info['features']) or 'none of the listed features'})"
+    )
     for b, by_w in int8.items():
         exact = [f"[-{w}, {w}] {'exact' if ok else 'SATURATES'}" for w, ok in by_w.items()]
         print(f"int8 on {b}: weights " + ", ".join(exact))
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "invert": cmd_invert, "reconstruct": cmd_reconstruct, "generate": cmd_generate,
-            "inspect": cmd_inspect, "doctor": cmd_doctor}
+COMMANDS = {
+    "edit": cmd_edit,
+    "invert": cmd_invert,
+    "reconstruct": cmd_reconstruct,
+    "generate": cmd_generate,
+    "inspect": cmd_inspect,
+    "doctor": cmd_doctor,
+}
 
 
 def _on_sigterm(signum, frame):
@@ -438,7 +608,7 @@ def _flag_message(exc: IcdEdgeError) -> str:
     msg = str(exc)
     param = getattr(exc, "param", None)
     if param in FLAGS and msg.startswith(param):
-        msg = FLAGS[param] + msg[len(param):]
+        msg = FLAGS[param] + msg[len(param) :]
     return msg
 
 
@@ -464,7 +634,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {_flag_message(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except MemoryError:
-        print("error: out of memory; close other programs, or use --memory sequential / a smaller bundle", file=sys.stderr)
+        print(
+            "error: out of memory; close other programs, or use --memory sequential / a smaller bundle", file=sys.stderr
+        )
         return EXIT_BAD_INPUT
     except OSError as exc:  # an OS fault no check above anticipated: still one line, never a traceback
         from icd_edge.atomic import describe_os_error

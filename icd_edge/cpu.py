@@ -12,8 +12,19 @@ import platform
 import subprocess
 
 # the flags that decide which int8/bf16/fp16 kernels the runtimes pick (Linux /proc/cpuinfo names)
-X86_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
-                "amx_tile", "amx_int8", "amx_bf16")
+X86_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+)
 ARM_FEATURES = ("asimd", "asimddp", "i8mm", "bf16", "sve", "sve2")  # asimddp: the dot-product extension
 
 
@@ -52,8 +63,13 @@ def info() -> dict:
             flags = {"asimd", "asimddp"} | ({"i8mm", "bf16"} if _sysctl("hw.optional.arm.FEAT_I8MM") == "1" else set())
     known = ARM_FEATURES if machine in ("arm64", "aarch64") else X86_FEATURES
     features = [f for f in known if f in flags]
-    return {"model": model or platform.processor() or "unknown", "machine": machine,
-            "cores": os.cpu_count() or 1, "features": features, "isa": isa_class(features, machine)}
+    return {
+        "model": model or platform.processor() or "unknown",
+        "machine": machine,
+        "cores": os.cpu_count() or 1,
+        "features": features,
+        "isa": isa_class(features, machine),
+    }
 
 
 def isa_class(features, machine: str = "x86_64") -> str:
@@ -62,8 +78,13 @@ def isa_class(features, machine: str = "x86_64") -> str:
     f = set(features)
     if machine in ("arm64", "aarch64"):
         return "arm-dotprod" if "asimddp" in f else "arm"
-    for cls, needs in (("amx", "amx_int8"), ("avx512-vnni", "avx512_vnni"), ("avx-vnni", "avx_vnni"),
-                       ("avx512", "avx512f"), ("avx2", "avx2")):
+    for cls, needs in (
+        ("amx", "amx_int8"),
+        ("avx512-vnni", "avx512_vnni"),
+        ("avx-vnni", "avx_vnni"),
+        ("avx512", "avx512f"),
+        ("avx2", "avx2"),
+    ):
         if needs in f:
             return cls
     return "x86"

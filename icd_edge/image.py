@@ -23,7 +23,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from icd_edge.errors import ImageError, InputError
 
 MAX_PIXELS = 64_000_000  # larger inputs are refused before decoding (decompression bombs)
-OUTPUT_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF", ".tiff": "TIFF"}
+OUTPUT_SUFFIXES = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+}
 
 
 def load_image(src) -> Image.Image:
@@ -44,7 +52,9 @@ def load_image(src) -> Image.Image:
         except OSError as exc:
             raise ImageError(f"cannot read the image stream: {exc}") from None
         if not isinstance(data, (bytes, bytearray)):
-            raise ImageError(f"an image file object must be opened in binary mode ('rb'), it returned {type(data).__name__}")
+            raise ImageError(
+                f"an image file object must be opened in binary mode ('rb'), it returned {type(data).__name__}"
+            )
         img = _decode(lambda: Image.open(io.BytesIO(data)), "the image bytes")
     elif isinstance(src, (str, Path)):
         path = Path(src)
@@ -54,7 +64,9 @@ def load_image(src) -> Image.Image:
             raise ImageError(f"image {path} is not readable (permission denied); check its permissions")
         img = _decode(lambda: Image.open(path), f"image {path}")
     else:
-        raise ImageError(f"an image is a path, bytes, a binary file, a numpy array or a PIL image; got {type(src).__name__}")
+        raise ImageError(
+            f"an image is a path, bytes, a binary file, a numpy array or a PIL image; got {type(src).__name__}"
+        )
     return to_rgb(img)
 
 
@@ -221,7 +233,7 @@ def read_metadata(path: str | Path) -> dict | None:
             if text is None:
                 desc = img.getexif().get(_EXIF_DESCRIPTION)
                 if isinstance(desc, str) and desc.startswith(METADATA_KEY + ":"):
-                    text = desc[len(METADATA_KEY) + 1:]
+                    text = desc[len(METADATA_KEY) + 1 :]
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as exc:
         raise ImageError(f"cannot read {path}: {exc}") from None
     if text is None:

@@ -11,8 +11,16 @@ from icd_edge.errors import InputError
 FP32, FP16, BF16, INT8, INT8_DYNAMIC, AUTO = "fp32", "fp16", "bf16", "int8", "int8-dynamic", "auto"
 ALL = (FP32, FP16, BF16, INT8, INT8_DYNAMIC)
 FLOATS = (FP32, FP16, BF16)
-ALIASES = {"f32": FP32, "float32": FP32, "float": FP32, "f16": FP16, "float16": FP16, "half": FP16,
-           "bfloat16": BF16, "i8": INT8}
+ALIASES = {
+    "f32": FP32,
+    "float32": FP32,
+    "float": FP32,
+    "f16": FP16,
+    "float16": FP16,
+    "half": FP16,
+    "bfloat16": BF16,
+    "i8": INT8,
+}
 # per-library names
 OPENVINO = {FP32: "f32", FP16: "f16", BF16: "bf16"}  # INFERENCE_PRECISION_HINT
 TORCH = {FP32: "float32", FP16: "float16", BF16: "bfloat16"}  # torch dtype attribute names

@@ -70,9 +70,9 @@ def torch_randn(shape, seed: int, kernel: str = "auto") -> np.ndarray:
     out = _uniform(words[:n])
     fill = _fill_vectorized if kernel == "vectorized" else _fill_default
     k = n // 16
-    out[:k * 16] = fill(out[:k * 16].reshape(k, 16)).reshape(-1)
+    out[: k * 16] = fill(out[: k * 16].reshape(k, 16)).reshape(-1)
     if n % 16:
-        out[n - 16:] = fill(_uniform(words[n:n + 16])[None])[0]
+        out[n - 16 :] = fill(_uniform(words[n : n + 16])[None])[0]
     return out.reshape(shape)
 
 
@@ -93,7 +93,7 @@ def _mt19937(seed: int, n: int) -> np.ndarray:
 
 
 def _uniform(words: np.ndarray) -> np.ndarray:
-    return (words & np.uint32(0xFFFFFF)).astype(_F) * _F(2.0 ** -24)
+    return (words & np.uint32(0xFFFFFF)).astype(_F) * _F(2.0**-24)
 
 
 def _fma(a, b, c) -> np.ndarray:
@@ -115,8 +115,16 @@ def _log_cephes(x: np.ndarray) -> np.ndarray:
     x = (x + keep).astype(_F)  # 2x - 1 below sqrt(1/2), else x - 1
     z = (x * x).astype(_F)
     y = np.full_like(x, _F(7.0376836292e-2))
-    for c in (-1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
-              2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1):
+    for c in (
+        -1.1514610310e-1,
+        1.1676998740e-1,
+        -1.2420140846e-1,
+        1.4249322787e-1,
+        -1.6668057665e-1,
+        2.0000714765e-1,
+        -2.4999993993e-1,
+        3.3333331174e-1,
+    ):
         y = _fma(y, x, _F(c))
     y = (y * x).astype(_F)
     y = _fma(y, z, (e * _F(-2.12194440e-4)).astype(_F))
@@ -199,7 +207,7 @@ def _small(seed: int, n: int) -> np.ndarray:
         for _ in range(2):
             v = (int(words[k]) << 32) | int(words[k + 1])
             k += 2
-            u.append((v & ((1 << 53) - 1)) * 2.0 ** -53)
+            u.append((v & ((1 << 53) - 1)) * 2.0**-53)
         radius = math.sqrt(-2.0 * math.log1p(-u[1]))
         theta = 2.0 * math.pi * u[0]
         cached = radius * math.sin(theta)

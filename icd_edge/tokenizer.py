@@ -76,7 +76,9 @@ class ClipTokenizer:
         if truncated:
             logger.warning(
                 "prompt has %d tokens; CLIP reads at most %d, so it was cut after %r",
-                len(ids) - 2, MAX_LENGTH - 2, prompt[: offsets[MAX_LENGTH - 2][1]],
+                len(ids) - 2,
+                MAX_LENGTH - 2,
+                prompt[: offsets[MAX_LENGTH - 2][1]],
             )
             ids = ids[: MAX_LENGTH - 1] + [self.eos_id]
             offsets = offsets[: MAX_LENGTH - 1] + [(0, 0)]

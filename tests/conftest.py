@@ -14,10 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_SEED = 0
 
 
-def run_cli(*args: str, module: str = "icd_edge", check: bool = False, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, module: str = "icd_edge", check: bool = False, timeout: int = 600, env=None
+) -> subprocess.CompletedProcess:
     """Run ``python -m <module> args`` and return the completed process (text output)."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, **(env or {})})
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -40,8 +48,17 @@ def _openvino_cache(tmp_path_factory):
 def tiny_bundle(tmp_path_factory) -> Path:
     """The tiny model exported with ONNX graphs and torch reference weights (about 1-2 min)."""
     out = tmp_path_factory.mktemp("bundles") / "tiny.bundle"
-    run_cli("--model", "tiny", "--out", str(out), "--targets", "onnx,torch", "--no-progress",
-            module="icd_edge.export", check=True)
+    run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--targets",
+        "onnx,torch",
+        "--no-progress",
+        module="icd_edge.export",
+        check=True,
+    )
     return out
 
 
@@ -49,8 +66,21 @@ def tiny_bundle(tmp_path_factory) -> Path:
 def int8_bundle(tmp_path_factory) -> Path:
     """The tiny model in int8 (UNets static Q/DQ, int8 text encoder), one calibration photo."""
     out = tmp_path_factory.mktemp("bundles") / "int8.bundle"
-    run_cli("--model", "tiny", "--out", str(out), "--no-progress", "--calibration-count", "1", "--precision", "int8",
-            "--graph-precision", "text_encoder=int8", module="icd_edge.export", check=True)
+    run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--calibration-count",
+        "1",
+        "--precision",
+        "int8",
+        "--graph-precision",
+        "text_encoder=int8",
+        module="icd_edge.export",
+        check=True,
+    )
     return out
 
 
@@ -59,9 +89,9 @@ def tiny_graphs(tiny_bundle):
     """The tiny model's torch modules, rebuilt in memory from the same seed."""
     import tempfile
 
+    from icd_edge.bundle.store import open_bundle
     from icd_edge.export.models import build_random
     from icd_edge.graphs.wrappers import build_graphs
-    from icd_edge.bundle.store import open_bundle
 
     b = open_bundle(tiny_bundle, verify=False)
     with tempfile.TemporaryDirectory() as work:

@@ -23,8 +23,23 @@ READABLE_VERSIONS = (1, 2)
 FORMAT = "icd_edge.bundle"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # manifest keys with a typed home below; every other top-level key lands in Manifest.info
-_TYPED = {"format", "schema_version", "complete", "model", "dims", "schedule", "guidance", "vae", "unet_weights",
-          "p2p", "tokenizer", "graphs", "int8_scheme", "parity", "files"}
+_TYPED = {
+    "format",
+    "schema_version",
+    "complete",
+    "model",
+    "dims",
+    "schedule",
+    "guidance",
+    "vae",
+    "unet_weights",
+    "p2p",
+    "tokenizer",
+    "graphs",
+    "int8_scheme",
+    "parity",
+    "files",
+}
 
 
 class _Bad(Exception):
@@ -61,7 +76,9 @@ def _int(v, path: str, minimum: int = 0) -> int:
 
 def _list(v, path: str, length: int | None = None, nonempty: bool = False) -> list:
     if not isinstance(v, list) or (length is not None and len(v) != length) or (nonempty and not v):
-        raise _Bad(path, f"a list of {length} items" if length is not None else "a non-empty list" if nonempty else "a list")
+        raise _Bad(
+            path, f"a list of {length} items" if length is not None else "a non-empty list" if nonempty else "a list"
+        )
     return v
 
 
@@ -165,8 +182,10 @@ class Schedule:
             "forward": [[st.t, st.s] for st in self.forward],
             "reverse": [[st.t, st.s] for st in self.reverse],
             "alpha_sigma": {str(t): list(v) for t, v in self.alpha_sigma.items()},
-            "coefficients": {"forward": [[st.c1, st.c2] for st in self.forward],
-                             "reverse": [[st.c1, st.c2] for st in self.reverse]},
+            "coefficients": {
+                "forward": [[st.c1, st.c2] for st in self.forward],
+                "reverse": [[st.c1, st.c2] for st in self.reverse],
+            },
             "encoder_start": {"t": self.encoder_start_t, "alpha_sigma": list(self.encoder_start)},
             **self.info,
         }
@@ -181,8 +200,13 @@ class Guidance:
     defaults: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"dim": self.dim, "max": self.max, "trained": list(self.trained),
-                "embeddings": {k: list(v) for k, v in self.embeddings.items()}, "defaults": self.defaults}
+        return {
+            "dim": self.dim,
+            "max": self.max,
+            "trained": list(self.trained),
+            "embeddings": {k: list(v) for k, v in self.embeddings.items()},
+            "defaults": self.defaults,
+        }
 
 
 @dataclass(frozen=True)
@@ -210,16 +234,22 @@ class Int8Scheme:
     info: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"weight_max": self.weight_max, "weight_range": self.weight_range,
-                "exact_without_vnni": self.exact_without_vnni, **self.info}
+        return {
+            "weight_max": self.weight_max,
+            "weight_range": self.weight_range,
+            "exact_without_vnni": self.exact_without_vnni,
+            **self.info,
+        }
 
     @classmethod
     def from_json(cls, s: dict) -> "Int8Scheme":
         s = _obj(s, "int8_scheme")
-        return cls(_int(_get(s, "weight_max", "int8_scheme"), "int8_scheme.weight_max", 1),
-                   _opt(s, "weight_range", "int8_scheme", _str, ""),
-                   _opt(s, "exact_without_vnni", "int8_scheme", _bool, False),
-                   {k: v for k, v in s.items() if k not in ("weight_max", "weight_range", "exact_without_vnni")})
+        return cls(
+            _int(_get(s, "weight_max", "int8_scheme"), "int8_scheme.weight_max", 1),
+            _opt(s, "weight_range", "int8_scheme", _str, ""),
+            _opt(s, "exact_without_vnni", "int8_scheme", _bool, False),
+            {k: v for k, v in s.items() if k not in ("weight_max", "weight_range", "exact_without_vnni")},
+        )
 
 
 CHECKS = ("graph", "edit", "generate")
@@ -264,8 +294,11 @@ class Parity:
     info: dict = field(default_factory=dict)
 
     def find(self, check: str, target: str | None = None, backend: str = "onnxruntime") -> list[ParityEntry]:
-        return [e for e in self.entries if e.check == check and e.backend == backend
-                and (target is None or e.target == target)]
+        return [
+            e
+            for e in self.entries
+            if e.check == check and e.backend == backend and (target is None or e.target == target)
+        ]
 
     def get(self, check: str, target: str, backend: str = "onnxruntime") -> ParityEntry | None:
         hits = self.find(check, target, backend)
@@ -316,13 +349,21 @@ class Manifest:
         return replace(self, **changes)
 
     def to_json(self) -> dict:
-        out = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": self.complete, **self.info,
-               "model": {"name": self.model, "family": self.family}, "dims": dict(self.dims),
-               "schedule": self.schedule.to_json(), "guidance": self.guidance.to_json(),
-               "vae": {"scaling_factor": self.vae_scaling_factor}, "unet_weights": self.unet_weights,
-               "p2p": self.p2p.to_json(),
-               "tokenizer": {"file": self.tokenizer_file, "max_length": self.tokenizer_max_length},
-               "graphs": {name: g.to_json() for name, g in self.graphs.items()}}
+        out = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "complete": self.complete,
+            **self.info,
+            "model": {"name": self.model, "family": self.family},
+            "dims": dict(self.dims),
+            "schedule": self.schedule.to_json(),
+            "guidance": self.guidance.to_json(),
+            "vae": {"scaling_factor": self.vae_scaling_factor},
+            "unet_weights": self.unet_weights,
+            "p2p": self.p2p.to_json(),
+            "tokenizer": {"file": self.tokenizer_file, "max_length": self.tokenizer_max_length},
+            "graphs": {name: g.to_json() for name, g in self.graphs.items()},
+        }
         if self.int8_scheme is not None:
             out["int8_scheme"] = self.int8_scheme.to_json()
         out["parity"] = self.parity.to_json()
@@ -335,8 +376,9 @@ class Manifest:
         try:
             return _parse(m)
         except _Bad as bad:
-            raise BundleError(f"{where}: {bad.key} must be {bad.expected}; the manifest is malformed, "
-                              "re-export the bundle") from None
+            raise BundleError(
+                f"{where}: {bad.key} must be {bad.expected}; the manifest is malformed, re-export the bundle"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -382,42 +424,73 @@ def _parse(m: dict) -> Manifest:
     for t, pair in table_raw.items():
         if not str(t).isdigit():
             raise _Bad(f"schedule.alpha_sigma[{t!r}]", "keyed by an integer timestep")
-        table[int(t)] = tuple(_num(v, f"schedule.alpha_sigma[{t!r}][{j}]")
-                              for j, v in enumerate(_list(pair, f"schedule.alpha_sigma[{t!r}]", 2)))
+        table[int(t)] = tuple(
+            _num(v, f"schedule.alpha_sigma[{t!r}][{j}]")
+            for j, v in enumerate(_list(pair, f"schedule.alpha_sigma[{t!r}]", 2))
+        )
     steps = {}
     for direction in ("forward", "reverse"):
         ts = _list(_get(sched, direction, "schedule"), f"schedule.{direction}", nonempty=True)
         cs = _list(_get(coeff, direction, "schedule.coefficients"), f"schedule.coefficients.{direction}", len(ts))
         out = []
         for i, (pair, c) in enumerate(zip(ts, cs)):
-            t, s = (_int(v, f"schedule.{direction}[{i}][{j}]") for j, v in enumerate(_list(pair, f"schedule.{direction}[{i}]", 2)))
-            c1, c2 = (_num(v, f"schedule.coefficients.{direction}[{i}][{j}]")
-                      for j, v in enumerate(_list(c, f"schedule.coefficients.{direction}[{i}]", 2)))
+            t, s = (
+                _int(v, f"schedule.{direction}[{i}][{j}]")
+                for j, v in enumerate(_list(pair, f"schedule.{direction}[{i}]", 2))
+            )
+            c1, c2 = (
+                _num(v, f"schedule.coefficients.{direction}[{i}][{j}]")
+                for j, v in enumerate(_list(c, f"schedule.coefficients.{direction}[{i}]", 2))
+            )
             if direction == "reverse" and t not in table:
                 raise _Bad(f"schedule.alpha_sigma[{str(t)!r}]", "present (a reverse timestep)")
             out.append(Step(t, s, c1, c2))
         steps[direction] = tuple(out)
     start = _obj(_get(sched, "encoder_start", "schedule"), "schedule.encoder_start")
-    start_as = tuple(_num(v, f"schedule.encoder_start.alpha_sigma[{j}]")
-                     for j, v in enumerate(_list(_get(start, "alpha_sigma", "schedule.encoder_start"),
-                                                 "schedule.encoder_start.alpha_sigma", 2)))
-    schedule = Schedule(_str(_get(sched, "config", "schedule"), "schedule.config"), steps["forward"], steps["reverse"],
-                        table, _opt(start, "t", "schedule.encoder_start", _int, 19), start_as,
-                        {k: v for k, v in sched.items() if k not in
-                         ("config", "forward", "reverse", "alpha_sigma", "coefficients", "encoder_start")})
+    start_as = tuple(
+        _num(v, f"schedule.encoder_start.alpha_sigma[{j}]")
+        for j, v in enumerate(
+            _list(_get(start, "alpha_sigma", "schedule.encoder_start"), "schedule.encoder_start.alpha_sigma", 2)
+        )
+    )
+    schedule = Schedule(
+        _str(_get(sched, "config", "schedule"), "schedule.config"),
+        steps["forward"],
+        steps["reverse"],
+        table,
+        _opt(start, "t", "schedule.encoder_start", _int, 19),
+        start_as,
+        {
+            k: v
+            for k, v in sched.items()
+            if k not in ("config", "forward", "reverse", "alpha_sigma", "coefficients", "encoder_start")
+        },
+    )
 
     g = _obj(_get(m, "guidance", ""), "guidance")
     dim = _int(_get(g, "dim", "guidance"), "guidance.dim", 1)
-    emb = {w: tuple(_num(v, f"guidance.embeddings[{w!r}][{j}]") for j, v in enumerate(_list(row, f"guidance.embeddings[{w!r}]", dim)))
-           for w, row in _obj(_get(g, "embeddings", "guidance"), "guidance.embeddings").items()}
+    emb = {
+        w: tuple(
+            _num(v, f"guidance.embeddings[{w!r}][{j}]")
+            for j, v in enumerate(_list(row, f"guidance.embeddings[{w!r}]", dim))
+        )
+        for w, row in _obj(_get(g, "embeddings", "guidance"), "guidance.embeddings").items()
+    }
     trained = _opt(g, "trained", "guidance", _list, [])
-    guidance = Guidance(dim, _num(_get(g, "max", "guidance"), "guidance.max"), emb,
-                        tuple(_num(v, f"guidance.trained[{i}]") for i, v in enumerate(trained)),
-                        dict(_opt(g, "defaults", "guidance", _obj, {})))
+    guidance = Guidance(
+        dim,
+        _num(_get(g, "max", "guidance"), "guidance.max"),
+        emb,
+        tuple(_num(v, f"guidance.trained[{i}]") for i, v in enumerate(trained)),
+        dict(_opt(g, "defaults", "guidance", _obj, {})),
+    )
 
     p2p_raw = _obj(_get(m, "p2p", ""), "p2p")
-    p2p = P2P(_num(_get(p2p_raw, "blend_threshold", "p2p"), "p2p.blend_threshold"),
-              _opt(p2p_raw, "blend_hw", "p2p", _int, None), _opt(p2p_raw, "self_inject_max_keys", "p2p", _int, None))
+    p2p = P2P(
+        _num(_get(p2p_raw, "blend_threshold", "p2p"), "p2p.blend_threshold"),
+        _opt(p2p_raw, "blend_hw", "p2p", _int, None),
+        _opt(p2p_raw, "self_inject_max_keys", "p2p", _int, None),
+    )
     tok = _obj(_get(m, "tokenizer", ""), "tokenizer")
 
     graphs_raw = _get(m, "graphs", "")
@@ -441,23 +514,43 @@ def _parse(m: dict) -> Manifest:
                 if not any(rel.startswith(prefix) for rel in files):
                     raise _Bad(f"{apath}.dir", "a folder holding files of the file table")
             precision = art.get("precision", "fp32")
-            arts[fmt] = Artifact(_str(precision, f"{apath}.precision"), _opt_str(art, "file", apath),
-                                 _opt_str(art, "weights", apath), _opt_str(art, "dir", apath),
-                                 {k: v for k, v in art.items() if k not in ("file", "weights", "dir", "precision")})
-        graphs[name] = Graph(name, _tensor_specs(_get(gr, "inputs", path), f"{path}.inputs"),
-                             _tensor_specs(_get(gr, "outputs", path), f"{path}.outputs"), arts)
+            arts[fmt] = Artifact(
+                _str(precision, f"{apath}.precision"),
+                _opt_str(art, "file", apath),
+                _opt_str(art, "weights", apath),
+                _opt_str(art, "dir", apath),
+                {k: v for k, v in art.items() if k not in ("file", "weights", "dir", "precision")},
+            )
+        graphs[name] = Graph(
+            name,
+            _tensor_specs(_get(gr, "inputs", path), f"{path}.inputs"),
+            _tensor_specs(_get(gr, "outputs", path), f"{path}.outputs"),
+            arts,
+        )
 
     scheme = None if m.get("int8_scheme") is None else Int8Scheme.from_json(m["int8_scheme"])
     parity = _parity(m.get("parity"), version)
     return Manifest(
-        model=_str(_get(model, "name", "model"), "model.name"), family=_opt(model, "family", "model", _str, "sd15"), dims=dims,
-        schedule=schedule, guidance=guidance,
-        vae_scaling_factor=_num(_get(_obj(_get(m, "vae", ""), "vae"), "scaling_factor", "vae"), "vae.scaling_factor", positive=True),
-        p2p=p2p, tokenizer_file=listed(_get(tok, "file", "tokenizer"), "tokenizer.file"),
-        tokenizer_max_length=_opt(tok, "max_length", "tokenizer", _int, 77), graphs=graphs, files=files,
-        unet_weights=_opt(m, "unet_weights", "", _str, "fused"), int8_scheme=scheme, parity=parity,
-        complete=m.get("complete") is True, info={k: v for k, v in m.items() if k not in _TYPED},
-        schema_version=version if isinstance(version, int) else SCHEMA_VERSION)
+        model=_str(_get(model, "name", "model"), "model.name"),
+        family=_opt(model, "family", "model", _str, "sd15"),
+        dims=dims,
+        schedule=schedule,
+        guidance=guidance,
+        vae_scaling_factor=_num(
+            _get(_obj(_get(m, "vae", ""), "vae"), "scaling_factor", "vae"), "vae.scaling_factor", positive=True
+        ),
+        p2p=p2p,
+        tokenizer_file=listed(_get(tok, "file", "tokenizer"), "tokenizer.file"),
+        tokenizer_max_length=_opt(tok, "max_length", "tokenizer", _int, 77),
+        graphs=graphs,
+        files=files,
+        unet_weights=_opt(m, "unet_weights", "", _str, "fused"),
+        int8_scheme=scheme,
+        parity=parity,
+        complete=m.get("complete") is True,
+        info={k: v for k, v in m.items() if k not in _TYPED},
+        schema_version=version if isinstance(version, int) else SCHEMA_VERSION,
+    )
 
 
 def _entry(raw: dict, path: str) -> ParityEntry:
@@ -469,12 +562,19 @@ def _entry(raw: dict, path: str) -> ParityEntry:
     for key in ("psnr_db", "max_abs_err", "gate_db"):
         if raw.get(key) is not None:
             metrics[key] = _num(raw[key], f"{path}.{key}")
-    return ParityEntry(check, _str(_get(raw, "target", path), f"{path}.target"),
-                       _str(_get(raw, "backend", path), f"{path}.backend"),
-                       _str(_get(raw, "precision", path), f"{path}.precision"), **metrics,
-                       error=None if raw.get("error") is None else str(raw["error"]),
-                       details={k: v for k, v in raw.items() if k not in
-                                ("check", "target", "backend", "precision", "psnr_db", "max_abs_err", "gate_db", "error")})
+    return ParityEntry(
+        check,
+        _str(_get(raw, "target", path), f"{path}.target"),
+        _str(_get(raw, "backend", path), f"{path}.backend"),
+        _str(_get(raw, "precision", path), f"{path}.precision"),
+        **metrics,
+        error=None if raw.get("error") is None else str(raw["error"]),
+        details={
+            k: v
+            for k, v in raw.items()
+            if k not in ("check", "target", "backend", "precision", "psnr_db", "max_abs_err", "gate_db", "error")
+        },
+    )
 
 
 def _parity(raw, version) -> Parity:
@@ -483,9 +583,14 @@ def _parity(raw, version) -> Parity:
     raw = _obj(raw, "parity")
     if version == 1:
         return parity_from_v1(raw)
-    entries = tuple(_entry(e, f"parity.entries[{i}]") for i, e in enumerate(_list(raw.get("entries", []), "parity.entries")))
-    return Parity(str(raw.get("reference", "torch eager fp32")), entries,
-                  {k: v for k, v in raw.items() if k not in ("reference", "entries")})
+    entries = tuple(
+        _entry(e, f"parity.entries[{i}]") for i, e in enumerate(_list(raw.get("entries", []), "parity.entries"))
+    )
+    return Parity(
+        str(raw.get("reference", "torch eager fp32")),
+        entries,
+        {k: v for k, v in raw.items() if k not in ("reference", "entries")},
+    )
 
 
 def parity_from_v1(raw: dict) -> Parity:
@@ -494,8 +599,17 @@ def parity_from_v1(raw: dict) -> Parity:
     entries = []
     for name, g in (raw.get("graphs") or {}).items() if isinstance(raw.get("graphs"), dict) else ():
         if isinstance(g, dict) and isinstance(g.get("psnr_db"), (int, float)):
-            entries.append(ParityEntry("graph", name, str(g.get("backend", "onnxruntime")), str(g.get("precision", "fp32")),
-                                       float(g["psnr_db"]), _maybe(g.get("max_abs_err")), details=_keep(g, ("outputs",))))
+            entries.append(
+                ParityEntry(
+                    "graph",
+                    name,
+                    str(g.get("backend", "onnxruntime")),
+                    str(g.get("precision", "fp32")),
+                    float(g["psnr_db"]),
+                    _maybe(g.get("max_abs_err")),
+                    details=_keep(g, ("outputs",)),
+                )
+            )
     e2e = raw.get("end_to_end") if isinstance(raw.get("end_to_end"), dict) else {}
     gate = _maybe(e2e.get("gate_db"))
 
@@ -509,9 +623,18 @@ def parity_from_v1(raw: dict) -> Parity:
                 check, target = "edit", "synthetic" if key == "edit" else key[5:]
             else:
                 continue
-            entries.append(ParityEntry(check, target, str(v.get("backend", backend)), str(v.get("precision", precision)),
-                                       float(v["psnr_db"]), _maybe(v.get("max_abs_err")), gate,
-                                       details=_keep(v, ("source", "target"), rename={"target": "target_prompt"})))
+            entries.append(
+                ParityEntry(
+                    check,
+                    target,
+                    str(v.get("backend", backend)),
+                    str(v.get("precision", precision)),
+                    float(v["psnr_db"]),
+                    _maybe(v.get("max_abs_err")),
+                    gate,
+                    details=_keep(v, ("source", "target"), rename={"target": "target_prompt"}),
+                )
+            )
 
     if e2e:
         base = e2e.get("edit") if isinstance(e2e.get("edit"), dict) else {}
@@ -519,14 +642,29 @@ def parity_from_v1(raw: dict) -> Parity:
         ov = e2e.get("openvino")
         if isinstance(ov, dict):
             if "error" in ov:
-                entries.append(ParityEntry("edit", "synthetic", "openvino", str(ov.get("precision", "auto")), gate_db=gate,
-                                           error=str(ov["error"]), details={"version": ov.get("version")}))
+                entries.append(
+                    ParityEntry(
+                        "edit",
+                        "synthetic",
+                        "openvino",
+                        str(ov.get("precision", "auto")),
+                        gate_db=gate,
+                        error=str(ov["error"]),
+                        details={"version": ov.get("version")},
+                    )
+                )
             else:
                 before = len(entries)
                 cases(ov, "openvino", str(ov.get("precision", "auto")))
                 for i in range(before, len(entries)):
-                    entries[i] = replace(entries[i], details={**entries[i].details, "version": ov.get("version"),
-                                                              "inference_precision": ov.get("inference_precision")})
+                    entries[i] = replace(
+                        entries[i],
+                        details={
+                            **entries[i].details,
+                            "version": ov.get("version"),
+                            "inference_precision": ov.get("inference_precision"),
+                        },
+                    )
     info = {"reference": raw["reference"]} if isinstance(raw.get("reference"), str) else {}
     if isinstance(e2e.get("case"), dict):
         info["case"] = e2e["case"]

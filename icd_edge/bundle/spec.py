@@ -108,7 +108,9 @@ def check_feeds(graph: str, feeds: dict, specs) -> None:
     for s in specs:
         arr = feeds[s.name]
         if str(arr.dtype) != s.dtype or tuple(arr.shape) != tuple(s.shape):
-            raise ShapeMismatch(f"{graph}.{s.name}: expected {s.dtype}{tuple(s.shape)}, got {arr.dtype}{tuple(arr.shape)}")
+            raise ShapeMismatch(
+                f"{graph}.{s.name}: expected {s.dtype}{tuple(s.shape)}, got {arr.dtype}{tuple(arr.shape)}"
+            )
 
 
 def check_graph_io(graph: str, path, actual: dict, declared) -> None:
@@ -118,7 +120,9 @@ def check_graph_io(graph: str, path, actual: dict, declared) -> None:
     for spec in declared:
         shape = got.get(spec.name)
         if shape is None:
-            raise BundleError(f"{path.name} has no tensor {spec.name!r} that the manifest declares for {graph}; re-export the bundle")
+            raise BundleError(
+                f"{path.name} has no tensor {spec.name!r} that the manifest declares for {graph}; re-export the bundle"
+            )
         if any(g is not None and g != d for g, d in zip(shape, spec.shape)) or len(shape) != len(spec.shape):
             raise BundleError(
                 f"{graph}: the graph {path.name} takes {spec.name} of shape {shape} but the manifest declares "

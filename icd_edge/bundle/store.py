@@ -153,7 +153,9 @@ def verify_files(root: Path, files: dict[str, FileEntry], check_hash: bool = Tru
                 "it is truncated or was changed; re-export the bundle"
             )
         if check_hash and sha256_file(p) != meta.sha256:
-            raise BundleError(f"bundle file {rel} does not match its recorded sha256: it was modified; re-export the bundle")
+            raise BundleError(
+                f"bundle file {rel} does not match its recorded sha256: it was modified; re-export the bundle"
+            )
 
 
 def open_bundle(root: str | Path, verify: bool = True, allow_incomplete: bool = False) -> Bundle:

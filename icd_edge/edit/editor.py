@@ -19,7 +19,7 @@ from icd_edge.bundle.store import Bundle, open_bundle
 from icd_edge.edit import loop, p2p
 from icd_edge.edit.sessions import ALWAYS_KEPT, MEMORY_POLICIES, SessionPool
 from icd_edge.edit.validate import check_array, check_prompt, check_range, check_rng, check_seed
-from icd_edge.errors import EditorClosed, InputError, NumericsError
+from icd_edge.errors import InputError, NumericsError
 from icd_edge.image import array_to_pil, fit_square, image_to_tensor, load_image, restore_fit, tensor_to_array
 from icd_edge.rng import noise as make_noise
 from icd_edge.tokenizer import ClipTokenizer, Tokens
@@ -75,7 +75,9 @@ class Editor:
             with ``--taesd``) for final images; previews use TAESD when the bundle has it.
     """
 
-    def __init__(self, bundle: Bundle, backend, progress: bool = False, memory: str = "resident", decoder: str = "full"):
+    def __init__(
+        self, bundle: Bundle, backend, progress: bool = False, memory: str = "resident", decoder: str = "full"
+    ):
         if decoder not in ("full", "taesd"):
             raise InputError(f"decoder must be 'full' or 'taesd', got {decoder!r}")
         if decoder == "taesd" and "taesd_decoder" not in bundle.graphs:
@@ -96,8 +98,18 @@ class Editor:
         self._prompt_cache: dict[str, tuple[Tokens, np.ndarray]] = {}
 
     @classmethod
-    def open(cls, bundle: str | Path | Bundle, backend: str = "auto", *, verify: bool = True, progress: bool = False,
-             memory: str = "resident", decoder: str = "full", options=(), **backend_options) -> "Editor":
+    def open(
+        cls,
+        bundle: str | Path | Bundle,
+        backend: str = "auto",
+        *,
+        verify: bool = True,
+        progress: bool = False,
+        memory: str = "resident",
+        decoder: str = "full",
+        options=(),
+        **backend_options,
+    ) -> "Editor":
         """Open a bundle folder and pick a backend (``"auto"``, ``"onnxruntime"``, ``"openvino"``, ...).
 
         ``options``: typed backend options (e.g. ``OvOptions(precision="fp32")``, or several for
@@ -172,8 +184,9 @@ class Editor:
                 self.sessions.before_final_decode("taesd_decoder")
             img = self.sessions.run("taesd_decoder", "taesd_decoder", latent=latent.astype(np.float32))["image"]
         else:
-            img = self.sessions.run("vae_decoder", "vae_decoder",
-                                    latent=(latent / np.float32(self.constants.vae_scale)).astype(np.float32))["image"]
+            img = self.sessions.run(
+                "vae_decoder", "vae_decoder", latent=(latent / np.float32(self.constants.vae_scale)).astype(np.float32)
+            )["image"]
         arr = tensor_to_array(img)
         if fit is not None:  # keep_size: back to the input's geometry
             restored = restore_fit(array_to_pil(arr), fit)
@@ -186,8 +199,10 @@ class Editor:
         if inv.bundle_id != self.bundle.bundle_id:
             raise InputError("this inversion was made with another bundle; invert the photo again with this editor")
         if not np.isfinite(inv.latent).all():
-            raise NumericsError("the inversion's latent holds NaN or infinity; invert the photo again "
-                                "(with an fp32 bundle if a reduced precision overflowed)")
+            raise NumericsError(
+                "the inversion's latent holds NaN or infinity; invert the photo again "
+                "(with an fp32 bundle if a reduced precision overflowed)"
+            )
 
     @staticmethod
     def _check_output_type(output_type: str) -> None:
@@ -195,8 +210,9 @@ class Editor:
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 
     # ------------------------------------------------------------------ public API
-    def invert(self, image, source_prompt: str, *, seed: int = 0, fit: str = "stretch", rng: str = "torch",
-               noise=None) -> Inversion:
+    def invert(
+        self, image, source_prompt: str, *, seed: int = 0, fit: str = "stretch", rng: str = "torch", noise=None
+    ) -> Inversion:
         """Encode a photo to x_999 with the forward model under the source prompt (w = 0).
 
         Args:
@@ -226,10 +242,19 @@ class Editor:
             x = loop.invert(self.sessions.run, c, z0, eps0, emb, self._wemb(0.0), on_step=lambda i: bar.update(1))
         self.sessions.after_invert()
         x.setflags(write=False)
-        return Inversion(x, source_prompt, None if given is not None else seed, img.size, self.bundle.bundle_id,
-                         fit_info, "array" if given is not None else rng)
+        return Inversion(
+            x,
+            source_prompt,
+            None if given is not None else seed,
+            img.size,
+            self.bundle.bundle_id,
+            fit_info,
+            "array" if given is not None else rng,
+        )
 
-    def inversion_from_latent(self, latent, source_prompt: str, *, image_size: tuple[int, int] | None = None) -> Inversion:
+    def inversion_from_latent(
+        self, latent, source_prompt: str, *, image_size: tuple[int, int] | None = None
+    ) -> Inversion:
         """An :class:`Inversion` from a known x_999 (e.g. one made by another implementation of the
         same model), shape (1, 4, h, h) or (4, h, h); ``image_size`` defaults to the bundle's side."""
         check_prompt(source_prompt, "source prompt")
@@ -241,36 +266,86 @@ class Editor:
         x.setflags(write=False)
         return Inversion(x, source_prompt, None, tuple(size), self.bundle.bundle_id, ("stretch", *size), "latent")
 
-    def edit_controls(self, source_prompt: str, target_prompt: str, *, cross_replace: float = 0.2,
-                      self_replace: float = 0.2, amplify: dict | None = None, blend=None,
-                      mode: str = "auto") -> p2p.EditControls:
+    def edit_controls(
+        self,
+        source_prompt: str,
+        target_prompt: str,
+        *,
+        cross_replace: float = 0.2,
+        self_replace: float = 0.2,
+        amplify: dict | None = None,
+        blend=None,
+        mode: str = "auto",
+    ) -> p2p.EditControls:
         """The Prompt-to-Prompt inputs for an edit (validated)."""
-        return p2p.build_controls(self.tokenizer, source_prompt, target_prompt, len(self.constants.reverse),
-                                  cross_replace=cross_replace, self_replace=self_replace, amplify=amplify,
-                                  blend=blend, mode=mode)
+        return p2p.build_controls(
+            self.tokenizer,
+            source_prompt,
+            target_prompt,
+            len(self.constants.reverse),
+            cross_replace=cross_replace,
+            self_replace=self_replace,
+            amplify=amplify,
+            blend=blend,
+            mode=mode,
+        )
 
-    def check_edit(self, source_prompt: str, target_prompt: str, *, cross_replace: float = 0.2,
-                   self_replace: float = 0.2, amplify: dict | None = None, blend=None, guidance: float = 19.0,
-                   tau: float = 0.8, mode: str = "auto", output_type: str = "pil"
-                   ) -> tuple[p2p.EditControls, float, float]:
+    def check_edit(
+        self,
+        source_prompt: str,
+        target_prompt: str,
+        *,
+        cross_replace: float = 0.2,
+        self_replace: float = 0.2,
+        amplify: dict | None = None,
+        blend=None,
+        guidance: float = 19.0,
+        tau: float = 0.8,
+        mode: str = "auto",
+        output_type: str = "pil",
+    ) -> tuple[p2p.EditControls, float, float]:
         """Validate every parameter of :meth:`edit` without running a model: call it before a
         slow :meth:`invert` so that a bad parameter fails first. Returns (controls, guidance, tau)."""
         self._check_output_type(output_type)
-        ctl = self.edit_controls(source_prompt, target_prompt, cross_replace=cross_replace, self_replace=self_replace,
-                                 amplify=amplify, blend=blend, mode=mode)
-        guidance = check_range(guidance, 0.0, self.constants.max_guidance, "guidance",
-                               " (the students were trained up to 19)")
+        ctl = self.edit_controls(
+            source_prompt,
+            target_prompt,
+            cross_replace=cross_replace,
+            self_replace=self_replace,
+            amplify=amplify,
+            blend=blend,
+            mode=mode,
+        )
+        guidance = check_range(
+            guidance, 0.0, self.constants.max_guidance, "guidance", " (the students were trained up to 19)"
+        )
         return ctl, guidance, check_range(tau, 0.0, 1.0, "tau")
 
-    def check_reconstruct(self, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil") -> tuple[float, float]:
+    def check_reconstruct(
+        self, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil"
+    ) -> tuple[float, float]:
         """Validate :meth:`reconstruct`'s parameters without running a model; returns (guidance, tau)."""
         self._check_output_type(output_type)
         return check_range(guidance, 0.0, self.constants.max_guidance, "guidance"), check_range(tau, 0.0, 1.0, "tau")
 
-    def edit(self, inv: Inversion, target_prompt: str, *, cross_replace: float = 0.2, self_replace: float = 0.2,
-             amplify: dict | None = None, blend=None, guidance: float = 19.0, tau: float = 0.8,
-             mode: str = "auto", output_type: str = "pil", keep_size: bool = False, callback=None, preview=None,
-             return_source: bool = False) -> ImageOut | tuple[ImageOut, ImageOut]:
+    def edit(
+        self,
+        inv: Inversion,
+        target_prompt: str,
+        *,
+        cross_replace: float = 0.2,
+        self_replace: float = 0.2,
+        amplify: dict | None = None,
+        blend=None,
+        guidance: float = 19.0,
+        tau: float = 0.8,
+        mode: str = "auto",
+        output_type: str = "pil",
+        keep_size: bool = False,
+        callback=None,
+        preview=None,
+        return_source: bool = False,
+    ) -> ImageOut | tuple[ImageOut, ImageOut]:
         """Decode an inversion under ``target_prompt`` with Prompt-to-Prompt control.
 
         The defaults are the official editing settings for SD1.5 (cross and self replacement 0.2,
@@ -294,9 +369,18 @@ class Editor:
                 made against, as the official runner returns both): ``(target, source)``.
         """
         self._check_inversion(inv)
-        ctl, guidance, tau = self.check_edit(inv.source_prompt, target_prompt, cross_replace=cross_replace,
-                                             self_replace=self_replace, amplify=amplify, blend=blend,
-                                             guidance=guidance, tau=tau, mode=mode, output_type=output_type)
+        ctl, guidance, tau = self.check_edit(
+            inv.source_prompt,
+            target_prompt,
+            cross_replace=cross_replace,
+            self_replace=self_replace,
+            amplify=amplify,
+            blend=blend,
+            guidance=guidance,
+            tau=tau,
+            mode=mode,
+            output_type=output_type,
+        )
         c = self.constants
         with self._bar(len(c.reverse) + 2, "edit") as bar:
             _, e_src = self.encode_prompt(inv.source_prompt)
@@ -306,6 +390,7 @@ class Editor:
             conds = [np.concatenate([w0, self._wemb(w)]) for w in c.guided_w(guidance, tau)]
             blend_fn = None
             if ctl.blend_tokens is not None:
+
                 def blend_fn(acc):
                     return p2p.blend_mask(acc, ctl.blend_tokens, c.latent_hw, c.blend_threshold)
 
@@ -316,8 +401,16 @@ class Editor:
                 if callback is not None:
                     callback(k + 1, len(c.reverse))
 
-            x = loop.edit(self.sessions.run, c, inv.latent, np.concatenate([e_src, e_tgt]), conds, ctl.step_feeds,
-                          blend_fn, on_step=on_step)
+            x = loop.edit(
+                self.sessions.run,
+                c,
+                inv.latent,
+                np.concatenate([e_src, e_tgt]),
+                conds,
+                ctl.step_feeds,
+                blend_fn,
+                on_step=on_step,
+            )
             fit = inv.fit if keep_size else None
             result = self._decode(x[1:2], output_type, fit)
             if return_source:
@@ -331,18 +424,35 @@ class Editor:
         x0 = ((x_t - np.float32(s_t) * eps) / np.float32(a_t)).astype(np.float32)
         preview(k + 1, len(self.constants.reverse), self._decode(x0, "pil", fast=True))
 
-    def reconstruct(self, inv: Inversion, *, guidance: float = 0.0, tau: float = 0.8, output_type: str = "pil",
-                    keep_size: bool = False) -> ImageOut:
+    def reconstruct(
+        self,
+        inv: Inversion,
+        *,
+        guidance: float = 0.0,
+        tau: float = 0.8,
+        output_type: str = "pil",
+        keep_size: bool = False,
+    ) -> ImageOut:
         """Decode an inversion under its own source prompt: unguided (w = 0) by default, the
         official reconstruction setting; τ as in editing (0.8)."""
         self._check_inversion(inv)
         guidance, tau = self.check_reconstruct(guidance=guidance, tau=tau, output_type=output_type)
         _, emb = self.encode_prompt(inv.source_prompt)
-        return self._reverse(np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct",
-                             inv.fit if keep_size else None)
+        return self._reverse(
+            np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct", inv.fit if keep_size else None
+        )
 
-    def generate(self, prompt: str, *, seed: int = 0, guidance: float = 7.0, tau: float = 1.0, output_type: str = "pil",
-                 rng: str = "torch", noise=None) -> ImageOut:
+    def generate(
+        self,
+        prompt: str,
+        *,
+        seed: int = 0,
+        guidance: float = 7.0,
+        tau: float = 1.0,
+        output_type: str = "pil",
+        rng: str = "torch",
+        noise=None,
+    ) -> ImageOut:
         """Text to image: x_999 ~ N(0, I) from ``seed``, reverse steps with guidance w (τ = 1: every step).
 
         The defaults follow the official text-to-image setting of the reverse model (w = 7 in code
@@ -370,5 +480,7 @@ class Editor:
 
 def _check_policy_fits_bundle(memory: str, bundle: Bundle) -> None:
     if memory == "shared-base" and bundle.manifest.unet_weights != "shared-base":
-        raise InputError(f"memory policy shared-base needs a bundle exported with --unet-weights shared-base; "
-                         f"{bundle.root} stores fused UNets (use resident or sequential)")
+        raise InputError(
+            f"memory policy shared-base needs a bundle exported with --unet-weights shared-base; "
+            f"{bundle.root} stores fused UNets (use resident or sequential)"
+        )

@@ -36,8 +36,17 @@ class Constants:
 
     @classmethod
     def from_manifest(cls, m: Manifest) -> "Constants":
-        return cls(m.image_hw, m.latent_hw, m.vae_scaling_factor, m.schedule.forward, m.schedule.reverse,
-                   m.schedule.encoder_start, m.schedule.alpha_sigma, m.guidance.max, m.p2p.blend_threshold)
+        return cls(
+            m.image_hw,
+            m.latent_hw,
+            m.vae_scaling_factor,
+            m.schedule.forward,
+            m.schedule.reverse,
+            m.schedule.encoder_start,
+            m.schedule.alpha_sigma,
+            m.guidance.max,
+            m.p2p.blend_threshold,
+        )
 
     def guided_w(self, guidance: float, tau: float) -> list[float]:
         """The guidance w of each reverse step under dynamic guidance (0 where t > 1000·τ)."""
@@ -97,8 +106,14 @@ def invert(run: Run, c: Constants, z0, noise, emb, w0, ops: Ops = NUMPY, on_step
     """x_19 = a·z0 + σ·ε, then the forward model's steps up to x_999 under the source prompt."""
     x = ops.start(z0, noise, *c.start)
     for i, st in enumerate(c.forward):
-        eps = run("unet_forward", f"forward_{i}", sample=x, timestep=ops.timestep(st.t), encoder_hidden_states=emb,
-                  timestep_cond=w0)["eps"]
+        eps = run(
+            "unet_forward",
+            f"forward_{i}",
+            sample=x,
+            timestep=ops.timestep(st.t),
+            encoder_hidden_states=emb,
+            timestep_cond=w0,
+        )["eps"]
         x = ops.step(x, eps, st)
         if on_step is not None:
             on_step(i)
@@ -108,16 +123,31 @@ def invert(run: Run, c: Constants, z0, noise, emb, w0, ops: Ops = NUMPY, on_step
 def reverse(run: Run, c: Constants, x, emb, conds: Sequence, ops: Ops = NUMPY, on_step: Callable | None = None):
     """The reverse model's steps from x_999 under one prompt; ``conds[k]``: step k's guidance row."""
     for k, st in enumerate(c.reverse):
-        eps = run("unet_reverse", f"reverse_{k}", sample=x, timestep=ops.timestep(st.t), encoder_hidden_states=emb,
-                  timestep_cond=conds[k])["eps"]
+        eps = run(
+            "unet_reverse",
+            f"reverse_{k}",
+            sample=x,
+            timestep=ops.timestep(st.t),
+            encoder_hidden_states=emb,
+            timestep_cond=conds[k],
+        )["eps"]
         x = ops.step(x, eps, st)
         if on_step is not None:
             on_step(k, None, None, st)
     return x
 
 
-def edit(run: Run, c: Constants, latent, text, conds: Sequence, step_feeds: Callable[[int], dict],
-         blend: Callable | None = None, ops: Ops = NUMPY, on_step: Callable | None = None):
+def edit(
+    run: Run,
+    c: Constants,
+    latent,
+    text,
+    conds: Sequence,
+    step_feeds: Callable[[int], dict],
+    blend: Callable | None = None,
+    ops: Ops = NUMPY,
+    on_step: Callable | None = None,
+):
     """The edit decode: rows [sources; targets] from the same x_999, Prompt-to-Prompt controls of
     step k from ``step_feeds(k)``; with ``blend(acc) -> mask`` (acc: the summed blend maps so far)
     the targets change only inside the mask. ``on_step(k, x_before, eps, step)`` after each step."""
@@ -125,8 +155,15 @@ def edit(run: Run, c: Constants, latent, text, conds: Sequence, step_feeds: Call
     x = ops.pair(latent)
     acc = None
     for k, st in enumerate(c.reverse):
-        out = run("unet_reverse_edit", f"reverse_edit_{k}", sample=x, timestep=ops.timestep(st.t),
-                  encoder_hidden_states=text, timestep_cond=conds[k], **step_feeds(k))
+        out = run(
+            "unet_reverse_edit",
+            f"reverse_edit_{k}",
+            sample=x,
+            timestep=ops.timestep(st.t),
+            encoder_hidden_states=text,
+            timestep_cond=conds[k],
+            **step_feeds(k),
+        )
         x_before = x
         x = ops.step(x, out["eps"], st)
         if blend is not None:

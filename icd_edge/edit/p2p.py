@@ -64,7 +64,7 @@ def global_align(x: list[int], y: list[int]) -> list[int]:
 
 
 def refine_map(src: Tokens, tgt: Tokens) -> tuple[np.ndarray, np.ndarray]:
-    """"Refine" mode: (M (77, 77), r (77,)) from the alignment of the two token sequences.
+    """ "Refine" mode: (M (77, 77), r (77,)) from the alignment of the two token sequences.
 
     ``M[i, j] = 1`` gathers source token i into target position j; r_j = 0 for target tokens
     with no source counterpart. Positions past the target's length map to themselves.
@@ -85,7 +85,7 @@ def refine_map(src: Tokens, tgt: Tokens) -> tuple[np.ndarray, np.ndarray]:
 def replace_map(
     tokenizer: ClipTokenizer, src_prompt: str, src: Tokens, tgt_prompt: str, tgt: Tokens
 ) -> tuple[np.ndarray, np.ndarray]:
-    """"Replace" mode (word swap, same word count): (M, r ≡ 1).
+    """ "Replace" mode (word swap, same word count): (M, r ≡ 1).
 
     A source word of n tokens that becomes m tokens spreads weight 1/m over the m targets.
     """
@@ -179,8 +179,9 @@ class EditControls:
         }
 
 
-def blend_mask(acc_maps: np.ndarray, blend_tokens: np.ndarray, latent_hw: int,
-               threshold: float = BLEND_THRESHOLD) -> np.ndarray:
+def blend_mask(
+    acc_maps: np.ndarray, blend_tokens: np.ndarray, latent_hw: int, threshold: float = BLEND_THRESHOLD
+) -> np.ndarray:
     """Local-blend mask (latent_hw, latent_hw) bool from accumulated cross-attention maps.
 
     Args:
@@ -194,9 +195,7 @@ def blend_mask(acc_maps: np.ndarray, blend_tokens: np.ndarray, latent_hw: int,
     m = int(round(q**0.5))
     g = np.einsum("rqt,rt->rq", acc_maps.astype(np.float32), blend_tokens.astype(np.float32)).reshape(rows, m, m)
     padded = np.pad(g, ((0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
-    pooled = np.max(
-        np.stack([padded[:, dy : dy + m, dx : dx + m] for dy in range(3) for dx in range(3)]), axis=0
-    )
+    pooled = np.max(np.stack([padded[:, dy : dy + m, dx : dx + m] for dy in range(3) for dx in range(3)]), axis=0)
     factor = latent_hw // m
     up = np.repeat(np.repeat(pooled, factor, axis=1), factor, axis=2)
     peak = up.max(axis=(1, 2), keepdims=True)
@@ -208,9 +207,18 @@ def blend_mask(acc_maps: np.ndarray, blend_tokens: np.ndarray, latent_hw: int,
 MODES = ("auto", "refine", "replace")
 
 
-def build_controls(tokenizer: ClipTokenizer, source_prompt: str, target_prompt: str, num_steps: int, *,
-                   cross_replace: float = 0.2, self_replace: float = 0.2, amplify: dict | None = None, blend=None,
-                   mode: str = "auto") -> EditControls:
+def build_controls(
+    tokenizer: ClipTokenizer,
+    source_prompt: str,
+    target_prompt: str,
+    num_steps: int,
+    *,
+    cross_replace: float = 0.2,
+    self_replace: float = 0.2,
+    amplify: dict | None = None,
+    blend=None,
+    mode: str = "auto",
+) -> EditControls:
     """The Prompt-to-Prompt inputs of an edit with ``num_steps`` reverse steps (validated)."""
     check_prompt(source_prompt, "source prompt")
     check_prompt(target_prompt, "target prompt")
@@ -235,11 +243,13 @@ def build_controls(tokenizer: ClipTokenizer, source_prompt: str, target_prompt: 
     blend_tokens = None
     if blend is not None:
         if not (isinstance(blend, (tuple, list)) and len(blend) == 2 and all(isinstance(w, str) for w in blend)):
-            raise InputError(f"blend must be a pair of words (source_word, target_word), got {blend!r}",
-                             param="blend")
-        blend_tokens = np.stack([
-            word_mask(tokenizer, src_tok, source_prompt, blend[0], "blend source"),
-            word_mask(tokenizer, tgt_tok, target_prompt, blend[1], "blend target"),
-        ])
-    return EditControls(token_map, refine_alpha, equalizer, cross.astype(np.float32), self_flag.astype(np.float32),
-                        blend_tokens)
+            raise InputError(f"blend must be a pair of words (source_word, target_word), got {blend!r}", param="blend")
+        blend_tokens = np.stack(
+            [
+                word_mask(tokenizer, src_tok, source_prompt, blend[0], "blend source"),
+                word_mask(tokenizer, tgt_tok, target_prompt, blend[1], "blend target"),
+            ]
+        )
+    return EditControls(
+        token_map, refine_alpha, equalizer, cross.astype(np.float32), self_flag.astype(np.float32), blend_tokens
+    )

@@ -49,8 +49,9 @@ class SessionPool:
                     except OSError as exc:  # reading or memory-mapping the graph's files
                         from icd_edge.atomic import describe_os_error
 
-                        raise BundleError(f"cannot load graph {graph} from {self.bundle.root}: "
-                                          f"{describe_os_error(exc)}") from None
+                        raise BundleError(
+                            f"cannot load graph {graph} from {self.bundle.root}: {describe_os_error(exc)}"
+                        ) from None
             return self._sessions[graph]
 
     def loaded(self) -> tuple[str, ...]:
@@ -64,9 +65,11 @@ class SessionPool:
             out = sess.run(feeds)
         for name, value in out.items():  # one bad value would propagate through every later step
             if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise NumericsError(f"{graph} returned NaN or infinity in {name!r} on the {self.backend.name} backend "
-                                    f"({stage}); a reduced precision overflowed: use an fp32 bundle, or "
-                                    f"--ov-precision fp32 on openvino")
+                raise NumericsError(
+                    f"{graph} returned NaN or infinity in {name!r} on the {self.backend.name} backend "
+                    f"({stage}); a reduced precision overflowed: use an fp32 bundle, or "
+                    f"--ov-precision fp32 on openvino"
+                )
         return out
 
     def release_others(self, graph: str) -> None:

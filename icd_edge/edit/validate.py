@@ -16,8 +16,9 @@ def check_prompt(prompt, what: str) -> str:
     try:  # lone surrogates: what Python makes of undecodable bytes in argv, or a broken str
         prompt.encode("utf-8")
     except UnicodeEncodeError:
-        raise InputError(f"{what} is not valid text (undecodable bytes or lone surrogates); pass UTF-8 text",
-                         param=what) from None
+        raise InputError(
+            f"{what} is not valid text (undecodable bytes or lone surrogates); pass UTF-8 text", param=what
+        ) from None
     if not prompt.strip():
         raise InputError(f"{what} is empty; describe the picture, e.g. 'a photo of a cat'", param=what)
     if any(ord(c) < 32 and c not in "\t\n\r" for c in prompt):

@@ -76,13 +76,19 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
     bad = [t for t in cfg.targets if t not in TARGETS]
     if bad or not cfg.targets or "onnx" not in cfg.targets:
-        raise ExportError(f"--targets must include onnx and may add {', '.join(t for t in TARGETS if t != 'onnx')} "
-                          f"(got {','.join(cfg.targets) or 'nothing'})")
+        raise ExportError(
+            f"--targets must include onnx and may add {', '.join(t for t in TARGETS if t != 'onnx')} "
+            f"(got {','.join(cfg.targets) or 'nothing'})"
+        )
     for target in cfg.targets:
         if target in TARGET_CHECKS:
             module_name, func = TARGET_CHECKS[target].split(":")
             getattr(importlib.import_module(module_name), func)(cfg)
-    for flag, value in (("--steps", cfg.steps), ("--forward-steps", cfg.forward_steps), ("--reverse-steps", cfg.reverse_steps)):
+    for flag, value in (
+        ("--steps", cfg.steps),
+        ("--forward-steps", cfg.forward_steps),
+        ("--reverse-steps", cfg.reverse_steps),
+    ):
         if value is not None and value not in ("4", "3"):
             raise ExportError(f"{flag} must be 4 or 3, got {value!r}")
     if cfg.resolution is not None and (cfg.resolution < 64 or cfg.resolution % 64):
@@ -98,18 +104,26 @@ def validate(cfg: ExportConfig) -> None:
     if cfg.precision not in PRECISIONS or any(v not in PRECISIONS for _, v in cfg.graph_precision):
         raise ExportError(f"--precision/--graph-precision take one of {', '.join(PRECISIONS)}")
     ops = cfg.int8_ops
-    if (isinstance(ops, str) or not isinstance(ops, (tuple, list)) or not ops or len(set(ops)) != len(ops)
-            or any(op not in INT8_OP_CHOICES for op in ops)):
+    if (
+        isinstance(ops, str)
+        or not isinstance(ops, (tuple, list))
+        or not ops
+        or len(set(ops)) != len(ops)
+        or any(op not in INT8_OP_CHOICES for op in ops)
+    ):
         shown = ",".join(map(str, ops)) if isinstance(ops, (tuple, list)) else repr(ops)
-        raise ExportError(f"--int8-ops takes a comma list of distinct ops from {', '.join(INT8_OP_CHOICES)}, "
-                          f"got {shown or 'nothing'}")
+        raise ExportError(
+            f"--int8-ops takes a comma list of distinct ops from {', '.join(INT8_OP_CHOICES)}, got {shown or 'nothing'}"
+        )
     if not isinstance(cfg.int8_per_channel, bool):
         raise ExportError(f"--int8-per-channel must be on or off, got {cfg.int8_per_channel!r}")
     # like the Core ML flags: a setting that would change nothing is refused, not silently ignored
     static_int8 = cfg.precision == "int8" or any(v == "int8" for _, v in cfg.graph_precision)
     if (tuple(ops) != DEFAULT_INT8_OPS or not cfg.int8_per_channel) and not static_int8:
-        raise ExportError("--int8-ops/--int8-per-channel apply to static int8 graphs only; add --precision int8 "
-                          "or --graph-precision GRAPH=int8")
+        raise ExportError(
+            "--int8-ops/--int8-per-channel apply to static int8 graphs only; add --precision int8 "
+            "or --graph-precision GRAPH=int8"
+        )
     if cfg.calibration is not None and not Path(cfg.calibration).is_dir():
         raise ExportError(f"--calibration {cfg.calibration} is not a folder of photos")
     if cfg.unet_weights not in ("fused", "shared-base"):
@@ -118,23 +132,30 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--embeddings must be float or int8, got {cfg.embeddings!r}")
     te_precision = dict(cfg.graph_precision).get("text_encoder", cfg.precision)
     if cfg.embeddings == "int8" and te_precision not in ("fp16", "int8", "int8-dynamic"):
-        raise ExportError(f"--embeddings int8 needs a converted text encoder (fp16 or int8), not {te_precision}: "
-                          "add --precision fp16 or --graph-precision text_encoder=fp16")
+        raise ExportError(
+            f"--embeddings int8 needs a converted text encoder (fp16 or int8), not {te_precision}: "
+            "add --precision fp16 or --graph-precision text_encoder=fp16"
+        )
     if cfg.calibration_count < 1:
         raise ExportError("--calibration-count must be at least 1")
     if cfg.parity not in ("e2e", "graphs", "none"):
         raise ExportError(f"--parity must be e2e, graphs or none, got {cfg.parity!r}")
     if cfg.coreml_compression not in COREML_COMPRESSIONS:
-        raise ExportError(f"--coreml-compression must be one of {', '.join(COREML_COMPRESSIONS)}, "
-                          f"got {cfg.coreml_compression!r}")
+        raise ExportError(
+            f"--coreml-compression must be one of {', '.join(COREML_COMPRESSIONS)}, got {cfg.coreml_compression!r}"
+        )
     if cfg.coreml_attention not in COREML_ATTENTIONS:
-        raise ExportError(f"--coreml-attention must be one of {', '.join(COREML_ATTENTIONS)}, "
-                          f"got {cfg.coreml_attention!r}")
-    for flag, value, default in (("--coreml-compression", cfg.coreml_compression, "none"),
-                                 ("--coreml-attention", cfg.coreml_attention, "standard")):
+        raise ExportError(
+            f"--coreml-attention must be one of {', '.join(COREML_ATTENTIONS)}, got {cfg.coreml_attention!r}"
+        )
+    for flag, value, default in (
+        ("--coreml-compression", cfg.coreml_compression, "none"),
+        ("--coreml-attention", cfg.coreml_attention, "standard"),
+    ):
         if value != default and "coreml" not in cfg.targets:
-            raise ExportError(f"{flag} applies to Core ML packages only; add coreml to --targets "
-                              "(e.g. --targets onnx,coreml)")
+            raise ExportError(
+                f"{flag} applies to Core ML packages only; add coreml to --targets (e.g. --targets onnx,coreml)"
+            )
     if "coreml" in cfg.targets:
         from icd_edge.export import to_coreml
 
@@ -146,5 +167,3 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ExportError(f"--out {out} is a non-empty folder that is not a bundle; choose a new path")
-
-

@@ -59,18 +59,23 @@ def parse_lora(state: dict[str, torch.Tensor], module_names: list[str], source: 
     unknown = []
     for key, tensor in state.items():
         if key.startswith("lora_unet_"):
-            stem, _, kind = key[len("lora_unet_"):].partition(".")
+            stem, _, kind = key[len("lora_unet_") :].partition(".")
             module = kohya_names.get(stem)
             kind = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(kind)
         else:
             stem = key
             for prefix in _PEFT_PREFIXES:
                 if key.startswith(prefix):
-                    stem = key[len(prefix):]
+                    stem = key[len(prefix) :]
                     break
             module, kind = None, None
-            for suffix, k in ((".lora_A.weight", "down"), (".lora_B.weight", "up"),
-                              (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"), (".alpha", "alpha")):
+            for suffix, k in (
+                (".lora_A.weight", "down"),
+                (".lora_B.weight", "up"),
+                (".lora_A.default.weight", "down"),
+                (".lora_B.default.weight", "up"),
+                (".alpha", "alpha"),
+            ):
                 if stem.endswith(suffix):
                     module, kind = stem[: -len(suffix)], k
                     break
@@ -86,7 +91,9 @@ def parse_lora(state: dict[str, torch.Tensor], module_names: list[str], source: 
     out = {}
     for module, parts in pairs.items():
         if "down" not in parts or "up" not in parts:
-            raise ExportError(f"{source}: module {module} has only {sorted(parts)}; a LoRA needs both A (down) and B (up)")
+            raise ExportError(
+                f"{source}: module {module} has only {sorted(parts)}; a LoRA needs both A (down) and B (up)"
+            )
         alpha = float(parts["alpha"].item()) if "alpha" in parts else None
         out[module] = LoraPair(parts["down"].float(), parts["up"].float(), alpha)
     if not out:
@@ -133,8 +140,11 @@ def round_lora(lora: dict[str, LoraPair], rounding: str) -> dict[str, LoraPair]:
 def _read(unet, path, rounding: str):
     state = read_lora_file(path)
     lora = round_lora(parse_lora(state, [n for n, _ in unet.named_modules()], source=str(path)), rounding)
-    facts = {"ranks": sorted({p.down.shape[0] for p in lora.values()}),
-             "layout": "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft", "rounding": rounding}
+    facts = {
+        "ranks": sorted({p.down.shape[0] for p in lora.values()}),
+        "layout": "kohya" if any(k.startswith("lora_unet_") for k in state) else "peft",
+        "rounding": rounding,
+    }
     return lora, facts
 
 

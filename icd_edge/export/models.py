@@ -29,8 +29,22 @@ ICD_SD15 = {
 }
 
 # diffusers module-name suffixes the iCD LoRAs adapt: 278 modules in SD1.5.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
+LORA_TARGETS = (
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "conv1",
+    "conv2",
+    "conv_shortcut",
+    "time_emb_proj",
+    "downsamplers.0.conv",
+    "upsamplers.0.conv",
+)
 
 
 @dataclass
@@ -49,6 +63,7 @@ class SourceModels:
 
 
 # ----------------------------------------------------------------------------- tokenizers
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte → printable-unicode table."""
@@ -90,15 +105,21 @@ def clip_vocab_from_bpe(bpe_lines: list[str]) -> tuple[list[str], list[str]]:
     """CLIP's vocab and merges from the lines of ``bpe_simple_vocab_16e6.txt`` (49408 entries)."""
     merges = [m for m in bpe_lines[1 : 49152 - 256 - 2 + 1]]
     b2u = list(_bytes_to_unicode().values())
-    vocab = b2u + [v + "</w>" for v in b2u] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = (
+        b2u + [v + "</w>" for v in b2u] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    )
     return vocab, merges
 
 
 # ----------------------------------------------------------------------------- random LoRAs
 
+
 def lora_target_names(unet) -> list[str]:
-    return [n for n, m in unet.named_modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(n.endswith(s) for s in LORA_TARGETS)]
+    return [
+        n
+        for n, m in unet.named_modules()
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(n.endswith(s) for s in LORA_TARGETS)
+    ]
 
 
 def write_random_lora(unet, path: Path, rank: int, seed: int, std: float) -> Path:
@@ -121,33 +142,89 @@ def write_random_lora(unet, path: Path, rank: int, seed: int, std: float) -> Pat
 
 # ----------------------------------------------------------------------------- builders
 
+
 def tiny_configs() -> dict:
     """Configs of the tiny model: SD1.5's classes and block structure at toy width."""
     return {
-        "unet": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                     cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8, time_cond_proj_dim=512),
-        "vae": dict(in_channels=3, out_channels=3, block_out_channels=(16, 16, 32, 32), layers_per_block=1,
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                    latent_channels=4, norm_num_groups=8, sample_size=128, scaling_factor=0.18215),
-        "text": dict(vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513),
+        "unet": dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32,
+            attention_head_dim=2,
+            norm_num_groups=8,
+            time_cond_proj_dim=512,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 16, 32, 32),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=128,
+            scaling_factor=0.18215,
+        ),
+        "text": dict(
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        ),
     }
 
 
 def sd15_configs() -> dict:
     """Full SD1.5 architecture (runwayml config) with the iCD teacher's 512-d guidance input."""
     return {
-        "unet": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, time_cond_proj_dim=512),
-        "vae": dict(in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                    latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215),
-        "text": dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                     max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+        "unet": dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            norm_num_groups=32,
+            time_cond_proj_dim=512,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+            scaling_factor=0.18215,
+        ),
+        "text": dict(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
     }
 
 
@@ -155,8 +232,16 @@ def _lora_name(kind: str, points) -> str:
     return f"{kind}-{'-'.join(str(t) for t in points)}.safetensors"
 
 
-def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, lora_rank: int | None = None,
-                 unet_weights: str = "fused", lora_rounding: str = "fp16", steps: tuple[int, int] = (4, 4)) -> SourceModels:
+def build_random(
+    name: str,
+    seed: int,
+    work: Path,
+    image_hw: int | None = None,
+    lora_rank: int | None = None,
+    unet_weights: str = "fused",
+    lora_rounding: str = "fp16",
+    steps: tuple[int, int] = (4, 4),
+) -> SourceModels:
     """``tiny`` or ``random-sd15``: random weights, deterministic from ``seed``, LoRAs via files."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -176,11 +261,21 @@ def build_random(name: str, seed: int, work: Path, image_hw: int | None = None, 
     sources = {
         "kind": "random",
         "seed": seed,
-        "note": "random weights of the SD1.5 classes; LoRAs written in the official peft layout and fused by the real loader",
+        "note": "random weights of the SD1.5 classes; LoRAs written in the official peft layout and fused by the "
+        "real loader",
         "lora": lora_facts,
     }
-    return SourceModels(name, tok, text_encoder, vae, unet_forward, unet_reverse, step_cfg,
-                        image_hw or (128 if name == "tiny" else 512), sources)
+    return SourceModels(
+        name,
+        tok,
+        text_encoder,
+        vae,
+        unet_forward,
+        unet_reverse,
+        step_cfg,
+        image_hw or (128 if name == "tiny" else 512),
+        sources,
+    )
 
 
 def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: str = "fused", rounding: str = "fp16"):
@@ -192,10 +287,16 @@ def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: st
     unet_forward = teacher
     unet_reverse = copy.deepcopy(teacher)
     facts = {
-        "forward": {"file": forward_file.name, "sha256": _sha(forward_file),
-                    **load(unet_forward, forward_file, rounding=rounding)},
-        "reverse": {"file": reverse_file.name, "sha256": _sha(reverse_file),
-                    **load(unet_reverse, reverse_file, rounding=rounding)},
+        "forward": {
+            "file": forward_file.name,
+            "sha256": _sha(forward_file),
+            **load(unet_forward, forward_file, rounding=rounding),
+        },
+        "reverse": {
+            "file": reverse_file.name,
+            "sha256": _sha(reverse_file),
+            **load(unet_reverse, reverse_file, rounding=rounding),
+        },
     }
     return unet_forward.eval(), unet_reverse.eval(), facts
 
@@ -207,6 +308,7 @@ def _sha(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- the real release
+
 
 def _hub_error(what: str, ref: str, exc: Exception, flag: str) -> ExportError:
     return ExportError(
@@ -250,7 +352,11 @@ def load_teacher(ref: str, revision: str | None, base: str):
 
     p = Path(ref)
     if p.is_file():
-        config = dict(_from_pretrained(UNet2DConditionModel, base, revision, "base UNet config", "--base DIR", subfolder="unet").config)
+        config = dict(
+            _from_pretrained(
+                UNet2DConditionModel, base, revision, "base UNet config", "--base DIR", subfolder="unet"
+            ).config
+        )
         config["time_cond_proj_dim"] = 512
         unet = UNet2DConditionModel.from_config(config)
         if p.suffix == ".safetensors":
@@ -264,18 +370,31 @@ def load_teacher(ref: str, revision: str | None, base: str):
             raise ExportError(f"teacher file {p} must be .safetensors or .pt (a state dict); extract a .tar.gz first")
         missing, unexpected = unet.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ExportError(f"teacher {p} does not fit the SD1.5 UNet with a 512-d guidance input: "
-                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise ExportError(
+                f"teacher {p} does not fit the SD1.5 UNet with a 512-d guidance input: "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
         return unet.eval()
     unet = _from_pretrained(UNet2DConditionModel, ref, revision, "teacher UNet", "--teacher DIR_OR_FILE")
     if unet.config.get("time_cond_proj_dim") is None:
-        raise ExportError(f"teacher {ref} has no guidance input (time_cond_proj_dim); pass the CFG-distilled iCD teacher")
+        raise ExportError(
+            f"teacher {ref} has no guidance input (time_cond_proj_dim); pass the CFG-distilled iCD teacher"
+        )
     return unet.eval()
 
 
-def load_icd_sd15(base: str | None, teacher: str | None, forward_lora: str | None, reverse_lora: str | None,
-                  revision: str | None, steps: tuple[int, int], work: Path, image_hw: int | None = None,
-                  unet_weights: str = "fused", lora_rounding: str = "fp16") -> SourceModels:
+def load_icd_sd15(
+    base: str | None,
+    teacher: str | None,
+    forward_lora: str | None,
+    reverse_lora: str | None,
+    revision: str | None,
+    steps: tuple[int, int],
+    work: Path,
+    image_hw: int | None = None,
+    unet_weights: str = "fused",
+    lora_rounding: str = "fp16",
+) -> SourceModels:
     """The released iCD-SD1.5: base parts, teacher UNet and two LoRAs (hub ids or local paths)."""
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -283,18 +402,32 @@ def load_icd_sd15(base: str | None, teacher: str | None, forward_lora: str | Non
     base = base or ICD_SD15["base"]
     teacher = teacher or ICD_SD15["teacher"]
     fwd_name, rev_name = ICD_SD15["forward_files"][steps[0]], ICD_SD15["reverse_files"][steps[1]]
-    fwd_path = _resolve_file(forward_lora or fwd_name, ICD_SD15["lora_repo"], revision if forward_lora else None,
-                             "forward LoRA", "--forward-lora FILE.safetensors")
-    rev_path = _resolve_file(reverse_lora or rev_name, ICD_SD15["lora_repo"], revision if reverse_lora else None,
-                             "reverse LoRA", "--reverse-lora FILE.safetensors")
+    fwd_path = _resolve_file(
+        forward_lora or fwd_name,
+        ICD_SD15["lora_repo"],
+        revision if forward_lora else None,
+        "forward LoRA",
+        "--forward-lora FILE.safetensors",
+    )
+    rev_path = _resolve_file(
+        reverse_lora or rev_name,
+        ICD_SD15["lora_repo"],
+        revision if reverse_lora else None,
+        "reverse LoRA",
+        "--reverse-lora FILE.safetensors",
+    )
     try:  # the file names are the authority where they carry timesteps
-        step_cfg = (step_config_from_lora_names(fwd_path.name, rev_path.name)
-                    or step_config(FORWARD_POINTS[steps[0]], REVERSE_POINTS[steps[1]]))
+        step_cfg = step_config_from_lora_names(fwd_path.name, rev_path.name) or step_config(
+            FORWARD_POINTS[steps[0]], REVERSE_POINTS[steps[1]]
+        )
     except ValueError as exc:
-        raise ExportError(f"the forward LoRA {fwd_path.name} and reverse LoRA {rev_path.name} do not form one "
-                          f"schedule: {exc}") from None
+        raise ExportError(
+            f"the forward LoRA {fwd_path.name} and reverse LoRA {rev_path.name} do not form one schedule: {exc}"
+        ) from None
     tokenizer = _from_pretrained(CLIPTokenizer, base, revision, "tokenizer", "--base DIR", subfolder="tokenizer")
-    text_encoder = _from_pretrained(CLIPTextModel, base, revision, "text encoder", "--base DIR", subfolder="text_encoder")
+    text_encoder = _from_pretrained(
+        CLIPTextModel, base, revision, "text encoder", "--base DIR", subfolder="text_encoder"
+    )
     vae = _from_pretrained(AutoencoderKL, base, revision, "VAE", "--base DIR", subfolder="vae")
     unet = load_teacher(teacher, revision, base)
     unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights, lora_rounding)
@@ -302,5 +435,14 @@ def load_icd_sd15(base: str | None, teacher: str | None, forward_lora: str | Non
     tok_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(tok_dir / "tokenizer.json"))
     sources = {"kind": "icd-sd15", "base": base, "teacher": teacher, "revision": revision, "lora": facts}
-    return SourceModels("icd-sd15", tok_dir / "tokenizer.json", text_encoder.eval(), vae.eval(), unet_forward, unet_reverse,
-                        step_cfg, image_hw or 512, sources)
+    return SourceModels(
+        "icd-sd15",
+        tok_dir / "tokenizer.json",
+        text_encoder.eval(),
+        vae.eval(),
+        unet_forward,
+        unet_reverse,
+        step_cfg,
+        image_hw or 512,
+        sources,
+    )

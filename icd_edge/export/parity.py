@@ -65,18 +65,28 @@ def graph_parity(bundle_dir: Path, graphs: dict, samples: dict, min_psnr: float)
         precision = bundle.precision(name)
         metrics = compare(ref, got)
         gate = min_psnr if precision == "fp32" else None
-        entry = ParityEntry("graph", name, "onnxruntime", precision, metrics["psnr_db"],
-                            max(v["max_abs_err"] for v in metrics["outputs"].values()), gate,
-                            details={"outputs": metrics["outputs"]})
+        entry = ParityEntry(
+            "graph",
+            name,
+            "onnxruntime",
+            precision,
+            metrics["psnr_db"],
+            max(v["max_abs_err"] for v in metrics["outputs"].values()),
+            gate,
+            details={"outputs": metrics["outputs"]},
+        )
         if entry.meets_gate is False:
-            raise ParityError(f"{name}: ONNX Runtime differs from torch by {entry.psnr_db} dB PSNR "
-                              f"(gate {min_psnr} dB): {metrics['outputs']}")
+            raise ParityError(
+                f"{name}: ONNX Runtime differs from torch by {entry.psnr_db} dB PSNR "
+                f"(gate {min_psnr} dB): {metrics['outputs']}"
+            )
         entries.append(entry)
     return entries
 
 
-def e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict,
-                calibration_cfg=None) -> tuple[list[ParityEntry], dict]:
+def e2e_parity(
+    bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict, calibration_cfg=None
+) -> tuple[list[ParityEntry], dict]:
     """Invert + P2P edit with local blend, and generate: ONNX Runtime vs torch fp32, decoded images.
 
     For reduced precisions the edit is also compared on the calibration photos; the gate applies
@@ -95,47 +105,89 @@ def e2e_parity(bundle_dir: Path, graphs: dict, min_psnr: float, dims: dict,
     if calibration_cfg is not None:
         from icd_edge.export.quant.calibration import calibration_cases
 
-        for i, (img, src, tgt, blend) in enumerate(calibration_cases(calibration_cfg.calibration, dims["H"],
-                                                                     calibration_cfg.calibration_count)):
+        for i, (img, src, tgt, blend) in enumerate(
+            calibration_cases(calibration_cfg.calibration, dims["H"], calibration_cfg.calibration_count)
+        ):
             cases.append((f"calibration_{i}", img, src, tgt, blend))
-    editors = {label: Editor(bundle, b) for label, b in (("torch", TorchBackend(graphs)), ("onnxruntime", OrtBackend()))}
+    editors = {
+        label: Editor(bundle, b) for label, b in (("torch", TorchBackend(graphs)), ("onnxruntime", OrtBackend()))
+    }
     precision = "+".join(sorted({g.artifacts["onnx"].precision for g in bundle.graphs.values()}))
     entries, references = [], {}
     edit_args = dict(cross_replace=0.4, self_replace=0.6, seed=0)
     for name, photo, src, tgt, blend in cases:
         images = {label: _parity_edit(ed, photo, src, tgt, blend, **edit_args) for label, ed in editors.items()}
         references[("edit", name)] = (images["torch"], (photo, src, tgt, blend))
-        entries.append(_image_entry("edit", name, "onnxruntime", precision, images["torch"], images["onnxruntime"],
-                                    min_psnr, {"source": src, "target_prompt": tgt}))
+        entries.append(
+            _image_entry(
+                "edit",
+                name,
+                "onnxruntime",
+                precision,
+                images["torch"],
+                images["onnxruntime"],
+                min_psnr,
+                {"source": src, "target_prompt": tgt},
+            )
+        )
     images = {label: ed.generate("a photo of a dog", seed=1, output_type="np") for label, ed in editors.items()}
     references[("generate", "synthetic")] = (images["torch"], None)
-    entries.append(_image_entry("generate", "synthetic", "onnxruntime", precision, images["torch"], images["onnxruntime"],
-                                min_psnr))
+    entries.append(
+        _image_entry(
+            "generate", "synthetic", "onnxruntime", precision, images["torch"], images["onnxruntime"], min_psnr
+        )
+    )
     for ed in editors.values():  # closed first: at full size a third set of resident graphs would not fit
         ed.close()
     edit_mean = round(float(np.mean([e.psnr_db for e in entries if e.check == "edit"])), 2)
     generate = entries[-1].psnr_db
     if edit_mean < min_psnr or generate < min_psnr:
-        raise ParityError(f"end to end, ONNX Runtime ({precision}) vs torch fp32: edit {edit_mean} dB, "
-                          f"generate {generate} dB; the gate is {min_psnr} dB (lower it with --min-psnr)")
+        raise ParityError(
+            f"end to end, ONNX Runtime ({precision}) vs torch fp32: edit {edit_mean} dB, "
+            f"generate {generate} dB; the gate is {min_psnr} dB (lower it with --min-psnr)"
+        )
     ov = _openvino_backend()  # recorded after the gate: a failing export does not wait for it
     if ov is not None:
         entries += _openvino_parity(Editor(bundle, ov), references, edit_args, min_psnr)
-    info = {"gate_db": min_psnr, "gate_applies_to": "the mean of the edit cases, and generate",
-            "case": {"photo": "synthetic (icd_edge.export.samples.sample_photo)" + (" + calibration photos" if calibration_cfg else ""),
-                     "cross_replace": 0.4, "self_replace": 0.6, "amplify": 2.0, "seed": 0}}
+    info = {
+        "gate_db": min_psnr,
+        "gate_applies_to": "the mean of the edit cases, and generate",
+        "case": {
+            "photo": "synthetic (icd_edge.export.samples.sample_photo)"
+            + (" + calibration photos" if calibration_cfg else ""),
+            "cross_replace": 0.4,
+            "self_replace": 0.6,
+            "amplify": 2.0,
+            "seed": 0,
+        },
+    }
     return entries, info
 
 
 def _image_entry(check, target, backend, precision, ref, got, gate, details=None) -> ParityEntry:
-    return ParityEntry(check, target, backend, precision, round(psnr_db(ref, got, peak=1.0), 2),
-                       max_abs_err(ref, got), gate, details=details or {})
+    return ParityEntry(
+        check,
+        target,
+        backend,
+        precision,
+        round(psnr_db(ref, got, peak=1.0), 2),
+        max_abs_err(ref, got),
+        gate,
+        details=details or {},
+    )
 
 
 def _parity_edit(ed, photo, src, tgt, blend, cross_replace, self_replace, seed):
     inv = ed.invert(photo, src, seed=seed)
-    return ed.edit(inv, tgt, cross_replace=cross_replace, self_replace=self_replace, amplify={tgt.split()[-1]: 2.0},
-                   blend=blend, output_type="np")
+    return ed.edit(
+        inv,
+        tgt,
+        cross_replace=cross_replace,
+        self_replace=self_replace,
+        amplify={tgt.split()[-1]: 2.0},
+        blend=blend,
+        output_type="np",
+    )
 
 
 def _openvino_parity(editor, references: dict, edit_args: dict, min_psnr: float) -> list[ParityEntry]:
@@ -150,21 +202,31 @@ def _openvino_parity(editor, references: dict, edit_args: dict, min_psnr: float)
     entries = []
     try:
         for (check, case), (ref, args) in references.items():
-            got = (_parity_edit(editor, *args, **edit_args) if args is not None
-                   else editor.generate("a photo of a dog", seed=1, output_type="np"))
+            got = (
+                _parity_edit(editor, *args, **edit_args)
+                if args is not None
+                else editor.generate("a photo of a dog", seed=1, output_type="np")
+            )
             entries.append(_image_entry(check, case, "openvino", "auto", ref, got, min_psnr, {"version": version}))
     except NumericsError as exc:
         logger.warning("OpenVINO (precision auto) failed the end-to-end parity: %s", exc)
-        return entries + [ParityEntry("edit", "synthetic", "openvino", "auto", gate_db=min_psnr, error=str(exc),
-                                      details={"version": version})]
+        return entries + [
+            ParityEntry(
+                "edit", "synthetic", "openvino", "auto", gate_db=min_psnr, error=str(exc), details={"version": version}
+            )
+        ]
     finally:
         hints = {g: editor.session(g).precision for g in editor.loaded_graphs()}
         editor.close()
     entries = [replace(e, details={**e.details, "inference_precision": dict(sorted(hints.items()))}) for e in entries]
     below = [f"{e.check} {e.target} {e.psnr_db} dB" for e in entries if e.meets_gate is False]
     if below:
-        logger.warning("OpenVINO (precision auto) vs torch below the %.1f dB gate (%s); run this bundle with "
-                       "--ov-precision fp32 or on onnxruntime", min_psnr, ", ".join(below))
+        logger.warning(
+            "OpenVINO (precision auto) vs torch below the %.1f dB gate (%s); run this bundle with "
+            "--ov-precision fp32 or on onnxruntime",
+            min_psnr,
+            ", ".join(below),
+        )
     return entries
 
 

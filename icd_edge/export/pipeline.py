@@ -14,18 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-from icd_edge.bundle import spec
 from icd_edge.atomic import atomic_dir, scratch_dir, sweep_scratch
+from icd_edge.bundle import spec
+from icd_edge.bundle.schema import P2P, Graph, Guidance, Manifest, Parity, Schedule, Step
+from icd_edge.bundle.store import file_table, write_manifest
 from icd_edge.errors import ExportError
 from icd_edge.export import parity as parity_mod
 from icd_edge.export import samples as samples_mod
-from icd_edge.bundle.schema import P2P, Graph, Guidance, Manifest, Parity, Schedule, Step
-from icd_edge.bundle.store import file_table, write_manifest
-from icd_edge.schedule import (ENCODER_START_T, MAX_GUIDANCE, TRAINED_GUIDANCE_SD15, alpha_sigma, step_coefficients)
+from icd_edge.export.config import TARGETS, ExportConfig, step_counts, validate
+from icd_edge.schedule import ENCODER_START_T, MAX_GUIDANCE, TRAINED_GUIDANCE_SD15, alpha_sigma, step_coefficients
 
 logger = logging.getLogger(__name__)
-
-from icd_edge.export.config import TARGETS, ExportConfig, step_counts, validate
 
 
 @dataclass
@@ -50,8 +49,18 @@ class ExportContext:
 
 def _tool_versions() -> dict:
     out = {"python": platform.python_version()}
-    for pkg in ("icd_edge", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "tokenizers", "safetensors",
-                "coremltools", "scikit-learn"):
+    for pkg in (
+        "icd_edge",
+        "torch",
+        "diffusers",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "tokenizers",
+        "safetensors",
+        "coremltools",
+        "scikit-learn",
+    ):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
@@ -70,20 +79,45 @@ def run_export(cfg: ExportConfig) -> Path:
 
     t_start = time.perf_counter()
     timings = {}
-    bar = tqdm(total=3 + len(spec.GRAPHS) - 1 + (cfg.taesd is not None) + len(cfg.targets) - 1 + (0 if cfg.parity == "none" else 2),
-               desc="export", disable=not cfg.progress)
+    bar = tqdm(
+        total=3
+        + len(spec.GRAPHS)
+        - 1
+        + (cfg.taesd is not None)
+        + len(cfg.targets)
+        - 1
+        + (0 if cfg.parity == "none" else 2),
+        desc="export",
+        disable=not cfg.progress,
+    )
     sweep_scratch()  # what killed exports left behind
     with scratch_dir("src") as work, atomic_dir(cfg.out) as tmp:
         work = Path(work)
         t0 = time.perf_counter()
         bar.set_postfix_str("loading models")
         if cfg.model == "icd-sd15":
-            src = models.load_icd_sd15(cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora, cfg.revision,
-                                       step_counts(cfg), work, cfg.resolution, unet_weights=cfg.unet_weights,
-                                       lora_rounding=cfg.lora_rounding)
+            src = models.load_icd_sd15(
+                cfg.base,
+                cfg.teacher,
+                cfg.forward_lora,
+                cfg.reverse_lora,
+                cfg.revision,
+                step_counts(cfg),
+                work,
+                cfg.resolution,
+                unet_weights=cfg.unet_weights,
+                lora_rounding=cfg.lora_rounding,
+            )
         else:
-            src = models.build_random(cfg.model, cfg.seed, work, cfg.resolution, unet_weights=cfg.unet_weights,
-                                      lora_rounding=cfg.lora_rounding, steps=step_counts(cfg))
+            src = models.build_random(
+                cfg.model,
+                cfg.seed,
+                work,
+                cfg.resolution,
+                unet_weights=cfg.unet_weights,
+                lora_rounding=cfg.lora_rounding,
+                steps=step_counts(cfg),
+            )
         timings["load_s"] = time.perf_counter() - t0
         bar.update(1)
 
@@ -125,7 +159,13 @@ def run_export(cfg: ExportConfig) -> Path:
                 from icd_edge.export.quant.policy import DEFAULT_E2E_GATE_DB
 
                 precisions = {manifest.graphs[g].artifacts["onnx"].precision for g in graphs}
-                lowest = "int8" if any(q.startswith("int8") for q in precisions) else "fp16" if "fp16" in precisions else "fp32"
+                lowest = (
+                    "int8"
+                    if any(q.startswith("int8") for q in precisions)
+                    else "fp16"
+                    if "fp16" in precisions
+                    else "fp32"
+                )
                 gate = cfg.min_psnr_db if cfg.min_psnr_db is not None else DEFAULT_E2E_GATE_DB[lowest]
                 e2e, info = parity_mod.e2e_parity(tmp, graphs, gate, dims, cfg if lowest != "fp32" else None)
                 entries += e2e
@@ -144,8 +184,14 @@ def _torch_alphas_cumprod() -> np.ndarray:
     """ᾱ_t exactly as the official code gets them (diffusers' DDIMScheduler, torch fp32)."""
     from diffusers import DDIMScheduler
 
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                          clip_sample=False, set_alpha_to_one=False)
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
     return sched.alphas_cumprod.numpy().astype(np.float32)
 
 
@@ -162,21 +208,44 @@ def _base_manifest(cfg, src, dims, guidance, graph_names=None) -> Manifest:
         return tuple(Step(t, s, *step_coefficients(t, s, acp)) for t, s in pairs)
 
     schedule = Schedule(
-        src.steps.name, steps(src.steps.forward), steps(src.steps.reverse),
-        {t: tuple(alpha_sigma(t, acp)) for t in acp_ts}, ENCODER_START_T, tuple(alpha_sigma(ENCODER_START_T, acp)),
-        {"alphas_cumprod_source": "diffusers DDIMScheduler scaled_linear 0.00085..0.012 (torch fp32)",
-         "prediction": "epsilon"})
+        src.steps.name,
+        steps(src.steps.forward),
+        steps(src.steps.reverse),
+        {t: tuple(alpha_sigma(t, acp)) for t in acp_ts},
+        ENCODER_START_T,
+        tuple(alpha_sigma(ENCODER_START_T, acp)),
+        {
+            "alphas_cumprod_source": "diffusers DDIMScheduler scaled_linear 0.00085..0.012 (torch fp32)",
+            "prediction": "epsilon",
+        },
+    )
     return Manifest(
-        model=src.name, family="sd15", dims=dict(dims), schedule=schedule,
-        guidance=Guidance(spec.GUIDANCE_DIM, MAX_GUIDANCE, {k: tuple(v) for k, v in guidance.items()},
-                          tuple(TRAINED_GUIDANCE_SD15), {"edit": 19.0, "tau_edit": 0.8, "generate": 7.0}),
+        model=src.name,
+        family="sd15",
+        dims=dict(dims),
+        schedule=schedule,
+        guidance=Guidance(
+            spec.GUIDANCE_DIM,
+            MAX_GUIDANCE,
+            {k: tuple(v) for k, v in guidance.items()},
+            tuple(TRAINED_GUIDANCE_SD15),
+            {"edit": 19.0, "tau_edit": 0.8, "generate": 7.0},
+        ),
         vae_scaling_factor=float(src.vae.config.scaling_factor),
         p2p=P2P(0.3, dims["h"] // 4, (dims["h"] // 2) ** 2),
-        tokenizer_file="tokenizer/tokenizer.json", tokenizer_max_length=spec.TOKENS, graphs=graphs,
-        unet_weights=cfg.unet_weights, parity=Parity("torch eager fp32 (the export's own modules)"),
-        info={"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sources": src.sources,
-              "resolution": {"image": dims["H"], "latent": dims["h"]}, "tools": _tool_versions(),
-              "export": {"config": {k: _jsonable(v) for k, v in cfg.__dict__.items() if k != "extra"}}})
+        tokenizer_file="tokenizer/tokenizer.json",
+        tokenizer_max_length=spec.TOKENS,
+        graphs=graphs,
+        unet_weights=cfg.unet_weights,
+        parity=Parity("torch eager fp32 (the export's own modules)"),
+        info={
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "sources": src.sources,
+            "resolution": {"image": dims["H"], "latent": dims["h"]},
+            "tools": _tool_versions(),
+            "export": {"config": {k: _jsonable(v) for k, v in cfg.__dict__.items() if k != "extra"}},
+        },
+    )
 
 
 def _jsonable(v):
@@ -194,4 +263,6 @@ def memory_bundle(model: str, seed: int, work: Path, steps: tuple[int, int] = (4
     dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
     cfg = ExportConfig(out=work / "bundle", model=model, seed=seed)
     manifest = _base_manifest(cfg, src, dims, samples_mod.guidance_table(src.unet_forward))
-    return src, Bundle(work, manifest.with_(tokenizer_file=src.tokenizer_json.relative_to(work).as_posix(), complete=True))
+    return src, Bundle(
+        work, manifest.with_(tokenizer_file=src.tokenizer_json.relative_to(work).as_posix(), complete=True)
+    )

@@ -31,18 +31,29 @@ def sample_inputs(graphs, tokenizer, dims, guidance_table) -> dict[str, dict[str
     h = dims["h"]
     w0 = np.asarray(guidance_table[guidance_key(0.0)], np.float32)[None]
     wg = np.asarray(guidance_table[guidance_key(19.0)], np.float32)[None]
-    unet1 = {"sample": rng.standard_normal((1, 4, h, h), dtype=np.float32), "timestep": np.array([519.0], np.float32),
-             "encoder_hidden_states": text, "timestep_cond": wg}
+    unet1 = {
+        "sample": rng.standard_normal((1, 4, h, h), dtype=np.float32),
+        "timestep": np.array([519.0], np.float32),
+        "encoder_hidden_states": text,
+        "timestep_cond": wg,
+    }
     from icd_edge.edit import p2p
 
     src, tgt = tokenizer(src_prompt), tokenizer(tgt_prompt)
     token_map, refine_alpha = p2p.refine_map(src, tgt)
     equalizer = np.ones(77, np.float32)
     equalizer[tgt.length - 2] = 2.0
-    edit = {"sample": rng.standard_normal((2, 4, h, h), dtype=np.float32), "timestep": np.array([779.0], np.float32),
-            "encoder_hidden_states": np.concatenate([text, text[:, ::-1].copy()]), "timestep_cond": np.concatenate([w0, wg]),
-            "token_map": token_map, "refine_alpha": refine_alpha, "equalizer": equalizer,
-            "cross_alpha": np.ones(77, np.float32), "self_flag": np.ones(1, np.float32)}
+    edit = {
+        "sample": rng.standard_normal((2, 4, h, h), dtype=np.float32),
+        "timestep": np.array([779.0], np.float32),
+        "encoder_hidden_states": np.concatenate([text, text[:, ::-1].copy()]),
+        "timestep_cond": np.concatenate([w0, wg]),
+        "token_map": token_map,
+        "refine_alpha": refine_alpha,
+        "equalizer": equalizer,
+        "cross_alpha": np.ones(77, np.float32),
+        "self_flag": np.ones(1, np.float32),
+    }
     return {
         "taesd_decoder": {"latent": rng.standard_normal((1, 4, h, h), dtype=np.float32)},
         "text_encoder": {"input_ids": ids},

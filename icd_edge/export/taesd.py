@@ -33,7 +33,7 @@ def diffusers_decoder_to_official(state: dict[str, torch.Tensor]) -> dict[str, t
     out = {}
     for key, value in state.items():
         if key.startswith("decoder.layers."):
-            index, _, rest = key[len("decoder.layers."):].partition(".")
+            index, _, rest = key[len("decoder.layers.") :].partition(".")
             out[f"{int(index) + 1}.{rest}"] = value
     return out
 
@@ -69,5 +69,7 @@ def load_taesd(ref: str, revision: str | None = None, seed: int = 0):
     try:
         return AutoencoderTiny.from_pretrained(ref, revision=revision, use_safetensors=True).eval()
     except Exception as exc:  # hub/offline/missing-folder errors of several types
-        raise ExportError(f"cannot load the TAESD decoder {ref!r} ({type(exc).__name__}); pass a local "
-                          "taesd_decoder.pth or AutoencoderTiny folder with --taesd") from exc
+        raise ExportError(
+            f"cannot load the TAESD decoder {ref!r} ({type(exc).__name__}); pass a local "
+            "taesd_decoder.pth or AutoencoderTiny folder with --taesd"
+        ) from exc

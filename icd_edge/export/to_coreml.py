@@ -49,10 +49,14 @@ def check_available(compression: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("coremltools") is None:
-        raise ExportError("--targets coreml needs coremltools: pip install -c constraints.txt 'icd_edge[export,coreml]'")
+        raise ExportError(
+            "--targets coreml needs coremltools: pip install -c constraints.txt 'icd_edge[export,coreml]'"
+        )
     if compression.startswith("palettize") and importlib.util.find_spec("sklearn") is None:
-        raise ExportError(f"--coreml-compression {compression} runs k-means, which needs scikit-learn: "
-                          "pip install -c constraints.txt 'icd_edge[coreml]'")
+        raise ExportError(
+            f"--coreml-compression {compression} runs k-means, which needs scikit-learn: "
+            "pip install -c constraints.txt 'icd_edge[coreml]'"
+        )
 
 
 @contextlib.contextmanager
@@ -98,16 +102,22 @@ def convert(program, output_names: list[str], graph: str, attention: str = "stan
     pipeline = ct.PassPipeline.DEFAULT
     if attention == "sliced-q":
         pipeline.append_pass("common::scaled_dot_product_attention_sliced_q")
-        pipeline.set_options("common::scaled_dot_product_attention_sliced_q",
-                             {"min_seq_length": int(min_queries), "seq_length_divider": SLICED_Q_CHUNKS})
+        pipeline.set_options(
+            "common::scaled_dot_product_attention_sliced_q",
+            {"min_seq_length": int(min_queries), "seq_length_divider": SLICED_Q_CHUNKS},
+        )
     elif attention != "standard":
         raise ExportError(f"unknown Core ML attention {attention!r}; choose one of {', '.join(ATTENTIONS)}")
     try:
         with _quiet_progress():
-            return ct.convert(program, outputs=[ct.TensorType(name=n, dtype=np.float32) for n in output_names],
-                              convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
-                              minimum_deployment_target=getattr(ct.target, TARGETS[attention]),
-                              pass_pipeline=pipeline)
+            return ct.convert(
+                program,
+                outputs=[ct.TensorType(name=n, dtype=np.float32) for n in output_names],
+                convert_to="mlprogram",
+                compute_precision=ct.precision.FLOAT16,
+                minimum_deployment_target=getattr(ct.target, TARGETS[attention]),
+                pass_pipeline=pipeline,
+            )
     except Exception as exc:  # the converter raises NotImplementedError, ValueError, RuntimeError, ...
         raise ExportError(f"Core ML conversion of {graph} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -123,7 +133,9 @@ def compress(mlmodel, compression: str):
     import coremltools.optimize.coreml as cto
 
     if compression == "linear8":
-        config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+        config = cto.OptimizationConfig(
+            global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8")
+        )
         fn = cto.linear_quantize_weights
     elif compression in ("palettize8", "palettize6"):
         config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(mode="kmeans", nbits=int(compression[-1])))
@@ -144,7 +156,11 @@ def package_io(mlmodel) -> tuple[list[dict], list[dict]]:
     def one(feature) -> dict:
         arr = feature.type.multiArrayType
         code = FeatureTypes_pb2.ArrayFeatureType.ArrayDataType.Name(arr.dataType)
-        return {"name": feature.name, "dtype": ARRAY_DTYPES.get(code, code.lower()), "shape": [int(d) for d in arr.shape]}
+        return {
+            "name": feature.name,
+            "dtype": ARRAY_DTYPES.get(code, code.lower()),
+            "shape": [int(d) for d in arr.shape],
+        }
 
     desc = mlmodel.get_spec().description
     return [one(f) for f in desc.input], [one(f) for f in desc.output]
@@ -155,13 +171,17 @@ def check_io(graph: str, entry, inputs: list[dict], outputs: list[dict]) -> None
     (except the documented int64 → int32). Raise ExportError naming the first difference."""
     for kind, want, got in (("input", entry.inputs, inputs), ("output", entry.outputs, outputs)):
         if [s.name for s in want] != [s["name"] for s in got]:
-            raise ExportError(f"coreml/{graph}.mlpackage has {kind}s {[s['name'] for s in got]}, "
-                              f"the manifest declares {[s.name for s in want]}; the wrapper's forward signature changed")
+            raise ExportError(
+                f"coreml/{graph}.mlpackage has {kind}s {[s['name'] for s in got]}, "
+                f"the manifest declares {[s.name for s in want]}; the wrapper's forward signature changed"
+            )
         for w, g in zip(want, got):
             dtype = CONVERTED_DTYPES.get(w.dtype, w.dtype)
             if list(w.shape) != list(g["shape"]) or g["dtype"] != dtype:
-                raise ExportError(f"coreml/{graph}.mlpackage {kind} {w.name} is {g['dtype']}{tuple(g['shape'])}, "
-                                  f"expected {dtype}{tuple(w.shape)} from the manifest")
+                raise ExportError(
+                    f"coreml/{graph}.mlpackage {kind} {w.name} is {g['dtype']}{tuple(g['shape'])}, "
+                    f"expected {dtype}{tuple(w.shape)} from the manifest"
+                )
 
 
 def package_bytes(path: Path) -> int:
@@ -177,8 +197,16 @@ def _stamp(mlmodel, graph: str, compression: str) -> None:
     mlmodel.user_defined_metadata.update({"icd_edge.graph": graph, "icd_edge.compression": compression})
 
 
-def export_graph(module: torch.nn.Module, args: tuple, entry, graph: str, compression: str,
-                 out_path: Path, attention: str = "standard", min_queries: int = 0) -> dict:
+def export_graph(
+    module: torch.nn.Module,
+    args: tuple,
+    entry,
+    graph: str,
+    compression: str,
+    out_path: Path,
+    attention: str = "standard",
+    min_queries: int = 0,
+) -> dict:
     """Capture, convert, compress and save one graph; returns its ``artifacts["coreml"]`` entry."""
     t0 = time.perf_counter()
     program = capture(module, args, graph)
@@ -192,11 +220,20 @@ def export_graph(module: torch.nn.Module, args: tuple, entry, graph: str, compre
     inputs, outputs = package_io(mlmodel)
     check_io(graph, entry, inputs, outputs)
     mlmodel.save(str(out_path))
-    return {"file": f"coreml/{out_path.name}", "format": "mlprogram", "precision": "fp16", "compression": compression,
-            "minimum_deployment_target": TARGETS[attention], "attention": attention, "capture": "torch.export", "inputs": inputs, "outputs": outputs,
-            "bytes": package_bytes(out_path),
-            "seconds": {"capture": round(t_capture, 2), "convert": round(t_convert, 2), "compress": round(t_compress, 2)},
-            "parity": "not run: Core ML predicts only on macOS"}
+    return {
+        "file": f"coreml/{out_path.name}",
+        "format": "mlprogram",
+        "precision": "fp16",
+        "compression": compression,
+        "minimum_deployment_target": TARGETS[attention],
+        "attention": attention,
+        "capture": "torch.export",
+        "inputs": inputs,
+        "outputs": outputs,
+        "bytes": package_bytes(out_path),
+        "seconds": {"capture": round(t_capture, 2), "convert": round(t_convert, 2), "compress": round(t_compress, 2)},
+        "parity": "not run: Core ML predicts only on macOS",
+    }
 
 
 def export_target(ctx) -> None:
@@ -213,8 +250,9 @@ def export_target(ctx) -> None:
         args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
         t0 = time.perf_counter()
         entry = ctx.manifest.graphs[name]
-        art = export_graph(module, args, entry, name, compression, ctx.out_dir / "coreml" / f"{name}.mlpackage",
-                           attention, min_queries)
+        art = export_graph(
+            module, args, entry, name, compression, ctx.out_dir / "coreml" / f"{name}.mlpackage", attention, min_queries
+        )
         entry.artifacts["coreml"] = Artifact(art.pop("precision"), file=art.pop("file"), details=art)
         ctx.timings[f"coreml_{name}_s"] = time.perf_counter() - t0
     if ctx.progress is not None:

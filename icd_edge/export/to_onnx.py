@@ -27,8 +27,8 @@ from onnx import numpy_helper
 from icd_edge.atomic import scratch_dir
 from icd_edge.bundle.schema import Artifact, Int8Scheme
 from icd_edge.errors import ExportError
-from icd_edge.memory import trim_heap as _trim_heap
 from icd_edge.graphs.wrappers import HalfGraph
+from icd_edge.memory import trim_heap as _trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +107,9 @@ def strip_debug_metadata(graph: onnx.GraphProto) -> None:
                     strip_debug_metadata(g)
 
 
-def trace_graph(module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str], name: str,
-                opset: int):
+def trace_graph(
+    module: torch.nn.Module, args: tuple, input_names: list[str], output_names: list[str], name: str, opset: int
+):
     """Trace ``module`` at the shapes of ``args`` into an unoptimised ``torch.onnx.ONNXProgram``:
     its initializers still carry the module's parameter and buffer names, so
     :func:`retarget` can give the same graph another module's weights."""
@@ -116,9 +117,16 @@ def trace_graph(module: torch.nn.Module, args: tuple, input_names: list[str], ou
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            return torch.onnx.export(module, args, dynamo=True, opset_version=opset,
-                                     input_names=input_names, output_names=output_names,
-                                     optimize=False, verbose=False)
+            return torch.onnx.export(
+                module,
+                args,
+                dynamo=True,
+                opset_version=opset,
+                input_names=input_names,
+                output_names=output_names,
+                optimize=False,
+                verbose=False,
+            )
         except Exception as exc:  # the exporter raises many internal error types
             raise ExportError(f"ONNX export of {name} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -142,7 +150,9 @@ def same_structure(a: torch.nn.Module, b: torch.nn.Module) -> bool:
             if k in ("_parameters", "_buffers", "_modules"):
                 continue
             if isinstance(v, torch.Tensor):
-                if not (isinstance(w, torch.Tensor) and v.shape == w.shape and v.dtype == w.dtype and torch.equal(v, w)):
+                if not (
+                    isinstance(w, torch.Tensor) and v.shape == w.shape and v.dtype == w.dtype and torch.equal(v, w)
+                ):
                     return False
             elif isinstance(v, (bool, int, float, str, bytes, type(None), tuple, list, dict, set)):
                 try:
@@ -157,7 +167,10 @@ def same_structure(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def _named_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+    return {
+        **dict(module.named_parameters(remove_duplicate=False)),
+        **dict(module.named_buffers(remove_duplicate=False)),
+    }
 
 
 @dataclasses.dataclass
@@ -170,8 +183,11 @@ class Template:
 
     @classmethod
     def of(cls, program, module: torch.nn.Module) -> Template:
-        return cls(torch.onnx.ONNXProgram(program.model.clone(), program.exported_program), module,
-                   frozenset(_named_tensors(module)))
+        return cls(
+            torch.onnx.ONNXProgram(program.model.clone(), program.exported_program),
+            module,
+            frozenset(_named_tensors(module)),
+        )
 
 
 def retarget(template: Template, module: torch.nn.Module):
@@ -248,7 +264,9 @@ def export_target(ctx) -> None:
                 group = groups.get(name, name)
                 args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
                 if name in direct:
-                    module = HalfGraph(copy.deepcopy(module), keep=tuple(i for i, s in enumerate(inputs) if s.name == "timestep"))
+                    module = HalfGraph(
+                        copy.deepcopy(module), keep=tuple(i for i, s in enumerate(inputs) if s.name == "timestep")
+                    )
                     stores, folder = final, out
                 else:
                     stores, folder = (fp32_stores, Path(scratch)) if staged else (final, out)
@@ -257,7 +275,7 @@ def export_target(ctx) -> None:
                 t0 = time.perf_counter()
                 source = reuse.get(name)
                 template = templates.get(source) if source else None
-                if source and not any(reuse.get(later) == source for later in names[names.index(name) + 1:]):
+                if source and not any(reuse.get(later) == source for later in names[names.index(name) + 1 :]):
                     templates.pop(source, None)  # its last user: free the kept trace
                 program = None
                 if template is not None:
@@ -267,7 +285,9 @@ def export_target(ctx) -> None:
                     except ExportError:  # e.g. fp16 forward, fp32 reverse: trace it
                         program = None
                 if program is None:
-                    program = trace_graph(module, args, [s.name for s in inputs], [s.name for s in outputs], name, ctx.cfg.opset)
+                    program = trace_graph(
+                        module, args, [s.name for s in inputs], [s.name for s in outputs], name, ctx.cfg.opset
+                    )
                 del template
                 if name in reuse.values():
                     templates[name] = Template.of(program, module)
@@ -282,7 +302,9 @@ def export_target(ctx) -> None:
             for store in fp32_stores.values():
                 store.close()
             if staged:
-                _convert_all(ctx, Path(scratch), {g: p for g, p in precisions.items() if g not in direct}, groups, final)
+                _convert_all(
+                    ctx, Path(scratch), {g: p for g, p in precisions.items() if g not in direct}, groups, final
+                )
         finally:
             for store in [*fp32_stores.values(), *final.values()]:
                 store.close()
@@ -291,8 +313,9 @@ def export_target(ctx) -> None:
         details = {"opset": ctx.cfg.opset}
         if precisions[name] == "fp16":
             details["fp16_method"] = "traced in float16" if name in direct else "onnxconverter-common (keep_io_types)"
-        ctx.manifest.graphs[name].artifacts["onnx"] = Artifact(precisions[name], file=f"onnx/{name}.onnx",
-                                                               weights=f"onnx/{group}.weights", details=details)
+        ctx.manifest.graphs[name].artifacts["onnx"] = Artifact(
+            precisions[name], file=f"onnx/{name}.onnx", weights=f"onnx/{group}.weights", details=details
+        )
     ctx.manifest.info["precision"] = {"requested": ctx.cfg.precision, "graphs": precisions}
     if ctx.cfg.unet_weights == "shared-base":
         ctx.manifest.info["shared_initializers"] = shared_initializer_table(ctx.out_dir, ctx.manifest.graphs)
@@ -347,8 +370,10 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         bundle = Bundle(ctx.out_dir, ctx.manifest.with_(files={}, complete=True))
         calibration = record_trajectories(bundle, ctx.graphs, cases)
         ctx.timings["int8_calibration_s"] = time.perf_counter() - t0
-        ctx.manifest.info["calibration"] = {"cases": [{"source": c[1], "target": c[2]} for c in cases],
-                                       "feeds": {g: len(v) for g, v in calibration.items()}}
+        ctx.manifest.info["calibration"] = {
+            "cases": [{"source": c[1], "target": c[2]} for c in cases],
+            "feeds": {g: len(v) for g, v in calibration.items()},
+        }
     if any(p.startswith("int8") for p in precisions.values()):
         scheme = int8_scheme(ctx.cfg.int8_weights, ctx.cfg.int8_per_channel)
         ctx.manifest = ctx.manifest.with_(int8_scheme=Int8Scheme.from_json(scheme))
@@ -361,10 +386,17 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
         if group not in stores:
             stores[group] = WeightStore(ctx.out_dir / "onnx" / f"{group}.weights")
         t0 = time.perf_counter()
-        info = convert(scratch / f"{name}.onnx", ctx.out_dir / "onnx" / f"{name}.onnx", p, stores[group],
-                            calibration.get(name), int8_embeddings=ctx.cfg.embeddings == "int8",
-                            int8_weights=ctx.cfg.int8_weights, int8_ops=ctx.cfg.int8_ops,
-                            int8_per_channel=ctx.cfg.int8_per_channel)
+        info = convert(
+            scratch / f"{name}.onnx",
+            ctx.out_dir / "onnx" / f"{name}.onnx",
+            p,
+            stores[group],
+            calibration.get(name),
+            int8_embeddings=ctx.cfg.embeddings == "int8",
+            int8_weights=ctx.cfg.int8_weights,
+            int8_ops=ctx.cfg.int8_ops,
+            int8_per_channel=ctx.cfg.int8_per_channel,
+        )
         ctx.timings[f"{p}_{name}_s"] = time.perf_counter() - t0
         if info.get("peak_rss_gb") is not None:  # the quantiser's own peak, for memory planning
             ctx.manifest.info.setdefault("quantiser_peak_rss_gb", {})[name] = info["peak_rss_gb"]

@@ -17,16 +17,26 @@ import importlib.util
 import logging
 
 from icd_edge.bundle.schema import Artifact
-from icd_edge.errors import BackendUnavailable, ExportError
 from icd_edge.bundle.store import sha256_file
+from icd_edge.errors import BackendUnavailable, ExportError
 from icd_edge.runtimes.trt.build import BuildRequest, build_engine
-from icd_edge.runtimes.trt.plan import (PRECISIONS, default_cache_dir, engine_filename, engine_key, key_material,
-                                        plan_precision, profile_shapes, timing_cache_name)
+from icd_edge.runtimes.trt.plan import (
+    PRECISIONS,
+    default_cache_dir,
+    engine_filename,
+    engine_key,
+    key_material,
+    plan_precision,
+    profile_shapes,
+    timing_cache_name,
+)
 
 logger = logging.getLogger(__name__)
 
-NOT_INSTALLED = ("tensorrt is not installed; install TensorRT from NVIDIA's index (see docs/tensorrt.md) or leave "
-                 "the tensorrt target out; the runtime can build engines lazily on the GPU")
+NOT_INSTALLED = (
+    "tensorrt is not installed; install TensorRT from NVIDIA's index (see docs/tensorrt.md) or leave "
+    "the tensorrt target out; the runtime can build engines lazily on the GPU"
+)
 
 
 def check_target(cfg) -> None:
@@ -47,8 +57,10 @@ def export_target(ctx) -> None:
     try:
         import tensorrt as trt
     except Exception as exc:  # ImportError/OSError when libnvinfer is missing
-        raise ExportError(f"tensorrt is installed but cannot be imported ({exc}); fix the TensorRT install "
-                          "or leave the tensorrt target out") from exc
+        raise ExportError(
+            f"tensorrt is installed but cannot be imported ({exc}); fix the TensorRT install "
+            "or leave the tensorrt target out"
+        ) from exc
     from icd_edge.runtimes.trt.cuda import Cuda
 
     precision = ctx.cfg.extra.get("trt_precision", "auto")
@@ -68,9 +80,20 @@ def export_target(ctx) -> None:
             material = key_material(graph, digests, plan, profile, gpu, version)
             key = engine_key(material)
             rel = f"tensorrt/{engine_filename(graph, plan.precision, key)}"
-            meta = build_engine(trt, BuildRequest(graph, ctx.out_dir / plan.source.file, plan, profile, material,
-                                                  ctx.out_dir / rel, timing_cache,
-                                                  workspace_mb * (1 << 20) if workspace_mb else None), trt_logger)
+            meta = build_engine(
+                trt,
+                BuildRequest(
+                    graph,
+                    ctx.out_dir / plan.source.file,
+                    plan,
+                    profile,
+                    material,
+                    ctx.out_dir / rel,
+                    timing_cache,
+                    workspace_mb * (1 << 20) if workspace_mb else None,
+                ),
+                trt_logger,
+            )
             ctx.timings[f"tensorrt_{graph}_s"] = meta["build_s"]
             entry.artifacts["tensorrt"] = Artifact(plan.precision, file=rel, details={"key": key, "material": material})
     except BackendUnavailable as exc:

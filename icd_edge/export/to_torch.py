@@ -20,8 +20,14 @@ def torch_target(ctx) -> None:
     else:
         src.unet_forward.save_pretrained(root / "unet_forward", safe_serialization=True)
         src.unet_reverse.save_pretrained(root / "unet_reverse", safe_serialization=True)
-    dirs = {"text_encoder": "text_encoder", "vae_encoder": "vae", "vae_decoder": "vae", "unet_forward": "unet_forward",
-            "unet_reverse": "unet_reverse", "unet_reverse_edit": "unet_reverse"}
+    dirs = {
+        "text_encoder": "text_encoder",
+        "vae_encoder": "vae",
+        "vae_decoder": "vae",
+        "unet_forward": "unet_forward",
+        "unet_reverse": "unet_reverse",
+        "unet_reverse_edit": "unet_reverse",
+    }
     for graph, d in dirs.items():
         manifest.graphs[graph].artifacts["torch"] = Artifact("fp32", dir=f"torch/{d}")
     if ctx.progress is not None:

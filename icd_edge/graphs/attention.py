@@ -22,7 +22,9 @@ class P2PControls:
         blend_queries: cross-attention layers with this many queries feed ``blend_maps``.
     """
 
-    def __init__(self, token_map, refine_alpha, equalizer, cross_alpha, self_flag, self_max_keys: int, blend_queries: int):
+    def __init__(
+        self, token_map, refine_alpha, equalizer, cross_alpha, self_flag, self_max_keys: int, blend_queries: int
+    ):
         self.token_map = token_map
         self.refine_alpha = refine_alpha
         self.equalizer = equalizer
@@ -46,7 +48,9 @@ class P2PControls:
         p = probs.reshape(bh // heads, heads, q, k)
         src, tgt = p[0], p[1]
         if is_cross:
-            replaced = (torch.matmul(src, self.token_map) * self.refine_alpha + tgt * (1 - self.refine_alpha)) * self.equalizer
+            replaced = (
+                torch.matmul(src, self.token_map) * self.refine_alpha + tgt * (1 - self.refine_alpha)
+            ) * self.equalizer
             new_tgt = self.cross_alpha * replaced + (1 - self.cross_alpha) * tgt
             if q == self.blend_queries:
                 self.maps.append(torch.stack([src.mean(0), new_tgt.mean(0)])[:, None])
@@ -73,8 +77,15 @@ class P2PAttnProcessor:
     def __init__(self):
         self.fused = AttnProcessor2_0()
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, p2p: P2PControls | None = None):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        p2p: P2PControls | None = None,
+    ):
         if p2p is None or (encoder_hidden_states is None and _tokens(hidden_states) > p2p.self_max_keys):
             # Plain graphs, and self-attention layers P2P leaves untouched (the 64×64 ones at 512 px),
             # keep the fused kernel: no probabilities are materialised there.
@@ -142,12 +153,24 @@ class FusedP2PAttnProcessor:
     def __init__(self):
         self.fused = AttnProcessor2_0()
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, p2p: P2PControls | None = None):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        p2p: P2PControls | None = None,
+    ):
         is_cross = encoder_hidden_states is not None
         if p2p is None or (not is_cross and _tokens(hidden_states) > p2p.self_max_keys):
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if attention_mask is not None or attn.spatial_norm is not None or hidden_states.ndim != 3 or attn.group_norm is not None:
+        if (
+            attention_mask is not None
+            or attn.spatial_norm is not None
+            or hidden_states.ndim != 3
+            or attn.group_norm is not None
+        ):
             # Layouts the SD1.5 UNet never uses here: take the explicit path (one pair only).
             return P2PAttnProcessor()(attn, hidden_states, encoder_hidden_states, attention_mask, temb, p2p)
         residual = hidden_states
@@ -171,7 +194,9 @@ class FusedP2PAttnProcessor:
                 p2p.maps.append(torch.stack([ps.mean(1), pt.mean(1)]))
         elif not is_cross and p2p.self_on is not None:
             if p2p.self_on:  # P'_tgt = P_src: the target attends with the source's queries and keys
-                o_src, o_tgt = sdpa(torch.cat([qs, qs]), torch.cat([ks, ks]), torch.cat([vs, vt]), scale=attn.scale).split(n)
+                o_src, o_tgt = sdpa(
+                    torch.cat([qs, qs]), torch.cat([ks, ks]), torch.cat([vs, vt]), scale=attn.scale
+                ).split(n)
             else:
                 out = sdpa(q, k, v, scale=attn.scale)
                 o_src, o_tgt = out[:n], out[n:]
@@ -185,7 +210,8 @@ class FusedP2PAttnProcessor:
             v1 = torch.matmul(m.to(vt.dtype)[:, None], w1[:, None, :, None] * vt)
             v2 = w2[:, None, :, None] * vt
             out = torch.nn.functional.scaled_dot_product_attention(
-                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, v1, v2]), scale=attn.scale)
+                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, v1, v2]), scale=attn.scale
+            )
             o_src, o_a, o_b = out.split(n)
             o_tgt = o_a + o_b
             if lq == p2p.blend_queries:
@@ -198,7 +224,8 @@ class FusedP2PAttnProcessor:
         else:
             f = _per_pair(p2p.self_flag, n).reshape(n, 1, 1, 1).to(vt.dtype)
             out = torch.nn.functional.scaled_dot_product_attention(
-                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, vt, vt]), scale=attn.scale)
+                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, vt, vt]), scale=attn.scale
+            )
             o_src, o_a, o_b = out.split(n)
             o_tgt = f * o_a + (1 - f) * o_b
         hidden = torch.cat([o_src, o_tgt]).transpose(1, 2).reshape(b2, lq, -1).to(q.dtype)

@@ -74,17 +74,39 @@ class UNetEditGraph(nn.Module):
         self.blend_queries = blend_queries
         self.pairs = pairs  # True: N pairs [sources; targets], maps (2, N, Q, 77); False: one pair, maps (2, Q, 77)
 
-    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond,
-                token_map, refine_alpha, equalizer, cross_alpha, self_flag, cross_on=None, self_on=None):
-        ctl = P2PControls(token_map, refine_alpha, equalizer, cross_alpha, self_flag, self.self_max_keys, self.blend_queries)
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        timestep_cond,
+        token_map,
+        refine_alpha,
+        equalizer,
+        cross_alpha,
+        self_flag,
+        cross_on=None,
+        self_on=None,
+    ):
+        ctl = P2PControls(
+            token_map, refine_alpha, equalizer, cross_alpha, self_flag, self.self_max_keys, self.blend_queries
+        )
         ctl.cross_on, ctl.self_on = cross_on, self_on  # optional host-known step flags (fused processor)
-        eps = self.unet(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
-                        cross_attention_kwargs={"p2p": ctl}, return_dict=False)[0]
+        eps = self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs={"p2p": ctl},
+            return_dict=False,
+        )[0]
         maps = ctl.blend_maps()
         return eps, (maps if self.pairs else maps[:, 0])
 
 
-def build_graphs(text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int], taesd=None) -> dict[str, nn.Module]:
+def build_graphs(
+    text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int], taesd=None
+) -> dict[str, nn.Module]:
     """Every graph module, in eval mode, for a bundle's dims (``taesd_decoder`` when given)."""
     latent = dims["h"]
     if unet_forward is not unet_reverse:

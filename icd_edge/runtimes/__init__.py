@@ -34,9 +34,16 @@ AUTO_ORDER = ("tensorrt", "coreml", "openvino", "onnxruntime", "torch")
 # full-size int8 edits (docs/backends.md has the figures). Classes not measured take the measured
 # class they share int8 kernels with: avx512 without VNNI and older x86 the AVX2 one; ARM boards
 # stay on onnxruntime, the backend tested there.
-INT8_CPU_BACKEND = {"amx": "openvino", "avx512-vnni": "openvino", "avx-vnni": "openvino",
-                    "avx512": "onnxruntime", "avx2": "onnxruntime", "x86": "onnxruntime",
-                    "arm-dotprod": "onnxruntime", "arm": "onnxruntime"}
+INT8_CPU_BACKEND = {
+    "amx": "openvino",
+    "avx512-vnni": "openvino",
+    "avx-vnni": "openvino",
+    "avx512": "onnxruntime",
+    "avx2": "onnxruntime",
+    "x86": "onnxruntime",
+    "arm-dotprod": "onnxruntime",
+    "arm": "onnxruntime",
+}
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,18 @@ def build_options(options_cls, given=None, fields: Mapping | None = None, backen
     if given is None:
         given = options_cls()
     elif not isinstance(given, options_cls):
-        raise InputError(f"the {backend} backend takes {options_cls.__name__}, not {type(given).__name__}",
-                         param="options")
+        raise InputError(
+            f"the {backend} backend takes {options_cls.__name__}, not {type(given).__name__}", param="options"
+        )
     if fields:
         known = [f.name for f in dataclasses.fields(options_cls)]
         unknown = sorted(set(fields) - set(known))
         if unknown:
-            raise InputError(f"the {backend} backend has no option {', '.join(map(repr, unknown))}; "
-                             f"its options are {', '.join(known)}", param="options")
+            raise InputError(
+                f"the {backend} backend has no option {', '.join(map(repr, unknown))}; "
+                f"its options are {', '.join(known)}",
+                param="options",
+            )
         given = dataclasses.replace(given, **fields)
     return given
 
@@ -113,25 +124,35 @@ def select_backend(name: str, bundle, memory: str = "resident", options=(), **fi
     if name != "auto":
         cls = backend_class(name)
         if memory not in cls.memory_policies:
-            raise InputError(f"backend {name!r} does not run the {memory} memory policy "
-                             f"(it runs: {', '.join(cls.memory_policies)})", param="memory")
+            raise InputError(
+                f"backend {name!r} does not run the {memory} memory policy (it runs: {', '.join(cls.memory_policies)})",
+                param="memory",
+            )
         backend = cls(options=_pick(cls, options), **fields)
         avail = backend.probe()
         if not avail.ok:
-            raise BackendUnavailable(f"backend {name!r} is not available: {avail.reason}. Run `icd-edge doctor` to see what can run here.")
+            raise BackendUnavailable(
+                f"backend {name!r} is not available: {avail.reason}. Run `icd-edge doctor` to see what can run here."
+            )
         if backend.fmt not in formats:
             raise BackendUnavailable(
-                f"bundle {bundle.root} has no {backend.fmt!r} graphs for backend {name!r} (it has: {', '.join(sorted(formats))}); "
+                f"bundle {bundle.root} has no {backend.fmt!r} graphs for backend {name!r} "
+                f"(it has: {', '.join(sorted(formats))}); "
                 f"re-export with --targets {backend.fmt} or pick another backend"
             )
         return backend
     if fields:
-        raise InputError(f"backend options {', '.join(sorted(fields))} need a named backend; with auto pass typed "
-                         "options (e.g. options=OvOptions(...))", param="options")
+        raise InputError(
+            f"backend options {', '.join(sorted(fields))} need a named backend; with auto pass typed "
+            "options (e.g. options=OvOptions(...))",
+            param="options",
+        )
     reasons = []
     for candidate in AUTO_ORDER:
         cls = backend_class(candidate)
-        why = "it does not run this memory policy" if memory not in cls.memory_policies else cls.auto_skip(bundle, memory)
+        why = (
+            "it does not run this memory policy" if memory not in cls.memory_policies else cls.auto_skip(bundle, memory)
+        )
         if why:
             reasons.append(f"{candidate}: {why}")
             continue
@@ -166,12 +187,15 @@ def onnxruntime_has_gpu() -> bool:
 def warn_if_int8_saturates(bundle, backend_name: str) -> None:
     """Warn once per bundle and CPU backend when the bundle's int8 weights are wider than this CPU's
     int8 kernels sum exactly (full 8-bit weights on a CPU without VNNI), measured on one-node graphs."""
+    from icd_edge.precision import is_int8
     from icd_edge.runtimes import int8_kernels
 
-    from icd_edge.precision import is_int8
-
     key = (bundle.bundle_id, backend_name)
-    if backend_name not in int8_kernels.BACKENDS or key in _WARNED or not any(is_int8(bundle.precision(g)) for g in bundle.graphs):
+    if (
+        backend_name not in int8_kernels.BACKENDS
+        or key in _WARNED
+        or not any(is_int8(bundle.precision(g)) for g in bundle.graphs)
+    ):
         return
     # bundles written before the manifest recorded the scheme used the full 8-bit range
     wmax = bundle.manifest.int8_scheme.weight_max if bundle.manifest.int8_scheme else 127
@@ -183,7 +207,11 @@ def warn_if_int8_saturates(bundle, backend_name: str) -> None:
     logging.getLogger("icd_edge.edit").warning(
         "this bundle's int8 weights use the range [-%d, %d], which %s's int8 kernels on this CPU (no VNNI) sum with "
         "saturation: edits lose quality. Re-export it with --int8-weights 7bit (the default), or run an fp16/fp32 "
-        "bundle", wmax, wmax, backend_name)
+        "bundle",
+        wmax,
+        wmax,
+        backend_name,
+    )
 
 
 _WARNED: set[tuple[str, str]] = set()

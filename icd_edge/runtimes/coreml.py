@@ -29,9 +29,9 @@ from typing import Mapping
 
 import numpy as np
 
+from icd_edge.bundle.spec import check_feeds
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, ShapeMismatch
 from icd_edge.runtimes import Availability, build_options
-from icd_edge.bundle.spec import check_feeds
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".") if p.isdigit())
 
 
-def availability(system: str, mac_version: str, coremltools_version: str | None, native_lib: bool | None) -> Availability:
+def availability(
+    system: str, mac_version: str, coremltools_version: str | None, native_lib: bool | None
+) -> Availability:
     """The probe's decision from plain facts (pure, so it is tested on every platform).
 
     Args:
@@ -78,10 +80,15 @@ def availability(system: str, mac_version: str, coremltools_version: str | None,
         return Availability(False, "not installed (pip install 'icd_edge[coreml]')")
     have = _version_tuple(mac_version)
     if have and have < MIN_MACOS:
-        return Availability(False, f"the Core ML packages need macOS {MIN_MACOS[0]} or newer, this is macOS {mac_version}")
+        return Availability(
+            False, f"the Core ML packages need macOS {MIN_MACOS[0]} or newer, this is macOS {mac_version}"
+        )
     if native_lib is False:
-        return Availability(False, f"coremltools {coremltools_version} has no native library here (libcoremlpython did not "
-                                   "load): install a coremltools wheel built for this macOS and Python")
+        return Availability(
+            False,
+            f"coremltools {coremltools_version} has no native library here (libcoremlpython did not "
+            "load): install a coremltools wheel built for this macOS and Python",
+        )
     return Availability(True, f"coremltools {coremltools_version}, macOS {mac_version}")
 
 
@@ -90,13 +97,19 @@ def check_target(graph: str, target: str, mac_version: str) -> None:
     need = _version_tuple(target.removeprefix("macOS"))
     have = _version_tuple(mac_version)
     if not need or target != f"macOS{target.removeprefix('macOS')}":
-        raise BundleError(f"the Core ML package of {graph} has an unknown deployment target {target!r}; re-export the bundle")
+        raise BundleError(
+            f"the Core ML package of {graph} has an unknown deployment target {target!r}; re-export the bundle"
+        )
     if have and have < need:
-        raise BackendUnavailable(f"the Core ML package of {graph} needs {target} or newer, this is macOS {mac_version}; "
-                                 "re-export with --coreml-attention standard (macOS 14) or use --backend onnxruntime")
+        raise BackendUnavailable(
+            f"the Core ML package of {graph} needs {target} or newer, this is macOS {mac_version}; "
+            "re-export with --coreml-attention standard (macOS 14) or use --backend onnxruntime"
+        )
 
 
-def default_cache_dir(system: str | None = None, env: Mapping[str, str] | None = None, home: Path | None = None) -> Path:
+def default_cache_dir(
+    system: str | None = None, env: Mapping[str, str] | None = None, home: Path | None = None
+) -> Path:
     """``$ICD_EDGE_CACHE/coreml``, else ``~/Library/Caches/icd_edge/coreml`` on macOS (see
     :mod:`icd_edge.cache`)."""
     from icd_edge.cache import cache_dir
@@ -107,7 +120,7 @@ def default_cache_dir(system: str | None = None, env: Mapping[str, str] | None =
 def package_files(bundle_files: Mapping, package: str) -> dict[str, str]:
     """``{path inside the package: sha256}`` from the bundle's file table (no re-hashing)."""
     prefix = package.rstrip("/") + "/"
-    table = {rel[len(prefix):]: meta.sha256 for rel, meta in bundle_files.items() if rel.startswith(prefix)}
+    table = {rel[len(prefix) :]: meta.sha256 for rel, meta in bundle_files.items() if rel.startswith(prefix)}
     if not table:
         raise BundleError(f"the bundle's file table lists no files under {package}; re-export the bundle")
     return table
@@ -116,8 +129,11 @@ def package_files(bundle_files: Mapping, package: str) -> dict[str, str]:
 def cache_key(files: Mapping[str, str], coremltools_version: str, macos_version: str) -> str:
     """sha256 over canonical JSON of the package content (file → sha256), the coremltools
     version and the macOS version: a new package, coremltools or OS compiles afresh."""
-    blob = json.dumps({"package": dict(sorted(files.items())), "coremltools": coremltools_version,
-                       "macos": macos_version}, sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(
+        {"package": dict(sorted(files.items())), "coremltools": coremltools_version, "macos": macos_version},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -131,7 +147,9 @@ def cast_feeds(graph: str, feeds: Mapping[str, np.ndarray], package_inputs: list
             if np.issubdtype(want, np.integer):
                 info = np.iinfo(want)
                 if arr.size and (arr.min() < info.min or arr.max() > info.max):
-                    raise ShapeMismatch(f"{graph}.{spec['name']}: values outside the {want} range the Core ML package takes")
+                    raise ShapeMismatch(
+                        f"{graph}.{spec['name']}: values outside the {want} range the Core ML package takes"
+                    )
             arr = arr.astype(want)
         out[spec["name"]] = np.ascontiguousarray(arr)
     return out
@@ -152,11 +170,15 @@ class CoreMLSession:
         result = {}
         for spec in self._outputs:
             if spec.name not in got:
-                raise BundleError(f"Core ML {self.graph} returned {sorted(got)}, not {spec.name!r}; re-export the bundle")
+                raise BundleError(
+                    f"Core ML {self.graph} returned {sorted(got)}, not {spec.name!r}; re-export the bundle"
+                )
             arr = np.asarray(got[spec.name], dtype=np.float32)
             if tuple(arr.shape) != tuple(spec.shape):
-                raise ShapeMismatch(f"Core ML {self.graph}.{spec.name} came back {tuple(arr.shape)}, "
-                                    f"the manifest declares {tuple(spec.shape)}; re-export the bundle")
+                raise ShapeMismatch(
+                    f"Core ML {self.graph}.{spec.name} came back {tuple(arr.shape)}, "
+                    f"the manifest declares {tuple(spec.shape)}; re-export the bundle"
+                )
             result[spec.name] = arr
         return result
 
@@ -185,8 +207,9 @@ def compile_cached(package: Path, key: str, cache_dir: Path) -> Path:
             if not target.is_dir():  # another process may have published the same key first
                 raise
     except Exception as exc:  # coremltools raises bare Exception on compile failures
-        raise BackendUnavailable(f"Core ML could not compile {package}: {exc}. Re-export the bundle or "
-                                 f"clear {cache_dir}") from exc
+        raise BackendUnavailable(
+            f"Core ML could not compile {package}: {exc}. Re-export the bundle or clear {cache_dir}"
+        ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -230,8 +253,9 @@ class CoreMLBackend:
             raise BackendUnavailable(f"coreml: {avail.reason}")
         art = bundle.artifact(graph, self.fmt)
         if art is None:
-            raise BackendUnavailable(f"bundle {bundle.root} has no Core ML package for {graph}; "
-                                     "re-export with --targets onnx,coreml")
+            raise BackendUnavailable(
+                f"bundle {bundle.root} has no Core ML package for {graph}; re-export with --targets onnx,coreml"
+            )
         check_target(graph, art.details.get("minimum_deployment_target", "macOS14"), platform.mac_ver()[0])
         import coremltools as ct
 
@@ -239,10 +263,13 @@ class CoreMLBackend:
         cache_dir = self.options.cache_dir or default_cache_dir()
         compiled = compile_cached(bundle.path(art.file), key, cache_dir)
         try:
-            model = ct.models.CompiledMLModel(str(compiled), compute_units=getattr(ct.ComputeUnit, self.options.compute_units))
+            model = ct.models.CompiledMLModel(
+                str(compiled), compute_units=getattr(ct.ComputeUnit, self.options.compute_units)
+            )
         except Exception as exc:  # coremltools raises bare Exception on load failures
-            raise BackendUnavailable(f"Core ML could not load {compiled} for {graph}: {exc}. "
-                                     f"Delete that folder to recompile it.") from exc
+            raise BackendUnavailable(
+                f"Core ML could not load {compiled} for {graph}: {exc}. Delete that folder to recompile it."
+            ) from exc
         entry = bundle.graphs[graph]
         logger.info("coreml %s: %s (compute units %s)", graph, compiled, self.options.compute_units)
         return CoreMLSession(graph, model, entry.inputs, entry.outputs, art.details["inputs"])

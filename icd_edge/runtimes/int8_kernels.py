@@ -41,8 +41,14 @@ class Probe:
 def _weights(rows: int, k: int, wmax: int) -> np.ndarray:
     """Worst cases for the 16-bit pair sums: all +max, all -max, alternating, a ramp to max."""
     w = np.empty((rows, k), np.int64)
-    patterns = [np.full(k, wmax), np.full(k, -wmax), np.where(np.arange(k) % 2, -wmax, wmax),
-                np.where(np.arange(k) % 4 < 2, wmax, -wmax), np.arange(k) % (wmax + 1), -(np.arange(k) % (wmax + 1))]
+    patterns = [
+        np.full(k, wmax),
+        np.full(k, -wmax),
+        np.where(np.arange(k) % 2, -wmax, wmax),
+        np.where(np.arange(k) % 4 < 2, wmax, -wmax),
+        np.arange(k) % (wmax + 1),
+        -(np.arange(k) % (wmax + 1)),
+    ]
     for r in range(rows):
         w[r] = patterns[r % len(patterns)]
     return w
@@ -54,8 +60,9 @@ def probes(wmax: int) -> list[Probe]:
     from onnx import helper, numpy_helper
 
     def model(nodes, inputs, outputs, inits):
-        g = helper.make_graph(nodes, "int8_probe", inputs, outputs, [numpy_helper.from_array(np.asarray(v), k)
-                                                                     for k, v in inits.items()])
+        g = helper.make_graph(
+            nodes, "int8_probe", inputs, outputs, [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()]
+        )
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
     def vi(name, dtype, shape):
@@ -67,19 +74,40 @@ def probes(wmax: int) -> list[Probe]:
     x = np.full((1, k), 255.0, np.float32)
     act = {"sx": np.float32(1.0), "zx": np.uint8(0)}
     exact = x.astype(np.int64) @ w.T
-    out.append(Probe("qdq_matmul", model(
-        [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-         helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-         helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1),
-         helper.make_node("MatMul", ["xd", "wd"], ["y"])],
-        [vi("x", T.FLOAT, [1, k])], [vi("y", T.FLOAT, [1, n])],
-        {**act, "wq": w.T.astype(np.int8), "sw": np.ones(n, np.float32), "zw": np.zeros(n, np.int8)}),
-        {"x": x}, exact.astype(np.float64), 1.0))
+    out.append(
+        Probe(
+            "qdq_matmul",
+            model(
+                [
+                    helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+                    helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+                    helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=1),
+                    helper.make_node("MatMul", ["xd", "wd"], ["y"]),
+                ],
+                [vi("x", T.FLOAT, [1, k])],
+                [vi("y", T.FLOAT, [1, n])],
+                {**act, "wq": w.T.astype(np.int8), "sw": np.ones(n, np.float32), "zw": np.zeros(n, np.int8)},
+            ),
+            {"x": x},
+            exact.astype(np.float64),
+            1.0,
+        )
+    )
 
-    out.append(Probe("matmul_integer", model(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
-        [vi("a", T.UINT8, [4, k])], [vi("y", T.INT32, [4, n])], {"b": w.T.astype(np.int8)}),
-        {"a": np.full((4, k), 255, np.uint8)}, np.repeat(exact, 4, axis=0).astype(np.float64), 1.0))
+    out.append(
+        Probe(
+            "matmul_integer",
+            model(
+                [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+                [vi("a", T.UINT8, [4, k])],
+                [vi("y", T.INT32, [4, n])],
+                {"b": w.T.astype(np.int8)},
+            ),
+            {"a": np.full((4, k), 255, np.uint8)},
+            np.repeat(exact, 4, axis=0).astype(np.float64),
+            1.0,
+        )
+    )
 
     for ksize, cin in ((1, 64), (3, 16)):
         wc = _weights(n, cin * ksize * ksize, wmax).reshape(n, cin, ksize, ksize)
@@ -87,17 +115,34 @@ def probes(wmax: int) -> list[Probe]:
         sums = (255 * wc.reshape(n, -1).sum(axis=1)).astype(np.float64)
         ys = float(np.abs(sums).max()) / 127.0  # the exact sums span the u8 output around its zero point 128
         q = np.clip(np.round(sums / ys) + 128, 0, 255)
-        out.append(Probe(f"qdq_conv{ksize}x{ksize}", model(
-            [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
-             helper.make_node("Conv", ["xd", "wd"], ["c"]),
-             helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
-             helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"])],
-            [vi("x", T.FLOAT, [1, cin, ksize, ksize])], [vi("y", T.FLOAT, [1, n, 1, 1])],
-            {**act, "wq": wc.astype(np.int8), "sw": np.ones(n, np.float32), "zw": np.zeros(n, np.int8),
-             "sy": np.float32(ys), "zy": np.uint8(128)}),
-            {"x": xc}, ((q - 128) * ys).reshape(1, n, 1, 1), ys))
+        out.append(
+            Probe(
+                f"qdq_conv{ksize}x{ksize}",
+                model(
+                    [
+                        helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+                        helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xd"]),
+                        helper.make_node("DequantizeLinear", ["wq", "sw", "zw"], ["wd"], axis=0),
+                        helper.make_node("Conv", ["xd", "wd"], ["c"]),
+                        helper.make_node("QuantizeLinear", ["c", "sy", "zy"], ["cq"]),
+                        helper.make_node("DequantizeLinear", ["cq", "sy", "zy"], ["y"]),
+                    ],
+                    [vi("x", T.FLOAT, [1, cin, ksize, ksize])],
+                    [vi("y", T.FLOAT, [1, n, 1, 1])],
+                    {
+                        **act,
+                        "wq": wc.astype(np.int8),
+                        "sw": np.ones(n, np.float32),
+                        "zw": np.zeros(n, np.int8),
+                        "sy": np.float32(ys),
+                        "zy": np.uint8(128),
+                    },
+                ),
+                {"x": xc},
+                ((q - 128) * ys).reshape(1, n, 1, 1),
+                ys,
+            )
+        )
     return out
 
 
@@ -114,15 +159,18 @@ def _run(backend: str, probe: Probe) -> np.ndarray:
 
         core = ov.Core()
         # f32 float parts: a bf16 hint would round the float outputs, not change the integer sums
-        compiled = core.compile_model(core.read_model(probe.model.SerializeToString(), b""), "CPU",
-                                      {"INFERENCE_PRECISION_HINT": "f32"})
+        compiled = core.compile_model(
+            core.read_model(probe.model.SerializeToString(), b""), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        )
         return np.asarray(compiled(probe.feed)[0])
     raise ValueError(f"no int8 kernel check for backend {backend!r}")
 
 
 def errors(backend: str, wmax: int) -> dict[str, float]:
     """Largest error of each probe on ``backend``, in output steps (0: exact)."""
-    return {p.name: float(np.abs(_run(backend, p).astype(np.float64) - p.expected).max() / p.unit) for p in probes(wmax)}
+    return {
+        p.name: float(np.abs(_run(backend, p).astype(np.float64) - p.expected).max() / p.unit) for p in probes(wmax)
+    }
 
 
 def exact(errs: dict[str, float]) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +26,11 @@ from typing import Mapping
 
 import numpy as np
 
-from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError
-from icd_edge import precision
-from icd_edge.cache import cache_dir
-from icd_edge import runtimes
-from icd_edge.runtimes import INT8_CPU_BACKEND, Availability, build_options, edit_unet_precision, warn_if_int8_saturates
+from icd_edge import precision, runtimes
 from icd_edge.bundle.spec import check_feeds, check_graph_io
+from icd_edge.cache import cache_dir
+from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError
+from icd_edge.runtimes import INT8_CPU_BACKEND, Availability, build_options, edit_unet_precision, warn_if_int8_saturates
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +61,9 @@ class OvOptions:
     def __post_init__(self):
         object.__setattr__(self, "precision", precision.canonical(self.precision, PRECISIONS, "openvino precision"))
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
-            raise InputError(f"threads must be an integer >= 0 (0: OpenVINO chooses), got {self.threads!r}",
-                             param="threads")
+            raise InputError(
+                f"threads must be an integer >= 0 (0: OpenVINO chooses), got {self.threads!r}", param="threads"
+            )
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", str(self.cache_dir))
 
@@ -76,7 +75,9 @@ class OvSession:
         try:
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses with C++ traces
-            raise BundleError(f"OpenVINO cannot read {path}: {_first_line(exc)}. The file may be corrupt; re-export the bundle.") from exc
+            raise BundleError(
+                f"OpenVINO cannot read {path}: {_first_line(exc)}. The file may be corrupt; re-export the bundle."
+            ) from exc
         check_graph_io(graph, path, {p.get_any_name(): _dims(p) for p in model.inputs}, inputs)
         check_graph_io(graph, path, {p.get_any_name(): _dims(p) for p in model.outputs}, outputs)
         try:
@@ -101,8 +102,10 @@ class OvSession:
             # bfloat16 float parts can overflow where float32 does not (measured: the random-weight
             # fp32 SD1.5 UNet gives NaN everywhere under bf16); say so instead of decoding NaN
             if not np.isfinite(value).all():
-                raise NumericsError(f"OpenVINO's {self.graph} gave NaN/inf in {name!r} running in {self.precision}; "
-                                    "run with --ov-precision fp32 (precision='fp32') or on onnxruntime")
+                raise NumericsError(
+                    f"OpenVINO's {self.graph} gave NaN/inf in {name!r} running in {self.precision}; "
+                    "run with --ov-precision fp32 (precision='fp32') or on onnxruntime"
+                )
         return out
 
     def close(self) -> None:
@@ -186,8 +189,10 @@ class OpenVinoBackend:
         caps = self._get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         hint = hint_for(self.options.precision, graph_precision, caps)
         if _CAPABILITY[hint] not in caps:
-            raise BackendUnavailable(f"this CPU has no native {hint} for OpenVINO (it offers: {', '.join(caps)}); "
-                                     "use --ov-precision auto or fp32")
+            raise BackendUnavailable(
+                f"this CPU has no native {hint} for OpenVINO (it offers: {', '.join(caps)}); "
+                "use --ov-precision auto or fp32"
+            )
         config["INFERENCE_PRECISION_HINT"] = hint
         if self.options.threads:
             config["INFERENCE_NUM_THREADS"] = self.options.threads

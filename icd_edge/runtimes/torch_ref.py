@@ -14,9 +14,9 @@ from typing import Mapping
 
 import numpy as np
 
+from icd_edge.bundle.spec import check_feeds
 from icd_edge.errors import BackendUnavailable
 from icd_edge.runtimes import Availability, build_options
-from icd_edge.bundle.spec import check_feeds
 
 
 def _has_module(name: str) -> bool:
@@ -92,7 +92,9 @@ class TorchBackend:
         def part(name):
             art = bundle.artifact(name, "torch")
             if art is None:
-                raise BackendUnavailable(f"bundle {bundle.root} has no torch weights for {name}; re-export with --targets onnx,torch")
+                raise BackendUnavailable(
+                    f"bundle {bundle.root} has no torch weights for {name}; re-export with --targets onnx,torch"
+                )
             return bundle.path(art.dir)
 
         # safetensors only: a bundle never unpickles anything

@@ -28,8 +28,13 @@ import numpy as np
 def weights_checksum(arrays) -> float:
     """What a fake engine adds to its outputs: the sum of its float weights, each clipped to
     +-1e4 (masks hold float32 min, whose sums would overflow float32 outputs)."""
-    return float(sum(float(np.clip(np.asarray(a, np.float64), -1e4, 1e4).sum()) for a in arrays
-                     if np.issubdtype(np.asarray(a).dtype, np.floating)))
+    return float(
+        sum(
+            float(np.clip(np.asarray(a, np.float64), -1e4, 1e4).sum())
+            for a in arrays
+            if np.issubdtype(np.asarray(a).dtype, np.floating)
+        )
+    )
 
 
 class Recorder:
@@ -84,7 +89,9 @@ def make_tensorrt(rec: Recorder, fp16_flag: bool | None = None) -> types.ModuleT
     major = int(rec.version.split(".")[0])
     weak = major < 11 if fp16_flag is None else fp16_flag
     trt.DataType = DataType
-    trt.NetworkDefinitionCreationFlag = enum.IntEnum("NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1})
+    trt.NetworkDefinitionCreationFlag = enum.IntEnum(
+        "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+    )
     flags = {"REFIT": 4, "TF32": 6} | ({"FP16": 0, "INT8": 1} if weak else {})
     trt.BuilderFlag = enum.IntEnum("BuilderFlag", flags)
     trt.MemoryPoolType = enum.IntEnum("MemoryPoolType", {"WORKSPACE": 0})
@@ -214,9 +221,17 @@ def make_tensorrt(rec: Recorder, fp16_flag: bool | None = None) -> types.ModuleT
             rec.builds += 1
             io = [[t.name, True, t.dtype.value, list(t.shape)] for t in network.inputs]
             io += [[t.name, False, t.dtype.value, list(t.shape)] for t in network.outputs]
-            return json.dumps({"fake_trt": rec.version, "gpu": rec.gpu, "io": io, "onnx": network.onnx,
-                               "refit": "REFIT" in config.flags, "flags": sorted(config.flags),
-                               "strongly_typed": bool(network.flags)}).encode()
+            return json.dumps(
+                {
+                    "fake_trt": rec.version,
+                    "gpu": rec.gpu,
+                    "io": io,
+                    "onnx": network.onnx,
+                    "refit": "REFIT" in config.flags,
+                    "flags": sorted(config.flags),
+                    "strongly_typed": bool(network.flags),
+                }
+            ).encode()
 
     class Engine:
         def __init__(self, desc):
@@ -374,6 +389,7 @@ def make_cudart(rec: Recorder) -> types.ModuleType:
                 rec.device[dst][:n] = ctypes.string_at(src, n)
             else:
                 ctypes.memmove(dst, bytes(rec.device[src][:n]), n)
+
         rec.submit(stream, do)
         return (ok,)
 
@@ -403,11 +419,13 @@ def make_cudart(rec: Recorder) -> types.ModuleType:
         "cudaStreamCreate": lambda: (ok, _Stream(alloc_ptr())),
         "cudaStreamSynchronize": lambda s: (ok,),
         "cudaStreamDestroy": lambda s: rec.log("cudaStreamDestroy") or (ok,),
-        "cudaMalloc": cudaMalloc, "cudaMallocHost": cudaMallocHost,
+        "cudaMalloc": cudaMalloc,
+        "cudaMallocHost": cudaMallocHost,
         "cudaFree": lambda p: rec.device.pop(p) and (ok,),
         "cudaFreeHost": lambda p: rec.pinned.pop(p) and (ok,),
         "cudaMemcpyAsync": cudaMemcpyAsync,
-        "cudaStreamBeginCapture": cudaStreamBeginCapture, "cudaStreamEndCapture": cudaStreamEndCapture,
+        "cudaStreamBeginCapture": cudaStreamBeginCapture,
+        "cudaStreamEndCapture": cudaStreamEndCapture,
         "cudaGraphInstantiate": lambda g, flags: (ok, g),
         "cudaGraphDestroy": lambda g: (ok,),
         "cudaGraphExecDestroy": lambda g: rec.log("cudaGraphExecDestroy") or (ok,),

@@ -22,8 +22,13 @@ from icd_edge.runtimes import REGISTRY, backend_class
 from icd_edge.tokenizer import ClipTokenizer
 
 # The attribute holding each backend session's engine, which close() must let go of.
-HANDLE = {"onnxruntime": "_sess", "openvino": "_compiled", "torch": "module", "tensorrt": "_context",
-          "coreml": "_model"}
+HANDLE = {
+    "onnxruntime": "_sess",
+    "openvino": "_compiled",
+    "torch": "module",
+    "tensorrt": "_context",
+    "coreml": "_model",
+}
 # The torch backend loads its modules once and shares them among its sessions: a closed session
 # drops its reference, the module lives on with the backend.
 SHARED_HANDLE = {"torch"}
@@ -33,8 +38,14 @@ SHARED_HANDLE = {"torch"}
 # export's per-graph gate.
 MIN_PSNR_DB = {"onnxruntime": 100.0, "openvino": 100.0}
 # P2P controls and step values as an edit step feeds them (identity token map, controls on).
-_FIXED = {"timestep": lambda shape: np.full(shape, 519.0), "token_map": lambda shape: np.eye(shape[0]),
-          "refine_alpha": np.ones, "equalizer": np.ones, "cross_alpha": np.ones, "self_flag": np.ones}
+_FIXED = {
+    "timestep": lambda shape: np.full(shape, 519.0),
+    "token_map": lambda shape: np.eye(shape[0]),
+    "refine_alpha": np.ones,
+    "equalizer": np.ones,
+    "cross_alpha": np.ones,
+    "self_flag": np.ones,
+}
 
 
 def test_every_registered_backend_is_in_the_contract():
@@ -67,8 +78,10 @@ def _available(name: str, bundle):
     if not avail.ok:
         pytest.skip(f"backend {name!r} is not available here: {avail.reason}")
     if backend.fmt not in bundle.formats():
-        pytest.skip(f"the tiny bundle holds no {backend.fmt!r} artifacts for backend {name!r} "
-                    f"(it has: {', '.join(sorted(bundle.formats()))})")
+        pytest.skip(
+            f"the tiny bundle holds no {backend.fmt!r} artifacts for backend {name!r} "
+            f"(it has: {', '.join(sorted(bundle.formats()))})"
+        )
     return backend
 
 
@@ -84,7 +97,7 @@ def _sample_feeds(bundle, graph: str) -> dict[str, np.ndarray]:
             tok = ClipTokenizer(bundle.path(bundle.manifest.tokenizer_file))
             value = np.broadcast_to(tok("a photo of a cat").ids, shape)
         elif name == "timestep_cond":
-            value = np.stack([bundle.guidance_embedding(w) for w in (0.0, 19.0)[-shape[0]:]])
+            value = np.stack([bundle.guidance_embedding(w) for w in (0.0, 19.0)[-shape[0] :]])
         elif name in _FIXED:
             value = _FIXED[name](shape)
         elif name == "image":

@@ -67,17 +67,34 @@ def _emulated_report() -> dict:
     import platform
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        pytest.skip(f"the emulated AVX2 check runs this x86-64 Python under qemu-x86_64; this host is {platform.machine()}")
+        pytest.skip(
+            f"the emulated AVX2 check runs this x86-64 Python under qemu-x86_64; this host is {platform.machine()}"
+        )
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
-        pytest.skip("qemu-user is not installed (apt-get install qemu-user): the emulated AVX2-only check did not run; "
-                    "the native check above covers this CPU only")
+        pytest.skip(
+            "qemu-user is not installed (apt-get install qemu-user): the emulated AVX2-only check did not run; "
+            "the native check above covers this CPU only"
+        )
     from conftest import ROOT
 
     root = str(ROOT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([qemu, "-cpu", "Haswell-v4", os.path.realpath(sys.executable), "-m",
-                           "icd_edge.runtimes.int8_kernels", "--json"], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [
+            qemu,
+            "-cpu",
+            "Haswell-v4",
+            os.path.realpath(sys.executable),
+            "-m",
+            "icd_edge.runtimes.int8_kernels",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])["results"]
 
@@ -100,7 +117,11 @@ def _quantised_weights(path):
         for i in n.input:
             users.setdefault(i, []).append(n.op_type)
     for n in g.node:
-        if n.op_type == "DequantizeLinear" and n.input[0] in inits and {"Conv", "MatMul"} & set(users.get(n.output[0], [])):
+        if (
+            n.op_type == "DequantizeLinear"
+            and n.input[0] in inits
+            and {"Conv", "MatMul"} & set(users.get(n.output[0], []))
+        ):
             t = inits[n.input[0]]
             if t.data_type == onnx.TensorProto.INT8:
                 yield n.input[0], onnx.numpy_helper.to_array(t)
@@ -158,7 +179,16 @@ def test_exact_kernels_do_not_warn(int8_bundle, monkeypatch, caplog):
 def test_export_rejects_unknown_weight_range(tmp_path):
     from conftest import run_cli
 
-    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--precision", "int8", "--int8-weights", "6bit",
-                   module="icd_edge.export")
+    proc = run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "b"),
+        "--precision",
+        "int8",
+        "--int8-weights",
+        "6bit",
+        module="icd_edge.export",
+    )
     assert proc.returncode == 2 and "--int8-weights" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "b").exists()

@@ -7,12 +7,12 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
+from icd_edge.bundle.store import open_bundle
 from icd_edge.edit.editor import Editor
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError, ShapeMismatch
 from icd_edge.export.parity import psnr_db
-from icd_edge.bundle.store import open_bundle
 from icd_edge.runtimes import openvino as ovb
 
 pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install 'icd_edge[openvino]')")
@@ -147,6 +147,7 @@ def test_bad_options_and_files(tiny_bundle, tmp_path):
         ovb.OpenVinoBackend(precision="int4")
     with pytest.raises(InputError, match="threads"):
         ovb.OpenVinoBackend(threads=-1)
+
     class PlainCpu:  # a CPU plugin without native float16 or bfloat16 (most x86 CPUs before Sapphire Rapids)
         def get_property(self, device, name):
             return ["FP32", "INT8", "BIN", "EXPORT_IMPORT"]
@@ -207,14 +208,44 @@ def test_probe_and_auto_selection(tiny_bundle, int8_bundle, monkeypatch):
 
 def test_cli(tiny_bundle, photo_png, tmp_path):
     out = tmp_path / "o.png"
-    proc = run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
-                   "--target", "a photo of a dog", "--out", str(out), "--backend", "openvino", "--ov-precision", "f32",
-                   "--ov-cache", str(tmp_path / "c"))
+    proc = run_cli(
+        "edit",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a photo of a cat",
+        "--target",
+        "a photo of a dog",
+        "--out",
+        str(out),
+        "--backend",
+        "openvino",
+        "--ov-precision",
+        "f32",
+        "--ov-cache",
+        str(tmp_path / "c"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file() and any((tmp_path / "c").iterdir())
-    proc = run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
-                   "--target", "a photo of a dog", "--out", str(tmp_path / "p.png"), "--backend", "onnxruntime",
-                   "--ov-precision", "bf16")
+    proc = run_cli(
+        "edit",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a photo of a cat",
+        "--target",
+        "a photo of a dog",
+        "--out",
+        str(tmp_path / "p.png"),
+        "--backend",
+        "onnxruntime",
+        "--ov-precision",
+        "bf16",
+    )
     assert proc.returncode == 2 and "apply to the openvino backend" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "p.png").exists()
     doctor = run_cli("doctor")

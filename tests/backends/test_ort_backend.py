@@ -9,10 +9,13 @@ from icd_edge.runtimes.ort import OrtBackend, OrtSession, choose_providers
 def test_provider_choice():
     cpu = ["CPUExecutionProvider"]
     assert choose_providers(cpu, "Linux") == cpu
-    assert choose_providers(["CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"], "Linux") == \
-        ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert choose_providers(["CoreMLExecutionProvider", "CPUExecutionProvider"], "Darwin") == \
-        ["CoreMLExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(
+        ["CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"], "Linux"
+    ) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(["CoreMLExecutionProvider", "CPUExecutionProvider"], "Darwin") == [
+        "CoreMLExecutionProvider",
+        "CPUExecutionProvider",
+    ]
     assert choose_providers(["CoreMLExecutionProvider", "CPUExecutionProvider"], "Linux") == cpu
 
 
@@ -38,7 +41,10 @@ def test_binding_defaults_on_only_for_cuda(tiny_bundle):
 def _softmaxes(bundle, graph):
     import onnx
 
-    return sum(n.op_type == "Softmax" for n in onnx.load(str(bundle / "onnx" / f"{graph}.onnx"), load_external_data=False).graph.node)
+    return sum(
+        n.op_type == "Softmax"
+        for n in onnx.load(str(bundle / "onnx" / f"{graph}.onnx"), load_external_data=False).graph.node
+    )
 
 
 def test_attention_fused_for_the_cpu_provider(tiny_bundle, photo):
@@ -78,24 +84,36 @@ def test_fuse_attention_matches_only_plain_attention():
     B, L, N, D = 2, 24, 4, 8
 
     def graph(extra_use: bool):
-        c = numpy_helper.from_array(np.array([D ** -0.25], np.float32), "c")
+        c = numpy_helper.from_array(np.array([D**-0.25], np.float32), "c")
         split = numpy_helper.from_array(np.array([B, L, N, D], np.int64), "split")
         k3d = numpy_helper.from_array(np.array([-1, L, D], np.int64), "k3d")
         kt4 = numpy_helper.from_array(np.array([B, N, D, L], np.int64), "kt4")
         merge = numpy_helper.from_array(np.array([B, L, N * D], np.int64), "merge")
         nodes = [helper.make_node("Reshape", [x, "split"], [f"{x}4"]) for x in "qkv"]
         nodes += [helper.make_node("Transpose", [f"{x}4"], [f"{x}h"], perm=[0, 2, 1, 3]) for x in "qkv"]
-        nodes += [helper.make_node("Reshape", ["kh", "k3d"], ["k3"]), helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]),
-                  helper.make_node("Reshape", ["k3t", "kt4"], ["kt"]), helper.make_node("Mul", ["qh", "c"], ["qs"]),
-                  helper.make_node("Mul", ["kt", "c"], ["ks"]), helper.make_node("MatMul", ["qs", "ks"], ["s"]),
-                  helper.make_node("Softmax", ["s"], ["p"], axis=-1), helper.make_node("MatMul", ["p", "vh"], ["o4"]),
-                  helper.make_node("Transpose", ["o4"], ["o4t"], perm=[0, 2, 1, 3]), helper.make_node("Reshape", ["o4t", "merge"], ["y"])]
+        nodes += [
+            helper.make_node("Reshape", ["kh", "k3d"], ["k3"]),
+            helper.make_node("Transpose", ["k3"], ["k3t"], perm=[0, 2, 1]),
+            helper.make_node("Reshape", ["k3t", "kt4"], ["kt"]),
+            helper.make_node("Mul", ["qh", "c"], ["qs"]),
+            helper.make_node("Mul", ["kt", "c"], ["ks"]),
+            helper.make_node("MatMul", ["qs", "ks"], ["s"]),
+            helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", "vh"], ["o4"]),
+            helper.make_node("Transpose", ["o4"], ["o4t"], perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", ["o4t", "merge"], ["y"]),
+        ]
         outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [B, L, N * D])]
         if extra_use:
             nodes.append(helper.make_node("Identity", ["p"], ["pm"]))
             outputs.append(helper.make_tensor_value_info("pm", TensorProto.FLOAT, None))
-        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(x, TensorProto.FLOAT, [B, L, N * D]) for x in "qkv"],
-                              outputs, [c, split, k3d, kt4, merge])
+        g = helper.make_graph(
+            nodes,
+            "g",
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, [B, L, N * D]) for x in "qkv"],
+            outputs,
+            [c, split, k3d, kt4, merge],
+        )
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
 
     rng = np.random.default_rng(0)

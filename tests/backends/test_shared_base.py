@@ -3,19 +3,30 @@
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
+from icd_edge.bundle.store import open_bundle
 from icd_edge.edit.editor import Editor
 from icd_edge.errors import InputError
 from icd_edge.export.parity import psnr_db
-from icd_edge.bundle.store import open_bundle
 
 
 @pytest.fixture(scope="module")
 def shared_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("shared") / "b"
-    run_cli("--model", "tiny", "--out", str(out), "--unet-weights", "shared-base", "--targets", "onnx,torch",
-            "--no-progress", module="icd_edge.export", check=True)
+    run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--unet-weights",
+        "shared-base",
+        "--targets",
+        "onnx,torch",
+        "--no-progress",
+        module="icd_edge.export",
+        check=True,
+    )
     return out
 
 
@@ -34,8 +45,11 @@ def test_teacher_weights_are_stored_once(shared_bundle, tiny_bundle):
 
 def test_shared_memory_policy_gives_the_same_image(shared_bundle, tiny_bundle, photo):
     images = {}
-    for label, bundle, memory in (("resident", shared_bundle, "resident"), ("shared", shared_bundle, "shared-base"),
-                                  ("fused", tiny_bundle, "resident")):
+    for label, bundle, memory in (
+        ("resident", shared_bundle, "resident"),
+        ("shared", shared_bundle, "shared-base"),
+        ("fused", tiny_bundle, "resident"),
+    ):
         with Editor.open(bundle, memory=memory) as ed:
             inv = ed.invert(photo, "a photo of a cat", seed=1)
             images[label] = ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), output_type="np")

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from icd_edge.edit.editor import Editor
 from icd_edge.errors import ExportError, InputError
 from icd_edge.export.taesd import diffusers_decoder_to_official, load_taesd
@@ -25,7 +25,9 @@ def test_official_and_diffusers_layouts_load_identically(tmp_path):
                 assert torch.equal(got[k], v), (source, k)
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(load_taesd(str(tmp_path / "taesd_decoder.pth")).decode(x).sample, ref.decode(x).sample)
+        torch.testing.assert_close(
+            load_taesd(str(tmp_path / "taesd_decoder.pth")).decode(x).sample, ref.decode(x).sample
+        )
 
 
 def test_bad_taesd_sources(tmp_path):
@@ -42,8 +44,19 @@ def test_bad_taesd_sources(tmp_path):
 @pytest.fixture(scope="module")
 def taesd_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("taesd") / "b"
-    run_cli("--model", "tiny", "--out", str(out), "--taesd", "random", "--no-progress", "--parity", "graphs",
-            module="icd_edge.export", check=True)
+    run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--taesd",
+        "random",
+        "--no-progress",
+        "--parity",
+        "graphs",
+        module="icd_edge.export",
+        check=True,
+    )
     return out
 
 
@@ -56,19 +69,39 @@ def test_taesd_bundle_decodes_and_previews(taesd_bundle, photo, tmp_path):
     with Editor.open(taesd_bundle, decoder="taesd") as ed:
         inv = ed.invert(photo, "a photo of a cat")
         img = ed.edit(inv, "a photo of a dog", preview=lambda k, n, im: previews.append((k, n, im.size)))
-        assert img.size == (128, 128) and "taesd_decoder" in ed.loaded_graphs() and "vae_decoder" not in ed.loaded_graphs()
+        assert (
+            img.size == (128, 128) and "taesd_decoder" in ed.loaded_graphs() and "vae_decoder" not in ed.loaded_graphs()
+        )
     assert previews == [(k, 4, (128, 128)) for k in range(1, 5)]
     previews.clear()
     with Editor.open(taesd_bundle, decoder="taesd", memory="sequential") as ed:
-        seq = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog",
-                      preview=lambda k, n, im: previews.append(sorted(ed.loaded_graphs())))
+        seq = ed.edit(
+            ed.invert(photo, "a photo of a cat"),
+            "a photo of a dog",
+            preview=lambda k, n, im: previews.append(sorted(ed.loaded_graphs())),
+        )
         # previews decode beside the edit UNet; the final decode releases it first
-        assert previews == [["taesd_decoder", "unet_reverse_edit"]] * 4 and list(ed.loaded_graphs()) == ["taesd_decoder"]
+        assert previews == [["taesd_decoder", "unet_reverse_edit"]] * 4 and list(ed.loaded_graphs()) == [
+            "taesd_decoder"
+        ]
     assert np.array_equal(np.asarray(seq), np.asarray(img))
     Image.fromarray(photo).save(tmp_path / "p.png")
     (tmp_path / "prev").mkdir()
-    proc = run_cli("edit", "--bundle", str(taesd_bundle), "--image", str(tmp_path / "p.png"), "--source", "a photo of a cat",
-                   "--target", "a photo of a dog", "--out", str(tmp_path / "o.png"), "--preview", str(tmp_path / "prev"))
+    proc = run_cli(
+        "edit",
+        "--bundle",
+        str(taesd_bundle),
+        "--image",
+        str(tmp_path / "p.png"),
+        "--source",
+        "a photo of a cat",
+        "--target",
+        "a photo of a dog",
+        "--out",
+        str(tmp_path / "o.png"),
+        "--preview",
+        str(tmp_path / "prev"),
+    )
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "prev").iterdir()) == [f"step_{k}_of_4.png" for k in range(1, 5)]
 

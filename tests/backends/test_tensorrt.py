@@ -4,24 +4,24 @@ driven by a fake ``tensorrt`` + cuda-python (tests/backends/fake_trt.py). No rea
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 import logging
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
+import fake_trt
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from onnx import numpy_helper
 
-import fake_trt
-from conftest import run_cli
-from icd_edge.errors import BackendUnavailable, BundleError, InputError
 from icd_edge.bundle.schema import Artifact, Graph, IOSpec
 from icd_edge.bundle.store import file_table, open_bundle, sha256_file, write_manifest
+from icd_edge.errors import BackendUnavailable, BundleError, InputError
 from icd_edge.runtimes.trt import plan as trt_plan
 from icd_edge.runtimes.trt.plan import GpuInfo, PrecisionPlan, Source
 
@@ -36,17 +36,20 @@ def _entry(*sources):
 
 
 # ------------------------------------------------------------------------------ pure logic
-@pytest.mark.parametrize("sources, requested, version, expect", [
-    ([("onnx", "fp32")], "fp32", "10.8.0", ("fp32", "onnx", True, ())),
-    ([("onnx", "fp32")], "fp16", "10.8.0", ("fp16", "onnx", False, ("FP16",))),
-    ([("onnx", "fp32")], "auto", "10.8.0", ("fp16", "onnx", False, ("FP16",))),
-    ([("onnx", "fp32")], "auto", "11.4.0.106", ("fp32", "onnx", True, ())),
-    ([("onnx", "fp32"), ("onnx_fp16", "fp16")], "fp16", "11.4.0", ("fp16", "onnx_fp16", True, ())),
-    ([("onnx", "fp32"), ("onnx_fp16", "fp16")], "auto", "10.3.0", ("fp16", "onnx_fp16", True, ())),
-    ([("onnx", "fp32"), ("onnx_int8", "int8")], "int8", "10.8.0", ("int8", "onnx_int8", True, ())),
-    ([("onnx", "fp32"), ("onnx_int8", "int8")], "int8", "11.0.0", ("int8", "onnx_int8", True, ())),
-    ([("onnx", "fp32"), ("onnx_int8", "int8")], "auto", "11.0.0", ("fp32", "onnx", True, ())),
-])
+@pytest.mark.parametrize(
+    "sources, requested, version, expect",
+    [
+        ([("onnx", "fp32")], "fp32", "10.8.0", ("fp32", "onnx", True, ())),
+        ([("onnx", "fp32")], "fp16", "10.8.0", ("fp16", "onnx", False, ("FP16",))),
+        ([("onnx", "fp32")], "auto", "10.8.0", ("fp16", "onnx", False, ("FP16",))),
+        ([("onnx", "fp32")], "auto", "11.4.0.106", ("fp32", "onnx", True, ())),
+        ([("onnx", "fp32"), ("onnx_fp16", "fp16")], "fp16", "11.4.0", ("fp16", "onnx_fp16", True, ())),
+        ([("onnx", "fp32"), ("onnx_fp16", "fp16")], "auto", "10.3.0", ("fp16", "onnx_fp16", True, ())),
+        ([("onnx", "fp32"), ("onnx_int8", "int8")], "int8", "10.8.0", ("int8", "onnx_int8", True, ())),
+        ([("onnx", "fp32"), ("onnx_int8", "int8")], "int8", "11.0.0", ("int8", "onnx_int8", True, ())),
+        ([("onnx", "fp32"), ("onnx_int8", "int8")], "auto", "11.0.0", ("fp32", "onnx", True, ())),
+    ],
+)
 def test_precision_mapping(sources, requested, version, expect):
     plan = trt_plan.plan_precision("g", _entry(*sources), requested, version)
     assert (plan.precision, plan.source.fmt, plan.strongly_typed, plan.builder_flags) == expect
@@ -130,8 +133,12 @@ def test_stale_reason(tmp_path):
     engine = tmp_path / "g.plan"
     assert trt_plan.stale_reason(None, material, engine, sha256_file) == "no engine file"
     engine.write_bytes(b"engine-bytes")
-    meta = {"key": trt_plan.engine_key(material), "material": material, "engine_bytes": 12,
-            "engine_sha256": sha256_file(engine)}
+    meta = {
+        "key": trt_plan.engine_key(material),
+        "material": material,
+        "engine_bytes": 12,
+        "engine_sha256": sha256_file(engine),
+    }
     assert trt_plan.stale_reason(meta, material, engine, sha256_file) is None
     assert "metadata" in trt_plan.stale_reason(None, material, engine, sha256_file)
     other = {**material, "gpu": "NVIDIA A100", "tensorrt": "10.3.0"}
@@ -188,7 +195,9 @@ def test_refit_map_matches_by_topology_when_names_differ(tiny_bundle, tmp_path):
     plain = refit_weight_map(tiny_bundle, "onnx/unet_forward.onnx", "onnx/unet_reverse.onnx")
     assert differing(m) == differing(plain)
     n = differing(m)[0]
-    np.testing.assert_array_equal(load_weights(root, m, "reverse", [n])[n], load_weights(tiny_bundle, plain, "reverse", [n])[n])
+    np.testing.assert_array_equal(
+        load_weights(root, m, "reverse", [n])[n], load_weights(tiny_bundle, plain, "reverse", [n])[n]
+    )
     with pytest.raises(BundleError, match="same topology"):
         refit_weight_map(root, "onnx/unet_forward.onnx", "onnx/unet_reverse_edit.onnx")
 
@@ -251,7 +260,10 @@ def test_timing_cache_reused_and_cached_engines_not_rebuilt(fake, tiny_bundle, t
     backend.open_session(b, "text_encoder").close()
     caches = fake.named("create_timing_cache")
     assert caches[0][1] == b"" and caches[1][1] == b"|timing"  # the second build starts from the first's cache
-    assert fake.named("create_network") == [("create_network", STRONG), ("create_network", STRONG)]  # fp32: strongly typed
+    assert fake.named("create_network") == [
+        ("create_network", STRONG),
+        ("create_network", STRONG),
+    ]  # fp32: strongly typed
     assert fake.builds == 2
     again = _backend(tmp_path, precision="fp32")
     out = again.open_session(b, "text_encoder").run({"input_ids": np.zeros((1, 77), np.int64)})
@@ -327,7 +339,9 @@ def test_dynamic_inputs_get_fixed_profile_from_manifest(fake, tiny_bundle, tmp_p
     assert len(fake.named("add_optimization_profile")) == 1
     feeds = _unet_feeds(b, "unet_reverse_edit")
     out = sess.run(feeds)
-    assert out["eps"].shape == (2, 4, 16, 16) and out["blend_maps"].shape == tuple(b.graphs["unet_reverse_edit"].outputs[1].shape)
+    assert out["eps"].shape == (2, 4, 16, 16) and out["blend_maps"].shape == tuple(
+        b.graphs["unet_reverse_edit"].outputs[1].shape
+    )
     sess.close()
 
 
@@ -394,8 +408,14 @@ def test_export_target_records_engines_the_runtime_reuses(fake, tiny_bundle, tmp
     shutil.copytree(tiny_bundle, out)
     b = open_bundle(out, verify=False)
     manifest = b.manifest
-    ctx = SimpleNamespace(cfg=SimpleNamespace(extra={"trt_precision": "fp16"}), out_dir=out, manifest=manifest,
-                          timings={}, progress=None, step=lambda label: None)
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(extra={"trt_precision": "fp16"}),
+        out_dir=out,
+        manifest=manifest,
+        timings={},
+        progress=None,
+        step=lambda label: None,
+    )
     to_tensorrt.export_target(ctx)
     assert fake.builds == len(manifest.graphs)
     assert len(list((tmp_path / "export-cache" / "trt").glob("timing-*.cache"))) == 1
@@ -421,12 +441,19 @@ def test_int8_qdq_artifact_builds_strongly_typed(fake, tiny_bundle, tmp_path):
 
     entry = open_bundle(tiny_bundle, verify=False).graphs["vae_decoder"]
     # a fp32 graph standing in for a Q/DQ one
-    entry = replace(entry, artifacts={**entry.artifacts, "onnx_int8": replace(entry.artifacts["onnx"], precision="int8")})
+    entry = replace(
+        entry, artifacts={**entry.artifacts, "onnx_int8": replace(entry.artifacts["onnx"], precision="int8")}
+    )
     plan = trt_plan.plan_precision("vae_decoder", entry, "int8", fake.version)
     path = tmp_path / "e.plan"
     trt = sys.modules["tensorrt"]
-    build_engine(trt, BuildRequest("vae_decoder", tiny_bundle / plan.source.file, plan, trt_plan.profile_shapes(entry), {},
-                                   path, None), trt.Logger())
+    build_engine(
+        trt,
+        BuildRequest(
+            "vae_decoder", tiny_bundle / plan.source.file, plan, trt_plan.profile_shapes(entry), {}, path, None
+        ),
+        trt.Logger(),
+    )
     assert fake.named("create_network") == [("create_network", STRONG)] and not fake.named("set_flag")
     assert not fake.named("create_timing_cache") and path.is_file()
 
@@ -454,18 +481,31 @@ def test_without_tensorrt_selection_fails_typed(tiny_bundle):
 
 def test_export_with_tensorrt_target_fails_early_without_tensorrt(tmp_path):
     out = tmp_path / "b"
-    proc = run_cli("--model", "tiny", "--out", str(out), "--targets", "onnx,tensorrt", "--no-progress",
-                   module="icd_edge.export", timeout=120)
+    proc = run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--targets",
+        "onnx,tensorrt",
+        "--no-progress",
+        module="icd_edge.export",
+        timeout=120,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert lines == ["error: tensorrt is not installed; install TensorRT from NVIDIA's index (see docs/tensorrt.md) "
-                     "or leave the tensorrt target out; the runtime can build engines lazily on the GPU"]
+    assert lines == [
+        "error: tensorrt is not installed; install TensorRT from NVIDIA's index (see docs/tensorrt.md) "
+        "or leave the tensorrt target out; the runtime can build engines lazily on the GPU"
+    ]
     assert not out.exists()
 
 
 def test_tensorrt_modules_import_without_torch():
-    code = ("import sys; import icd_edge.runtimes.trt, icd_edge.runtimes.trt.build, icd_edge.runtimes.trt.cuda, "
-            "icd_edge.runtimes.trt.refit, icd_edge.runtimes.trt.session; "
-            "print([m for m in ('torch', 'tensorrt', 'onnx', 'icd_edge.export') if m in sys.modules])")
+    code = (
+        "import sys; import icd_edge.runtimes.trt, icd_edge.runtimes.trt.build, icd_edge.runtimes.trt.cuda, "
+        "icd_edge.runtimes.trt.refit, icd_edge.runtimes.trt.session; "
+        "print([m for m in ('torch', 'tensorrt', 'onnx', 'icd_edge.export') if m in sys.modules])"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr

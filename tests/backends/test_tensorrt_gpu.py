@@ -74,16 +74,22 @@ class CopyEngine:
             def execute_async_v3(self, stream_handle):
                 engine.enqueues += 1
                 nbytes = int(np.prod(SHAPE)) * np.dtype(engine.dtype).itemsize
-                err, = cudart.cudaMemcpyAsync(self.addresses["y"], self.addresses["x"], nbytes,
-                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-                                              cudart.cudaStream_t(init_value=stream_handle))
+                (err,) = cudart.cudaMemcpyAsync(
+                    self.addresses["y"],
+                    self.addresses["x"],
+                    nbytes,
+                    cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
+                    cudart.cudaStream_t(init_value=stream_handle),
+                )
                 return err == cudart.cudaError_t.cudaSuccess
 
         return Context()
 
 
-ENTRY = {"inputs": [{"name": "x", "dtype": "float32", "shape": list(SHAPE)}],
-         "outputs": [{"name": "y", "dtype": "float32", "shape": list(SHAPE)}]}
+ENTRY = {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": list(SHAPE)}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": list(SHAPE)}],
+}
 
 
 def test_cuda_wrapper_reports_the_gpu_and_round_trips():

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
-from icd_edge.errors import BundleError
-from icd_edge.bundle.schema import Manifest
+
+from icd_edge.bundle.spec import GRAPHS as ALL_GRAPHS
+from icd_edge.bundle.spec import OPTIONAL_GRAPHS
 from icd_edge.bundle.store import SCHEMA_VERSION, open_bundle, read_manifest
-from icd_edge.bundle.spec import GRAPHS as ALL_GRAPHS, OPTIONAL_GRAPHS
+from icd_edge.errors import BundleError
 
 GRAPHS = {k: v for k, v in ALL_GRAPHS.items() if k not in OPTIONAL_GRAPHS}
 
@@ -63,19 +63,36 @@ def test_reads_the_previous_schema_version(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, b)
     m = json.loads((b / "manifest.json").read_text())
     current = open_bundle(tiny_bundle, verify=False).manifest.parity
-    e2e = {("edit" if e.target == "synthetic" else f"edit_{e.target}") if e.check == "edit" else e.check:
-           {"backend": e.backend, "precision": e.precision, "psnr_db": e.psnr_db, "max_abs_err": e.max_abs_err}
-           for e in current.find("edit") + current.find("generate")}
+    e2e = {
+        ("edit" if e.target == "synthetic" else f"edit_{e.target}") if e.check == "edit" else e.check: {
+            "backend": e.backend,
+            "precision": e.precision,
+            "psnr_db": e.psnr_db,
+            "max_abs_err": e.max_abs_err,
+        }
+        for e in current.find("edit") + current.find("generate")
+    }
     m["schema_version"] = 1
-    m["parity"] = {"reference": current.reference, "end_to_end": {**e2e, "gate_db": 45.0},
-                   "graphs": {e.target: {"backend": e.backend, "precision": e.precision, "psnr_db": e.psnr_db,
-                                         "max_abs_err": e.max_abs_err} for e in current.find("graph")}}
+    m["parity"] = {
+        "reference": current.reference,
+        "end_to_end": {**e2e, "gate_db": 45.0},
+        "graphs": {
+            e.target: {
+                "backend": e.backend,
+                "precision": e.precision,
+                "psnr_db": e.psnr_db,
+                "max_abs_err": e.max_abs_err,
+            }
+            for e in current.find("graph")
+        },
+    }
     (b / "manifest.json").write_text(json.dumps(m))
     old = open_bundle(b, verify=False).manifest
     assert old.schema_version == 1
     key = lambda e: (e.check, e.target, e.backend, e.precision, e.psnr_db, e.max_abs_err)  # noqa: E731
-    assert sorted(map(key, old.parity.entries)) == sorted(map(key, current.find("graph") + current.find("edit")
-                                                                 + current.find("generate")))
+    assert sorted(map(key, old.parity.entries)) == sorted(
+        map(key, current.find("graph") + current.find("edit") + current.find("generate"))
+    )
     m["schema_version"] = 0
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(BundleError, match="too old; re-export"):
@@ -91,8 +108,15 @@ def test_parity_rechecked_now(tiny_bundle, photo):
     for backend in ("onnxruntime", "torch"):
         with Editor.open(tiny_bundle, backend=backend) as ed:
             inv = ed.invert(photo, "a photo of a cat", seed=3)
-            images[backend] = ed.edit(inv, "a photo of a dog", cross_replace=0.6, self_replace=0.4, blend=("cat", "dog"),
-                                      amplify={"dog": 3.0}, output_type="np")
+            images[backend] = ed.edit(
+                inv,
+                "a photo of a dog",
+                cross_replace=0.6,
+                self_replace=0.4,
+                blend=("cat", "dog"),
+                amplify={"dog": 3.0},
+                output_type="np",
+            )
     assert psnr_db(images["torch"], images["onnxruntime"], peak=1.0) >= 45.0
 
 
@@ -106,7 +130,10 @@ def test_graph_parity_with_in_memory_reference(tiny_bundle, tiny_graphs):
     photo = np.full((96, 160, 3), 128, np.uint8)
     photo[20:60, 40:120] = (200, 30, 40)
     out = {}
-    for label, ed in (("torch", Editor(b, TorchBackend(tiny_graphs))), ("ort", Editor.open(tiny_bundle, "onnxruntime"))):
+    for label, ed in (
+        ("torch", Editor(b, TorchBackend(tiny_graphs))),
+        ("ort", Editor.open(tiny_bundle, "onnxruntime")),
+    ):
         inv = ed.invert(photo, "a red box", seed=1)
         out[label] = (ed.reconstruct(inv, output_type="np"), ed.generate("a red box", seed=2, output_type="np"))
     for a, c in zip(out["torch"], out["ort"]):
@@ -177,16 +204,25 @@ def test_not_a_bundle(tmp_path):
         open_bundle(tmp_path / "bad")
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda m: m["dims"].update(H="512"), "dims.H"),
-    (lambda m: m["schedule"].pop("forward"), "schedule.forward"),
-    (lambda m: m["graphs"].update(unet_forward=None), "graphs.unet_forward"),
-    (lambda m: m["schedule"]["coefficients"]["reverse"].pop(), "schedule.coefficients.reverse"),
-    (lambda m: m["guidance"]["embeddings"]["19"].append(0.0), "guidance.embeddings['19']"),
-    (lambda m: m["vae"].update(scaling_factor=-1), "vae.scaling_factor"),
-    (lambda m: m["graphs"]["vae_decoder"]["inputs"][0].update(shape=[1, "4"]), "graphs.vae_decoder.inputs[0].shape[1]"),
-    (lambda m: m["files"]["tokenizer/tokenizer.json"].update(sha256="abc"), "files['tokenizer/tokenizer.json'].sha256"),
-])
+@pytest.mark.parametrize(
+    "mutate, key",
+    [
+        (lambda m: m["dims"].update(H="512"), "dims.H"),
+        (lambda m: m["schedule"].pop("forward"), "schedule.forward"),
+        (lambda m: m["graphs"].update(unet_forward=None), "graphs.unet_forward"),
+        (lambda m: m["schedule"]["coefficients"]["reverse"].pop(), "schedule.coefficients.reverse"),
+        (lambda m: m["guidance"]["embeddings"]["19"].append(0.0), "guidance.embeddings['19']"),
+        (lambda m: m["vae"].update(scaling_factor=-1), "vae.scaling_factor"),
+        (
+            lambda m: m["graphs"]["vae_decoder"]["inputs"][0].update(shape=[1, "4"]),
+            "graphs.vae_decoder.inputs[0].shape[1]",
+        ),
+        (
+            lambda m: m["files"]["tokenizer/tokenizer.json"].update(sha256="abc"),
+            "files['tokenizer/tokenizer.json'].sha256",
+        ),
+    ],
+)
 def test_malformed_manifest_values_name_the_key(tiny_bundle, tmp_path, mutate, key):
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT, run_cli
+from icd_edge.bundle.store import open_bundle
 from icd_edge.edit.editor import Editor
 from icd_edge.errors import BundleError, ImageError, InputError
 from icd_edge.image import fit_square, load_image, restore_fit
-from icd_edge.bundle.store import open_bundle
-
 
 # ----------------------------------------------------------------------------- images
+
 
 def _save(img: Image.Image, path: Path, **kw) -> Path:
     img.save(path, **kw)
@@ -123,23 +123,40 @@ def test_keep_size_through_the_editor(tiny_bundle, photo):
 
 # ----------------------------------------------------------------------------- prompts and parameters
 
+
 def test_prompt_corpus(tiny_bundle, photo):
     with Editor.open(tiny_bundle) as ed:
         for bad in ("", "   ", "\t\n", "a cat\x00", "a\x07bell"):
             with pytest.raises(InputError):
                 ed.invert(photo, bad)
         inv = ed.invert(photo, "a photo of a cat")
-        for ok in (" ".join(["word"] * 500), "a photo of a 🐱🐶 cat", "שלום עולם, a cat", "مرحبا بالعالم",
-                   "a cat\twith a tab", "ÅNGSTRÖM café"):
+        for ok in (
+            " ".join(["word"] * 500),
+            "a photo of a 🐱🐶 cat",
+            "שלום עולם, a cat",
+            "مرحبا بالعالم",
+            "a cat\twith a tab",
+            "ÅNGSTRÖM café",
+        ):
             img = ed.edit(inv, ok)
             assert img.size == (128, 128)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"guidance": -1}, {"guidance": 19.5}, {"guidance": float("inf")}, {"tau": 1.01}, {"tau": "x"},
-    {"cross_replace": -0.1}, {"self_replace": 2}, {"amplify": {"dog": 0.0 - 1}}, {"amplify": {"dog": 1e9}},
-    {"amplify": {"dog": float("nan")}},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"guidance": -1},
+        {"guidance": 19.5},
+        {"guidance": float("inf")},
+        {"tau": 1.01},
+        {"tau": "x"},
+        {"cross_replace": -0.1},
+        {"self_replace": 2},
+        {"amplify": {"dog": 0.0 - 1}},
+        {"amplify": {"dog": 1e9}},
+        {"amplify": {"dog": float("nan")}},
+    ],
+)
 def test_parameter_corpus(tiny_bundle, photo, kwargs):
     with Editor.open(tiny_bundle) as ed:
         inv = ed.invert(photo, "a photo of a cat")
@@ -155,6 +172,7 @@ def test_seed_corpus(tiny_bundle, photo, seed):
 
 # ----------------------------------------------------------------------------- bundles
 
+
 def test_bundle_for_another_resolution_is_refused(tiny_bundle, tmp_path):
     b = tmp_path / "b"
     shutil.copytree(tiny_bundle, b)
@@ -162,7 +180,9 @@ def test_bundle_for_another_resolution_is_refused(tiny_bundle, tmp_path):
     m["dims"].update({"H": 256, "h": 32, "Q": 64})
     for g in m["graphs"].values():
         for spec in g["inputs"] + g["outputs"]:
-            spec["shape"] = [{16: 32, 128: 256, 8 * 8: 64}.get(d, d) if i > 0 else d for i, d in enumerate(spec["shape"])]
+            spec["shape"] = [
+                {16: 32, 128: 256, 8 * 8: 64}.get(d, d) if i > 0 else d for i, d in enumerate(spec["shape"])
+            ]
     (b / "manifest.json").write_text(json.dumps(m))
     with Editor.open(b) as ed, pytest.raises(BundleError, match="another resolution"):
         ed.generate("a cat")
@@ -179,9 +199,15 @@ def test_unfinished_export_is_refused(tiny_bundle, tmp_path):
 
 
 def test_malformed_manifests(tiny_bundle, tmp_path):
-    for i, mutate in enumerate([lambda m: m.update(files=[]), lambda m: m["files"].update({"x": "y"}),
-                                lambda m: m.update(format="other"), lambda m: m.update(schema_version="1"),
-                                lambda m: m.pop("graphs")]):
+    for i, mutate in enumerate(
+        [
+            lambda m: m.update(files=[]),
+            lambda m: m["files"].update({"x": "y"}),
+            lambda m: m.update(format="other"),
+            lambda m: m.update(schema_version="1"),
+            lambda m: m.pop("graphs"),
+        ]
+    ):
         b = tmp_path / f"b{i}"
         shutil.copytree(tiny_bundle, b)
         m = json.loads((b / "manifest.json").read_text())
@@ -193,10 +219,27 @@ def test_malformed_manifests(tiny_bundle, tmp_path):
 
 # ----------------------------------------------------------------------------- crash safety
 
+
 def _export_and_kill(out: Path, after_s: float) -> int:
-    proc = subprocess.Popen([sys.executable, "-m", "icd_edge.export", "--model", "tiny", "--out", str(out),
-                             "--no-progress", "--parity", "graphs", "--seed", "5"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "icd_edge.export",
+            "--model",
+            "tiny",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--parity",
+            "graphs",
+            "--seed",
+            "5",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     time.sleep(after_s)
     proc.send_signal(signal.SIGKILL)
     return proc.wait()
@@ -228,12 +271,17 @@ def test_killed_first_export_leaves_nothing_loadable(tmp_path):
 
 # ----------------------------------------------------------------------------- concurrency
 
+
 def test_one_editor_from_eight_threads(tiny_bundle, photo):
-    jobs = [(np.roll(photo, 17 * i, axis=1), f"a photo of a {w}", i) for i, w in
-            enumerate(["dog", "tiger", "lion", "fox", "bear", "wolf", "horse", "cow"])]
+    jobs = [
+        (np.roll(photo, 17 * i, axis=1), f"a photo of a {w}", i)
+        for i, w in enumerate(["dog", "tiger", "lion", "fox", "bear", "wolf", "horse", "cow"])
+    ]
     with Editor.open(tiny_bundle) as ed:
-        sequential = [ed.edit(ed.invert(img, "a photo of a cat", seed=s), tgt, blend=("cat", tgt.split()[-1]), output_type="np")
-                      for img, tgt, s in jobs]
+        sequential = [
+            ed.edit(ed.invert(img, "a photo of a cat", seed=s), tgt, blend=("cat", tgt.split()[-1]), output_type="np")
+            for img, tgt, s in jobs
+        ]
     with Editor.open(tiny_bundle) as ed:
         results: dict[int, np.ndarray] = {}
         errors = []
@@ -243,8 +291,9 @@ def test_one_editor_from_eight_threads(tiny_bundle, photo):
             img, tgt, s = jobs[k]
             try:
                 barrier.wait()
-                results[k] = ed.edit(ed.invert(img, "a photo of a cat", seed=s), tgt, blend=("cat", tgt.split()[-1]),
-                                     output_type="np")
+                results[k] = ed.edit(
+                    ed.invert(img, "a photo of a cat", seed=s), tgt, blend=("cat", tgt.split()[-1]), output_type="np"
+                )
             except Exception as exc:  # noqa: BLE001 - surfaced below
                 errors.append(exc)
 

@@ -37,8 +37,17 @@ def real_manifest(tiny_bundle):
     return json.loads((tiny_bundle / "manifest.json").read_text())
 
 
-replacement = st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.floats(allow_nan=True, allow_infinity=True),
-                        st.text(max_size=6), st.just([]), st.just({}), st.just([1, 2]), st.just(["x"]))
+replacement = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.just([]),
+    st.just({}),
+    st.just([1, 2]),
+    st.just(["x"]),
+)
 
 
 @FUZZ
@@ -49,12 +58,24 @@ def test_manifest_value_mutations_raise_only_bundle_errors(real_manifest, tiny_b
     and an accepted bundle still builds an Editor and encodes a prompt."""
     import copy
 
-    from icd_edge.edit.editor import Editor
     from icd_edge.bundle.store import Bundle, validate_manifest
+    from icd_edge.edit.editor import Editor
 
     m = copy.deepcopy(real_manifest)
-    keys = ("dims", "schedule", "guidance", "vae", "p2p", "tokenizer", "graphs", "files", "model", "int8_scheme",
-            "parity", "unet_weights")
+    keys = (
+        "dims",
+        "schedule",
+        "guidance",
+        "vae",
+        "p2p",
+        "tokenizer",
+        "graphs",
+        "files",
+        "model",
+        "int8_scheme",
+        "parity",
+        "unet_weights",
+    )
     paths = [p for p, _ in _paths(m) if p and p[0] in keys and not (p[0] == "guidance" and len(p) > 3)]
     path = data.draw(st.sampled_from(paths))
     parent = m

@@ -4,20 +4,43 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 
 def test_edit_writes_png(tiny_bundle, photo_png, tmp_path):
     out = tmp_path / "dog.png"
-    proc = run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
-                   "--target", "a photo of a dog", "--out", str(out), "--blend", "cat", "dog", "--amplify", "dog=2",
-                   "--cross-replace", "0.4", "--self-replace", "0.6", "--guidance", "19", "--tau", "0.8", "--seed", "7")
+    proc = run_cli(
+        "edit",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a photo of a cat",
+        "--target",
+        "a photo of a dog",
+        "--out",
+        str(out),
+        "--blend",
+        "cat",
+        "dog",
+        "--amplify",
+        "dog=2",
+        "--cross-replace",
+        "0.4",
+        "--self-replace",
+        "0.6",
+        "--guidance",
+        "19",
+        "--tau",
+        "0.8",
+        "--seed",
+        "7",
+    )
     assert proc.returncode == 0, proc.stderr
     img = Image.open(out)
     assert img.size == (128, 128) and img.mode == "RGB"
@@ -28,28 +51,66 @@ def test_cli_edit_equals_api(tiny_bundle, photo_png, tmp_path):
     from icd_edge.edit.editor import Editor
 
     out = tmp_path / "a.png"
-    run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
-            "--target", "a photo of a dog", "--out", str(out), check=True)
+    run_cli(
+        "edit",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a photo of a cat",
+        "--target",
+        "a photo of a dog",
+        "--out",
+        str(out),
+        check=True,
+    )
     with Editor.open(tiny_bundle) as ed:
         api = ed.edit(ed.invert(photo_png, "a photo of a cat"), "a photo of a dog")
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(api))
 
 
 def test_invert_reconstruct_generate(tiny_bundle, photo_png, tmp_path):
-    run_cli("invert", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat",
-            "--out", str(tmp_path / "inv.npz"), check=True)
+    run_cli(
+        "invert",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a cat",
+        "--out",
+        str(tmp_path / "inv.npz"),
+        check=True,
+    )
     z = np.load(tmp_path / "inv.npz")
     assert z["latent"].shape == (1, 4, 16, 16) and str(z["source_prompt"]) == "a cat"
-    run_cli("reconstruct", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat",
-            "--out", str(tmp_path / "rec.jpg"), check=True)
-    run_cli("generate", "--bundle", str(tiny_bundle), "--prompt", "a dog", "--out", str(tmp_path / "gen.webp"), check=True)
+    run_cli(
+        "reconstruct",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a cat",
+        "--out",
+        str(tmp_path / "rec.jpg"),
+        check=True,
+    )
+    run_cli(
+        "generate", "--bundle", str(tiny_bundle), "--prompt", "a dog", "--out", str(tmp_path / "gen.webp"), check=True
+    )
     assert Image.open(tmp_path / "rec.jpg").size == Image.open(tmp_path / "gen.webp").size == (128, 128)
 
 
 def test_inspect_json_shows_parity(tiny_bundle):
     proc = run_cli("inspect", str(tiny_bundle), "--json", check=True)
     m = json.loads(proc.stdout)
-    edit = next(e for e in m["parity"]["entries"] if (e["check"], e["target"], e["backend"]) == ("edit", "synthetic", "onnxruntime"))
+    edit = next(
+        e
+        for e in m["parity"]["entries"]
+        if (e["check"], e["target"], e["backend"]) == ("edit", "synthetic", "onnxruntime")
+    )
     assert edit["psnr_db"] >= 45 and edit["gate_db"] == 45
     text = run_cli("inspect", str(tiny_bundle), check=True).stdout
     assert "end-to-end edit" in text and "unet_reverse_edit" in text
@@ -76,8 +137,13 @@ def _bad(tmp_path, *args):
 
 
 def _edit_args(bundle, image, tmp_path, **over):
-    args = {"--bundle": str(bundle), "--image": str(image), "--source": "a photo of a cat", "--target": "a photo of a dog",
-            "--out": str(tmp_path / "out.png")}
+    args = {
+        "--bundle": str(bundle),
+        "--image": str(image),
+        "--source": "a photo of a cat",
+        "--target": "a photo of a dog",
+        "--out": str(tmp_path / "out.png"),
+    }
     args.update(over)
     flat = ["edit"]
     for k, v in args.items():
@@ -87,8 +153,12 @@ def _edit_args(bundle, image, tmp_path, **over):
 
 
 def test_bad_images(tiny_bundle, tmp_path):
-    cases = {"missing.png": None, "zero.png": b"", "corrupt.png": b"\x89PNG\r\n\x1a\nnope",
-             "text.jpg": b"hello, not a jpeg"}
+    cases = {
+        "missing.png": None,
+        "zero.png": b"",
+        "corrupt.png": b"\x89PNG\r\n\x1a\nnope",
+        "text.jpg": b"hello, not a jpeg",
+    }
     for name, data in cases.items():
         p = tmp_path / name
         if data is not None:
@@ -114,51 +184,75 @@ def test_bad_bundles_and_backends(tiny_bundle, photo_png, tmp_path):
     assert "unknown backend" in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path), "--backend", "magic")
 
 
-@pytest.mark.parametrize("over, extra, expect", [
-    ({"--source": ""}, [], "--source is empty"),
-    ({"--target": "   "}, [], "--target is empty"),
-    ({}, ["--guidance", "40"], "--guidance must be in"),
-    ({}, ["--tau", "2"], "--tau must be in"),
-    ({}, ["--cross-replace", "-1"], "--cross-replace must be in"),
-    ({}, ["--self-replace", "x"], "invalid float value"),
-    ({}, ["--seed", "1", "--seed", "2"], "--seed: given twice"),
-    ({}, ["--target", "a dog"], "--target: given twice"),
-    ({}, ["--amplify", "dog=3", "--amplify", "dog=5"], "names 'dog' twice"),
-    ({"--source": "caf\udcff"}, [], "--source is not valid text"),
-    ({}, ["--amplify", "dog"], "WORD=FACTOR"),
-    ({}, ["--amplify", "dog=abc"], "not a number"),
-    ({}, ["--blend", "cow", "dog"], "not a word"),
-    ({}, ["--seed", "-5"], "--seed must be"),
-])
+@pytest.mark.parametrize(
+    "over, extra, expect",
+    [
+        ({"--source": ""}, [], "--source is empty"),
+        ({"--target": "   "}, [], "--target is empty"),
+        ({}, ["--guidance", "40"], "--guidance must be in"),
+        ({}, ["--tau", "2"], "--tau must be in"),
+        ({}, ["--cross-replace", "-1"], "--cross-replace must be in"),
+        ({}, ["--self-replace", "x"], "invalid float value"),
+        ({}, ["--seed", "1", "--seed", "2"], "--seed: given twice"),
+        ({}, ["--target", "a dog"], "--target: given twice"),
+        ({}, ["--amplify", "dog=3", "--amplify", "dog=5"], "names 'dog' twice"),
+        ({"--source": "caf\udcff"}, [], "--source is not valid text"),
+        ({}, ["--amplify", "dog"], "WORD=FACTOR"),
+        ({}, ["--amplify", "dog=abc"], "not a number"),
+        ({}, ["--blend", "cow", "dog"], "not a word"),
+        ({}, ["--seed", "-5"], "--seed must be"),
+    ],
+)
 def test_bad_parameters(tiny_bundle, photo_png, tmp_path, over, extra, expect):
     assert expect in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **over), *extra)
 
 
 def test_bad_output_paths(tiny_bundle, photo_png, tmp_path):
-    assert "must end in" in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **{"--out": str(tmp_path / "x.txt")}))
-    assert "does not exist" in _bad(tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **{"--out": str(tmp_path / "no" / "x.png")}))
+    assert "must end in" in _bad(
+        tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **{"--out": str(tmp_path / "x.txt")})
+    )
+    assert "does not exist" in _bad(
+        tmp_path, *_edit_args(tiny_bundle, photo_png, tmp_path, **{"--out": str(tmp_path / "no" / "x.png")})
+    )
 
 
 def test_export_bad_options(tmp_path):
-    for args, expect in ((["--model", "tiny", "--out", str(tmp_path / "b"), "--resolution", "100"], "multiple of 64"),
-                         (["--model", "tiny", "--out", str(tmp_path / "b"), "--targets", "tensorrt"], "--targets"),
-                         (["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"], "--opset"),
-                         (["--model", "tiny", "--out", str(tmp_path / "b"), "--teacher", "x"], "icd-sd15 only")):
+    for args, expect in (
+        (["--model", "tiny", "--out", str(tmp_path / "b"), "--resolution", "100"], "multiple of 64"),
+        (["--model", "tiny", "--out", str(tmp_path / "b"), "--targets", "tensorrt"], "--targets"),
+        (["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"], "--opset"),
+        (["--model", "tiny", "--out", str(tmp_path / "b"), "--teacher", "x"], "icd-sd15 only"),
+    ):
         proc = run_cli(*args, module="icd_edge.export")
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert not (tmp_path / "b").exists()
 
 
 def test_export_offline_names_the_local_flags(tmp_path):
-    proc = run_cli("--model", "icd-sd15", "--out", str(tmp_path / "b"), module="icd_edge.export",
-                   env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    proc = run_cli(
+        "--model",
+        "icd-sd15",
+        "--out",
+        str(tmp_path / "b"),
+        module="icd_edge.export",
+        env={"HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "--forward-lora" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("extra", [["--target", "  "], ["--guidance", "40"], ["--tau", "2"], ["--amplify", "dog=99"],
-                                   ["--mode", "replace", "--blend", "cat", "cow"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--target", "  "],
+        ["--guidance", "40"],
+        ["--tau", "2"],
+        ["--amplify", "dog=99"],
+        ["--mode", "replace", "--blend", "cat", "cow"],
+    ],
+)
 def test_edit_parameters_fail_before_any_model_runs(tiny_bundle, photo_png, tmp_path, monkeypatch, capsys, extra):
     """Independent of the host's speed: the error comes before a single graph is run."""
     from icd_edge import cli
@@ -177,13 +271,32 @@ def test_edit_parameters_fail_before_any_model_runs(tiny_bundle, photo_png, tmp_
 
 
 @pytest.mark.parametrize("extra", [["--guidance", "-1"], ["--tau", "1.5"]])
-def test_reconstruct_parameters_fail_before_any_model_runs(tiny_bundle, photo_png, tmp_path, monkeypatch, capsys, extra):
+def test_reconstruct_parameters_fail_before_any_model_runs(
+    tiny_bundle, photo_png, tmp_path, monkeypatch, capsys, extra
+):
     from icd_edge import cli
     from icd_edge.runtimes.ort import OrtBackend
 
     monkeypatch.setattr(OrtBackend, "open_session", lambda *a, **k: pytest.fail("a graph ran before the check"))
-    assert cli.main(["reconstruct", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat",
-                     "--out", str(tmp_path / "rec.png"), "--backend", "onnxruntime", *extra]) == 2
+    assert (
+        cli.main(
+            [
+                "reconstruct",
+                "--bundle",
+                str(tiny_bundle),
+                "--image",
+                str(photo_png),
+                "--source",
+                "a cat",
+                "--out",
+                str(tmp_path / "rec.png"),
+                "--backend",
+                "onnxruntime",
+                *extra,
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "rec.png").exists()
 
@@ -222,8 +335,20 @@ def test_help_version_verbosity_json(tiny_bundle, photo_png, tmp_path):
             assert "(default: 19.0)" in text or "(default: 7.0)" in text
             assert "--json" in text and "--quality" in text
     out = tmp_path / "o.png"
-    proc = run_cli("generate", "--bundle", str(tiny_bundle), "--prompt", "a dog", "--out", str(out), "--json", "-q",
-                   "--seed", "3", check=True)
+    proc = run_cli(
+        "generate",
+        "--bundle",
+        str(tiny_bundle),
+        "--prompt",
+        "a dog",
+        "--out",
+        str(out),
+        "--json",
+        "-q",
+        "--seed",
+        "3",
+        check=True,
+    )
     rep = json.loads(proc.stdout)
     assert rep["wrote"] == str(out) and rep["backend"] in ("onnxruntime", "openvino") and rep["parameters"]["seed"] == 3
     assert set(rep["seconds"]) == {"open", "generate", "save"} and proc.stderr == ""
@@ -236,9 +361,11 @@ def test_doctor_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, io, contextlib\nfrom icd_edge.cli import main\nbuf = io.StringIO()\n"
-            "with contextlib.redirect_stdout(buf):\n    main(['doctor'])\n"
-            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
+    code = (
+        "import sys, io, contextlib\nfrom icd_edge.cli import main\nbuf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n    main(['doctor'])\n"
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip().splitlines()[-1] == "False False"
 
@@ -247,10 +374,14 @@ def test_export_argument_errors_before_torch(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys\nfrom icd_edge.export.__main__ import main\nrc = main(sys.argv[1:])\n"
-            "print(rc, 'torch' in sys.modules)")
-    for args in (["--model", "tiny", "--out", str(tmp_path / "b"), "--resolution", "100"],
-                 ["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"]):
+    code = (
+        "import sys\nfrom icd_edge.export.__main__ import main\nrc = main(sys.argv[1:])\n"
+        "print(rc, 'torch' in sys.modules)"
+    )
+    for args in (
+        ["--model", "tiny", "--out", str(tmp_path / "b"), "--resolution", "100"],
+        ["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"],
+    ):
         proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
         assert proc.stdout.strip() == "2 False", (proc.stdout, proc.stderr)
         assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, run_cli
 from PIL import Image
 
-from conftest import ROOT, run_cli
 from icd_edge.atomic import check_output_file, scratch_dir, sweep_scratch
 from icd_edge.errors import ImageError, OutputError
 from icd_edge.image import load_image, read_metadata, save_image
@@ -54,6 +54,7 @@ def _fill(folder: Path) -> None:
 
 # ----------------------------------------------------------------------------- output locations
 
+
 def test_read_only_folder_is_refused_before_work(tmp_path):
     with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         with pytest.raises(OutputError, match="read-only"):
@@ -64,7 +65,9 @@ def test_full_disk_removes_the_temporary_file(tmp_path):
     big = Image.fromarray(np.random.default_rng(0).integers(0, 255, (512, 512, 3), dtype=np.uint8))
     with _tmpfs(tmp_path / "full", "size=256k") as full:
         _fill(full)
-        (full / "filler").write_bytes(b"\0" * ((full / "filler").stat().st_size - 80_000))  # room for the probe, not the PNG
+        (full / "filler").write_bytes(
+            b"\0" * ((full / "filler").stat().st_size - 80_000)
+        )  # room for the probe, not the PNG
         with pytest.raises(OutputError, match="disk is full"):
             save_image(big, full / "out.png")
         assert sorted(p.name for p in full.iterdir()) == ["filler"]
@@ -114,16 +117,46 @@ def test_unreadable_bundle_image_and_output_folder(tiny_bundle, photo_png, tmp_p
     os.chmod(locked, 0o000)
 
     def run(*args):
-        return subprocess.run([*prefix, sys.executable, "-m", "icd_edge", *args], capture_output=True, text=True, cwd=ROOT)
+        return subprocess.run(
+            [*prefix, sys.executable, "-m", "icd_edge", *args], capture_output=True, text=True, cwd=ROOT
+        )
+
     try:
         assert "permission denied" in _one_error_line(run("inspect", str(locked))).lower()
-        assert "bundle" in _one_error_line(run("edit", "--bundle", str(locked / "b"), "--image", str(photo_png),
-                                               "--source", "a cat", "--target", "a dog", "--out", str(tmp_path / "o.png")))
-        msg = _one_error_line(run("edit", "--bundle", str(tiny_bundle), "--image", str(img), "--source", "a cat",
-                                  "--target", "a dog", "--out", str(tmp_path / "o.png")))
+        assert "bundle" in _one_error_line(
+            run(
+                "edit",
+                "--bundle",
+                str(locked / "b"),
+                "--image",
+                str(photo_png),
+                "--source",
+                "a cat",
+                "--target",
+                "a dog",
+                "--out",
+                str(tmp_path / "o.png"),
+            )
+        )
+        msg = _one_error_line(
+            run(
+                "edit",
+                "--bundle",
+                str(tiny_bundle),
+                "--image",
+                str(img),
+                "--source",
+                "a cat",
+                "--target",
+                "a dog",
+                "--out",
+                str(tmp_path / "o.png"),
+            )
+        )
         assert "not readable" in msg
-        msg = _one_error_line(run("generate", "--bundle", str(tiny_bundle), "--prompt", "a dog",
-                                  "--out", str(locked / "o.png")))
+        msg = _one_error_line(
+            run("generate", "--bundle", str(tiny_bundle), "--prompt", "a dog", "--out", str(locked / "o.png"))
+        )
         assert "permission denied" in msg.lower()
     finally:
         os.chmod(locked, 0o755)
@@ -133,8 +166,19 @@ def test_unreadable_bundle_image_and_output_folder(tiny_bundle, photo_png, tmp_p
 
 def test_writing_over_the_input_needs_force(tiny_bundle, photo_png):
     before = photo_png.read_bytes()
-    args = ["edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat", "--target", "a dog",
-            "--out", str(photo_png)]
+    args = [
+        "edit",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a cat",
+        "--target",
+        "a dog",
+        "--out",
+        str(photo_png),
+    ]
     assert "--force" in _one_error_line(run_cli(*args))
     assert photo_png.read_bytes() == before
     run_cli(*args, "--force", check=True)
@@ -143,6 +187,7 @@ def test_writing_over_the_input_needs_force(tiny_bundle, photo_png):
 
 # ----------------------------------------------------------------------------- signals, scratch
 
+
 def test_sigterm_inside_atomic_write_removes_the_temporary_file(tmp_path):
     code = f"""
 import os, signal, sys, time
@@ -150,7 +195,7 @@ from icd_edge.atomic import atomic_file
 from icd_edge.cli import _install_signal_handlers
 _install_signal_handlers()
 try:
-    with atomic_file({str(tmp_path / 'out.png')!r}) as tmp:
+    with atomic_file({str(tmp_path / "out.png")!r}) as tmp:
         open(tmp, 'wb').write(b'partial')
         print('writing', flush=True)
         time.sleep(30)
@@ -158,8 +203,9 @@ except BaseException as exc:
     print(type(exc).__name__, flush=True)
     raise
 """
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
@@ -171,9 +217,30 @@ def test_sigterm_of_a_real_edit_exits_143_and_leaves_nothing(tiny_bundle, photo_
     out, previews = tmp_path / "out", tmp_path / "previews"
     out.mkdir()
     previews.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "icd_edge", "edit", "--bundle", str(tiny_bundle), "--image",
-                             str(photo_png), "--source", "a cat", "--target", "a dog", "--out", str(out / "o.png"),
-                             "--preview", str(previews)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "icd_edge",
+            "edit",
+            "--bundle",
+            str(tiny_bundle),
+            "--image",
+            str(photo_png),
+            "--source",
+            "a cat",
+            "--target",
+            "a dog",
+            "--out",
+            str(out / "o.png"),
+            "--preview",
+            str(previews),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not any(previews.glob("step_1_*.png")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)  # the first preview: the process is inside the edit loop
@@ -204,9 +271,24 @@ def test_scratch_of_a_dead_process_is_swept(tmp_path):
 def test_killed_export_scratch_is_swept_by_the_next(tmp_path):
     env = {"TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "icd_edge.export", "--model", "tiny", "--out", str(tmp_path / "b"),
-                             "--no-progress", "--parity", "none"], cwd=ROOT, env={**os.environ, **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "icd_edge.export",
+            "--model",
+            "tiny",
+            "--out",
+            str(tmp_path / "b"),
+            "--no-progress",
+            "--parity",
+            "none",
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     for _ in range(600):
         if any((tmp_path / "tmp").glob("icd_scratch-*")):
             break
@@ -214,14 +296,25 @@ def test_killed_export_scratch_is_swept_by_the_next(tmp_path):
     proc.kill()
     proc.wait()
     assert any((tmp_path / "tmp").glob("icd_scratch-*")), "the export made no scratch folder before it was killed"
-    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--no-progress", "--parity", "none",
-                   module="icd_edge.export", env=env, check=True)
+    proc = run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "b"),
+        "--no-progress",
+        "--parity",
+        "none",
+        module="icd_edge.export",
+        env=env,
+        check=True,
+    )
     assert list((tmp_path / "tmp").glob("icd_scratch-*")) == []
     # and its console shows our lines only (library warnings go to -v)
     assert proc.stdout.strip() == f"wrote {tmp_path / 'b'}" and proc.stderr.strip() == "", proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- images
+
 
 def test_float_and_odd_arrays(tmp_path):
     ramp = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
@@ -231,9 +324,14 @@ def test_float_and_odd_arrays(tmp_path):
     assert a[0, 0].tolist() == [0, 0, 0] and a[-1, -1].tolist() == [255, 255, 255]
     assert load_image(np.zeros((5, 6, 1), np.uint8)).size == (6, 5)
     assert load_image(np.full((3, 3), 65535, np.uint16)).getpixel((0, 0)) == (255, 255, 255)
-    for bad, match in ((np.zeros((3, 8, 8), np.uint8), "transpose"), (np.zeros((8, 8, 5), np.uint8), "C in 1, 3, 4"),
-                       (np.full((4, 4, 3), np.inf), "NaN or infinite"), (np.full((4, 4, 3), -2.0), r"\[0, 1\]"),
-                       (np.zeros((4, 4, 3), np.int32), "uint8"), (np.zeros((0, 4, 3), np.uint8), "empty")):
+    for bad, match in (
+        (np.zeros((3, 8, 8), np.uint8), "transpose"),
+        (np.zeros((8, 8, 5), np.uint8), "C in 1, 3, 4"),
+        (np.full((4, 4, 3), np.inf), "NaN or infinite"),
+        (np.full((4, 4, 3), -2.0), r"\[0, 1\]"),
+        (np.zeros((4, 4, 3), np.int32), "uint8"),
+        (np.zeros((0, 4, 3), np.uint8), "empty"),
+    ):
         with pytest.raises(ImageError, match=match):
             load_image(bad)
     f_img = Image.fromarray(np.full((4, 4), 0.5, np.float32), "F")
@@ -264,19 +362,47 @@ def test_bytes_and_file_objects(tmp_path):
 def test_metadata_round_trip_and_inspect(tiny_bundle, photo_png, tmp_path):
     for ext in ("png", "jpg", "webp"):
         out = tmp_path / f"o.{ext}"
-        run_cli("edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a cat", "--target", "a dog",
-                "--seed", "4", "--amplify", "dog=2", "--out", str(out), *(["--quality", "80"] if ext != "png" else []),
-                check=True)
+        run_cli(
+            "edit",
+            "--bundle",
+            str(tiny_bundle),
+            "--image",
+            str(photo_png),
+            "--source",
+            "a cat",
+            "--target",
+            "a dog",
+            "--seed",
+            "4",
+            "--amplify",
+            "dog=2",
+            "--out",
+            str(out),
+            *(["--quality", "80"] if ext != "png" else []),
+            check=True,
+        )
         meta = read_metadata(out)
         assert meta["source"] == "a cat" and meta["target"] == "a dog" and meta["seed"] == 4
         assert meta["amplify"] == {"dog": 2.0} and meta["guidance"] == 19.0 and meta["bundle_id"] and meta["icd_edge"]
         shown = json.loads(run_cli("inspect", str(out), "--json", check=True).stdout)
         assert shown == meta
-    assert "--quality" in _one_error_line(run_cli("generate", "--bundle", str(tiny_bundle), "--prompt", "a dog",
-                                                 "--out", str(tmp_path / "q.png"), "--quality", "50"))
+    assert "--quality" in _one_error_line(
+        run_cli(
+            "generate",
+            "--bundle",
+            str(tiny_bundle),
+            "--prompt",
+            "a dog",
+            "--out",
+            str(tmp_path / "q.png"),
+            "--quality",
+            "50",
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- editor API
+
 
 def test_api_prompts_closed_editor_and_nan(tiny_bundle, photo):
     from icd_edge.edit.editor import Editor

@@ -16,7 +16,7 @@ def test_edit_runs_without_torch(tiny_bundle, photo_png, tmp_path):
         from icd_edge.cli import main
         rc = main(["edit", "--bundle", {str(tiny_bundle)!r}, "--image", {str(photo_png)!r},
                    "--source", "a photo of a cat", "--target", "a photo of a dog",
-                   "--out", {str(tmp_path / 'o.png')!r}, "--blend", "cat", "dog", "--backend", "auto"])
+                   "--out", {str(tmp_path / "o.png")!r}, "--blend", "cat", "dog", "--backend", "auto"])
         rc |= main(["doctor"])
         heavy = [m for m in ("torch", "diffusers", "transformers", "icd_edge.export") if m in sys.modules]
         print("HEAVY", heavy)

@@ -44,9 +44,16 @@ def test_seed_controls_inversion_noise(editor, photo):
 def test_p2p_controls_change_the_edit(editor, photo):
     inv = editor.invert(photo, "a photo of a cat")
     base = editor.edit(inv, "a photo of a dog", cross_replace=0.0, self_replace=0.0, output_type="np")
-    for kw in ({"cross_replace": 1.0}, {"self_replace": 1.0}, {"amplify": {"dog": 5.0}, "cross_replace": 1.0},
-               {"guidance": 0.0}, {"tau": 1.0}):
-        other = editor.edit(inv, "a photo of a dog", **{"cross_replace": 0.0, "self_replace": 0.0, **kw}, output_type="np")
+    for kw in (
+        {"cross_replace": 1.0},
+        {"self_replace": 1.0},
+        {"amplify": {"dog": 5.0}, "cross_replace": 1.0},
+        {"guidance": 0.0},
+        {"tau": 1.0},
+    ):
+        other = editor.edit(
+            inv, "a photo of a dog", **{"cross_replace": 0.0, "self_replace": 0.0, **kw}, output_type="np"
+        )
         assert np.abs(other - base).max() > 1e-4, kw
 
 
@@ -77,13 +84,22 @@ def test_blend_limits_the_edit_to_the_mask(editor, photo):
     assert 0.0 < changed_blend.mean() < changed_free.mean()
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"guidance": 25}, "guidance must be in"), ({"guidance": float("nan")}, "guidance"), ({"tau": -0.1}, "tau"),
-    ({"cross_replace": 1.5}, "cross_replace"), ({"self_replace": "x"}, "self_replace"),
-    ({"amplify": {"dog": -1}}, "amplify"), ({"amplify": {"zebra": 2}}, "not a word"),
-    ({"blend": ("cat",)}, "pair of words"), ({"blend": ("cow", "dog")}, "not a word"), ({"mode": "swap"}, "mode"),
-    ({"output_type": "tensor"}, "output_type"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"guidance": 25}, "guidance must be in"),
+        ({"guidance": float("nan")}, "guidance"),
+        ({"tau": -0.1}, "tau"),
+        ({"cross_replace": 1.5}, "cross_replace"),
+        ({"self_replace": "x"}, "self_replace"),
+        ({"amplify": {"dog": -1}}, "amplify"),
+        ({"amplify": {"zebra": 2}}, "not a word"),
+        ({"blend": ("cat",)}, "pair of words"),
+        ({"blend": ("cow", "dog")}, "not a word"),
+        ({"mode": "swap"}, "mode"),
+        ({"output_type": "tensor"}, "output_type"),
+    ],
+)
 def test_bad_edit_parameters(editor, photo, kwargs, match):
     inv = editor.invert(photo, "a photo of a cat")
     with pytest.raises(InputError, match=match):

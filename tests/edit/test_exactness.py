@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
+
 from icd_edge import torch_randn
 from icd_edge.errors import InputError
+
 
 def test_invert_noise_latent_and_rng(tiny_bundle, photo):
     from icd_edge.edit.editor import Editor
@@ -24,9 +25,14 @@ def test_invert_noise_latent_and_rng(tiny_bundle, photo):
         n = ed.invert(photo, "a cat", seed=3, rng="numpy")
         assert n.rng == "numpy" and not np.array_equal(n.latent, a.latent)
         np.testing.assert_array_equal(
-            n.latent, ed.invert(photo, "a cat", noise=np.random.default_rng(3).standard_normal((1, 4, h, h), np.float32)).latent)
-        for noise, match in ((np.zeros((1, 4, h + 1, h), np.float32), "shape"), (np.zeros((1, 4, h, h), np.int64), "float"),
-                             (np.full((1, 4, h, h), np.nan, np.float32), "NaN")):
+            n.latent,
+            ed.invert(photo, "a cat", noise=np.random.default_rng(3).standard_normal((1, 4, h, h), np.float32)).latent,
+        )
+        for noise, match in (
+            (np.zeros((1, 4, h + 1, h), np.float32), "shape"),
+            (np.zeros((1, 4, h, h), np.int64), "float"),
+            (np.full((1, 4, h, h), np.nan, np.float32), "NaN"),
+        ):
             with pytest.raises(InputError, match=match):
                 ed.invert(photo, "a cat", noise=noise)
         with pytest.raises(InputError, match="rng"):
@@ -61,13 +67,25 @@ def test_cli_rng_and_save_source(tiny_bundle, photo_png, tmp_path):
 
     from icd_edge.image import read_metadata
 
-    base = ["edit", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", "a photo of a cat",
-            "--target", "a photo of a dog"]
+    base = [
+        "edit",
+        "--bundle",
+        str(tiny_bundle),
+        "--image",
+        str(photo_png),
+        "--source",
+        "a photo of a cat",
+        "--target",
+        "a photo of a dog",
+    ]
     run_cli(*base, "--out", str(tmp_path / "t.png"), "--save-source", str(tmp_path / "s.png"), check=True)
     run_cli(*base, "--out", str(tmp_path / "n.png"), "--rng", "numpy", check=True)
     t, s, n = (np.asarray(Image.open(tmp_path / f)) for f in ("t.png", "s.png", "n.png"))
     assert not np.array_equal(t, s) and not np.array_equal(t, n)
-    assert read_metadata(tmp_path / "s.png")["command"] == "edit-source" and read_metadata(tmp_path / "n.png")["rng"] == "numpy"
+    assert (
+        read_metadata(tmp_path / "s.png")["command"] == "edit-source"
+        and read_metadata(tmp_path / "n.png")["rng"] == "numpy"
+    )
     proc = run_cli(*base, "--out", str(tmp_path / "x.png"), "--save-source", str(tmp_path / "x.png"))
     assert proc.returncode == 2 and "same file" in proc.stderr
 
@@ -77,15 +95,30 @@ def mixed_bundle(request, tmp_path_factory):
     fwd, rev = request.param
     out = tmp_path_factory.mktemp("mixed") / f"f{fwd}r{rev}.bundle"
     # graph parity at export; the end-to-end comparison is the test's own, on three backends
-    run_cli("--model", "tiny", "--out", str(out), "--targets", "onnx,torch", "--no-progress", "--forward-steps", fwd,
-            "--reverse-steps", rev, "--parity", "graphs", module="icd_edge.export", check=True)
+    run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--targets",
+        "onnx,torch",
+        "--no-progress",
+        "--forward-steps",
+        fwd,
+        "--reverse-steps",
+        rev,
+        "--parity",
+        "graphs",
+        module="icd_edge.export",
+        check=True,
+    )
     return out, int(fwd), int(rev)
 
 
 def test_mixed_step_schedules_run_on_every_backend(mixed_bundle, photo):
+    from icd_edge.bundle.store import open_bundle
     from icd_edge.edit.editor import Editor
     from icd_edge.export.parity import psnr_db
-    from icd_edge.bundle.store import open_bundle
 
     path, fwd, rev = mixed_bundle
     m = open_bundle(path).manifest
@@ -99,10 +132,13 @@ def test_mixed_step_schedules_run_on_every_backend(mixed_bundle, photo):
             calls = []
             ed.profile = calls
             inv = ed.invert(photo, "a photo of a cat")
-            images[backend] = ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), cross_replace=0.4, self_replace=0.6,
-                                      output_type="np")
-            steps[backend] = ([s for s, _ in calls if s.startswith("forward_")],
-                              [s for s, _ in calls if s.startswith("reverse_edit_")])
+            images[backend] = ed.edit(
+                inv, "a photo of a dog", blend=("cat", "dog"), cross_replace=0.4, self_replace=0.6, output_type="np"
+            )
+            steps[backend] = (
+                [s for s, _ in calls if s.startswith("forward_")],
+                [s for s, _ in calls if s.startswith("reverse_edit_")],
+            )
             ctl = ed.edit_controls("a photo of a cat", "a photo of a dog", cross_replace=0.4, self_replace=0.6)
             # P2P windows follow the reverse schedule's length: k < floor(c (N+1)) and k < floor(s N)
             assert ctl.cross_alpha[:, 0].tolist() == [float(k < int(0.4 * (rev + 1))) for k in range(rev)]
@@ -115,10 +151,18 @@ def test_mixed_step_schedules_run_on_every_backend(mixed_bundle, photo):
 def test_lora_pair_that_does_not_meet_at_999_is_refused(tmp_path):
     for name in ("forward-19-259-519-779.safetensors", "reverse-249-499-699-899.safetensors"):
         (tmp_path / name).write_bytes(b"")
-    proc = run_cli("--model", "icd-sd15", "--out", str(tmp_path / "b"), "--forward-lora",
-                   str(tmp_path / "forward-19-259-519-779.safetensors"), "--reverse-lora",
-                   str(tmp_path / "reverse-249-499-699-899.safetensors"), module="icd_edge.export",
-                   env={"HF_HUB_OFFLINE": "1"})
+    proc = run_cli(
+        "--model",
+        "icd-sd15",
+        "--out",
+        str(tmp_path / "b"),
+        "--forward-lora",
+        str(tmp_path / "forward-19-259-519-779.safetensors"),
+        "--reverse-lora",
+        str(tmp_path / "reverse-249-499-699-899.safetensors"),
+        module="icd_edge.export",
+        env={"HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2 and "do not form one schedule" in proc.stderr and "999" in proc.stderr, proc.stderr
     assert not (tmp_path / "b").exists()
 
@@ -129,20 +173,26 @@ def test_mixed_schedules_on_the_compiled_gpu_path_code(mixed_bundle, photo):
     import tempfile
     from pathlib import Path
 
+    from conftest import TINY_SEED
+
+    from icd_edge.bundle.store import open_bundle
     from icd_edge.edit.editor import Editor
     from icd_edge.export.models import build_random
     from icd_edge.export.parity import psnr_db
-    from icd_edge.bundle.store import open_bundle
     from icd_edge.fast.editor import FastEditor, FastOptions
-
-    from conftest import TINY_SEED
 
     path, fwd, rev = mixed_bundle
     b = open_bundle(path)
     with tempfile.TemporaryDirectory() as work:
         src = build_random("tiny", TINY_SEED, Path(work), steps=(fwd, rev))
-    fast = FastEditor(b, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse,
-                      FastOptions(device="cpu", dtype="float32", channels_last=False, compile=False, cuda_graphs=False))
+    fast = FastEditor(
+        b,
+        src.text_encoder,
+        src.vae,
+        src.unet_forward,
+        src.unet_reverse,
+        FastOptions(device="cpu", dtype="float32", channels_last=False, compile=False, cuda_graphs=False),
+    )
     kw = dict(cross_replace=0.4, self_replace=0.6, blend=("cat", "dog"))
     with Editor.open(path, backend="torch") as ref:
         a = ref.edit(ref.invert(photo, "a photo of a cat", seed=4), "a photo of a dog", output_type="np", **kw)

@@ -6,17 +6,15 @@ import copy
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import TINY_SEED
 
+from icd_edge.bundle.store import open_bundle
 from icd_edge.edit.editor import Editor
 from icd_edge.export.parity import psnr_db
-from icd_edge.bundle.store import open_bundle
 from icd_edge.fast.editor import FastEditor, FastOptions
 from icd_edge.runtimes.torch_ref import TorchBackend
-
-from conftest import TINY_SEED
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +25,26 @@ def setup(tiny_bundle):
     b = open_bundle(tiny_bundle)
     with tempfile.TemporaryDirectory() as work:
         src = build_random("tiny", TINY_SEED, Path(work))
-    ref = Editor(b, TorchBackend(build_graphs(copy.deepcopy(src.text_encoder), copy.deepcopy(src.vae),
-                                              copy.deepcopy(src.unet_forward), copy.deepcopy(src.unet_reverse), b.dims)))
-    fast = FastEditor(b, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse,
-                      FastOptions(device="cpu", dtype="float32", channels_last=False, compile=False, cuda_graphs=False))
+    ref = Editor(
+        b,
+        TorchBackend(
+            build_graphs(
+                copy.deepcopy(src.text_encoder),
+                copy.deepcopy(src.vae),
+                copy.deepcopy(src.unet_forward),
+                copy.deepcopy(src.unet_reverse),
+                b.dims,
+            )
+        ),
+    )
+    fast = FastEditor(
+        b,
+        src.text_encoder,
+        src.vae,
+        src.unet_forward,
+        src.unet_reverse,
+        FastOptions(device="cpu", dtype="float32", channels_last=False, compile=False, cuda_graphs=False),
+    )
     return ref, fast
 
 
@@ -50,8 +64,13 @@ def test_batch_equals_one_by_one(setup, photo):
     lat = fast.invert_batch(photos, srcs, [1, 2, 3])
     batch = fast.edit_batch(lat, srcs, tgts, cross_replace=0.6, self_replace=0.4)
     for i in range(3):
-        one = fast.edit_batch(fast.invert_batch([photos[i]], [srcs[i]], [i + 1]), [srcs[i]], [tgts[i]],
-                              cross_replace=0.6, self_replace=0.4)[0]
+        one = fast.edit_batch(
+            fast.invert_batch([photos[i]], [srcs[i]], [i + 1]),
+            [srcs[i]],
+            [tgts[i]],
+            cross_replace=0.6,
+            self_replace=0.4,
+        )[0]
         assert psnr_db(one, batch[i], peak=1.0) > 80
     assert batch.shape == (3, 128, 128, 3)
 
@@ -70,8 +89,11 @@ def test_cuda_fast_path_matches_eager_reference(tmp_path, steps):
     assert [len(b.manifest.schedule.forward), len(b.manifest.schedule.reverse)] == list(steps)
     photo = sample_photo(256)
     torch.backends.cudnn.allow_tf32 = False
-    ref = FastEditor(b, *copy.deepcopy([src.text_encoder, src.vae, src.unet_forward, src.unet_reverse]),
-                     FastOptions(dtype="float32", channels_last=False, compile=False, cuda_graphs=False))
+    ref = FastEditor(
+        b,
+        *copy.deepcopy([src.text_encoder, src.vae, src.unet_forward, src.unet_reverse]),
+        FastOptions(dtype="float32", channels_last=False, compile=False, cuda_graphs=False),
+    )
     kw = dict(cross_replace=0.4, self_replace=0.6, blend=("cat", "dog"))
     a = ref.edit_image(photo, "a photo of a cat", "a photo of a dog", output_type="np", **kw)
     torch.backends.cudnn.allow_tf32 = True

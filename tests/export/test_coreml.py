@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
 from conftest import TINY_SEED, run_cli
+
 from icd_edge.bundle import spec
 from icd_edge.bundle.schema import Graph, IOSpec
 from icd_edge.errors import BackendUnavailable, BundleError, ExportError
@@ -31,8 +31,19 @@ from icd_edge.export import to_coreml  # noqa: E402
 def coreml_bundle(tmp_path_factory) -> Path:
     """The tiny model with ONNX graphs and Core ML packages (about 2-3 min)."""
     out = tmp_path_factory.mktemp("coreml") / "tiny.bundle"
-    run_cli("--model", "tiny", "--out", str(out), "--targets", "onnx,coreml", "--parity", "graphs", "--no-progress",
-            module="icd_edge.export", check=True)
+    run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--targets",
+        "onnx,coreml",
+        "--parity",
+        "graphs",
+        "--no-progress",
+        module="icd_edge.export",
+        check=True,
+    )
     return out
 
 
@@ -48,8 +59,12 @@ def _op_counts(package: Path) -> dict[str, int]:
     from collections import Counter
 
     prog = ct.models.MLModel(str(package), skip_model_load=True).get_spec().mlProgram
-    return Counter(op.type for fn in prog.functions.values() for block in fn.block_specializations.values()
-                   for op in block.operations)
+    return Counter(
+        op.type
+        for fn in prog.functions.values()
+        for block in fn.block_specializations.values()
+        for op in block.operations
+    )
 
 
 def _op_types(package: Path) -> set[str]:
@@ -80,11 +95,18 @@ def test_package_io_matches_the_manifest(coreml_bundle):
         for want, got in zip(entry["inputs"], inputs):
             dtype = "int32" if want["dtype"] == "int64" else want["dtype"]
             assert (got["name"], got["shape"], got["dtype"]) == (want["name"], want["shape"], dtype), graph
-        assert [(o["name"], o["shape"], o["dtype"]) for o in outputs] == \
-               [(o["name"], o["shape"], o["dtype"]) for o in entry["outputs"]], graph
+        assert [(o["name"], o["shape"], o["dtype"]) for o in outputs] == [
+            (o["name"], o["shape"], o["dtype"]) for o in entry["outputs"]
+        ], graph
         assert len(inputs) == len(entry["inputs"])
     edit = m["graphs"]["unet_reverse_edit"]["artifacts"]["coreml"]
-    assert [i["name"] for i in edit["inputs"]][4:] == ["token_map", "refine_alpha", "equalizer", "cross_alpha", "self_flag"]
+    assert [i["name"] for i in edit["inputs"]][4:] == [
+        "token_map",
+        "refine_alpha",
+        "equalizer",
+        "cross_alpha",
+        "self_flag",
+    ]
     assert edit["outputs"][1] == {"name": "blend_maps", "dtype": "float32", "shape": [2, m["dims"]["Q"], 77]}
     assert m["graphs"]["text_encoder"]["artifacts"]["coreml"]["inputs"][0]["dtype"] == "int32"
 
@@ -121,9 +143,14 @@ def test_editor_refuses_coreml_off_macos(coreml_bundle):
         Editor.open(coreml_bundle, backend="coreml", verify=False)
 
 
-@pytest.mark.parametrize("compression, op_type", [("linear8", "constexpr_affine_dequantize"),
-                                                  ("palettize8", "constexpr_lut_to_dense"),
-                                                  ("palettize6", "constexpr_lut_to_dense")])
+@pytest.mark.parametrize(
+    "compression, op_type",
+    [
+        ("linear8", "constexpr_affine_dequantize"),
+        ("palettize8", "constexpr_lut_to_dense"),
+        ("palettize6", "constexpr_lut_to_dense"),
+    ],
+)
 def test_compression_shrinks_a_package_and_keeps_its_io(coreml_bundle, tmp_path, compression, op_type):
     package = coreml_bundle / "coreml" / "text_encoder.mlpackage"
     base = to_coreml.package_bytes(package)
@@ -164,10 +191,16 @@ def test_export_target_records_options(tmp_path, tiny_decoder, compression, atte
     inputs, outputs = spec.GRAPHS["vae_decoder"]
     graph = Graph("vae_decoder", tuple(s.concrete(dims) for s in inputs), tuple(s.concrete(dims) for s in outputs))
     manifest = SimpleNamespace(graphs={"vae_decoder": graph})  # the part of a Manifest the target writes
-    cfg = ExportConfig(out=tmp_path / "b", model="tiny", targets=("onnx", "coreml"), coreml_compression=compression,
-                       coreml_attention=attention)
-    ctx = ExportContext(cfg, tmp_path, src, {"vae_decoder": module}, {"vae_decoder": {"latent": latent}},
-                        dims, manifest, {}, None)
+    cfg = ExportConfig(
+        out=tmp_path / "b",
+        model="tiny",
+        targets=("onnx", "coreml"),
+        coreml_compression=compression,
+        coreml_attention=attention,
+    )
+    ctx = ExportContext(
+        cfg, tmp_path, src, {"vae_decoder": module}, {"vae_decoder": {"latent": latent}}, dims, manifest, {}, None
+    )
     to_coreml.export_target(ctx)
     coreml = manifest.graphs["vae_decoder"].artifacts["coreml"]
     art = {**coreml.details, "file": coreml.file, "precision": coreml.precision}
@@ -186,8 +219,9 @@ def test_export_target_records_options(tmp_path, tiny_decoder, compression, atte
 
 
 def test_check_io_names_the_difference():
-    entry = Graph("text_encoder", (IOSpec("input_ids", "int64", (1, 77)),),
-                  (IOSpec("last_hidden_state", "float32", (1, 77, 32)),))
+    entry = Graph(
+        "text_encoder", (IOSpec("input_ids", "int64", (1, 77)),), (IOSpec("last_hidden_state", "float32", (1, 77, 32)),)
+    )
     good_in = [{"name": "input_ids", "dtype": "int32", "shape": [1, 77]}]
     good_out = [{"name": "last_hidden_state", "dtype": "float32", "shape": [1, 77, 32]}]
     to_coreml.check_io("text_encoder", entry, good_in, good_out)
@@ -199,11 +233,14 @@ def test_check_io_names_the_difference():
         to_coreml.check_io("text_encoder", entry, [{**good_in[0], "shape": [1, 76]}], good_out)
 
 
-@pytest.mark.parametrize("args, expect", [
-    (["--targets", "onnx,coreml", "--coreml-compression", "palettize4"], "must be one of none, linear8"),
-    (["--coreml-compression", "linear8"], "add coreml to --targets"),
-    (["--targets", "onnx,coreml", "--coreml-attention", "split-einsum"], "must be one of standard, sliced-q"),
-])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--targets", "onnx,coreml", "--coreml-compression", "palettize4"], "must be one of none, linear8"),
+        (["--coreml-compression", "linear8"], "add coreml to --targets"),
+        (["--targets", "onnx,coreml", "--coreml-attention", "split-einsum"], "must be one of standard, sliced-q"),
+    ],
+)
 def test_export_rejects_bad_coreml_options(tmp_path, args, expect):
     proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), *args, module="icd_edge.export")
     assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

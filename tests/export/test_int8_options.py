@@ -9,9 +9,9 @@ import types
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from onnx import TensorProto, helper
 
-from conftest import run_cli
 from icd_edge.errors import ExportError
 from icd_edge.export.config import ExportConfig, validate
 
@@ -20,12 +20,15 @@ def _cfg(tmp_path, **kw):
     return ExportConfig(out=tmp_path / "b", model="tiny", **kw)
 
 
-@pytest.mark.parametrize("ops, match", [
-    (("Conv", "Relu"), "got Conv,Relu"),
-    ((), "got nothing"),
-    (("Conv", "Conv"), "distinct"),
-    ("Conv,MatMul", "got 'Conv,MatMul'"),
-])
+@pytest.mark.parametrize(
+    "ops, match",
+    [
+        (("Conv", "Relu"), "got Conv,Relu"),
+        ((), "got nothing"),
+        (("Conv", "Conv"), "distinct"),
+        ("Conv,MatMul", "got 'Conv,MatMul'"),
+    ],
+)
 def test_validate_rejects_bad_int8_ops(tmp_path, ops, match):
     with pytest.raises(ExportError, match=f"--int8-ops takes a comma list .*{match}"):
         validate(_cfg(tmp_path, precision="int8", int8_ops=ops))
@@ -35,7 +38,11 @@ def test_validate_int8_per_channel_and_scope(tmp_path):
     with pytest.raises(ExportError, match="--int8-per-channel must be on or off"):
         validate(_cfg(tmp_path, precision="int8", int8_per_channel="off"))
     # a setting that would change nothing is refused
-    for kw in ({"int8_ops": ("Conv",)}, {"int8_per_channel": False}, {"precision": "int8-dynamic", "int8_ops": ("Conv",)}):
+    for kw in (
+        {"int8_ops": ("Conv",)},
+        {"int8_per_channel": False},
+        {"precision": "int8-dynamic", "int8_ops": ("Conv",)},
+    ):
         with pytest.raises(ExportError, match="apply to static int8 graphs only"):
             validate(_cfg(tmp_path, **kw))
     validate(_cfg(tmp_path))
@@ -44,11 +51,22 @@ def test_validate_int8_per_channel_and_scope(tmp_path):
 
 
 def test_cli_rejects_bad_int8_flags(tmp_path):
-    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--precision", "int8", "--int8-ops", "Conv,Softmax",
-                   module="icd_edge.export")
+    proc = run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path / "b"),
+        "--precision",
+        "int8",
+        "--int8-ops",
+        "Conv,Softmax",
+        module="icd_edge.export",
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error: --int8-ops takes a comma list")
     assert not (tmp_path / "b").exists()
-    proc = run_cli("--model", "tiny", "--out", str(tmp_path / "b"), "--int8-per-channel", "no", module="icd_edge.export")
+    proc = run_cli(
+        "--model", "tiny", "--out", str(tmp_path / "b"), "--int8-per-channel", "no", module="icd_edge.export"
+    )
     assert proc.returncode == 2 and "--int8-per-channel: invalid choice" in proc.stderr
 
 
@@ -60,8 +78,24 @@ def test_cli_flags_reach_the_config(monkeypatch, tmp_path):
     got = []
     monkeypatch.setattr(icd_edge.cli, "_install_signal_handlers", lambda: None)
     monkeypatch.setattr(icd_edge.export.pipeline, "run_export", lambda cfg: got.append(cfg) or cfg.out)
-    assert main(["--model", "tiny", "--out", str(tmp_path / "b"), "--precision", "int8", "-v",
-                 "--int8-ops", "Conv, Gemm", "--int8-per-channel", "off"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "tiny",
+                "--out",
+                str(tmp_path / "b"),
+                "--precision",
+                "int8",
+                "-v",
+                "--int8-ops",
+                "Conv, Gemm",
+                "--int8-per-channel",
+                "off",
+            ]
+        )
+        == 0
+    )
     assert got[0].int8_ops == ("Conv", "Gemm") and got[0].int8_per_channel is False
     assert main(["--model", "tiny", "--out", str(tmp_path / "b"), "-v"]) == 0
     assert got[1].int8_ops == ("Conv", "MatMul") and got[1].int8_per_channel is True
@@ -79,13 +113,14 @@ def test_config_reaches_convert(monkeypatch, tmp_path):
     monkeypatch.setattr(stage, "convert", lambda *a, **kw: calls.append((a, kw)) or {})
     cfg = _cfg(tmp_path, precision="int8", int8_ops=("Conv",), int8_per_channel=False)
     (tmp_path / "onnx").mkdir()
-    ctx = types.SimpleNamespace(cfg=cfg, out_dir=tmp_path, graphs={}, manifest=_Manifest(), timings={}, dims={"H": 128},
-                                step=lambda s: None)
+    ctx = types.SimpleNamespace(
+        cfg=cfg, out_dir=tmp_path, graphs={}, manifest=_Manifest(), timings={}, dims={"H": 128}, step=lambda s: None
+    )
     stores = {}
     to_onnx._convert_all(ctx, tmp_path, {"unet_reverse": "int8"}, {}, stores)
     for s in stores.values():
         s.close()
-    (args, kw), = calls
+    ((args, kw),) = calls
     assert args[2] == "int8" and kw["int8_ops"] == ("Conv",) and kw["int8_per_channel"] is False
     assert ctx.manifest.int8_scheme.info["weights"] == "int8, symmetric, per tensor"
 
@@ -107,9 +142,12 @@ def test_fields_reach_the_quantiser_call(monkeypatch, tmp_path):
     from icd_edge.export.quant import int8, stage
 
     src = tmp_path / "g.onnx"
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
     seen = {}
 
@@ -132,8 +170,15 @@ def test_fields_reach_the_quantiser_call(monkeypatch, tmp_path):
         def externalize(self, model):
             pass
 
-    stage.convert(src, tmp_path / "out.onnx", "int8", Store(), [{"x": np.zeros(1, np.float32)}],
-                  int8_ops=("Conv", "Gemm"), int8_per_channel=False)
+    stage.convert(
+        src,
+        tmp_path / "out.onnx",
+        "int8",
+        Store(),
+        [{"x": np.zeros(1, np.float32)}],
+        int8_ops=("Conv", "Gemm"),
+        int8_per_channel=False,
+    )
     assert seen["argv"][-2:] == ["Conv,Gemm", "off"]
     assert seen["ranges_ops"] == ("Conv", "Gemm")
     assert seen["op_types_to_quantize"] == ["Conv", "Gemm"] and seen["per_channel"] is False

@@ -9,26 +9,44 @@ import sys
 import numpy as np
 import onnx
 import pytest
-
 from conftest import run_cli
+
+from icd_edge.bundle.store import open_bundle
 from icd_edge.edit.editor import Editor
 from icd_edge.errors import InputError
-from icd_edge.bundle.store import open_bundle
 
 UNETS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
 
 
 def _export(tmp_path_factory, name, *args):
     out = tmp_path_factory.mktemp("prec") / name
-    run_cli("--model", "tiny", "--out", str(out), "--no-progress", "--calibration-count", "1", *args,
-            module="icd_edge.export", check=True)
+    run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--calibration-count",
+        "1",
+        *args,
+        module="icd_edge.export",
+        check=True,
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def fp16_bundle(tmp_path_factory):
-    return _export(tmp_path_factory, "fp16.bundle", "--precision", "fp16", "--graph-precision", "vae_decoder=fp32",
-                   "--embeddings", "int8")
+    return _export(
+        tmp_path_factory,
+        "fp16.bundle",
+        "--precision",
+        "fp16",
+        "--graph-precision",
+        "vae_decoder=fp32",
+        "--embeddings",
+        "int8",
+    )
 
 
 def _ops(bundle, graph):
@@ -47,7 +65,10 @@ def test_fp16_bundle(fp16_bundle, photo):
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     # --embeddings int8: the fp16 text encoder's token embedding as int8 rows with fp16 row scales
     assert list(m.info["int8_embeddings"]) == ["text_encoder"]
-    te = {t.name: t for t in onnx.load(str(fp16_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph.initializer}
+    te = {
+        t.name: t
+        for t in onnx.load(str(fp16_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph.initializer
+    }
     table = next(n for n in te if n.endswith("_int8"))
     assert te[table].data_type == onnx.TensorProto.INT8
     assert te[table.replace("_int8", "_row_scale")].data_type == onnx.TensorProto.FLOAT16
@@ -74,7 +95,9 @@ def test_int8_bundle(int8_bundle, photo, tmp_path):
     assert list(m.info["int8_embeddings"]) == ["text_encoder"] and len(m.info["int8_embeddings"]["text_encoder"]) == 1
     te = onnx.load(str(int8_bundle / "onnx" / "text_encoder.onnx"), load_external_data=False).graph
     assert any(t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_int8") for t in te.initializer)
-    assert m.info["calibration"]["feeds"]["unet_reverse_edit"] == 4 and m.info["calibration"]["feeds"]["unet_reverse"] == 4
+    assert (
+        m.info["calibration"]["feeds"]["unet_reverse_edit"] == 4 and m.info["calibration"]["feeds"]["unet_reverse"] == 4
+    )
     # the time embedding's Gemm weights, which the static quantiser leaves float, are weight-only int8
     assert {"unet_reverse", "unet_reverse_edit"} <= set(m.info["int8_gemm_weights"])
     g = onnx.load(str(int8_bundle / "onnx" / "unet_reverse.onnx"), load_external_data=False).graph
@@ -89,8 +112,21 @@ def test_int8_bundle(int8_bundle, photo, tmp_path):
     from PIL import Image
 
     Image.fromarray(photo).save(tmp_path / "p.png")
-    proc = run_cli("edit", "--bundle", str(int8_bundle), "--image", str(tmp_path / "p.png"), "--source", "a photo of a cat",
-                   "--target", "a photo of a dog", "--out", str(out), "--memory", "sequential")
+    proc = run_cli(
+        "edit",
+        "--bundle",
+        str(int8_bundle),
+        "--image",
+        str(tmp_path / "p.png"),
+        "--source",
+        "a photo of a cat",
+        "--target",
+        "a photo of a dog",
+        "--out",
+        str(out),
+        "--memory",
+        "sequential",
+    )
     assert proc.returncode == 0, proc.stderr
     assert out.is_file()
 
@@ -106,8 +142,18 @@ def test_int8_dynamic_and_gate(tmp_path_factory):
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
     # an impossible gate fails the export and publishes nothing
     bad = tmp_path_factory.mktemp("gate") / "b"
-    proc = run_cli("--model", "tiny", "--out", str(bad), "--no-progress", "--precision", "fp16", "--min-psnr", "200",
-                   module="icd_edge.export")
+    proc = run_cli(
+        "--model",
+        "tiny",
+        "--out",
+        str(bad),
+        "--no-progress",
+        "--precision",
+        "fp16",
+        "--min-psnr",
+        "200",
+        module="icd_edge.export",
+    )
     assert proc.returncode == 2 and "gate" in proc.stderr and not bad.exists()
 
 
@@ -165,10 +211,13 @@ def test_quantiser_child_runs(tmp_path):
     from icd_edge.export.quant.int8 import quantize
 
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
-                              [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w, "w")],
+    )
     src = tmp_path / "g.onnx"
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
     model, _ = quantize(src, "int8-dynamic", None)
@@ -188,8 +237,9 @@ def test_paged_out_modules_keep_their_values(tmp_path):
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
     x = torch.randn(3, 8)
     before = net(x).detach().clone()
-    ctx = types.SimpleNamespace(src=types.SimpleNamespace(text_encoder=net, vae=None, unet_forward=net, unet_reverse=None),
-                                graphs={})
+    ctx = types.SimpleNamespace(
+        src=types.SimpleNamespace(text_encoder=net, vae=None, unet_forward=net, unet_reverse=None), graphs={}
+    )
     _page_out_modules(ctx, tmp_path)
     assert len(list(tmp_path.glob("paged_*.pt"))) == 1  # a module shared by two roles is paged once
     assert torch.equal(net(x), before)
@@ -198,8 +248,18 @@ def test_paged_out_modules_keep_their_values(tmp_path):
 def test_int8_taesd_decoder_is_calibrated(tmp_path_factory):
     """The calibration trajectories decode with the full VAE; an int8 TAESD decoder is calibrated
     on the same final latents (a regression: it used to fail with 'recorded no inputs')."""
-    out = _export(tmp_path_factory, "taesd8.bundle", "--precision", "int8", "--taesd", "random",
-                  "--graph-precision", "taesd_decoder=int8", "--parity", "graphs")
+    out = _export(
+        tmp_path_factory,
+        "taesd8.bundle",
+        "--precision",
+        "int8",
+        "--taesd",
+        "random",
+        "--graph-precision",
+        "taesd_decoder=int8",
+        "--parity",
+        "graphs",
+    )
     m = open_bundle(out).manifest
     assert m.graphs["taesd_decoder"].artifacts["onnx"].precision == "int8"
     assert m.info["calibration"]["feeds"]["taesd_decoder"] == m.info["calibration"]["feeds"]["vae_decoder"] > 0
@@ -240,8 +300,9 @@ def test_lean_calibrator_matches_onnxruntime(tiny_bundle):
     from pathlib import Path
 
     with tempfile.TemporaryDirectory() as d:
-        cal = create_calibrator(src, ["Conv", "MatMul"], augmented_model_path=str(Path(d) / "aug.onnx"),
-                                use_external_data_format=True)
+        cal = create_calibrator(
+            src, ["Conv", "MatMul"], augmented_model_path=str(Path(d) / "aug.onnx"), use_external_data_format=True
+        )
         cal.collect_data(Reader())
         theirs = {k: tuple(float(x) for x in v.range_value) for k, v in cal.compute_data().data.items()}
     assert len(ours) > 20 and set(ours) <= set(theirs)
@@ -253,7 +314,11 @@ def test_lean_calibrator_matches_onnxruntime(tiny_bundle):
     excluded = set(activation_matmuls(src))
     assert excluded and all(n.op_type == "MatMul" for n in model.graph.node if n.name in excluded)
     only_there = {t for n in model.graph.node if n.name in excluded for t in (*n.input, *n.output)} - {
-        t for n in model.graph.node if n.op_type in ("Conv", "MatMul") and n.name not in excluded for t in (*n.input, *n.output)}
+        t
+        for n in model.graph.node
+        if n.op_type in ("Conv", "MatMul") and n.name not in excluded
+        for t in (*n.input, *n.output)
+    }
     assert only_there and not only_there & set(ours)
 
 
@@ -290,14 +355,18 @@ def test_quantize_gemm_weights_per_output_channel():
     small = rng.standard_normal((64, 8)).astype(np.float32)
     shared = rng.standard_normal((64, 64)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "wt"], ["a"], name="g1", transB=1),
-         helper.make_node("Gemm", ["x", "wn"], ["b"], name="g2"),
-         helper.make_node("Gemm", ["x", "small"], ["c"], name="g3"),
-         helper.make_node("Gemm", ["x", "shared"], ["d"], name="g4"),
-         helper.make_node("MatMul", ["x", "shared"], ["e"], name="m")], "g",
+        [
+            helper.make_node("Gemm", ["x", "wt"], ["a"], name="g1", transB=1),
+            helper.make_node("Gemm", ["x", "wn"], ["b"], name="g2"),
+            helper.make_node("Gemm", ["x", "small"], ["c"], name="g3"),
+            helper.make_node("Gemm", ["x", "shared"], ["d"], name="g4"),
+            helper.make_node("MatMul", ["x", "shared"], ["e"], name="m"),
+        ],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
         [helper.make_tensor_value_info(o, TensorProto.FLOAT, [2, n]) for o, n in zip("abcde", (96, 80, 8, 64, 64))],
-        [numpy_helper.from_array(a, n) for a, n in ((wt, "wt"), (wn, "wn"), (small, "small"), (shared, "shared"))])
+        [numpy_helper.from_array(a, n) for a, n in ((wt, "wt"), (wn, "wn"), (small, "small"), (shared, "shared"))],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert quantize_gemm_weights(model, min_elements=1000) == ["wt", "wn"]
     onnx.checker.check_model(model)
@@ -305,7 +374,9 @@ def test_quantize_gemm_weights_per_output_channel():
     assert inits["wt_int8"].data_type == inits["wn_int8"].data_type == TensorProto.INT8
     assert {"small", "shared"} <= set(inits) and not {"wt", "wn"} & set(inits)
     x = rng.standard_normal((2, 64)).astype(np.float32)
-    a, b, c, d, _ = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    a, b, c, d, _ = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
     for got, want, step in ((a, x @ wt.T, np.abs(wt).max(1) / 127), (b, x @ wn, np.abs(wn).max(0) / 127)):
         bound = np.abs(x).sum(1, keepdims=True) * step[None] / 2  # half a step per weight, summed over K
         assert np.all(np.abs(got - want) <= bound + 1e-5) and not np.allclose(got, want, rtol=0, atol=1e-6)
@@ -325,20 +396,28 @@ def test_quantize_embeddings_rows():
     vocab = (rng.standard_normal((300, 16)) * rng.uniform(0.01, 2.0, (300, 1))).astype(np.float32)
     pos = rng.standard_normal((77, 16)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["vocab", "ids"], ["e"], name="tok", axis=0),
-         helper.make_node("Gather", ["pos", "pid"], ["p"], name="pos", axis=0),
-         helper.make_node("Add", ["e", "p"], ["y"], name="add")], "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
-         helper.make_tensor_value_info("pid", TensorProto.INT64, [1, 5])],
+        [
+            helper.make_node("Gather", ["vocab", "ids"], ["e"], name="tok", axis=0),
+            helper.make_node("Gather", ["pos", "pid"], ["p"], name="pos", axis=0),
+            helper.make_node("Add", ["e", "p"], ["y"], name="add"),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 5]),
+            helper.make_tensor_value_info("pid", TensorProto.INT64, [1, 5]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, 16])],
-        [numpy_helper.from_array(vocab, "vocab"), numpy_helper.from_array(pos, "pos")])
+        [numpy_helper.from_array(vocab, "vocab"), numpy_helper.from_array(pos, "pos")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     assert quantize_embeddings(model) == ["vocab"]
     onnx.checker.check_model(model)
     inits = {t.name: t for t in model.graph.initializer}
     assert inits["vocab_int8"].data_type == TensorProto.INT8 and "pos" in inits and "vocab" not in inits
     ids, pid = np.array([[0, 7, 299, 150, 7]]), np.arange(5)[None]
-    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids, "pid": pid})[0]
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids, "pid": pid}
+    )[0]
     want = vocab[ids] + pos[pid]
     step = (np.abs(vocab).max(1) / 127)[ids][..., None]
     assert np.all(np.abs(y - want) <= step / 2 + 1e-6) and not np.array_equal(y, want)
@@ -352,9 +431,12 @@ def test_quantiser_peak_is_the_childs_own(tmp_path):
     import subprocess
 
     big = np.ones(600_000_000 // 8)  # the parent holds 0.6 GB when it starts the child
-    code = ("import json, resource; from icd_edge.export.quant.int8 import _own_peak_rss_gb; "
-            "print(json.dumps([_own_peak_rss_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9]))")
-    own, inherited = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                               check=True).stdout)
+    code = (
+        "import json, resource; from icd_edge.export.quant.int8 import _own_peak_rss_gb; "
+        "print(json.dumps([_own_peak_rss_gb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9]))"
+    )
+    own, inherited = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
     assert big.sum() > 0 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9 > 0.6
     assert inherited > 0.6 and 0.005 < own < 0.4

@@ -15,18 +15,27 @@ ort = pytest.importorskip("onnxruntime")
 
 from icd_edge.bundle import spec  # noqa: E402
 from icd_edge.errors import ExportError  # noqa: E402
-from icd_edge.export.to_onnx import (Template, WeightStore, _reuse_plan, retarget, same_structure,  # noqa: E402
-                                     trace_graph, write_program)
+from icd_edge.export.to_onnx import (
+    Template,
+    WeightStore,
+    _reuse_plan,
+    retarget,
+    same_structure,  # noqa: E402
+    trace_graph,
+    write_program,
+)
 
 INPUTS = [s.name for s in spec.GRAPHS["unet_forward"][0]]
 
 
 def _feeds(seed=0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
-            "timestep": np.array([519.0], np.float32),
-            "encoder_hidden_states": rng.standard_normal((1, 77, 32)).astype(np.float32),
-            "timestep_cond": rng.standard_normal((1, 512)).astype(np.float32)}
+    return {
+        "sample": rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        "timestep": np.array([519.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal((1, 77, 32)).astype(np.float32),
+        "timestep_cond": rng.standard_normal((1, 512)).astype(np.float32),
+    }
 
 
 def _write(program, path: Path) -> None:
@@ -54,8 +63,10 @@ def test_retargeted_trace_equals_a_fresh_trace(tiny_graphs, tmp_path):
 
     import onnx
 
-    ops = {p: [n.op_type for n in onnx.load(str(tmp_path / p), load_external_data=False).graph.node]
-           for p in ("fwd.onnx", "rev_reused.onnx", "rev_fresh.onnx")}
+    ops = {
+        p: [n.op_type for n in onnx.load(str(tmp_path / p), load_external_data=False).graph.node]
+        for p in ("fwd.onnx", "rev_reused.onnx", "rev_fresh.onnx")
+    }
     assert ops["rev_reused.onnx"] == ops["rev_fresh.onnx"]
     # the forward and the reused reverse graph differ in weight values only: same nodes, same names
     graphs = {p: onnx.load(str(tmp_path / p), load_external_data=False).graph for p in ("fwd.onnx", "rev_reused.onnx")}

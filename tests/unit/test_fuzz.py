@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from icd_edge.bundle.store import open_bundle
 from icd_edge.errors import BundleError, ImageError, InputError
 from icd_edge.image import load_image
-from icd_edge.bundle.store import open_bundle
 from icd_edge.tokenizer import ClipTokenizer
 
 EXAMPLES = int(os.environ.get("ICD_FUZZ_EXAMPLES", "150"))
@@ -57,10 +57,15 @@ PNG = _png_bytes()
 
 
 @FUZZ
-@given(data=st.one_of(st.binary(max_size=2048),
-                      st.builds(lambda cut, junk: PNG[:cut] + junk, st.integers(0, len(PNG)), st.binary(max_size=64)),
-                      st.builds(lambda pos, b: PNG[:pos] + bytes([b]) + PNG[pos + 1:], st.integers(0, len(PNG) - 1),
-                                st.integers(0, 255))))
+@given(
+    data=st.one_of(
+        st.binary(max_size=2048),
+        st.builds(lambda cut, junk: PNG[:cut] + junk, st.integers(0, len(PNG)), st.binary(max_size=64)),
+        st.builds(
+            lambda pos, b: PNG[:pos] + bytes([b]) + PNG[pos + 1 :], st.integers(0, len(PNG) - 1), st.integers(0, 255)
+        ),
+    )
+)
 def test_image_loader_raises_only_typed_errors(data):
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "x.png"
@@ -72,17 +77,34 @@ def test_image_loader_raises_only_typed_errors(data):
         assert img.mode == "RGB" and img.width >= 1 and img.height >= 1
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                           lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
-                           max_leaves=20)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=20,
+)
 
 
 @FUZZ
-@given(manifest=st.one_of(json_values, st.fixed_dictionaries({
-    "format": st.sampled_from(["icd_edge.bundle", "x"]), "schema_version": st.one_of(st.integers(-1, 3), st.text(max_size=2)),
-    "complete": st.booleans(), "dims": json_values, "graphs": json_values, "schedule": json_values,
-    "guidance": json_values, "tokenizer": json_values, "vae": json_values,
-    "files": st.dictionaries(st.text(max_size=12), json_values, max_size=3)})), raw=st.booleans())
+@given(
+    manifest=st.one_of(
+        json_values,
+        st.fixed_dictionaries(
+            {
+                "format": st.sampled_from(["icd_edge.bundle", "x"]),
+                "schema_version": st.one_of(st.integers(-1, 3), st.text(max_size=2)),
+                "complete": st.booleans(),
+                "dims": json_values,
+                "graphs": json_values,
+                "schedule": json_values,
+                "guidance": json_values,
+                "tokenizer": json_values,
+                "vae": json_values,
+                "files": st.dictionaries(st.text(max_size=12), json_values, max_size=3),
+            }
+        ),
+    ),
+    raw=st.booleans(),
+)
 def test_manifest_parser_raises_only_typed_errors(manifest, raw):
     with tempfile.TemporaryDirectory() as d:
         text = json.dumps(manifest) if not raw else json.dumps(manifest)[: max(1, len(json.dumps(manifest)) // 2)]

@@ -34,16 +34,22 @@ def _modules(*exclude: str):
 def test_runtime_never_imports_export_graphs_or_torch():
     offenders = {}
     for rel, path in _modules("export/", "graphs/", *TORCH_BY_DESIGN):
-        bad = sorted(n for n in _imports(path) if n.split(".")[0] in FORBIDDEN_ROOTS
-                     or n.startswith(("icd_edge.export", "icd_edge.graphs")))
+        bad = sorted(
+            n
+            for n in _imports(path)
+            if n.split(".")[0] in FORBIDDEN_ROOTS or n.startswith(("icd_edge.export", "icd_edge.graphs"))
+        )
         if bad:
             offenders[rel] = bad
     assert offenders == {}
 
 
 def test_torch_parts_never_import_export():
-    offenders = {rel: sorted(n for n in _imports(p) if n.startswith("icd_edge.export"))
-                 for rel, p in _modules("export/", "bundle/", "edit/", "runtimes/") if rel.startswith(("graphs/", "fast/"))}
+    offenders = {
+        rel: sorted(n for n in _imports(p) if n.startswith("icd_edge.export"))
+        for rel, p in _modules("export/", "bundle/", "edit/", "runtimes/")
+        if rel.startswith(("graphs/", "fast/"))
+    }
     ref = sorted(n for n in _imports(ROOT / "runtimes" / "torch_ref.py") if n.startswith("icd_edge.export"))
     assert {k: v for k, v in offenders.items() if v} == {} and ref == []
 

@@ -23,7 +23,11 @@ def official_peft_to_kohya(state: dict) -> dict:
     """The official iCD loader's rewrite (utils/loading.py): kohya names plus alpha = 8 per module."""
     out = {}
     for key, v in state.items():
-        key2 = key.replace("unet.base_model.model", "lora_unet").replace("lora_A", "lora_down").replace("lora_B", "lora_up")
+        key2 = (
+            key.replace("unet.base_model.model", "lora_unet")
+            .replace("lora_A", "lora_down")
+            .replace("lora_B", "lora_up")
+        )
         parts = key2.split(".")
         key2 = "_".join(parts[:-2]) + "." + ".".join(parts[-2:])
         out[key2] = v
@@ -86,7 +90,9 @@ def test_unknown_keys_and_bad_files_are_typed_errors(teacher, tmp_path):
     with pytest.raises(ExportError, match="do not name a module"):
         L.parse_lora({"unet.base_model.model.nope.to_q.lora_A.weight": torch.zeros(1)}, names)
     with pytest.raises(ExportError, match="needs both"):
-        L.parse_lora({f"unet.base_model.model.{lora_target_names(teacher)[0]}.lora_A.weight": torch.zeros(4, 32)}, names)
+        L.parse_lora(
+            {f"unet.base_model.model.{lora_target_names(teacher)[0]}.lora_A.weight": torch.zeros(4, 32)}, names
+        )
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(ExportError, match="not a readable"):

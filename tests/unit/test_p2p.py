@@ -1,7 +1,5 @@
 """Token alignment (refine, replace), schedules, equalizer and local blend on hand-made cases."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -78,13 +76,24 @@ def test_replace_needs_same_word_count(tok):
         p2p.replace_map(tok, "a cat", tok("a cat"), "a big cat", tok("a big cat"))
 
 
-@pytest.mark.parametrize("c, expected", [(0.0, [0, 0, 0, 0]), (0.2, [1, 0, 0, 0]), (0.3, [1, 0, 0, 0]),
-                                         (0.4, [1, 1, 0, 0]), (0.6, [1, 1, 1, 0]), (1.0, [1, 1, 1, 1])])
+@pytest.mark.parametrize(
+    "c, expected",
+    [
+        (0.0, [0, 0, 0, 0]),
+        (0.2, [1, 0, 0, 0]),
+        (0.3, [1, 0, 0, 0]),
+        (0.4, [1, 1, 0, 0]),
+        (0.6, [1, 1, 1, 0]),
+        (1.0, [1, 1, 1, 1]),
+    ],
+)
 def test_cross_schedule(c, expected):
     np.testing.assert_array_equal(p2p.cross_schedule(c, 4), expected)
 
 
-@pytest.mark.parametrize("s, expected", [(0.2, [0, 0, 0, 0]), (0.4, [1, 0, 0, 0]), (0.6, [1, 1, 0, 0]), (1.0, [1, 1, 1, 1])])
+@pytest.mark.parametrize(
+    "s, expected", [(0.2, [0, 0, 0, 0]), (0.4, [1, 0, 0, 0]), (0.6, [1, 1, 0, 0]), (1.0, [1, 1, 1, 1])]
+)
 def test_self_schedule(s, expected):
     np.testing.assert_array_equal(p2p.self_schedule(s, 4), expected)
 

@@ -11,12 +11,25 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from icd_edge import torch_randn
 from icd_edge.errors import InputError
 
-SHAPES = [(1,), (2,), (7,), (15,), (16,), (17,), (31,), (3, 11), (1, 4, 16, 16), (1, 4, 64, 64), (2, 4, 128, 128), (1, 4, 7, 9)]
+SHAPES = [
+    (1,),
+    (2,),
+    (7,),
+    (15,),
+    (16,),
+    (17,),
+    (31,),
+    (3, 11),
+    (1, 4, 16, 16),
+    (1, 4, 64, 64),
+    (2, 4, 128, 128),
+    (1, 4, 7, 9),
+]
 SEEDS = [0, 1, 2, 7, 42, 1234, 99999, 2**31 - 1, 2**32 - 1, 2**32 + 5, 2**62 + 11]
 
 _COMPARE = """
@@ -29,7 +42,8 @@ for seed in seeds:
     for shape in shapes:
         ref = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).numpy()
         got = torch_randn(shape, seed, kernel)
-        if got.shape != ref.shape or got.dtype != np.float32 or not np.array_equal(got.view(np.uint32), ref.view(np.uint32)):
+        same = got.shape == ref.shape and got.dtype == np.float32
+        if not (same and np.array_equal(got.view(np.uint32), ref.view(np.uint32))):
             bad.append([seed, shape, int((got.view(np.uint32) != ref.view(np.uint32)).sum())])
 print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "bad": bad}))
 """
@@ -47,8 +61,13 @@ def test_torch_randn_is_bit_exact(capability, kernel):
     if capability:
         env["ATEN_CPU_CAPABILITY"] = capability
     shapes = SHAPES if capability != "default" else SHAPES[:9]  # the generic path calls libm per value: slower
-    proc = subprocess.run([sys.executable, "-c", _COMPARE, kernel, json.dumps(shapes), json.dumps(SEEDS)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPARE, kernel, json.dumps(shapes), json.dumps(SEEDS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rep = json.loads(proc.stdout.strip().splitlines()[-1])
     if capability:

@@ -24,8 +24,12 @@ def _bpe_lines() -> list[str]:
     CACHE.mkdir(exist_ok=True)
     wheels = sorted(CACHE.glob("clip_anytorch-*.whl"))
     if not wheels:
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), WHEEL],
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(CACHE), WHEEL],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         wheels = sorted(CACHE.glob("clip_anytorch-*.whl"))
         if not wheels:
             pytest.skip(f"cannot fetch {WHEEL} (the real CLIP BPE file) from PyPI: {proc.stderr.strip()[-200:]}")
@@ -51,10 +55,33 @@ def real_tokenizers(tmp_path_factory):
 
 
 def _prompts() -> list[str]:
-    subjects = ["a photo of a cat", "A PHOTO OF A DOG", "a lego bird", "an astronaut riding a horse", "portrait of a woman"]
-    styles = ["", ", oil painting", " in the style of Van Gogh!", " — 4k, hdr", " (masterpiece:1.2)", "  with   extra   spaces  "]
-    extras = ["", " 🐱🐶", " café naïve façade", " 東京の夜景", " שלום עולם", " مرحبا", " e=mc^2 & 100% #1", " it's a dog's life",
-              " \t tabs\tand\nnewlines", " ÅNGSTRÖM ǅ ﬁ ligature"]
+    subjects = [
+        "a photo of a cat",
+        "A PHOTO OF A DOG",
+        "a lego bird",
+        "an astronaut riding a horse",
+        "portrait of a woman",
+    ]
+    styles = [
+        "",
+        ", oil painting",
+        " in the style of Van Gogh!",
+        " — 4k, hdr",
+        " (masterpiece:1.2)",
+        "  with   extra   spaces  ",
+    ]
+    extras = [
+        "",
+        " 🐱🐶",
+        " café naïve façade",
+        " 東京の夜景",
+        " שלום עולם",
+        " مرحبا",
+        " e=mc^2 & 100% #1",
+        " it's a dog's life",
+        " \t tabs\tand\nnewlines",
+        " ÅNGSTRÖM ǅ ﬁ ligature",
+    ]
     prompts = [s + st + ex for s, st, ex in itertools.product(subjects, styles, extras)]
     long = " ".join(["word"] * 120)
     prompts += [long, "a " * 200, "x" * 500, "🙂" * 100, "", " ", ".", "a,b;c:d!e?f", "12345 678 9.5"]
@@ -65,7 +92,7 @@ def test_canonical_ids(real_tokenizers):
     _, ours = real_tokenizers
     t = ours("a photo of a cat")
     assert t.ids[: t.length].tolist() == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert (t.ids[t.length:] == 49407).all() and t.ids.dtype == np.int64
+    assert (t.ids[t.length :] == 49407).all() and t.ids.dtype == np.int64
 
 
 def test_ids_equal_transformers_on_hundreds_of_prompts(real_tokenizers):

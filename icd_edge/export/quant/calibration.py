@@ -38,8 +38,10 @@ def calibration_cases(directory: Path | None, side: int, limit: int) -> list[tup
     try:
         import skimage.data
     except ImportError as exc:
-        raise ExportError("int8 calibration needs photos: install scikit-image (its public-domain photos are the "
-                          "default set) or pass --calibration DIR") from exc
+        raise ExportError(
+            "int8 calibration needs photos: install scikit-image (its public-domain photos are the "
+            "default set) or pass --calibration DIR"
+        ) from exc
     for name, src, tgt, blend in CALIBRATION[:limit]:
         cases.append((getattr(skimage.data, name)(), src, tgt, blend))
     return cases
@@ -88,7 +90,9 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
     feeds = rec.feeds
     if "taesd_decoder" in graphs and not feeds.get("taesd_decoder"):
         # the editor decoded with the full VAE: TAESD sees the same final latents, unscaled
-        feeds["taesd_decoder"] = [{"latent": f["latent"] * np.float32(ed.constants.vae_scale)} for f in feeds.get("vae_decoder", [])]
+        feeds["taesd_decoder"] = [
+            {"latent": f["latent"] * np.float32(ed.constants.vae_scale)} for f in feeds.get("vae_decoder", [])
+        ]
     return feeds
 
 
@@ -108,8 +112,15 @@ def calibrate_ranges(src: Path, calibration: list[dict], op_types, exclude=()) -
     graph = model.graph
     weights = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     skip = set(exclude)
-    tensors = sorted({t for n in graph.node if n.op_type in op_types and n.name not in skip
-                      for t in [*n.input, *n.output] if t and t not in weights})
+    tensors = sorted(
+        {
+            t
+            for n in graph.node
+            if n.op_type in op_types and n.name not in skip
+            for t in [*n.input, *n.output]
+            if t and t not in weights
+        }
+    )
     if not tensors:
         return {}
     del graph.output[:]

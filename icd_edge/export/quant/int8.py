@@ -31,9 +31,14 @@ from icd_edge.export.quant.surgery import activation_matmuls
 from icd_edge.memory import trim_heap
 
 
-def quantize(src: Path, precision: str, calibration: list[dict] | None,
-             int8_weights: str = DEFAULT_INT8_WEIGHTS, int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS,
-             int8_per_channel: bool = True) -> tuple[onnx.ModelProto, float | None]:
+def quantize(
+    src: Path,
+    precision: str,
+    calibration: list[dict] | None,
+    int8_weights: str = DEFAULT_INT8_WEIGHTS,
+    int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS,
+    int8_per_channel: bool = True,
+) -> tuple[onnx.ModelProto, float | None]:
     """Quantise in a child process, so that what the exporter holds does not add to the
     quantiser's peak (at 512 px: 6.3 GB for a batch-1 UNet, 9.3 GB for the batch-2 P2P edit UNet)
     and the child's memory is returned whole when it exits. ``int8_ops`` and ``int8_per_channel``
@@ -47,12 +52,30 @@ def quantize(src: Path, precision: str, calibration: list[dict] | None,
             np.savez(feeds / f"{i:05d}.npz", **feed)
         pkg_root = str(Path(icd_edge.__file__).resolve().parents[1])  # importable however the parent found icd_edge
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_root, os.environ.get("PYTHONPATH")]))}
-        proc = subprocess.run([sys.executable, "-m", "icd_edge.export.quant", str(src), str(out), precision, str(feeds),
-                               int8_weights, ",".join(int8_ops), "on" if int8_per_channel else "off"],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "icd_edge.export.quant",
+                str(src),
+                str(out),
+                precision,
+                str(feeds),
+                int8_weights,
+                ",".join(int8_ops),
+                "on" if int8_per_channel else "off",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-            died = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else (lines[-1] if lines else "")
+            died = (
+                f"killed by signal {-proc.returncode} (out of memory?)"
+                if proc.returncode < 0
+                else (lines[-1] if lines else "")
+            )
             raise ExportError(f"{precision} quantisation of {src.stem} failed: {died}")
         peak = None
         for line in proc.stdout.splitlines()[::-1]:
@@ -116,17 +139,29 @@ def _own_peak_rss_gb() -> float | None:
     return None
 
 
-def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict] | None,
-                   int8_weights: str = DEFAULT_INT8_WEIGHTS, int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS,
-                   int8_per_channel: bool = True) -> None:
+def _run_quantizer(
+    src: Path,
+    out: Path,
+    precision: str,
+    calibration: list[dict] | None,
+    int8_weights: str = DEFAULT_INT8_WEIGHTS,
+    int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS,
+    int8_per_channel: bool = True,
+) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     # ONNX Runtime's reduce_range narrows the weights alone to [-64, 64]; activations keep 0..255
     reduce_range = INT8_WEIGHT_RANGES[int8_weights] < 127
     if precision == "int8-dynamic":
-        quantize_dynamic(str(src), str(out), op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8,
-                         use_external_data_format=True, reduce_range=reduce_range)
+        quantize_dynamic(
+            str(src),
+            str(out),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+            reduce_range=reduce_range,
+        )
     else:
         if not calibration:
             raise ExportError(f"int8 calibration recorded no inputs for {src.stem}")
@@ -137,10 +172,25 @@ def _run_quantizer(src: Path, out: Path, precision: str, calibration: list[dict]
         with scratch_dir("ranges") as d:
             # ranges go in through ORT's calibration cache, so its own calibrator never runs
             cache = Path(d) / "ranges.json"
-            save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
-                t: (np.array(a, np.float32), np.array(b, np.float32)) for t, (a, b) in ranges.items()}), cache)
-            quantize_static(str(src), str(out), None, quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=list(int8_ops), nodes_to_exclude=exclude,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=int8_per_channel, use_external_data_format=True, reduce_range=reduce_range,
-                            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(cache))
+            save_tensors_data(
+                TensorsData(
+                    CalibrationMethod.MinMax,
+                    {t: (np.array(a, np.float32), np.array(b, np.float32)) for t, (a, b) in ranges.items()},
+                ),
+                cache,
+            )
+            quantize_static(
+                str(src),
+                str(out),
+                None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(int8_ops),
+                nodes_to_exclude=exclude,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                per_channel=int8_per_channel,
+                use_external_data_format=True,
+                reduce_range=reduce_range,
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(cache),
+            )

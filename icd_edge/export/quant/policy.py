@@ -31,8 +31,13 @@ def int8_scheme(weights: str, per_channel: bool = True) -> dict:
     """What the manifest records about how the int8 graphs' integer products are formed."""
     wmax = INT8_WEIGHT_RANGES[weights]
     scales = "per output channel" if per_channel else "per tensor"
-    return {"activations": "uint8, per tensor", "weights": f"int8, symmetric, {scales}",
-            "weight_range": weights, "weight_max": wmax, "exact_without_vnni": 2 * 255 * wmax <= 32767}
+    return {
+        "activations": "uint8, per tensor",
+        "weights": f"int8, symmetric, {scales}",
+        "weight_range": weights,
+        "weight_max": wmax,
+        "exact_without_vnni": 2 * 255 * wmax <= 32767,
+    }
 
 
 def graph_precisions(precision: str, overrides: dict[str, str], graphs) -> dict[str, str]:

@@ -13,9 +13,17 @@ from icd_edge.export.quant.policy import DEFAULT_INT8_OPS, DEFAULT_INT8_WEIGHTS
 from icd_edge.export.quant.surgery import quantize_embeddings, quantize_gemm_weights
 
 
-def convert(src: Path, dst: Path, precision: str, store, calibration: list[dict] | None = None,
-            int8_embeddings: bool = False, int8_weights: str = DEFAULT_INT8_WEIGHTS,
-            int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS, int8_per_channel: bool = True) -> dict:
+def convert(
+    src: Path,
+    dst: Path,
+    precision: str,
+    store,
+    calibration: list[dict] | None = None,
+    int8_embeddings: bool = False,
+    int8_weights: str = DEFAULT_INT8_WEIGHTS,
+    int8_ops: tuple[str, ...] = DEFAULT_INT8_OPS,
+    int8_per_channel: bool = True,
+) -> dict:
     """Write ``dst`` (weights into ``store``) as ``precision`` from the fp32 graph ``src``;
     ``int8_embeddings`` also stores an fp16 graph's embedding tables as int8 rows (int8 graphs always);
     ``int8_weights`` is the range of the quantised Conv/MatMul weights (:data:`.policy.INT8_WEIGHT_RANGES`),

@@ -28,23 +28,33 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 256) -> list[str
     for node in list(graph.node):
         table = inits.get(node.input[0]) if node.op_type == "Gather" else None
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if (table is None or axis != 0 or table.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16)
-                or len(table.dims) != 2 or table.dims[0] < min_rows or uses[table.name] != 1):
+        if (
+            table is None
+            or axis != 0
+            or table.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16)
+            or len(table.dims) != 2
+            or table.dims[0] < min_rows
+            or uses[table.name] != 1
+        ):
             continue
         values = numpy_helper.to_array(table)
         q, scale = _symmetric_int8(values.astype(np.float32), axis=0)
         scale = scale[:, None].astype(values.dtype)  # one per row, broadcast over the gathered rows
         name, ids, out, dtype = table.name, node.input[1], node.output[0], table.data_type
         graph.initializer.remove(table)
-        graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
-                                  numpy_helper.from_array(scale, f"{name}_row_scale")])
+        graph.initializer.extend(
+            [numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_row_scale")]
+        )
         pos = list(graph.node).index(node)
         graph.node.remove(node)
-        for j, new in enumerate([
+        for j, new in enumerate(
+            [
                 helper.make_node("Gather", [f"{name}_int8", ids], [f"{out}_q"], name=f"{node.name}_int8", axis=0),
                 helper.make_node("Cast", [f"{out}_q"], [f"{out}_f"], name=f"{node.name}_cast", to=dtype),
                 helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{out}_s"], name=f"{node.name}_scale", axis=0),
-                helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out], name=f"{node.name}_dequant")]):
+                helper.make_node("Mul", [f"{out}_f", f"{out}_s"], [out], name=f"{node.name}_dequant"),
+            ]
+        ):
             graph.node.insert(pos + j, new)
         done.append(name)
     return done
@@ -75,8 +85,13 @@ def quantize_gemm_weights(model: onnx.ModelProto, min_elements: int = 4096) -> l
     done = []
     for name, t in list(inits.items()):
         nodes = users.get(name, [])
-        if (t.data_type != TensorProto.FLOAT or len(t.dims) != 2 or int(np.prod(t.dims)) < min_elements or not nodes
-                or any(n.op_type != "Gemm" or list(n.input).index(name) != 1 for n in nodes)):
+        if (
+            t.data_type != TensorProto.FLOAT
+            or len(t.dims) != 2
+            or int(np.prod(t.dims)) < min_elements
+            or not nodes
+            or any(n.op_type != "Gemm" or list(n.input).index(name) != 1 for n in nodes)
+        ):
             continue
         trans = {next((a.i for a in n.attribute if a.name == "transB"), 0) for n in nodes}
         if len(trans) != 1:
@@ -84,11 +99,16 @@ def quantize_gemm_weights(model: onnx.ModelProto, min_elements: int = 4096) -> l
         axis = 0 if trans.pop() else 1  # the output-channel axis of B
         q, scale = _symmetric_int8(numpy_helper.to_array(t), axis)
         graph.initializer.remove(t)
-        graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
-                                  numpy_helper.from_array(scale, f"{name}_scale")])
+        graph.initializer.extend(
+            [numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_scale")]
+        )
         first = min(list(graph.node).index(n) for n in nodes)
-        graph.node.insert(first, helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name],
-                                                  name=f"{name}_weight_dq", axis=axis))
+        graph.node.insert(
+            first,
+            helper.make_node(
+                "DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name], name=f"{name}_weight_dq", axis=axis
+            ),
+        )
         done.append(name)
     return done
 

@@ -10,11 +10,11 @@ from typing import Mapping
 
 import numpy as np
 
+from icd_edge import runtimes
+from icd_edge.bundle.spec import check_feeds, check_graph_io
 from icd_edge.errors import BackendUnavailable, BundleError
 from icd_edge.memory import trim_heap
-from icd_edge import runtimes
 from icd_edge.runtimes import Availability, build_options, warn_if_int8_saturates
-from icd_edge.bundle.spec import check_feeds, check_graph_io
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ class OrtOptions:
 
 
 class OrtSession:
-    def __init__(self, graph: str, path, inputs, outputs, options: OrtOptions,
-                 initializers: list | None = None):
+    def __init__(self, graph: str, path, inputs, outputs, options: OrtOptions, initializers: list | None = None):
         import onnxruntime as ort
 
         self.graph = graph
@@ -93,12 +92,17 @@ class OrtSession:
         try:
             self._sess = ort.InferenceSession(model, sess_options=so, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BundleError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}. The file may be corrupt; re-export the bundle.") from exc
+            raise BundleError(
+                f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}. The file may be corrupt; "
+                "re-export the bundle."
+            ) from exc
         self.providers = self._sess.get_providers()
         self._out_names = [o.name for o in outputs]
         check_graph_io(graph, path, {a.name: a.shape for a in self._sess.get_inputs()}, inputs)
         check_graph_io(graph, path, {a.name: a.shape for a in self._sess.get_outputs()}, outputs)
-        use_binding = options.io_binding if options.io_binding is not None else self.providers[0] == "CUDAExecutionProvider"
+        use_binding = (
+            options.io_binding if options.io_binding is not None else self.providers[0] == "CUDAExecutionProvider"
+        )
         self._binding = _Binding(self._sess, outputs, self.providers[0]) if use_binding else None
 
     def _fused(self, path, so):
@@ -188,7 +192,13 @@ class OrtBackend:
 
     def runs_on_cpu(self) -> bool:
         chosen = self.options.providers
-        first = chosen[0] if chosen else "CUDAExecutionProvider" if runtimes.onnxruntime_has_gpu() else "CPUExecutionProvider"
+        first = (
+            chosen[0]
+            if chosen
+            else "CUDAExecutionProvider"
+            if runtimes.onnxruntime_has_gpu()
+            else "CPUExecutionProvider"
+        )
         return first == "CPUExecutionProvider"
 
     def probe(self) -> Availability:
@@ -208,9 +218,14 @@ class OrtBackend:
         if self.options.share_weights:
             table = bundle.manifest.info.get("shared_initializers")
             if table is None:
-                raise BundleError(f"bundle {bundle.root} stores fused UNets; memory policy shared-base needs a bundle "
-                                  "exported with --unet-weights shared-base")
-            initializers = [(name, self._shared_value(bundle, f, off, n, dt, dims)) for name, f, off, n, dt, dims in table.get(graph, [])]
+                raise BundleError(
+                    f"bundle {bundle.root} stores fused UNets; memory policy shared-base needs a bundle "
+                    "exported with --unet-weights shared-base"
+                )
+            initializers = [
+                (name, self._shared_value(bundle, f, off, n, dt, dims))
+                for name, f, off, n, dt, dims in table.get(graph, [])
+            ]
         return OrtSession(graph, bundle.path(art.file), entry.inputs, entry.outputs, self.options, initializers)
 
     def _shared_value(self, bundle, rel: str, offset: int, length: int, dtype: str, dims: list):

@@ -111,8 +111,15 @@ def fuse_attention(model) -> int:
         out = pv.output[0]
         base = f"icd_mha_{fused}"
         new = [
-            helper.make_node("MultiHeadAttention", [q[0], k[0], v[0]], [f"{base}_bsh"], name=base, domain=MS_DOMAIN,
-                             num_heads=heads, scale=scale),
+            helper.make_node(
+                "MultiHeadAttention",
+                [q[0], k[0], v[0]],
+                [f"{base}_bsh"],
+                name=base,
+                domain=MS_DOMAIN,
+                num_heads=heads,
+                scale=scale,
+            ),
             # back to (B, N, L, D) for the graph's own head merge (ORT cancels the transpose pair)
             helper.make_node("Reshape", [f"{base}_bsh", f"{base}_shape"], [f"{base}_bsnd"], name=f"{base}_reshape"),
             helper.make_node("Transpose", [f"{base}_bsnd"], [out], name=f"{base}_transpose", perm=[0, 2, 1, 3]),

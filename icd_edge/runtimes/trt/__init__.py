@@ -23,19 +23,33 @@ import importlib.util
 import json
 import logging
 import threading
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from icd_edge.atomic import write_bytes_atomic
-from icd_edge.errors import BackendUnavailable, InputError
 from icd_edge.bundle.store import sha256_file
+from icd_edge.errors import BackendUnavailable, InputError
 from icd_edge.precision import canonical
 from icd_edge.runtimes import Availability, build_options
 from icd_edge.runtimes.trt.build import BuildRequest, build_engine
-from icd_edge.runtimes.trt.plan import (PRECISIONS, default_cache_dir, describe_difference, engine_filename, engine_io_problems,
-                                        engine_key, key_material, meta_path, plan_precision, profile_shapes, read_meta,
-                                        Source, source_digests, stale_reason, timing_cache_name,
-                                        version_problem)
+from icd_edge.runtimes.trt.plan import (
+    PRECISIONS,
+    Source,
+    default_cache_dir,
+    describe_difference,
+    engine_filename,
+    engine_io_problems,
+    engine_key,
+    key_material,
+    meta_path,
+    plan_precision,
+    profile_shapes,
+    read_meta,
+    source_digests,
+    stale_reason,
+    timing_cache_name,
+    version_problem,
+)
 from icd_edge.runtimes.trt.session import SharedBase, SharedBaseSession, TrtSession, engine_io
 
 logger = logging.getLogger(__name__)
@@ -131,7 +145,9 @@ class TensorRTBackend:
             gpu = self._runtime()["gpu"]
         except BackendUnavailable as exc:
             return Availability(False, str(exc))
-        return Availability(True, f"TensorRT {trt.__version__}, {gpu.name} (compute capability {gpu.compute_capability})")
+        return Availability(
+            True, f"TensorRT {trt.__version__}, {gpu.name} (compute capability {gpu.compute_capability})"
+        )
 
     def _runtime(self) -> dict:
         """tensorrt module, logger, Runtime, CUDA wrapper and GPU info, created once."""
@@ -142,8 +158,14 @@ class TensorRTBackend:
 
                 cuda = Cuda(device=self.options.device)
                 trt_logger = trt.Logger(trt.Logger.WARNING)
-                self._rt = {"trt": trt, "logger": trt_logger, "runtime": trt.Runtime(trt_logger), "cuda": cuda,
-                            "gpu": cuda.gpu_info(), "version": str(trt.__version__)}
+                self._rt = {
+                    "trt": trt,
+                    "logger": trt_logger,
+                    "runtime": trt.Runtime(trt_logger),
+                    "cuda": cuda,
+                    "gpu": cuda.gpu_info(),
+                    "version": str(trt.__version__),
+                }
             return self._rt
 
     # ------------------------------------------------------------------ sessions
@@ -175,8 +197,9 @@ class TensorRTBackend:
         if importlib.util.find_spec("onnx") is None:
             raise BackendUnavailable("shared_base reads the ONNX initializers once: pip install onnx")
         files = bundle.manifest.files
-        map_key = engine_key({"refit_map": 1, "forward": source_digests(files, _src(fwd)),
-                              "reverse": source_digests(files, _src(rev))})
+        map_key = engine_key(
+            {"refit_map": 1, "forward": source_digests(files, _src(fwd)), "reverse": source_digests(files, _src(rev))}
+        )
         map_path = self._cache_dir() / f"refit-map.{map_key[:16]}.json"
         refit_map = read_meta(map_path)
         if refit_map is None or refit_map.get("key") != map_key:
@@ -184,10 +207,18 @@ class TensorRTBackend:
             map_path.parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomic(map_path, json.dumps(refit_map).encode())
         engine = self.engine_for(bundle, "unet_forward", refit=True)
-        session = TrtSession("unet_forward", engine, bundle.graphs["unet_forward"], rt["trt"], rt["cuda"],
-                             self.options.cuda_graph)
-        base = SharedBase(session, rt["trt"], rt["logger"], bundle.root, refit_map, self.refit_log,
-                          on_close=lambda: self._shared.pop(root, None))
+        session = TrtSession(
+            "unet_forward", engine, bundle.graphs["unet_forward"], rt["trt"], rt["cuda"], self.options.cuda_graph
+        )
+        base = SharedBase(
+            session,
+            rt["trt"],
+            rt["logger"],
+            bundle.root,
+            refit_map,
+            self.refit_log,
+            on_close=lambda: self._shared.pop(root, None),
+        )
         with self._lock:
             self._shared[root] = base
         return base
@@ -218,8 +249,9 @@ class TensorRTBackend:
         trt, entry = rt["trt"], bundle.graphs[graph]
         plan = plan_precision(graph, entry, self.options.precision, rt["version"], refit=refit)
         profile = profile_shapes(entry)
-        material = key_material(graph, source_digests(bundle.manifest.files, plan.source), plan, profile,
-                                rt["gpu"], rt["version"])
+        material = key_material(
+            graph, source_digests(bundle.manifest.files, plan.source), plan, profile, rt["gpu"], rt["version"]
+        )
         key = engine_key(material)
 
         prebuilt = entry.artifacts.get("tensorrt")
@@ -228,10 +260,15 @@ class TensorRTBackend:
                 engine, problem = self._load(bundle.path(prebuilt.file), entry)
                 if engine is not None:
                     return engine
-                logger.warning("bundle engine %s is not usable here (%s); using the engine cache", prebuilt.file, problem)
+                logger.warning(
+                    "bundle engine %s is not usable here (%s); using the engine cache", prebuilt.file, problem
+                )
             else:
-                logger.info("bundle engine %s was built for other inputs (%s); using the engine cache", prebuilt.file,
-                            describe_difference(prebuilt.details.get("material") or {}, material))
+                logger.info(
+                    "bundle engine %s was built for other inputs (%s); using the engine cache",
+                    prebuilt.file,
+                    describe_difference(prebuilt.details.get("material") or {}, material),
+                )
 
         path = self._cache_dir() / engine_filename(graph, plan.precision, key)
         reason = stale_reason(read_meta(meta_path(path)), material, path, sha256_file)
@@ -240,13 +277,30 @@ class TensorRTBackend:
             if engine is not None:
                 return engine
         if not self.options.build:
-            raise BackendUnavailable(f"no usable TensorRT engine for {graph} in {path.parent} ({reason}); allow building "
-                                     "(build=True) or export with --targets onnx,tensorrt on this kind of GPU")
-        logger.warning("%s TensorRT engine %s: %s (this takes minutes for a full-size UNet)",
-                       "building" if reason == "no engine file" else "rebuilding stale", path.name, reason)
-        build_engine(trt, BuildRequest(graph, bundle.path(plan.source.file), plan, profile, material, path,
-                                       self._cache_dir() / timing_cache_name(rt["gpu"], rt["version"]),
-                                       (self.options.workspace_mb or 0) * (1 << 20) or None), rt["logger"])
+            raise BackendUnavailable(
+                f"no usable TensorRT engine for {graph} in {path.parent} ({reason}); allow building "
+                "(build=True) or export with --targets onnx,tensorrt on this kind of GPU"
+            )
+        logger.warning(
+            "%s TensorRT engine %s: %s (this takes minutes for a full-size UNet)",
+            "building" if reason == "no engine file" else "rebuilding stale",
+            path.name,
+            reason,
+        )
+        build_engine(
+            trt,
+            BuildRequest(
+                graph,
+                bundle.path(plan.source.file),
+                plan,
+                profile,
+                material,
+                path,
+                self._cache_dir() / timing_cache_name(rt["gpu"], rt["version"]),
+                (self.options.workspace_mb or 0) * (1 << 20) or None,
+            ),
+            rt["logger"],
+        )
         self.built.append(path.name)
         engine, problem = self._load(path, entry)
         if engine is None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from icd_edge.atomic import write_bytes_atomic
-from icd_edge.errors import BackendUnavailable
 from icd_edge.bundle.store import sha256_file
+from icd_edge.errors import BackendUnavailable
 from icd_edge.runtimes.trt.plan import PrecisionPlan, engine_key, meta_path
 
 logger = logging.getLogger(__name__)
@@ -78,19 +78,30 @@ def build_engine(trt, req: BuildRequest, trt_logger) -> dict:
         cache = config.create_timing_cache(previous)
         config.set_timing_cache(cache, ignore_mismatch=False)
 
-    logger.info("building TensorRT engine %s (%s, %s) from %s", req.graph, req.plan.precision,
-                "strongly typed" if req.plan.strongly_typed else "flags " + ",".join(req.plan.builder_flags),
-                req.onnx_path.name)
+    logger.info(
+        "building TensorRT engine %s (%s, %s) from %s",
+        req.graph,
+        req.plan.precision,
+        "strongly typed" if req.plan.strongly_typed else "flags " + ",".join(req.plan.builder_flags),
+        req.onnx_path.name,
+    )
     blob = builder.build_serialized_network(network, config)
     if blob is None:
-        raise BackendUnavailable(f"TensorRT could not build {req.graph} ({req.plan.precision}); run with -v for the "
-                                 "builder log; out-of-memory during tactic selection is common: lower workspace_mb")
+        raise BackendUnavailable(
+            f"TensorRT could not build {req.graph} ({req.plan.precision}); run with -v for the "
+            "builder log; out-of-memory during tactic selection is common: lower workspace_mb"
+        )
     req.engine_path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(req.engine_path, blob)  # IHostMemory has the buffer protocol: no copy
     size = req.engine_path.stat().st_size
-    meta = {"key": engine_key(req.material), "material": req.material, "engine_bytes": size,
-            "engine_sha256": sha256_file(req.engine_path), "build_s": round(time.perf_counter() - t0, 2),
-            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    meta = {
+        "key": engine_key(req.material),
+        "material": req.material,
+        "engine_bytes": size,
+        "engine_sha256": sha256_file(req.engine_path),
+        "build_s": round(time.perf_counter() - t0, 2),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     write_bytes_atomic(meta_path(req.engine_path), json.dumps(meta, indent=1, sort_keys=True).encode())
     if cache is not None:
         req.timing_cache.parent.mkdir(parents=True, exist_ok=True)
@@ -106,12 +117,16 @@ def _add_profile(builder, network, config, req: BuildRequest) -> None:
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         if tensor.name not in wanted:
-            raise BackendUnavailable(f"{req.onnx_path.name} has input {tensor.name!r}, which the manifest does not list; "
-                                     "re-export the bundle")
+            raise BackendUnavailable(
+                f"{req.onnx_path.name} has input {tensor.name!r}, which the manifest does not list; "
+                "re-export the bundle"
+            )
         dims, shape = tuple(tensor.shape), wanted[tensor.name]
         if len(dims) != len(shape) or any(d not in (-1, s) for d, s in zip(dims, shape)):
-            raise BackendUnavailable(f"{req.onnx_path.name} input {tensor.name!r} has shape {dims}, the manifest says "
-                                     f"{shape}; re-export the bundle")
+            raise BackendUnavailable(
+                f"{req.onnx_path.name} input {tensor.name!r} has shape {dims}, the manifest says "
+                f"{shape}; re-export the bundle"
+            )
         if -1 in dims:
             profile = profile or builder.create_optimization_profile()
             profile.set_shape(tensor.name, shape, shape, shape)

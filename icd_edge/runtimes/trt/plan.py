@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +43,16 @@ KEY_SCHEMA = 1
 STRONG_TYPING_ONLY_MAJOR = 11
 
 # trt.DataType member name -> numpy dtype name.
-TRT_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
-              "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+TRT_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8, "bool": 1}
 # Engine I/O dtypes the session converts to/from the manifest's dtype on the host.
 _CASTABLE = {("float32", "float16")}
@@ -125,8 +132,10 @@ def version_problem(version: str) -> str | None:
     except BackendUnavailable as exc:
         return str(exc)
     if major < MIN_TRT_MAJOR:
-        return (f"TensorRT {version} is older than {MIN_TRT_MAJOR}.0, which this backend needs (on Jetson: JetPack 6.1 "
-                "or later); use the onnxruntime backend or upgrade TensorRT")
+        return (
+            f"TensorRT {version} is older than {MIN_TRT_MAJOR}.0, which this backend needs (on Jetson: JetPack 6.1 "
+            "or later); use the onnxruntime backend or upgrade TensorRT"
+        )
     return None
 
 
@@ -161,7 +170,8 @@ def plan_precision(graph: str, entry: dict, requested: str, trt_version: str, re
             raise BackendUnavailable(
                 f"{graph}: int8 needs an explicitly quantized (Q/DQ) ONNX graph in the bundle (artifacts "
                 f"'onnx_*' with precision int8); this bundle has {sorted(by_prec) or 'no ONNX'}. "
-                "Export one with the int8 target, or use precision='fp16'")
+                "Export one with the int8 target, or use precision='fp16'"
+            )
         return strong(by_prec["int8"])
     if requested in ("fp16", "auto"):
         if "fp16" in by_prec:
@@ -171,9 +181,12 @@ def plan_precision(graph: str, entry: dict, requested: str, trt_version: str, re
         if requested == "fp16":
             raise BackendUnavailable(
                 f"{graph}: TensorRT {trt_version} builds fp16 only from an fp16 ONNX graph (BuilderFlag.FP16 was "
-                "removed in TensorRT 11) and this bundle has only fp32 ONNX; use precision='fp32' or TensorRT 10")
+                "removed in TensorRT 11) and this bundle has only fp32 ONNX; use precision='fp32' or TensorRT 10"
+            )
     if "fp32" not in by_prec:
-        raise BackendUnavailable(f"{graph}: the bundle has no fp32 ONNX graph to build a TensorRT engine from; re-export it")
+        raise BackendUnavailable(
+            f"{graph}: the bundle has no fp32 ONNX graph to build a TensorRT engine from; re-export it"
+        )
     return strong(by_prec["fp32"])
 
 
@@ -217,7 +230,9 @@ def engine_io_problems(entry: dict, engine_io: dict[str, tuple[bool, str, tuple[
         is_input, spec = expected[name]
         got_input, got_dtype, got_shape = engine_io[name]
         if got_input != is_input:
-            problems.append(f"{name!r} is an {'input' if got_input else 'output'} of the engine, the manifest says otherwise")
+            problems.append(
+                f"{name!r} is an {'input' if got_input else 'output'} of the engine, the manifest says otherwise"
+            )
         if got_dtype != spec.dtype and (spec.dtype, got_dtype) not in _CASTABLE:
             problems.append(f"{name!r} is {got_dtype} in the engine, {spec.dtype} in the manifest")
         if tuple(got_shape) != tuple(spec.shape) and not _fits(tuple(got_shape), tuple(spec.shape)):
@@ -239,8 +254,9 @@ def source_digests(files: dict, source: Source) -> dict[str, str]:
     return {r: files[r].sha256 for r in rels}
 
 
-def key_material(graph: str, digests: dict[str, str], plan: PrecisionPlan, profile, gpu: GpuInfo,
-                 trt_version: str) -> dict:
+def key_material(
+    graph: str, digests: dict[str, str], plan: PrecisionPlan, profile, gpu: GpuInfo, trt_version: str
+) -> dict:
     """Everything an engine depends on; equal material <=> the same engine may be reused."""
     return {
         "schema": KEY_SCHEMA,
@@ -291,7 +307,9 @@ def stale_reason(meta: dict | None, material: dict, engine_path: Path, sha256) -
     if meta.get("key") != engine_key(material) or meta.get("material") != material:
         return "it was built for other inputs (" + describe_difference(meta.get("material") or {}, material) + ")"
     if meta.get("engine_bytes") != engine_path.stat().st_size:
-        return f"the engine file has {engine_path.stat().st_size} bytes, its metadata records {meta.get('engine_bytes')}"
+        return (
+            f"the engine file has {engine_path.stat().st_size} bytes, its metadata records {meta.get('engine_bytes')}"
+        )
     if meta.get("engine_sha256") != sha256(engine_path):
         return "the engine file does not match the sha256 in its metadata"
     return None

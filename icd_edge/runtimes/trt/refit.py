@@ -87,9 +87,11 @@ def refit_weight_map(bundle_root: str | Path, forward_onnx: str, reverse_onnx: s
     f_ops, r_ops = [n.op_type for n in fwd.node], [n.op_type for n in rev.node]
     if f_ops != r_ops:
         first = next((i for i, (a, b) in enumerate(zip(f_ops, r_ops)) if a != b), min(len(f_ops), len(r_ops)))
-        raise BundleError(f"{forward_onnx} and {reverse_onnx} do not have the same topology ({len(f_ops)} vs {len(r_ops)} "
-                          f"nodes, first difference at node {first}); a shared refittable engine is not possible, "
-                          "use shared_base=False")
+        raise BundleError(
+            f"{forward_onnx} and {reverse_onnx} do not have the same topology ({len(f_ops)} vs {len(r_ops)} "
+            f"nodes, first difference at node {first}); a shared refittable engine is not possible, "
+            "use shared_base=False"
+        )
     f_pos, r_pos = _initializer_positions(fwd), _initializer_positions(rev)
     r_by_pos = {p: name for name, p in r_pos.items()}
     r_tensors = {t.name: t for t in rev.initializer}
@@ -99,17 +101,28 @@ def refit_weight_map(bundle_root: str | Path, forward_onnx: str, reverse_onnx: s
             continue  # not read by any node
         r_name = r_by_pos.get(f_pos[t.name])
         if r_name is None:
-            raise BundleError(f"initializer {t.name} of {forward_onnx} has no counterpart in {reverse_onnx}; "
-                              "use shared_base=False")
+            raise BundleError(
+                f"initializer {t.name} of {forward_onnx} has no counterpart in {reverse_onnx}; use shared_base=False"
+            )
         rt = r_tensors[r_name]
         if list(t.dims) != list(rt.dims) or t.data_type != rt.data_type:
-            raise BundleError(f"initializer {t.name} is {list(t.dims)} in {forward_onnx} but {r_name} is {list(rt.dims)} "
-                              f"in {reverse_onnx}; use shared_base=False")
+            raise BundleError(
+                f"initializer {t.name} is {list(t.dims)} in {forward_onnx} but {r_name} is {list(rt.dims)} "
+                f"in {reverse_onnx}; use shared_base=False"
+            )
         f_ref, f_sha = _ref(t, forward_onnx, root)
         r_ref, r_sha = _ref(rt, reverse_onnx, root)
-        weights.append({"name": t.name, "reverse_name": r_name,
-                        "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).name,
-                        "shape": [int(d) for d in t.dims], "differs": f_sha != r_sha, "forward": f_ref, "reverse": r_ref})
+        weights.append(
+            {
+                "name": t.name,
+                "reverse_name": r_name,
+                "dtype": np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).name,
+                "shape": [int(d) for d in t.dims],
+                "differs": f_sha != r_sha,
+                "forward": f_ref,
+                "reverse": r_ref,
+            }
+        )
     return {"schema": MAP_SCHEMA, "forward": forward_onnx, "reverse": reverse_onnx, "weights": weights}
 
 
@@ -127,13 +140,17 @@ def load_weights(bundle_root: str | Path, refit_map: dict, side: str, names) -> 
     out = {}
     for name in names:
         if name not in table:
-            raise BackendUnavailable(f"TensorRT asks for weight {name!r}, which the shared-base refit map does not know; "
-                                     "use shared_base=False")
+            raise BackendUnavailable(
+                f"TensorRT asks for weight {name!r}, which the shared-base refit map does not know; "
+                "use shared_base=False"
+            )
         w = table[name]
         ref, dtype = w[side], np.dtype(w["dtype"])
         if "inline" in ref:
             arr = np.frombuffer(base64.b64decode(ref["inline"]), dtype=dtype)
         else:
-            arr = np.fromfile(root / ref["file"], dtype=dtype, count=ref["length"] // dtype.itemsize, offset=ref["offset"])
+            arr = np.fromfile(
+                root / ref["file"], dtype=dtype, count=ref["length"] // dtype.itemsize, offset=ref["offset"]
+            )
         out[name] = np.ascontiguousarray(arr.reshape(w["shape"]))
     return out

@@ -14,10 +14,10 @@ from typing import Mapping
 
 import numpy as np
 
+from icd_edge.bundle.spec import check_feeds
 from icd_edge.errors import BackendUnavailable
 from icd_edge.runtimes.trt.plan import TRT_DTYPES, binding_plan
 from icd_edge.runtimes.trt.refit import differing, load_weights
-from icd_edge.bundle.spec import check_feeds
 
 logger = logging.getLogger(__name__)
 
@@ -28,9 +28,11 @@ def engine_io(trt, engine) -> dict[str, tuple[bool, str, tuple[int, ...]]]:
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         dtype = engine.get_tensor_dtype(name)
-        out[name] = (engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
-                     TRT_DTYPES.get(getattr(dtype, "name", str(dtype)), str(dtype)),
-                     tuple(int(d) for d in engine.get_tensor_shape(name)))
+        out[name] = (
+            engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
+            TRT_DTYPES.get(getattr(dtype, "name", str(dtype)), str(dtype)),
+            tuple(int(d) for d in engine.get_tensor_shape(name)),
+        )
     return out
 
 
@@ -150,8 +152,9 @@ class SharedBase:
     and records the refit time in ``refit_log`` (list of ``{"to", "weights", "ms"}``).
     """
 
-    def __init__(self, session: TrtSession, trt, trt_logger, bundle_root, refit_map: dict, refit_log: list,
-                 on_close=None):
+    def __init__(
+        self, session: TrtSession, trt, trt_logger, bundle_root, refit_map: dict, refit_log: list, on_close=None
+    ):
         self.session = session
         self.users = 0
         self._on_close = on_close
@@ -182,7 +185,8 @@ class SharedBase:
             if folded:
                 raise BackendUnavailable(
                     f"{len(folded)} weights that differ between unet_forward and unet_reverse are not refittable in "
-                    f"this engine (TensorRT folded them), e.g. {folded[:3]}; use shared_base=False")
+                    f"this engine (TensorRT folded them), e.g. {folded[:3]}; use shared_base=False"
+                )
             self._checked = True
         arrays = load_weights(self._root, self._map, side, self._names)
         self._set(refitter, arrays)
@@ -201,14 +205,19 @@ class SharedBase:
         self.session.invalidate_graph()
         self.active = side
         self.refit_log.append({"to": side, "weights": len(self._names) + len(missing), "ms": round(ms, 2)})
-        logger.info("refitted the shared UNet engine to %s weights (%d tensors) in %.1f ms",
-                    side, len(self._names) + len(missing), ms)
+        logger.info(
+            "refitted the shared UNet engine to %s weights (%d tensors) in %.1f ms",
+            side,
+            len(self._names) + len(missing),
+            ms,
+        )
 
     def _set(self, refitter, arrays: dict[str, np.ndarray]) -> None:
         for name, arr in arrays.items():
             if not refitter.set_named_weights(name, self._trt.Weights(arr)):
-                raise BackendUnavailable(f"TensorRT rejected refit weight {name!r} {arr.dtype}{arr.shape}; "
-                                         "use shared_base=False")
+                raise BackendUnavailable(
+                    f"TensorRT rejected refit weight {name!r} {arr.dtype}{arr.shape}; use shared_base=False"
+                )
 
     def release(self) -> None:
         """One view closed; the engine and its buffers go with the last one."""
