@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             coreml_compression=args.coreml_compression,
             coreml_attention=args.coreml_attention,
             progress=not args.no_progress,
-            extra={"trt_precision": args.trt_precision, "trt_workspace_mb": args.trt_workspace_mb},
+            trt_precision=args.trt_precision,
+            trt_workspace_mb=args.trt_workspace_mb,
         )
         validate(cfg)  # before torch is imported
         from icd_edge.export.pipeline import run_export

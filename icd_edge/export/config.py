@@ -4,7 +4,7 @@ export's argument errors come before the heavy imports."""
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from icd_edge.errors import ExportError
@@ -68,7 +68,8 @@ class ExportConfig:
     coreml_compression: str = "none"
     coreml_attention: str = "standard"
     progress: bool = True
-    extra: dict = field(default_factory=dict)
+    trt_precision: str = "auto"  # the tensorrt target's engines: auto, fp32, fp16 or int8
+    trt_workspace_mb: int | None = None  # the tensorrt builder's workspace limit; None: TensorRT's default
 
 
 def validate(cfg: ExportConfig) -> None:
@@ -156,6 +157,12 @@ def validate(cfg: ExportConfig) -> None:
             raise ExportError(
                 f"{flag} applies to Core ML packages only; add coreml to --targets (e.g. --targets onnx,coreml)"
             )
+    for flag, value, default in (
+        ("--trt-precision", cfg.trt_precision, "auto"),
+        ("--trt-workspace-mb", cfg.trt_workspace_mb, None),
+    ):
+        if value != default and "tensorrt" not in cfg.targets:
+            raise ExportError(f"{flag} applies to TensorRT engines only; add tensorrt to --targets")
     if "coreml" in cfg.targets:
         from icd_edge.export import to_coreml
 

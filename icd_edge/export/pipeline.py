@@ -243,7 +243,7 @@ def _base_manifest(cfg, src, dims, guidance, graph_names=None) -> Manifest:
             "sources": src.sources,
             "resolution": {"image": dims["H"], "latent": dims["h"]},
             "tools": _tool_versions(),
-            "export": {"config": {k: _jsonable(v) for k, v in cfg.__dict__.items() if k != "extra"}},
+            "export": {"config": {k: _jsonable(v) for k, v in cfg.__dict__.items()}},
         },
     )
 

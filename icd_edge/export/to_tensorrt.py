@@ -41,10 +41,10 @@ NOT_INSTALLED = (
 
 def check_target(cfg) -> None:
     """Called by ``pipeline.validate`` before any download: TensorRT importable, options valid."""
-    precision = cfg.extra.get("trt_precision", "auto")
+    precision = cfg.trt_precision
     if precision not in PRECISIONS:
         raise ExportError(f"--trt-precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    workspace = cfg.extra.get("trt_workspace_mb")
+    workspace = cfg.trt_workspace_mb
     if workspace is not None and (not isinstance(workspace, int) or workspace <= 0):
         raise ExportError(f"--trt-workspace-mb must be a positive integer, got {workspace!r}")
     if importlib.util.find_spec("tensorrt") is None:
@@ -63,8 +63,8 @@ def export_target(ctx) -> None:
         ) from exc
     from icd_edge.runtimes.trt.cuda import Cuda
 
-    precision = ctx.cfg.extra.get("trt_precision", "auto")
-    workspace_mb = ctx.cfg.extra.get("trt_workspace_mb")
+    precision = ctx.cfg.trt_precision
+    workspace_mb = ctx.cfg.trt_workspace_mb
     try:
         gpu = Cuda().gpu_info()
         version = str(trt.__version__)

@@ -381,6 +381,10 @@ class FastEditor:
         self._launch(("edit", flags), n, self._edit_fn, b)
         return b["image"].permute(0, 2, 3, 1).cpu().numpy()
 
+    def captured_graphs(self) -> list:
+        """The keys of the loops captured as CUDA graphs so far: ("invert", n) and (("edit", flags), n)."""
+        return list(self._graphs)
+
     @torch.inference_mode()
     def invert_batch(
         self, images: list, source_prompts: list[str], seeds: list[int], rng: str = "torch"

@@ -183,6 +183,10 @@ class OpenVinoBackend:
             self._core = openvino.Core()
         return self._core
 
+    def capabilities(self) -> list[str]:
+        """The CPU plugin's OPTIMIZATION_CAPABILITIES (FP32, BF16, INT8, ...)."""
+        return list(self._get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
     def compile_config(self, graph_precision: str = "fp32") -> dict:
         """The CPU plugin configuration a graph exported in ``graph_precision`` is compiled with."""
         config = {"PERFORMANCE_HINT": "LATENCY"}

@@ -72,7 +72,7 @@ def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
     b = open_bundle(int8_bundle, verify=False)
     with Editor.open(b, "onnxruntime") as ed:
         ref = _edit(ed, photo)
-    caps = ovb.OpenVinoBackend()._get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    caps = ovb.OpenVinoBackend().capabilities()
     images = {}
     for precision in ("auto", "f32"):
         with Editor.open(b, "openvino", precision=precision) as ed:

@@ -27,7 +27,7 @@ def test_io_binding_equals_plain_run(tiny_bundle, photo):
             inv = ed.invert(photo, "a photo of a cat", seed=2)
             images.append(ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), output_type="np"))
             sess = ed.session("unet_reverse_edit")
-            assert isinstance(sess, OrtSession) and (sess._binding is not None) == binding
+            assert isinstance(sess, OrtSession) and sess.io_binding == binding
     np.testing.assert_array_equal(images[0], images[1])
 
 
@@ -35,7 +35,7 @@ def test_binding_defaults_on_only_for_cuda(tiny_bundle):
     from icd_edge.bundle.store import open_bundle
 
     sess = OrtBackend().open_session(open_bundle(tiny_bundle), "text_encoder")
-    assert sess.providers[0] == "CPUExecutionProvider" and sess._binding is None
+    assert sess.providers[0] == "CPUExecutionProvider" and not sess.io_binding
 
 
 def _softmaxes(bundle, graph):

@@ -409,7 +409,7 @@ def test_export_target_records_engines_the_runtime_reuses(fake, tiny_bundle, tmp
     b = open_bundle(out, verify=False)
     manifest = b.manifest
     ctx = SimpleNamespace(
-        cfg=SimpleNamespace(extra={"trt_precision": "fp16"}),
+        cfg=SimpleNamespace(trt_precision="fp16", trt_workspace_mb=None),
         out_dir=out,
         manifest=manifest,
         timings={},

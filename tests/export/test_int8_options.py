@@ -185,3 +185,14 @@ def test_fields_reach_the_quantiser_call(monkeypatch, tmp_path):
     stage.convert(src, tmp_path / "out.onnx", "int8", Store(), [{"x": np.zeros(1, np.float32)}])
     assert seen["argv"][-2:] == ["Conv,MatMul", "on"]
     assert seen["op_types_to_quantize"] == ["Conv", "MatMul"] and seen["per_channel"] is True
+
+
+def test_tensorrt_flags_need_the_target_and_are_recorded(tmp_path):
+    """The tensorrt target's knobs are typed config fields (recorded with the rest of the config)."""
+    from icd_edge.export.config import ExportConfig, validate
+
+    with pytest.raises(ExportError, match="--trt-precision applies to TensorRT engines only"):
+        validate(ExportConfig(out=tmp_path / "b", model="tiny", trt_precision="fp16"))
+    with pytest.raises(ExportError, match="--trt-workspace-mb applies"):
+        validate(ExportConfig(out=tmp_path / "b", model="tiny", trt_workspace_mb=512))
+    assert {"trt_precision", "trt_workspace_mb"} <= set(ExportConfig(out=tmp_path).__dict__)

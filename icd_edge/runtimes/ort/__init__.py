@@ -121,6 +121,11 @@ class OrtSession:
         return source
 
     @property
+    def io_binding(self) -> bool:
+        """Whether runs bind inputs and outputs to device buffers (the CUDA provider's default)."""
+        return self._binding is not None
+
+    @property
     def session_options(self):
         """The onnxruntime SessionOptions this graph runs with (memory reuse, arena, threads)."""
         return self._sess.get_session_options()
