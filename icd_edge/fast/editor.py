@@ -32,6 +32,17 @@ from icd_edge.tokenizer import ClipTokenizer
 DTYPES = {precision.FP16: torch.float16, precision.BF16: torch.bfloat16, precision.FP32: torch.float32}
 
 
+def blend_mask(acc: torch.Tensor, tokens: torch.Tensor, latent_hw: int, threshold: float) -> torch.Tensor:
+    """The device twin of :func:`icd_edge.edit.p2p.blend_mask` for N photos at once (no host sync):
+    acc (2, N, Q, 77), tokens (N, 2, 77) → (N, 1, h, h) float mask, source OR target."""
+    m = int(round(acc.shape[2] ** 0.5))
+    g = torch.einsum("rnqt,nrt->nrq", acc, tokens).reshape(-1, 2, m, m)
+    g = torch.nn.functional.max_pool2d(g, 3, 1, 1)
+    g = torch.nn.functional.interpolate(g, size=(latent_hw, latent_hw), mode="nearest")
+    g = g / g.amax(dim=(-2, -1), keepdim=True)
+    return (g > threshold).any(dim=1, keepdim=True).float()
+
+
 class TorchOps:
     """:class:`icd_edge.edit.loop.Ops` on device tensors: float32 steps, no host sync."""
 
@@ -228,13 +239,7 @@ class FastEditor:
         s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
 
     def _blend_mask(self, acc: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """acc (2, N, Q, 77), tokens (N, 2, 77) → (N, 1, h, h) float mask (src OR tgt), §3.1."""
-        m = int(round(self.q**0.5))
-        g = torch.einsum("rnqt,nrt->nrq", acc, tokens).reshape(-1, 2, m, m)
-        g = torch.nn.functional.max_pool2d(g, 3, 1, 1)
-        g = torch.nn.functional.interpolate(g, size=(self.h, self.h), mode="nearest")
-        g = g / g.amax(dim=(-2, -1), keepdim=True)
-        return (g > self.c.blend_threshold).any(dim=1, keepdim=True).float()
+        return blend_mask(acc, tokens, self.h, self.c.blend_threshold)
 
     # ----------------------------------------------------------------- buffers and graphs
     def _buffers_for(self, kind: str, n: int) -> dict:

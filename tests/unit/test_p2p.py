@@ -138,3 +138,19 @@ def test_blend_mask_threshold_is_strict_and_relative():
     acc2[:, 8, 1] = 2.9  # below 0.3 after pooling: corner (2, 2) only covered by itself
     mask2 = p2p.blend_mask(acc2, tokens, 3)
     assert mask2[0, 0] and mask2[1, 1] and not mask2[2, 2]
+
+
+def test_device_blend_mask_equals_the_host_one():
+    """The GPU path's torch twin gives the host mask for every photo of a batch."""
+    torch = pytest.importorskip("torch")
+    from icd_edge.fast.editor import blend_mask as device_blend_mask
+
+    rng = np.random.default_rng(3)
+    n, q, h = 3, 64, 16
+    acc = rng.random((2, n, q, 77)).astype(np.float32) ** 8  # peaky, so the threshold bites
+    tokens = (rng.random((n, 2, 77)) < 0.1).astype(np.float32)
+    got = device_blend_mask(torch.from_numpy(acc), torch.from_numpy(tokens), h, 0.9).numpy()
+    for i in range(n):
+        want = p2p.blend_mask(acc[:, i], tokens[i], h, 0.9)
+        assert 0 < want.mean() < 1
+        np.testing.assert_array_equal(got[i, 0] > 0, want)
