@@ -198,7 +198,7 @@ def test_outputs_equal_the_torch_reference(opened, bundle, feeds, reference):
     gate = MIN_PSNR_DB.get(name, GRAPH_MIN_PSNR_DB)
     worst = {}
     for graph, sess in sessions.items():
-        assert bundle.artifact(graph, backend.fmt)["precision"] == "fp32", graph  # the tiny bundle is fp32 throughout
+        assert bundle.artifact(graph, backend.fmt).precision == "fp32", graph  # the tiny bundle is fp32 throughout
         got = sess.run(feeds[graph])
         if name == "torch":  # the reference itself, loaded a second time: the same numbers exactly
             for key, value in reference[graph].items():
