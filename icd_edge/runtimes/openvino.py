@@ -11,8 +11,7 @@ natively, since they already trade fidelity for speed. ``benchmarks/bench_cpu.py
 end-to-end PSNR against torch fp32 of each choice.
 
 Compiled graphs are cached (OpenVINO's ``CACHE_DIR``, keyed by the graph's content and the
-compile options), so a bundle compiles once per machine: the int8 UNet compiles in ≈ 11 s and
-loads from the cache in ≈ 4.6 s on the 2-core development CPU.
+compile options), so a bundle compiles once per machine and later sessions load compiled graphs.
 """
 
 from __future__ import annotations
@@ -99,8 +98,7 @@ class OvSession:
             # copies: the request's output buffers are overwritten by the next run
             out = {name: np.array(result[port], copy=True) for name, port in self._ports.items()}
         for name, value in out.items():
-            # bfloat16 float parts can overflow where float32 does not (measured: the random-weight
-            # fp32 SD1.5 UNet gives NaN everywhere under bf16); say so instead of decoding NaN
+            # bfloat16 float parts can overflow where float32 does not: say so instead of decoding NaN
             if not np.isfinite(value).all():
                 raise NumericsError(
                     f"OpenVINO's {self.graph} gave NaN/inf in {name!r} running in {self.precision}; "

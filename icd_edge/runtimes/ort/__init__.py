@@ -62,20 +62,14 @@ class OrtSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         if options.low_memory:
-            # onnxruntime's allocation planner gives a later tensor the buffer of an earlier one of
-            # the same size; in a UNet that chains each resolution's buffers from the down path to
-            # the up path, so every resolution's working set stays allocated at once (measured:
-            # batch-2 int8 edit UNet at 512 px, 1.1 GB of weights, peaks at 2.7 GB, 4.3 GB from the
-            # second run with memory patterns). Without planned reuse the arena recycles what each
-            # tensor frees as it goes: 1.4-1.5 GB, at the same speed (2-core development CPU).
+            # the allocation planner chains each resolution's buffers from the UNet's down path to
+            # its up path, keeping them all allocated; without it the arena recycles as it goes
+            # (about half the peak at the same speed; docs/running.md has the figures)
             so.enable_mem_reuse = False
             so.enable_mem_pattern = False
             if graph in IMAGE_GRAPHS:
-                # image-resolution activations (134 MB tensors at 512 px) fragment the arena: the
-                # int8 VAE decoder peaked at 2.1 GB with it. Without it: 1.0-1.1 GB and 6.7-7.4 s a
-                # decode with planned reuse off (as here), 1.3 GB and 4.8-5.2 s with it on (the
-                # resident arena path takes 5.2 s); the 0.25 GB would put a full-VAE sequential
-                # edit over 2 GB, so the lean policy pays the time
+                # image-resolution activations fragment the arena; the lean policy trades some
+                # decode time for a lower peak here
                 so.enable_cpu_mem_arena = False
         for name, value in initializers or ():
             so.add_initializer(name, value)
