@@ -120,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "is fp16 (int8 text encoders always do; fp16: 76 -> 38 MB)",
     )
     p.add_argument(
+        "--p2p-attention",
+        default="fused",
+        choices=("fused", "explicit"),
+        help="the ONNX edit graph's Prompt-to-Prompt: fused (the edit as plain attentions, which the "
+        "runtimes fuse) or explicit (softmax probabilities edited in every layer)",
+    )
+    p.add_argument(
         "--lora-rounding",
         default="fp16",
         choices=("fp16", "none"),
@@ -204,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             int8_ops=args.int8_ops,
             int8_per_channel=args.int8_per_channel == "on",
             lora_rounding=args.lora_rounding,
+            p2p_attention=args.p2p_attention,
             out=args.out,
             model=args.model,
             base=args.base,

@@ -62,6 +62,7 @@ class ExportConfig:
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
     lora_rounding: str = "fp16"  # A and B through float16 before fusing, as the official loader; or "none"
+    p2p_attention: str = "fused"  # the ONNX edit graph: P2P as plain (fusable) attentions, or "explicit"
     int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (quant.policy.INT8_WEIGHT_RANGES)
     int8_ops: tuple[str, ...] = ("Conv", "MatMul")  # ops static int8 quantises (quant.policy.INT8_OP_CHOICES)
     int8_per_channel: bool = True  # weight scales per output channel; False: one per tensor
@@ -98,6 +99,8 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError(f"--opset must be within 18..25 (17 gives invalid graphs, 26 fails), got {cfg.opset}")
     from icd_edge.export.quant.policy import DEFAULT_INT8_OPS, INT8_OP_CHOICES, INT8_WEIGHT_RANGES, PRECISIONS
 
+    if cfg.p2p_attention not in ("fused", "explicit"):
+        raise ExportError(f"--p2p-attention must be fused or explicit, got {cfg.p2p_attention!r}")
     if cfg.lora_rounding not in ("fp16", "none"):
         raise ExportError(f"--lora-rounding must be fp16 or none, got {cfg.lora_rounding!r}")
     if cfg.int8_weights not in INT8_WEIGHT_RANGES:

@@ -130,7 +130,9 @@ def run_export(cfg: ExportConfig) -> Path:
 
             taesd = load_taesd(cfg.taesd, cfg.revision, cfg.seed)
             src.sources["taesd"] = cfg.taesd
-        graphs = build_graphs(src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, dims, taesd)
+        graphs = build_graphs(
+            src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, dims, taesd, p2p_attention=cfg.p2p_attention
+        )
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(src.tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
         tokenizer = ClipTokenizer(tmp / "tokenizer" / "tokenizer.json")
@@ -145,6 +147,10 @@ def run_export(cfg: ExportConfig) -> Path:
             t0 = time.perf_counter()
             getattr(importlib.import_module(module_name), func)(ctx)
             timings[f"{target}_s"] = time.perf_counter() - t0
+            if target == "onnx":
+                # the other targets and the parity checks run the reference math: the fused ONNX
+                # edit graph is then compared with the explicit form it must equal
+                graphs["unet_reverse_edit"].use_attention("explicit")
 
         manifest = ctx.manifest  # a target may have replaced it (e.g. with the int8 scheme)
         write_manifest(tmp, manifest.with_(files=file_table(tmp)))

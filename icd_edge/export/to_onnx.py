@@ -311,6 +311,8 @@ def export_target(ctx) -> None:
     for name in ctx.graphs:
         group = groups.get(name, name)
         details = {"opset": ctx.cfg.opset}
+        if name == "unet_reverse_edit":
+            details["p2p_attention"] = ctx.cfg.p2p_attention
         if precisions[name] == "fp16":
             details["fp16_method"] = "traced in float16" if name in direct else "onnxconverter-common (keep_io_types)"
         ctx.manifest.graphs[name].artifacts["onnx"] = Artifact(

@@ -177,28 +177,34 @@ class FusedP2PAttnProcessor:
         context = encoder_hidden_states if is_cross else hidden_states
         if is_cross and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        b2, lq, _ = q.shape
+        q3, k3, v3 = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        b2, lq, _ = q3.shape
         n, heads = b2 // 2, attn.heads
-        q = q.view(b2, lq, heads, -1).transpose(1, 2)
-        k = k.view(b2, k.shape[1], heads, -1).transpose(1, 2)
-        v = v.view(b2, v.shape[1], heads, -1).transpose(1, 2)
-        qs, qt, ks, kt, vs, vt = q[:n], q[n:], k[:n], k[n:], v[:n], v[n:]
-        sdpa = torch.nn.functional.scaled_dot_product_attention
+        # the edit is built on (batch, tokens, channels) tensors and every attention takes its
+        # inputs through the usual head split: the exported graph then holds plain attentions
+        # that the runtimes fuse (onnxruntime's MultiHeadAttention, OpenVINO's SDPA)
+        qs, qt, ks, kt, vs, vt = q3[:n], q3[n:], k3[:n], k3[n:], v3[:n], v3[n:]
+
+        head_dim = q3.shape[-1] // heads
+
+        def attend(q, k, v):
+            b = q.shape[0]
+            # (batch, -1, heads, head_dim) as diffusers writes it: the form the fusions match
+            split = lambda x: x.view(b, -1, heads, head_dim).transpose(1, 2)  # noqa: E731
+            out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), scale=attn.scale)
+            return out.transpose(1, 2).reshape(b, lq, heads * head_dim)
+
         if is_cross and p2p.cross_on is False:
-            out = sdpa(q, k, v, scale=attn.scale)
+            out = attend(q3, k3, v3)
             o_src, o_tgt = out[:n], out[n:]
             if lq == p2p.blend_queries:
-                ps = torch.softmax(torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * attn.scale, dim=-1)
-                pt = torch.softmax(torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * attn.scale, dim=-1)
+                ps, pt = _probs(qs, ks, heads, attn.scale), _probs(qt, kt, heads, attn.scale)
                 p2p.maps.append(torch.stack([ps.mean(1), pt.mean(1)]))
         elif not is_cross and p2p.self_on is not None:
             if p2p.self_on:  # P'_tgt = P_src: the target attends with the source's queries and keys
-                o_src, o_tgt = sdpa(
-                    torch.cat([qs, qs]), torch.cat([ks, ks]), torch.cat([vs, vt]), scale=attn.scale
-                ).split(n)
+                o_src, o_tgt = attend(torch.cat([qs, qs]), torch.cat([ks, ks]), torch.cat([vs, vt])).split(n)
             else:
-                out = sdpa(q, k, v, scale=attn.scale)
+                out = attend(q3, k3, v3)
                 o_src, o_tgt = out[:n], out[n:]
         elif is_cross:
             a = _per_pair(p2p.cross_alpha, n)
@@ -207,32 +213,33 @@ class FusedP2PAttnProcessor:
             m = p2p.token_map if p2p.token_map.ndim == 3 else p2p.token_map.expand(n, -1, -1)
             w1 = (a * r * e).to(vt.dtype)
             w2 = (a * (1 - r) * e + (1 - a)).to(vt.dtype)
-            v1 = torch.matmul(m.to(vt.dtype)[:, None], w1[:, None, :, None] * vt)
-            v2 = w2[:, None, :, None] * vt
-            out = torch.nn.functional.scaled_dot_product_attention(
-                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, v1, v2]), scale=attn.scale
-            )
-            o_src, o_a, o_b = out.split(n)
+            v1 = torch.matmul(m.to(vt.dtype), w1[:, :, None] * vt)  # M·diag(w1)·V over the key tokens
+            v2 = w2[:, :, None] * vt
+            o_src, o_a, o_b = attend(torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, v1, v2])).split(n)
             o_tgt = o_a + o_b
             if lq == p2p.blend_queries:
-                ps = torch.softmax(torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * attn.scale, dim=-1)
-                pt = torch.softmax(torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * attn.scale, dim=-1)
+                ps, pt = _probs(qs, ks, heads, attn.scale), _probs(qt, kt, heads, attn.scale)
                 af, rf, ef = (x.float()[:, None, None, :] for x in (a, r, e))
                 replaced = (torch.matmul(ps, m.float()[:, None]) * rf + pt * (1 - rf)) * ef
                 pt_new = af * replaced + (1 - af) * pt
                 p2p.maps.append(torch.stack([ps.mean(1), pt_new.mean(1)]))  # (2, N, Q, 77)
         else:
-            f = _per_pair(p2p.self_flag, n).reshape(n, 1, 1, 1).to(vt.dtype)
-            out = torch.nn.functional.scaled_dot_product_attention(
-                torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, vt, vt]), scale=attn.scale
-            )
-            o_src, o_a, o_b = out.split(n)
+            f = _per_pair(p2p.self_flag, n).reshape(n, 1, 1).to(vt.dtype)
+            o_src, o_a, o_b = attend(torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, vt, vt])).split(n)
             o_tgt = f * o_a + (1 - f) * o_b
-        hidden = torch.cat([o_src, o_tgt]).transpose(1, 2).reshape(b2, lq, -1).to(q.dtype)
+        hidden = torch.cat([o_src, o_tgt]).to(q3.dtype)
         hidden = attn.to_out[1](attn.to_out[0](hidden))
         if attn.residual_connection:
             hidden = hidden + residual
         return hidden / attn.rescale_output_factor
+
+
+def _probs(q3: torch.Tensor, k3: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """Softmax probabilities (N, heads, Lq, Lk) in float32, for the blend maps."""
+    n, lq, lk = q3.shape[0], q3.shape[1], k3.shape[1]
+    q = q3.float().view(n, lq, heads, -1).transpose(1, 2)
+    k = k3.float().view(n, lk, heads, -1).transpose(1, 2)
+    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * scale, dim=-1)
 
 
 def _per_pair(x: torch.Tensor, n: int) -> torch.Tensor:

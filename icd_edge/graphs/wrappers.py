@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from icd_edge.graphs.attention import P2PControls, install_p2p
+from icd_edge.graphs.attention import FusedP2PAttnProcessor, P2PAttnProcessor, P2PControls, install_p2p
+
+P2P_ATTENTIONS = ("explicit", "fused")
 
 
 class TextEncoderGraph(nn.Module):
@@ -69,10 +71,20 @@ class UNetEditGraph(nn.Module):
     def __init__(self, unet, self_max_keys: int, blend_queries: int, processor=None, pairs: bool = False):
         super().__init__()
         install_p2p(unet, processor)
+        self.attention = "fused" if isinstance(processor, FusedP2PAttnProcessor) else "explicit"
         self.unet = unet
         self.self_max_keys = self_max_keys
         self.blend_queries = blend_queries
         self.pairs = pairs  # True: N pairs [sources; targets], maps (2, N, Q, 77); False: one pair, maps (2, Q, 77)
+
+    def use_attention(self, kind: str) -> None:
+        """``explicit`` (softmax probabilities edited, the reference math) or ``fused`` (the same
+        edit as plain attentions: what the ONNX edit graph is traced with, see
+        :class:`~icd_edge.graphs.attention.FusedP2PAttnProcessor`)."""
+        if kind not in P2P_ATTENTIONS:
+            raise ValueError(f"P2P attention must be one of {', '.join(P2P_ATTENTIONS)}, got {kind!r}")
+        install_p2p(self.unet, FusedP2PAttnProcessor() if kind == "fused" else P2PAttnProcessor())
+        self.attention = kind
 
     def forward(
         self,
@@ -105,9 +117,10 @@ class UNetEditGraph(nn.Module):
 
 
 def build_graphs(
-    text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int], taesd=None
+    text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int], taesd=None, p2p_attention: str = "explicit"
 ) -> dict[str, nn.Module]:
-    """Every graph module, in eval mode, for a bundle's dims (``taesd_decoder`` when given)."""
+    """Every graph module, in eval mode, for a bundle's dims (``taesd_decoder`` when given);
+    ``p2p_attention``: how the edit graph computes Prompt-to-Prompt (see :meth:`UNetEditGraph.use_attention`)."""
     latent = dims["h"]
     if unet_forward is not unet_reverse:
         # the edit graph gives the reverse UNet P2P processors (fused attention without controls);
@@ -122,6 +135,7 @@ def build_graphs(
         "unet_reverse": UNetGraph(unet_reverse),
         "unet_reverse_edit": UNetEditGraph(unet_reverse, self_max_keys=(latent // 2) ** 2, blend_queries=dims["Q"]),
     }
+    graphs["unet_reverse_edit"].use_attention(p2p_attention)
     if taesd is not None:
         from icd_edge.graphs.taesd import TaesdDecoderGraph
 

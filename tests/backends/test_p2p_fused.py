@@ -91,3 +91,48 @@ def test_static_step_flags_equal_the_tensor_path(unets, cross_on, self_on):
         e2 = fused(sample, torch.tensor([779.0]), text, timestep_cond=cond, cross_attention_kwargs={"p2p": c}).sample
     torch.testing.assert_close(e2, e1, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(c.blend_maps(), m1, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cross, self_flag", [("on", 1.0), ("off", 0.0), ("mixed", 1.0), ("mixed", 0.0)])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_fused_onnx_edit_graph_equals_the_explicit_form(tiny_bundle, tiny_graphs, backend, cross, self_flag):
+    """The bundle's edit graph (P2P as plain attentions, fused by the runtime) against the explicit
+    torch module, for cross replacement on / off / per token, self-injection on / off, a refine
+    map, a token permutation and amplification."""
+    from icd_edge.bundle.store import open_bundle
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.runtimes import backend_class
+
+    b = open_bundle(tiny_bundle, verify=False)
+    assert b.artifact("unet_reverse_edit", "onnx").details["p2p_attention"] == "fused"
+    sess_backend = backend_class(backend)()
+    if not sess_backend.probe().ok:
+        pytest.skip(f"{backend} is not available here: {sess_backend.probe().reason}")
+    rng = np.random.default_rng(5)
+    tm, ra, eq, _, _ = (c[0].numpy() for c in _controls(rng, 1))
+    ca = {"on": np.ones(77), "off": np.zeros(77), "mixed": (rng.random(77) > 0.5)}[cross].astype(np.float32)
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32),
+        "timestep": np.array([519.0], np.float32),
+        "encoder_hidden_states": (rng.standard_normal((2, 77, 32)) * 3).astype(np.float32),
+        "timestep_cond": np.stack([b.guidance_embedding(0.0), b.guidance_embedding(19.0)]),
+        "token_map": tm,
+        "refine_alpha": ra,
+        "equalizer": eq,
+        "cross_alpha": ca,
+        "self_flag": np.array([self_flag], np.float32),
+    }
+    sess = sess_backend.open_session(b, "unet_reverse_edit")
+    got = sess.run(feeds)
+    unedited = sess.run({**feeds, "cross_alpha": np.zeros(77, np.float32), "self_flag": np.zeros(1, np.float32)})
+    sess.close()
+    assert tiny_graphs["unet_reverse_edit"].attention == "explicit"
+    with torch.no_grad():
+        args = (torch.from_numpy(feeds[s.name]) for s in b.graphs["unet_reverse_edit"].inputs)
+        eps, maps = tiny_graphs["unet_reverse_edit"](*args)
+    # fp32 on both sides: equal to float rounding (the 60 dB export gate is far below)
+    assert psnr_db(eps.numpy(), got["eps"]) > 100 and psnr_db(maps.numpy(), got["blend_maps"]) > 100
+    # the controls act on the target row only: with both edits off it is the unedited one
+    np.testing.assert_allclose(got["eps"][0], unedited["eps"][0], atol=1e-5)
+    change = np.abs(got["eps"][1] - unedited["eps"][1]).max()
+    assert change < 1e-5 if (cross, self_flag) == ("off", 0.0) else change > 1e-3
