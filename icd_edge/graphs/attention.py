@@ -227,8 +227,10 @@ class FusedP2PAttnProcessor:
             f = _per_pair(p2p.self_flag, n).reshape(n, 1, 1).to(vt.dtype)
             o_src, o_a, o_b = attend(torch.cat([qs, qs, qt]), torch.cat([ks, ks, kt]), torch.cat([vs, vt, vt])).split(n)
             o_tgt = f * o_a + (1 - f) * o_b
-        hidden = torch.cat([o_src, o_tgt]).to(q3.dtype)
-        hidden = attn.to_out[1](attn.to_out[0](hidden))
+        # the output projection per row, concatenated after: a Concat feeding a quantised MatMul
+        # gets per-row dequantisation that OpenVINO's int8 transformations cannot broadcast
+        hidden = torch.cat([attn.to_out[0](o_src.to(q3.dtype)), attn.to_out[0](o_tgt.to(q3.dtype))])
+        hidden = attn.to_out[1](hidden)
         if attn.residual_connection:
             hidden = hidden + residual
         return hidden / attn.rescale_output_factor

@@ -16,6 +16,8 @@ import types
 import numpy as np
 import pytest
 
+from icd_edge.bundle.schema import Graph, IOSpec
+
 pytestmark = pytest.mark.gpu
 cudart = pytest.importorskip("cuda.bindings.runtime")
 
@@ -86,10 +88,7 @@ class CopyEngine:
         return Context()
 
 
-ENTRY = {
-    "inputs": [{"name": "x", "dtype": "float32", "shape": list(SHAPE)}],
-    "outputs": [{"name": "y", "dtype": "float32", "shape": list(SHAPE)}],
-}
+ENTRY = Graph("copy", (IOSpec("x", "float32", SHAPE),), (IOSpec("y", "float32", SHAPE),))
 
 
 def test_cuda_wrapper_reports_the_gpu_and_round_trips():
