@@ -40,6 +40,7 @@ def trace_all(work: Path) -> dict[str, Path]:
     paths = {k: work / f"{k}.onnx" for k in ("plain", "edit_fused", "edit_explicit")}
     if all(p.is_file() for p in paths.values()):
         return paths
+    (work / "src").mkdir(parents=True, exist_ok=True)
     src = models.build_random("random-sd15", 0, work / "src")
     unet = src.unet_reverse
     del src  # the forward UNet, text encoder and VAE are not needed here
