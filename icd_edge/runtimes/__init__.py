@@ -15,12 +15,17 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
 from icd_edge.errors import BackendUnavailable, InputError
+
+# the int8 warning is about the user's edits, so it is logged where the Editor logs
+_edit_logger = logging.getLogger("icd_edge.edit")
+_WARNED: set[tuple[str, str]] = set()  # (bundle id, backend) pairs already warned about
 
 REGISTRY = {
     "onnxruntime": "icd_edge.runtimes.ort",
@@ -202,9 +207,7 @@ def warn_if_int8_saturates(bundle, backend_name: str) -> None:
     if 2 * 255 * wmax <= 32767 or not int8_kernels.saturates(backend_name, wmax):
         return
     _WARNED.add(key)
-    import logging
-
-    logging.getLogger("icd_edge.edit").warning(
+    _edit_logger.warning(
         "this bundle's int8 weights use the range [-%d, %d], which %s's int8 kernels on this CPU (no VNNI) sum with "
         "saturation: edits lose quality. Re-export it with --int8-weights 7bit (the default), or run an fp16/fp32 "
         "bundle",
@@ -212,6 +215,3 @@ def warn_if_int8_saturates(bundle, backend_name: str) -> None:
         wmax,
         backend_name,
     )
-
-
-_WARNED: set[tuple[str, str]] = set()
