@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from icd_edge.bundle.store import Bundle, open_bundle
 from icd_edge.edit import loop, p2p
+from icd_edge.edit.inversion import Inversion, SourceCache
 from icd_edge.edit.sessions import ALWAYS_KEPT, MEMORY_POLICIES, SessionPool
 from icd_edge.edit.validate import check_array, check_prompt, check_range, check_rng, check_seed
 from icd_edge.errors import InputError, NumericsError
@@ -33,31 +33,7 @@ ImageOut = Union["Image", np.ndarray]  # a PIL image, or (H, W, 3) float32 in [0
 logger = logging.getLogger(__name__)
 MODES = p2p.MODES
 UNET_GRAPHS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
-__all__ = ["ALWAYS_KEPT", "MEMORY_POLICIES", "MODES", "Editor", "Inversion"]
-
-
-@dataclass(frozen=True)
-class Inversion:
-    """A photo encoded to noise by the forward model; reusable for any number of edits.
-
-    Attributes:
-        latent: (1, 4, h, w) float32 x_999 (read-only).
-        source_prompt: the prompt the photo was inverted with.
-        seed: seed of the t = 19 start noise (None when the noise or the latent was given).
-        image_size: (width, height) of the input photo.
-        bundle_id: the bundle it belongs to (edits with another bundle are refused).
-        fit: how the photo was made square (``stretch``, ``crop``, ``pad``), for ``keep_size``.
-        rng: where the start noise came from: ``torch``, ``numpy``, ``array`` (given) or
-            ``latent`` (made from a known x_999 with :meth:`Editor.inversion_from_latent`).
-    """
-
-    latent: np.ndarray
-    source_prompt: str
-    seed: int | None
-    image_size: tuple[int, int]
-    bundle_id: str
-    fit: tuple = ("stretch", 0, 0)
-    rng: str = "torch"
+__all__ = ["ALWAYS_KEPT", "MEMORY_POLICIES", "MODES", "Editor", "Inversion", "SourceCache"]
 
 
 class Editor:
@@ -417,6 +393,26 @@ class Editor:
                 result = (result, self._decode(x[0:1], output_type, fit))
             bar.update(1)
         return result
+
+    def edit_many(self, inv: Inversion, target_prompts, **controls) -> list[ImageOut]:
+        """:meth:`edit` for each of ``target_prompts`` (same controls), one image each, in order.
+
+        Every parameter is checked for every target before the first model call. The source
+        branch is computed once (see :class:`~icd_edge.edit.inversion.SourceCache`)."""
+        if isinstance(target_prompts, str) or not isinstance(target_prompts, (list, tuple)) or not target_prompts:
+            raise InputError(
+                f"target_prompts must be a non-empty list of prompts, got {target_prompts!r}", param="target"
+            )
+        for key in ("callback", "preview", "return_source"):
+            if key in controls:
+                raise InputError(f"edit_many takes no {key}; call edit() per target for it", param=key)
+        self._check_inversion(inv)
+        checked = {k: controls[k] for k in ("output_type",) if k in controls}
+        edit_keys = ("cross_replace", "self_replace", "amplify", "blend", "guidance", "tau", "mode")
+        given = {k: controls[k] for k in edit_keys if k in controls}
+        for target in target_prompts:
+            self.check_edit(inv.source_prompt, target, **given, **checked)
+        return [self.edit(inv, target, **controls) for target in target_prompts]
 
     def _preview(self, preview, k: int, x_t: np.ndarray, eps: np.ndarray, t: int) -> None:
         """x̂0 = (x_t − σ_t·ε̂)/a_t of one row, decoded for a preview callback."""
