@@ -252,7 +252,7 @@ class Int8Scheme:
         )
 
 
-CHECKS = ("graph", "edit", "generate")
+CHECKS = ("graph", "edit", "reedit", "generate")  # reedit: an edit through the source cache
 
 
 @dataclass(frozen=True)

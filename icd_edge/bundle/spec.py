@@ -2,7 +2,8 @@
 
 Dims are ints or symbols resolved from the manifest's ``dims``: ``H`` image side, ``h`` latent
 side (H/8), ``D`` text-embedding width, ``Q`` query count of the local-blend maps
-(``(h/4)²``: 256 at 512 px). The export traces with these shapes, the manifest records them
+(``(h/4)²``: 256 at 512 px), ``S`` length of one step's packed source tensors (re-edit graphs,
+set by the export from the UNet). The export traces with these shapes, the manifest records them
 and every backend validates feeds against them.
 """
 
@@ -84,10 +85,30 @@ GRAPHS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
             TensorSpec("blend_maps", "float32", (2, "Q", TOKENS)),
         ),
     ),
+    # optional (re-edits, see icd_edge.edit.inversion): the edit's source row alone, with the
+    # tensors its target row borrows packed into one row, and the target row alone reading them
+    "unet_reverse_source": (
+        _unet_io(1),
+        (
+            TensorSpec("eps", "float32", (1, LATENT_CHANNELS, "h", "h")),
+            TensorSpec("blend_maps", "float32", (1, "Q", TOKENS)),
+            TensorSpec("source_cache", "float32", (1, "S")),
+        ),
+    ),
+    "unet_reverse_target": (
+        _unet_io(1)
+        + P2P_CONTROLS
+        + (TensorSpec("source_text", "float32", (1, TOKENS, "D")), TensorSpec("source_cache", "float32", (1, "S"))),
+        (
+            TensorSpec("eps", "float32", (1, LATENT_CHANNELS, "h", "h")),
+            TensorSpec("blend_maps", "float32", (1, "Q", TOKENS)),
+        ),
+    ),
 }
 
 
-OPTIONAL_GRAPHS = frozenset({"taesd_decoder"})
+REEDIT_GRAPHS = ("unet_reverse_source", "unet_reverse_target")
+OPTIONAL_GRAPHS = frozenset({"taesd_decoder", *REEDIT_GRAPHS})
 
 
 def dims_for(image_hw: int, text_dim: int) -> dict[str, int]:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 ImageOut = Union["Image", np.ndarray]  # a PIL image, or (H, W, 3) float32 in [0, 1] with output_type="np"
 logger = logging.getLogger(__name__)
 MODES = p2p.MODES
-UNET_GRAPHS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
+UNET_GRAPHS = ("unet_forward", "unet_reverse", "unet_reverse_edit", "unet_reverse_source", "unet_reverse_target")
 __all__ = ["ALWAYS_KEPT", "MEMORY_POLICIES", "MODES", "Editor", "Inversion", "SourceCache"]
 
 
@@ -49,10 +49,21 @@ class Editor:
         memory: ``resident``, ``sequential`` or ``shared-base`` (see :mod:`icd_edge.edit.sessions`).
         decoder: ``full`` (the SD VAE, default) or ``taesd`` (the tiny decoder, bundles exported
             with ``--taesd``) for final images; previews use TAESD when the bundle has it.
+        source_cache: re-edits (see :class:`~icd_edge.edit.inversion.SourceCache`): ``invert``
+            (the source branch is computed during :meth:`invert`, so every edit runs the target row
+            alone), ``edit`` (computed by the first edit of an inversion), ``off`` (every edit runs
+            the batch-2 source + target decode), or ``auto``: ``invert`` when the bundle has the
+            re-edit graphs and the memory policy is not ``sequential``, else ``off``.
     """
 
     def __init__(
-        self, bundle: Bundle, backend, progress: bool = False, memory: str = "resident", decoder: str = "full"
+        self,
+        bundle: Bundle,
+        backend,
+        progress: bool = False,
+        memory: str = "resident",
+        decoder: str = "full",
+        source_cache: str = "auto",
     ):
         if decoder not in ("full", "taesd"):
             raise InputError(f"decoder must be 'full' or 'taesd', got {decoder!r}")
@@ -61,6 +72,7 @@ class Editor:
         if memory not in MEMORY_POLICIES:
             raise InputError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
         _check_policy_fits_bundle(memory, bundle)
+        self.source_cache = _source_cache_mode(source_cache, bundle, memory)
         self.decoder = decoder
         self.bundle = bundle
         self.backend = backend
@@ -83,6 +95,7 @@ class Editor:
         progress: bool = False,
         memory: str = "resident",
         decoder: str = "full",
+        source_cache: str = "auto",
         options=(),
         **backend_options,
     ) -> "Editor":
@@ -97,8 +110,9 @@ class Editor:
             raise InputError(f"memory must be one of {', '.join(MEMORY_POLICIES)}, got {memory!r}")
         b = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
         _check_policy_fits_bundle(memory, b)
+        _source_cache_mode(source_cache, b, memory)  # a bad value fails before a backend loads
         chosen = select_backend(backend, b, memory=memory, options=options, **backend_options)
-        return cls(b, chosen, progress=progress, memory=memory, decoder=decoder)
+        return cls(b, chosen, progress=progress, memory=memory, decoder=decoder, source_cache=source_cache)
 
     # ------------------------------------------------------------------ sessions
     @property
@@ -209,15 +223,17 @@ class Editor:
         given = None if noise is None else check_array(noise, shape, "noise")
         img = load_image(image)
         square, fit_info = fit_square(img, c.image_hw, fit)
-        with self._bar(2 + len(c.forward), "invert") as bar:
+        eager = self.source_cache == "invert"
+        with self._bar(2 + len(c.forward) + (len(c.reverse) if eager else 0), "invert") as bar:
             _, emb = self.encode_prompt(source_prompt)
             pixels = image_to_tensor(square, c.image_hw)
             z0 = self.sessions.run("vae_encoder", "vae_encoder", image=pixels)["latent_mean"] * np.float32(c.vae_scale)
             bar.update(2)
             eps0 = given if given is not None else make_noise(z0.shape, seed, rng)
             x = loop.invert(self.sessions.run, c, z0, eps0, emb, self._wemb(0.0), on_step=lambda i: bar.update(1))
-        self.sessions.after_invert()
-        x.setflags(write=False)
+            self.sessions.after_invert()
+            x.setflags(write=False)
+            source = self._source_pass(x, emb, on_step=lambda k: bar.update(1)) if eager else None
         return Inversion(
             x,
             source_prompt,
@@ -226,7 +242,41 @@ class Editor:
             self.bundle.bundle_id,
             fit_info,
             "array" if given is not None else rng,
+            source,
         )
+
+    def _source_pass(self, latent: np.ndarray, emb: np.ndarray, on_step=None) -> SourceCache:
+        """The source branch of every edit of ``latent`` (see :class:`SourceCache`)."""
+        arrays = loop.source_pass(self.sessions.run, self.constants, latent, emb, self._wemb(0.0), on_step=on_step)
+        for a in arrays:
+            a.setflags(write=False)
+        return SourceCache(*arrays)
+
+    def source_for(self, inv: Inversion) -> SourceCache:
+        """``inv``'s source cache: the one it holds, else computed now and kept by ``inv``."""
+        self._check_inversion(inv)
+        if self.source_cache == "off":
+            raise InputError("this editor runs without a source cache (source_cache='off')", param="source_cache")
+        cache = inv.source
+        if cache is not None and not self._fits(cache):
+            logger.warning("the inversion's source cache does not fit this bundle's graphs; computing it again")
+            cache = None
+        if cache is None:
+            _, emb = self.encode_prompt(inv.source_prompt)
+            cache = self._source_pass(inv.latent, emb)
+            with self._lock:
+                inv._attach_source(cache)
+        return cache
+
+    def _fits(self, cache: SourceCache) -> bool:
+        c, dims = self.constants, self.bundle.dims
+        want = (
+            (len(c.reverse), 1, 4, c.latent_hw, c.latent_hw),
+            (len(c.reverse), 1, dims["Q"], 77),
+            (len(c.reverse), 1, dims.get("S", -1)),
+        )
+        arrays = (cache.latents, cache.maps, cache.tensors)
+        return tuple(tuple(a.shape) for a in arrays) == want and all(a.dtype == np.float32 for a in arrays)
 
     def inversion_from_latent(
         self, latent, source_prompt: str, *, image_size: tuple[int, int] | None = None
@@ -372,25 +422,42 @@ class Editor:
 
             def on_step(k, x_before, eps, st):
                 if preview is not None:
-                    self._preview(preview, k, x_before[1:2], eps[1:2], st.t)
+                    self._preview(preview, k, x_before[-1:], eps[-1:], st.t)
                 bar.update(1)
                 if callback is not None:
                     callback(k + 1, len(c.reverse))
 
-            x = loop.edit(
-                self.sessions.run,
-                c,
-                inv.latent,
-                np.concatenate([e_src, e_tgt]),
-                conds,
-                ctl.step_feeds,
-                blend_fn,
-                on_step=on_step,
-            )
+            if self.source_cache != "off":
+                source = self.source_for(inv)
+                x_tgt = loop.edit_cached(
+                    self.sessions.run,
+                    c,
+                    inv.latent,
+                    source,
+                    e_tgt,
+                    e_src,
+                    [cond[1:] for cond in conds],
+                    ctl.step_feeds,
+                    blend_fn,
+                    on_step=on_step,
+                )
+                x_src = source.latents[-1]
+            else:
+                x = loop.edit(
+                    self.sessions.run,
+                    c,
+                    inv.latent,
+                    np.concatenate([e_src, e_tgt]),
+                    conds,
+                    ctl.step_feeds,
+                    blend_fn,
+                    on_step=on_step,
+                )
+                x_src, x_tgt = x[0:1], x[1:2]
             fit = inv.fit if keep_size else None
-            result = self._decode(x[1:2], output_type, fit)
+            result = self._decode(x_tgt, output_type, fit)
             if return_source:
-                result = (result, self._decode(x[0:1], output_type, fit))
+                result = (result, self._decode(np.array(x_src), output_type, fit))
             bar.update(1)
         return result
 
@@ -472,6 +539,29 @@ class Editor:
             result = self._decode(x, output_type, fit)
             bar.update(1)
         return result
+
+
+SOURCE_CACHE_MODES = ("auto", "invert", "edit", "off")
+
+
+def _source_cache_mode(mode: str, bundle: Bundle, memory: str) -> str:
+    """The editor's source-cache mode for a bundle and memory policy (``auto`` resolved)."""
+    from icd_edge.bundle.spec import REEDIT_GRAPHS
+
+    if mode not in SOURCE_CACHE_MODES:
+        raise InputError(
+            f"source_cache must be one of {', '.join(SOURCE_CACHE_MODES)}, got {mode!r}", param="source_cache"
+        )
+    has = all(g in bundle.graphs for g in REEDIT_GRAPHS)
+    if mode == "auto":
+        return "invert" if has and memory != "sequential" else "off"
+    if mode != "off" and not has:
+        raise InputError(
+            f"source_cache={mode!r} needs a bundle with the re-edit graphs ({', '.join(REEDIT_GRAPHS)}); "
+            f"{bundle.root} was exported without them: re-export it (without --no-reedit), or use source_cache='off'",
+            param="source_cache",
+        )
+    return mode
 
 
 def _check_policy_fits_bundle(memory: str, bundle: Bundle) -> None:

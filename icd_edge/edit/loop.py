@@ -68,6 +68,12 @@ class Ops(Protocol):
 
     def blend(self, x, mask, n: int): ...
 
+    def blend_with(self, x, x_src, mask): ...
+
+    def cat(self, a, b): ...
+
+    def stack_into(self, rows: list): ...
+
 
 class NumpyOps:
     """float32 arithmetic as the reference computes it (scalars as float32)."""
@@ -97,6 +103,19 @@ class NumpyOps:
         """Rows n.. (targets) keep their change only inside ``mask``; elsewhere the source rows."""
         x[n:] = x[:n] + np.asarray(mask, np.float32) * (x[n:] - x[:n])
         return x
+
+    @staticmethod
+    def blend_with(x, x_src, mask) -> np.ndarray:
+        """The target rows ``x`` keep their change only inside ``mask``; elsewhere ``x_src``."""
+        return (x_src + np.asarray(mask, np.float32) * (x - x_src)).astype(np.float32)
+
+    @staticmethod
+    def cat(a, b) -> np.ndarray:
+        return np.concatenate([a, b])
+
+    @staticmethod
+    def stack_into(rows: list) -> np.ndarray:
+        return np.stack(rows)
 
 
 NUMPY = NumpyOps()
@@ -169,6 +188,70 @@ def edit(
         if blend is not None:
             acc = ops.accumulate(acc, out["blend_maps"])
             x = ops.blend(x, blend(acc), n)
+        if on_step is not None:
+            on_step(k, x_before, out["eps"], st)
+    return x
+
+
+def source_pass(run: Run, c: Constants, latent, emb, w0, ops: Ops = NUMPY, on_step: Callable | None = None):
+    """The edit's source row alone (source prompt, w = 0 from x_999): per reverse step its latent
+    after the step, its blend maps and its packed tensors, as the arrays of a
+    :class:`~icd_edge.edit.inversion.SourceCache`."""
+    x = latent
+    latents, maps, tensors = [], [], []
+    for k, st in enumerate(c.reverse):
+        out = run(
+            "unet_reverse_source",
+            f"source_{k}",
+            sample=x,
+            timestep=ops.timestep(st.t),
+            encoder_hidden_states=emb,
+            timestep_cond=w0,
+        )
+        x = ops.step(x, out["eps"], st)
+        latents.append(x)
+        maps.append(out["blend_maps"])
+        tensors.append(out["source_cache"])
+        if on_step is not None:
+            on_step(k)
+    return ops.stack_into(latents), ops.stack_into(maps), ops.stack_into(tensors)
+
+
+def edit_cached(
+    run: Run,
+    c: Constants,
+    latent,
+    source,
+    text,
+    source_text,
+    conds: Sequence,
+    step_feeds: Callable[[int], dict],
+    blend: Callable | None = None,
+    ops: Ops = NUMPY,
+    on_step: Callable | None = None,
+):
+    """:func:`edit`'s target rows alone, from a :class:`~icd_edge.edit.inversion.SourceCache` of
+    the same x_999: the same decode at the cost of the target rows (``text``/``conds``: theirs)."""
+    x = latent
+    acc = None
+    for k, st in enumerate(c.reverse):
+        x_src, maps_src, tensors_src = source.step(k)
+        out = run(
+            "unet_reverse_target",
+            f"target_{k}",
+            sample=x,
+            timestep=ops.timestep(st.t),
+            encoder_hidden_states=text,
+            timestep_cond=conds[k],
+            source_text=source_text,
+            source_cache=tensors_src,
+            **step_feeds(k),
+        )
+        x_before = x
+        x = ops.step(x, out["eps"], st)
+        if blend is not None:
+            acc = ops.accumulate(acc, ops.cat(maps_src, out["blend_maps"]))
+            x = ops.blend_with(x, x_src, blend(acc))
         if on_step is not None:
             on_step(k, x_before, out["eps"], st)
     return x

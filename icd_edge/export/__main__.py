@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         "is fp16 (int8 text encoders always do; fp16: 76 -> 38 MB)",
     )
     p.add_argument(
+        "--no-reedit",
+        action="store_true",
+        help="leave out the re-edit graphs (unet_reverse_source/_target: every later edit of one photo runs "
+        "the target row alone); they share the reverse UNet's weights, so the bundle grows by their graph files",
+    )
+    p.add_argument(
         "--p2p-attention",
         default="fused",
         choices=("fused", "explicit"),
@@ -212,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             int8_per_channel=args.int8_per_channel == "on",
             lora_rounding=args.lora_rounding,
             p2p_attention=args.p2p_attention,
+            reedit=not args.no_reedit,
             out=args.out,
             model=args.model,
             base=args.base,

@@ -62,6 +62,7 @@ class ExportConfig:
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
     lora_rounding: str = "fp16"  # A and B through float16 before fusing, as the official loader; or "none"
+    reedit: bool = True  # the source/target graphs of cached re-edits (unet_reverse_source/_target)
     p2p_attention: str = "fused"  # the ONNX edit graph: P2P as plain (fusable) attentions, or "explicit"
     int8_weights: str = "7bit"  # or "8bit": exact only on CPUs with VNNI/AMX (quant.policy.INT8_WEIGHT_RANGES)
     int8_ops: tuple[str, ...] = ("Conv", "MatMul")  # ops static int8 quantises (quant.policy.INT8_OP_CHOICES)

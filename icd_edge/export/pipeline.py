@@ -82,8 +82,9 @@ def run_export(cfg: ExportConfig) -> Path:
     bar = tqdm(
         total=3
         + len(spec.GRAPHS)
-        - 1
+        - len(spec.OPTIONAL_GRAPHS)
         + (cfg.taesd is not None)
+        + (len(spec.REEDIT_GRAPHS) if cfg.reedit else 0)
         + len(cfg.targets)
         - 1
         + (0 if cfg.parity == "none" else 2),
@@ -131,13 +132,22 @@ def run_export(cfg: ExportConfig) -> Path:
             taesd = load_taesd(cfg.taesd, cfg.revision, cfg.seed)
             src.sources["taesd"] = cfg.taesd
         graphs = build_graphs(
-            src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, dims, taesd, p2p_attention=cfg.p2p_attention
+            src.text_encoder,
+            src.vae,
+            src.unet_forward,
+            src.unet_reverse,
+            dims,
+            taesd,
+            p2p_attention=cfg.p2p_attention,
+            reedit=cfg.reedit,
         )
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(src.tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
         tokenizer = ClipTokenizer(tmp / "tokenizer" / "tokenizer.json")
         guidance = samples_mod.guidance_table(src.unet_forward)
         samples = samples_mod.sample_inputs(graphs, tokenizer, dims, guidance)
+        if "unet_reverse_source" in samples:  # the packed source tensors' length, from the UNet itself
+            dims["S"] = int(samples["unet_reverse_target"]["source_cache"].shape[1])
         bar.update(1)
 
         manifest = _base_manifest(cfg, src, dims, guidance, graphs)
@@ -258,17 +268,39 @@ def _jsonable(v):
     return str(v) if isinstance(v, Path) else list(map(_jsonable, v)) if isinstance(v, tuple) else v
 
 
-def memory_bundle(model: str, seed: int, work: Path, steps: tuple[int, int] = (4, 4)):
+def memory_bundle(model: str, seed: int, work: Path, steps: tuple[int, int] = (4, 4), reedit: bool = False):
     """(source models, Bundle) for a built-in random model without writing graphs: the manifest
     constants and tokenizer only (used by the fast torch path's tests and GPU benchmark);
-    ``steps``: (forward, reverse) step counts."""
+    ``steps``: (forward, reverse) step counts; ``reedit``: the manifest declares the re-edit graphs."""
     from icd_edge.bundle.store import Bundle
     from icd_edge.export import models
 
     src = models.build_random(model, seed, work, steps=steps)
     dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
     cfg = ExportConfig(out=work / "bundle", model=model, seed=seed)
-    manifest = _base_manifest(cfg, src, dims, samples_mod.guidance_table(src.unet_forward))
+    names = None
+    if reedit:
+        dims["S"] = source_cache_length(src.unet_reverse, dims)
+        names = spec.REEDIT_GRAPHS
+    manifest = _base_manifest(cfg, src, dims, samples_mod.guidance_table(src.unet_forward), names)
     return src, Bundle(
         work, manifest.with_(tokenizer_file=src.tokenizer_json.relative_to(work).as_posix(), complete=True)
     )
+
+
+def source_cache_length(unet, dims: dict) -> int:
+    """``S``: the length of one step's packed source tensors for ``unet`` at ``dims`` (one
+    batch-1 run of the source graph on zeros)."""
+    import torch
+
+    from icd_edge.graphs.attention import install_p2p
+    from icd_edge.graphs.wrappers import UNetSourceGraph
+
+    install_p2p(unet)
+    h = dims["h"]
+    graph = UNetSourceGraph(unet, (h // 2) ** 2, dims["Q"])
+    with torch.no_grad():
+        _, _, packed = graph(
+            torch.zeros(1, 4, h, h), torch.tensor([999.0]), torch.zeros(1, spec.TOKENS, dims["D"]), torch.zeros(1, 512)
+        )
+    return int(packed.shape[1])

@@ -54,7 +54,7 @@ def sample_inputs(graphs, tokenizer, dims, guidance_table) -> dict[str, dict[str
         "cross_alpha": np.ones(77, np.float32),
         "self_flag": np.ones(1, np.float32),
     }
-    return {
+    out = {
         "taesd_decoder": {"latent": rng.standard_normal((1, 4, h, h), dtype=np.float32)},
         "text_encoder": {"input_ids": ids},
         "vae_encoder": {"image": image},
@@ -63,6 +63,22 @@ def sample_inputs(graphs, tokenizer, dims, guidance_table) -> dict[str, dict[str
         "unet_reverse": unet1,
         "unet_reverse_edit": edit,
     }
+    if "unet_reverse_source" in graphs:
+        # the target graph reads what the source graph wrote for the same photo: trace and check
+        # it with a real source row (the cat prompt at w = 0, the edit sample's step)
+        source = {**unet1, "sample": edit["sample"][:1], "timestep": edit["timestep"], "timestep_cond": w0}
+        with torch.no_grad():
+            _, _, cache = graphs["unet_reverse_source"](*(torch.from_numpy(v) for v in source.values()))
+        out["unet_reverse_source"] = source
+        out["unet_reverse_target"] = {
+            **{k: edit[k] for k in ("timestep", "token_map", "refine_alpha", "equalizer", "cross_alpha", "self_flag")},
+            "sample": edit["sample"][1:],
+            "encoder_hidden_states": edit["encoder_hidden_states"][1:],
+            "timestep_cond": wg,
+            "source_text": text,
+            "source_cache": cache.numpy(),
+        }
+    return out
 
 
 def guidance_table(unet) -> dict[str, list[float]]:

@@ -224,7 +224,7 @@ def write_program(program, out_path: Path, store: WeightStore) -> None:
         raise ExportError(f"exported graph {out_path.name} is not valid ONNX: {exc}") from exc
 
 
-WEIGHT_GROUPS = {"unet_reverse_edit": "unet_reverse"}
+WEIGHT_GROUPS = {g: "unet_reverse" for g in ("unet_reverse_edit", "unet_reverse_source", "unet_reverse_target")}
 
 
 def export_target(ctx) -> None:
@@ -240,7 +240,7 @@ def export_target(ctx) -> None:
     precisions = graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs)
     groups = dict(WEIGHT_GROUPS)
     if ctx.cfg.unet_weights == "shared-base":  # one file: identical teacher tensors are stored once
-        groups.update({g: "unet_base" for g in ("unet_forward", "unet_reverse", "unet_reverse_edit")})
+        groups.update({g: "unet_base" for g in ("unet_forward", *WEIGHT_GROUPS, "unet_reverse")})
     out = ctx.out_dir / "onnx"
     out.mkdir()
     # fp16 UNets are traced in float16 (half the tracing memory, no conversion pass over 3.4 GB
@@ -311,7 +311,7 @@ def export_target(ctx) -> None:
     for name in ctx.graphs:
         group = groups.get(name, name)
         details = {"opset": ctx.cfg.opset}
-        if name == "unet_reverse_edit":
+        if name in ("unet_reverse_edit", "unet_reverse_target"):
             details["p2p_attention"] = ctx.cfg.p2p_attention
         if precisions[name] == "fp16":
             details["fp16_method"] = "traced in float16" if name in direct else "onnxconverter-common (keep_io_types)"

@@ -27,8 +27,12 @@ def torch_target(ctx) -> None:
         "unet_forward": "unet_forward",
         "unet_reverse": "unet_reverse",
         "unet_reverse_edit": "unet_reverse",
+        "unet_reverse_source": "unet_reverse",
+        "unet_reverse_target": "unet_reverse",
     }
     for graph, d in dirs.items():
+        if graph not in manifest.graphs:  # optional graphs left out of this export
+            continue
         manifest.graphs[graph].artifacts["torch"] = Artifact("fp32", dir=f"torch/{d}")
     if ctx.progress is not None:
         ctx.progress.update(1)

@@ -86,6 +86,8 @@ class P2PAttnProcessor:
         temb=None,
         p2p: P2PControls | None = None,
     ):
+        if isinstance(p2p, (SourceTape, TargetTape)):  # the re-edit graphs
+            return _reedit_call(attn, hidden_states, encoder_hidden_states, p2p, fused=False)
         if p2p is None or (encoder_hidden_states is None and _tokens(hidden_states) > p2p.self_max_keys):
             # Plain graphs, and self-attention layers P2P leaves untouched (the 64×64 ones at 512 px),
             # keep the fused kernel: no probabilities are materialised there.
@@ -162,6 +164,8 @@ class FusedP2PAttnProcessor:
         temb=None,
         p2p: P2PControls | None = None,
     ):
+        if isinstance(p2p, (SourceTape, TargetTape)):
+            return _reedit_call(attn, hidden_states, encoder_hidden_states, p2p, fused=True)
         is_cross = encoder_hidden_states is not None
         if p2p is None or (not is_cross and _tokens(hidden_states) > p2p.self_max_keys):
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
@@ -247,3 +251,181 @@ def _probs(q3: torch.Tensor, k3: torch.Tensor, heads: int, scale: float) -> torc
 def _per_pair(x: torch.Tensor, n: int) -> torch.Tensor:
     """(K,) or (N, K) control → (N, K)."""
     return x.expand(n, -1) if x.ndim == 1 else x
+
+
+class SourceTape:
+    """Re-edits (see :mod:`icd_edge.edit.inversion`): the source row's tensors that the target row
+    borrows, in attention-call order.
+
+    Recorded by the source graph (batch 1, plain attention): per cross-attention layer its queries,
+    per self-attention layer P2P may inject (at most ``self_max_keys`` keys) its queries and keys,
+    and the mean-over-heads probabilities of the ``blend_queries`` cross layers. :meth:`packed`
+    flattens the tensors into one (1, S) row; the target graph reads it back in the same order
+    (each slice has the shape of the target's own tensor of that layer, so no layout is stored).
+    """
+
+    def __init__(self, self_max_keys: int, blend_queries: int):
+        self.self_max_keys = self_max_keys
+        self.blend_queries = blend_queries
+        self.recorded: list[torch.Tensor] = []
+        self.maps: list[torch.Tensor] = []
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([t.reshape(1, -1) for t in self.recorded], dim=1)
+
+    def blend_maps(self) -> torch.Tensor:
+        """(1, Q, 77): the mean over the blend layers of the source's mean-over-heads probabilities."""
+        if not self.maps:
+            raise RuntimeError(f"no cross-attention layer has {self.blend_queries} queries; cannot build blend maps")
+        return torch.stack(self.maps).mean(0)
+
+
+class TargetTape(P2PControls):
+    """The target row's P2P controls plus the source tensors (a :meth:`SourceTape.packed` row) and
+    the source prompt's embedding (its cross-attention keys are computed here: 77 tokens)."""
+
+    def __init__(self, controls: tuple, packed: torch.Tensor, source_text: torch.Tensor, self_max_keys, blend_queries):
+        super().__init__(*controls, self_max_keys, blend_queries)
+        self.packed = packed
+        self.source_text = source_text
+        self.offset = 0
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """The next source tensor, of ``like``'s shape (batch 1; broadcast over the target rows)."""
+        n = like[:1].numel()
+        t = self.packed[0, self.offset : self.offset + n].reshape((1, *like.shape[1:]))
+        self.offset += n
+        return t.to(like.dtype)
+
+    def check_consumed(self) -> None:
+        if self.offset != self.packed.shape[1]:
+            raise RuntimeError(
+                f"the source cache holds {self.packed.shape[1]} values but the target graph read {self.offset}: "
+                "it was made by another model"
+            )
+
+
+def _plain_tail(attn: Attention, out3: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    hidden = attn.to_out[1](attn.to_out[0](out3))
+    if attn.residual_connection:
+        hidden = hidden + residual
+    return hidden / attn.rescale_output_factor
+
+
+def _attend(q, k, v, heads: int, scale: float) -> torch.Tensor:
+    """Plain attention on (B, L, C) tensors through the usual head split (what the runtimes fuse)."""
+    b, lq, c = q.shape
+    head_dim = c // heads
+
+    def split(x):
+        return x.view(x.shape[0], -1, heads, head_dim).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+    return out.transpose(1, 2).reshape(b, lq, c)
+
+
+def _unsupported_layout(attn: Attention, hidden_states, attention_mask) -> bool:
+    return (
+        attention_mask is not None
+        or attn.spatial_norm is not None
+        or hidden_states.ndim != 3
+        or attn.group_norm is not None
+    )
+
+
+def source_call(attn: Attention, hidden_states, encoder_hidden_states, tape: SourceTape) -> torch.Tensor:
+    """One attention layer of the source graph: plain attention, recording what re-edits need."""
+    is_cross = encoder_hidden_states is not None
+    if not is_cross and _tokens(hidden_states) > tape.self_max_keys:
+        return AttnProcessor2_0()(attn, hidden_states)
+    if _unsupported_layout(attn, hidden_states, None):
+        raise NotImplementedError("re-edit graphs support the SD UNet's 3-D attention layout only")
+    context = encoder_hidden_states if is_cross else hidden_states
+    if is_cross and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    tape.recorded.append(q)
+    if not is_cross:
+        tape.recorded.append(k)
+    elif q.shape[1] == tape.blend_queries:
+        tape.maps.append(_probs(q, k, attn.heads, attn.scale).mean(1))  # (1, Q, 77)
+    return _plain_tail(attn, _attend(q, k, v, attn.heads, attn.scale), hidden_states)
+
+
+def target_call(attn: Attention, hidden_states, encoder_hidden_states, tape: TargetTape, fused: bool) -> torch.Tensor:
+    """One attention layer of the target graph: the target rows' Prompt-to-Prompt edit against the
+    cached source tensors; ``fused``: as plain attentions (see :class:`FusedP2PAttnProcessor`),
+    else with explicit probabilities (the reference math of :meth:`P2PControls.edit`)."""
+    is_cross = encoder_hidden_states is not None
+    if not is_cross and _tokens(hidden_states) > tape.self_max_keys:
+        return AttnProcessor2_0()(attn, hidden_states)
+    if _unsupported_layout(attn, hidden_states, None):
+        raise NotImplementedError("re-edit graphs support the SD UNet's 3-D attention layout only")
+    context = encoder_hidden_states if is_cross else hidden_states
+    src_context = tape.source_text if is_cross else None
+    if is_cross and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+        src_context = attn.norm_encoder_hidden_states(src_context)
+    qt, kt, vt = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    qs = tape.take(qt)
+    ks = attn.to_k(src_context.to(qt.dtype)) if is_cross else tape.take(kt)
+    n, heads, scale = qt.shape[0], attn.heads, attn.scale
+    blend_layer = is_cross and qt.shape[1] == tape.blend_queries
+    if fused:
+        out = _target_fused(qs, ks, qt, kt, vt, tape, is_cross, heads, scale, n)
+        if blend_layer:
+            ps, pt = _probs(qs, ks, heads, scale), _probs(qt, kt, heads, scale)
+            if tape.cross_on is False:
+                tape.maps.append(pt.mean(1)[None])
+            else:
+                tape.maps.append(_edited_cross(ps.expand(n, -1, -1, -1), pt, tape, n).mean(1)[None])
+    else:
+        ps = _probs(qs, ks, heads, scale).to(qt.dtype).expand(n, -1, -1, -1)
+        pt = _probs(qt, kt, heads, scale).to(qt.dtype)
+        if is_cross:
+            p = _edited_cross(ps, pt, tape, n)
+            if blend_layer:
+                tape.maps.append(p.mean(1)[None])
+        else:
+            f = _per_pair(tape.self_flag, n).reshape(n, 1, 1, 1).to(pt.dtype)
+            p = f * ps + (1 - f) * pt
+        b, lq, c = qt.shape
+        v = vt.view(b, -1, heads, c // heads).transpose(1, 2)
+        out = torch.matmul(p.to(v.dtype), v).transpose(1, 2).reshape(b, lq, c)
+    return _plain_tail(attn, out.to(qt.dtype), hidden_states)
+
+
+def _edited_cross(ps, pt, ctl: P2PControls, n: int) -> torch.Tensor:
+    """P' = a ⊙ [((P_src·M) ⊙ r + P_tgt ⊙ (1 - r)) ⊙ e] + (1 - a) ⊙ P_tgt on (N, heads, Q, 77)."""
+    a, r, e = (
+        _per_pair(x, n).to(pt.dtype)[:, None, None, :] for x in (ctl.cross_alpha, ctl.refine_alpha, ctl.equalizer)
+    )
+    m = ctl.token_map if ctl.token_map.ndim == 3 else ctl.token_map.expand(n, -1, -1)
+    replaced = (torch.matmul(ps, m.to(pt.dtype)[:, None]) * r + pt * (1 - r)) * e
+    return a * replaced + (1 - a) * pt
+
+
+def _target_fused(qs, ks, qt, kt, vt, ctl: TargetTape, is_cross: bool, heads: int, scale: float, n: int):
+    qs, ks = qs.expand(n, -1, -1), ks.expand(n, -1, -1)
+    if is_cross and ctl.cross_on is False:
+        return _attend(qt, kt, vt, heads, scale)
+    if not is_cross and ctl.self_on is not None:
+        return _attend(qs, ks, vt, heads, scale) if ctl.self_on else _attend(qt, kt, vt, heads, scale)
+    if is_cross:
+        a, r, e = (_per_pair(x, n) for x in (ctl.cross_alpha, ctl.refine_alpha, ctl.equalizer))
+        m = ctl.token_map if ctl.token_map.ndim == 3 else ctl.token_map.expand(n, -1, -1)
+        w1 = (a * r * e).to(vt.dtype)
+        w2 = (a * (1 - r) * e + (1 - a)).to(vt.dtype)
+        v1 = torch.matmul(m.to(vt.dtype), w1[:, :, None] * vt)
+        v2 = w2[:, :, None] * vt
+        o_a, o_b = _attend(torch.cat([qs, qt]), torch.cat([ks, kt]), torch.cat([v1, v2]), heads, scale).split(n)
+        return o_a + o_b
+    f = _per_pair(ctl.self_flag, n).reshape(n, 1, 1).to(vt.dtype)
+    o_a, o_b = _attend(torch.cat([qs, qt]), torch.cat([ks, kt]), torch.cat([vt, vt]), heads, scale).split(n)
+    return f * o_a + (1 - f) * o_b
+
+
+def _reedit_call(attn, hidden_states, encoder_hidden_states, tape, fused: bool):
+    if isinstance(tape, TargetTape):
+        return target_call(attn, hidden_states, encoder_hidden_states, tape, fused)
+    return source_call(attn, hidden_states, encoder_hidden_states, tape)

@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from icd_edge.graphs.attention import FusedP2PAttnProcessor, P2PAttnProcessor, P2PControls, install_p2p
+from icd_edge.graphs.attention import (
+    FusedP2PAttnProcessor,
+    P2PAttnProcessor,
+    P2PControls,
+    SourceTape,
+    TargetTape,
+    install_p2p,
+)
 
 P2P_ATTENTIONS = ("explicit", "fused")
 
@@ -116,11 +123,89 @@ class UNetEditGraph(nn.Module):
         return eps, (maps if self.pairs else maps[:, 0])
 
 
+class UNetSourceGraph(nn.Module):
+    """The source row of an edit alone (batch 1, plain attention) with what re-edits borrow from it:
+    ``eps``, its local-blend maps (1, Q, 77) and the packed source tensors (1, S) (see
+    :class:`~icd_edge.graphs.attention.SourceTape`). Shares the reverse UNet with the edit graph."""
+
+    def __init__(self, unet, self_max_keys: int, blend_queries: int):
+        super().__init__()
+        self.unet = unet
+        self.self_max_keys = self_max_keys
+        self.blend_queries = blend_queries
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond):
+        tape = SourceTape(self.self_max_keys, self.blend_queries)
+        eps = self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs={"p2p": tape},
+            return_dict=False,
+        )[0]
+        return eps, tape.blend_maps(), tape.packed()
+
+
+class UNetTargetGraph(nn.Module):
+    """The target row of an edit alone: the reverse-edit UNet's target half, reading the source
+    tensors from a :class:`UNetSourceGraph` output instead of computing the source row.
+
+    ``pairs``: False, one target (maps (1, Q, 77)); True, N targets of one source (the torch fast
+    path batches them; maps (N, Q, 77) as well). The attention math follows the edit graph's
+    (``explicit``/``fused``, see :meth:`UNetEditGraph.use_attention`) through the installed processors.
+    """
+
+    def __init__(self, unet, self_max_keys: int, blend_queries: int):
+        super().__init__()
+        self.unet = unet
+        self.self_max_keys = self_max_keys
+        self.blend_queries = blend_queries
+
+    def forward(
+        self,
+        sample,
+        timestep,
+        encoder_hidden_states,
+        timestep_cond,
+        token_map,
+        refine_alpha,
+        equalizer,
+        cross_alpha,
+        self_flag,
+        source_text,
+        source_cache,
+        cross_on=None,
+        self_on=None,
+    ):
+        controls = (token_map, refine_alpha, equalizer, cross_alpha, self_flag)
+        tape = TargetTape(controls, source_cache, source_text, self.self_max_keys, self.blend_queries)
+        tape.cross_on, tape.self_on = cross_on, self_on
+        eps = self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            cross_attention_kwargs={"p2p": tape},
+            return_dict=False,
+        )[0]
+        tape.check_consumed()
+        return eps, tape.blend_maps()[0]
+
+
 def build_graphs(
-    text_encoder, vae, unet_forward, unet_reverse, dims: dict[str, int], taesd=None, p2p_attention: str = "explicit"
+    text_encoder,
+    vae,
+    unet_forward,
+    unet_reverse,
+    dims: dict[str, int],
+    taesd=None,
+    p2p_attention: str = "explicit",
+    reedit: bool = True,
 ) -> dict[str, nn.Module]:
     """Every graph module, in eval mode, for a bundle's dims (``taesd_decoder`` when given);
-    ``p2p_attention``: how the edit graph computes Prompt-to-Prompt (see :meth:`UNetEditGraph.use_attention`)."""
+    ``p2p_attention``: how the edit graphs compute Prompt-to-Prompt (see :meth:`UNetEditGraph.use_attention`);
+    ``reedit``: the source/target graphs of cached re-edits (:class:`UNetSourceGraph`, :class:`UNetTargetGraph`)."""
     latent = dims["h"]
     if unet_forward is not unet_reverse:
         # the edit graph gives the reverse UNet P2P processors (fused attention without controls);
@@ -135,6 +220,9 @@ def build_graphs(
         "unet_reverse": UNetGraph(unet_reverse),
         "unet_reverse_edit": UNetEditGraph(unet_reverse, self_max_keys=(latent // 2) ** 2, blend_queries=dims["Q"]),
     }
+    if reedit:
+        graphs["unet_reverse_source"] = UNetSourceGraph(unet_reverse, (latent // 2) ** 2, dims["Q"])
+        graphs["unet_reverse_target"] = UNetTargetGraph(unet_reverse, (latent // 2) ** 2, dims["Q"])
     graphs["unet_reverse_edit"].use_attention(p2p_attention)
     if taesd is not None:
         from icd_edge.graphs.taesd import TaesdDecoderGraph

@@ -36,7 +36,9 @@ class TorchSession:
         import torch
 
         check_feeds(self.graph, dict(feeds), self._inputs)
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[s.name])).to(self.device) for s in self._inputs]
+        # np.require copies read-only arrays (a cached inversion's): torch.from_numpy wants them writable
+        arrays = [np.require(feeds[s.name], requirements=["C", "W"]) for s in self._inputs]
+        args = [torch.from_numpy(a).to(self.device) for a in arrays]
         with torch.inference_mode():
             out = self.module(*args)
         out = out if isinstance(out, tuple) else (out,)

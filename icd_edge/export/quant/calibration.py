@@ -1,5 +1,6 @@
 """int8 calibration: activations recorded along the real iCD trajectories (forward t =
-19/259/519/779 with w = 0, reverse 999/779/519/259 for both rows of the edit batch) of the
+19/259/519/779 with w = 0, reverse 999/779/519/259 for both rows of the edit batch, and the re-edit graphs' source and
+target rows) of the
 calibration photos, and the min/max ranges of the quantised ops' tensors over them."""
 
 from __future__ import annotations
@@ -82,10 +83,13 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
     from icd_edge.runtimes.torch_ref import TorchBackend
 
     rec = _Recorder(TorchBackend(graphs))
-    ed = Editor(bundle, rec)
+    ed = Editor(bundle, rec)  # with the re-edit graphs: the source pass and the target-only edit
+    batch2 = Editor(bundle, rec, source_cache="off") if ed.source_cache != "off" else None
     for image, src, tgt, blend in cases:
         inv = ed.invert(image, src, seed=0)
         ed.edit(inv, tgt, cross_replace=0.4, self_replace=0.6, blend=blend, output_type="np")
+        if batch2 is not None:  # and the batch-2 edit graph on the same trajectory
+            batch2.edit(inv, tgt, cross_replace=0.4, self_replace=0.6, blend=blend, output_type="np")
         ed.reconstruct(inv, output_type="np")
     feeds = rec.feeds
     if "taesd_decoder" in graphs and not feeds.get("taesd_decoder"):

@@ -1,9 +1,9 @@
 """Which precision each graph gets, and the int8 scheme's constants: no ONNX work here.
 
-By default int8 applies to the two reverse UNets. The forward UNet stays fp32: its error in
-x_999 is amplified by the reverse jumps (Π c1 ≈ 14.6 over the 4 reverse steps), which on the tiny
-model cost 5 dB end to end; ``--graph-precision unet_forward=int8`` overrides. The VAE and text
-encoder stay fp32 unless overridden.
+By default int8 applies to the reverse UNets (plain, edit and the re-edit pair). The forward UNet
+stays fp32: its error in x_999 is amplified by the reverse jumps (Π c1 ≈ 14.6 over the 4 reverse
+steps), which on the tiny model cost 5 dB end to end; ``--graph-precision unet_forward=int8``
+overrides. The VAE and text encoder stay fp32 unless overridden.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from icd_edge import precision
 from icd_edge.errors import ExportError
 
 PRECISIONS = (precision.FP32, precision.FP16, precision.INT8, precision.INT8_DYNAMIC)  # the export stores these
-UNETS = ("unet_forward", "unet_reverse", "unet_reverse_edit")
-INT8_DEFAULT = ("unet_reverse", "unet_reverse_edit")
+UNETS = ("unet_forward", "unet_reverse", "unet_reverse_edit", "unet_reverse_source", "unet_reverse_target")
+INT8_DEFAULT = ("unet_reverse", "unet_reverse_edit", "unet_reverse_source", "unet_reverse_target")
 # Conv and MatMul carry almost all UNet FLOPs; the time-embedding Gemms are tiny and sensitive
 # (left out, their weights are stored weight-only int8 instead).
 DEFAULT_INT8_OPS = ("Conv", "MatMul")
