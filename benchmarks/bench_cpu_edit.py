@@ -84,6 +84,63 @@ def timed_edit(ed, photo) -> tuple:
     return img, {"edit_s": round(total, 2), "load_s": round(load / 1000, 2), "stages_ms": stages}
 
 
+REEDIT_TARGET = ("a photo of a lion", ("cat", "lion"))  # a second prompt for the same photo
+
+
+def _stages(profile) -> dict[str, float]:
+    stages: dict[str, float] = {}
+    for stage, ms in profile:
+        stages[stage] = round(stages.get(stage, 0.0) + ms, 1)
+    return stages
+
+
+def _reverse_ms(stages: dict, prefix: str) -> float:
+    return round(sum(v for k, v in stages.items() if k.startswith(prefix)), 1)
+
+
+def timed_reedit(ed, batch2, photo) -> dict:
+    """Re-edits (the source cache): invert (its source pass timed apart), the first edit, a
+    re-edit with another prompt, and the batch-2 edit of the same inversion on ``batch2`` (an
+    editor without the cache on the same backend). Stage sums in ms; the ``reverse`` figures are
+    the UNet steps of the decode: target rows only (re-edit) vs source + target (batch-2)."""
+    if ed.source_cache == "off":
+        return {"reedit": "not run: this editor has no source cache (bundle without the graphs, or sequential)"}
+    common = {k: EDIT[k] for k in ("cross_replace", "self_replace", "guidance", "tau")}
+    ed.profile = []
+    t0 = time.perf_counter()
+    inv = ed.invert(photo, EDIT["source"], seed=EDIT["seed"])
+    invert_s = time.perf_counter() - t0
+    inv_stages = _stages(ed.profile)
+    ed.profile = []
+    t0 = time.perf_counter()
+    ed.edit(inv, EDIT["target"], amplify=EDIT["amplify"], blend=EDIT["blend"], output_type="np", **common)
+    first_s = time.perf_counter() - t0
+    first = _stages(ed.profile)
+    ed.profile = []
+    t0 = time.perf_counter()
+    ed.edit(inv, REEDIT_TARGET[0], blend=REEDIT_TARGET[1], output_type="np", **common)
+    reedit_s = time.perf_counter() - t0
+    re_stages = _stages(ed.profile)
+    batch2.profile = []
+    t0 = time.perf_counter()
+    batch2.edit(inv, EDIT["target"], amplify=EDIT["amplify"], blend=EDIT["blend"], output_type="np", **common)
+    batch2_s = time.perf_counter() - t0
+    b2 = _stages(batch2.profile)
+    reedit_rev, batch2_rev = _reverse_ms(re_stages, "target_"), _reverse_ms(b2, "reverse_edit_")
+    return {
+        "invert_with_source_s": round(invert_s, 2),
+        "source_pass_ms": _reverse_ms(inv_stages, "source_"),
+        "first_edit_s": round(first_s, 2),
+        "reedit_s": round(reedit_s, 2),
+        "batch2_edit_s": round(batch2_s, 2),
+        "reedit_reverse_ms": reedit_rev,
+        "batch2_reverse_ms": batch2_rev,
+        "reedit_vs_edit_reverse": round(reedit_rev / batch2_rev, 3) if batch2_rev else None,
+        "source_cache_mib": inv.source.size_report(),
+        "stages_ms": {"invert": inv_stages, "first_edit": first, "reedit": re_stages, "batch2_edit": b2},
+    }
+
+
 def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
     """Runs in a child process: one backend, ``runs`` full edits, per-stage timings."""
     import numpy as np
@@ -109,7 +166,7 @@ def worker(backend: str, bundle: str, out_png: str, runs: int) -> dict:
         with tempfile.TemporaryDirectory() as work:
             src = build_random("random-sd15", seed, Path(work))
         graphs = build_graphs(src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, b.dims)
-        ed = Editor(b, TorchBackend(graphs))
+        ed = Editor(b, TorchBackend(graphs), source_cache="off")  # the reference: batch-2, as the official code
     else:
         ed = Editor(b, __import__("icd_edge.runtimes", fromlist=["select_backend"]).select_backend(backend, b))
     setup_s = time.perf_counter() - t0

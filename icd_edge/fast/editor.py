@@ -21,10 +21,19 @@ import torch
 from icd_edge import precision
 from icd_edge.bundle.schema import Step
 from icd_edge.edit import loop, p2p
+from icd_edge.edit.inversion import SourceCache
 from icd_edge.edit.validate import check_prompt, check_range, check_rng, check_seed
 from icd_edge.errors import BackendUnavailable, InputError
 from icd_edge.graphs.attention import FusedP2PAttnProcessor
-from icd_edge.graphs.wrappers import TextEncoderGraph, UNetEditGraph, UNetGraph, VaeDecoderGraph, VaeEncoderGraph
+from icd_edge.graphs.wrappers import (
+    TextEncoderGraph,
+    UNetEditGraph,
+    UNetGraph,
+    UNetSourceGraph,
+    UNetTargetGraph,
+    VaeDecoderGraph,
+    VaeEncoderGraph,
+)
 from icd_edge.image import array_to_pil, image_to_tensor, load_image
 from icd_edge.rng import noise as make_noise
 from icd_edge.tokenizer import ClipTokenizer
@@ -71,6 +80,19 @@ class TorchOps:
     @staticmethod
     def blend(x, mask, n: int):
         return torch.cat([x[:n], x[:n] + mask * (x[n:] - x[:n])])
+
+    @staticmethod
+    def blend_with(x, x_src, mask):
+        return x_src + mask * (x - x_src)  # x_src (1, ...) broadcast over the N targets
+
+    @staticmethod
+    def cat(a, b):
+        """Source maps (1, Q, 77) and N targets' (N, Q, 77) → (2, N, Q, 77), :func:`blend_mask`'s layout."""
+        return torch.stack([a.expand_as(b), b])
+
+    @staticmethod
+    def stack_into(rows: list):
+        return torch.stack(rows)
 
 
 @dataclass(frozen=True)
@@ -122,6 +144,9 @@ class FastEditor:
             pairs=True,
         ).eval()
         self.unet_r = UNetGraph(unet_reverse).eval()  # plain batch (shares the weights; P2P processors defer)
+        # re-edits: the source row once per photo, then N targets of it per batch (same weights)
+        self.unet_s = UNetSourceGraph(unet_reverse, (self.h // 2) ** 2, self.q).eval()
+        self.unet_t = UNetTargetGraph(unet_reverse, (self.h // 2) ** 2, self.q).eval()
         self.vae_enc, self.vae_dec = VaeEncoderGraph(self.vae), VaeDecoderGraph(self.vae)
         self.vae_enc_c, self.vae_dec_c = self.vae_enc, self.vae_dec
         if options.compile:
@@ -129,8 +154,10 @@ class FastEditor:
             comp = lambda m: torch.compile(m, mode=options.compile_mode)  # noqa: E731
             self.vae_enc_c, self.vae_dec_c = comp(self.vae_enc), comp(self.vae_dec)
             self.unet_f_c, self.unet_e_c, self.unet_r_c = comp(self.unet_f), comp(self.unet_e), comp(self.unet_r)
+            self.unet_s_c, self.unet_t_c = comp(self.unet_s), comp(self.unet_t)
         else:
             self.unet_f_c, self.unet_e_c, self.unet_r_c = self.unet_f, self.unet_e, self.unet_r
+            self.unet_s_c, self.unet_t_c = self.unet_s, self.unet_t
         self._ops = TorchOps(
             {st.t: torch.full((1,), float(st.t), device=self.dev) for st in self.c.forward + self.c.reverse}
         )
@@ -199,6 +226,26 @@ class FastEditor:
                     f["self_on"],
                 )
                 return {"eps": eps, "blend_maps": maps.float()}
+            if graph == "unet_reverse_source":
+                eps, maps, packed = self.unet_s_c(sample, f["timestep"], f["encoder_hidden_states"], f["timestep_cond"])
+                return {"eps": eps, "blend_maps": maps.float(), "source_cache": packed}
+            if graph == "unet_reverse_target":
+                eps, maps = self.unet_t_c(
+                    sample,
+                    f["timestep"],
+                    f["encoder_hidden_states"],
+                    f["timestep_cond"],
+                    f["token_map"],
+                    f["refine_alpha"],
+                    f["equalizer"],
+                    f["cross_alpha"],
+                    f["self_flag"],
+                    f["source_text"],
+                    f["source_cache"],
+                    f["cross_on"],
+                    f["self_on"],
+                )
+                return {"eps": eps, "blend_maps": maps.float()}
         raise InputError(f"the fast path runs no graph {graph!r}")
 
     def _invert_fn(self, s: dict) -> None:
@@ -217,6 +264,45 @@ class FastEditor:
         with self._stage("text_encoder"):
             text = self.text(torch.cat([s["ids_src"], s["ids_tgt"]]))
 
+        feeds, blend = self._step_feeds(s), self._blend_fn(s)
+        x = loop.edit(self._run, self.c, s["latent"], text, s["cond"], feeds, blend, ops=self._ops)
+        with self._stage("vae_decoder"):
+            img = self.vae_dec_c((x[n:] / self.c.vae_scale).to(self.dt)).float()
+        s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
+
+    def _source_fn(self, s: dict) -> None:
+        with self._stage("text_encoder"):
+            e_src = self.text(s["ids_src"])
+        lat, maps, packed = loop.source_pass(self._run, self.c, s["latent"], e_src, s["w0"], ops=self._ops)
+        s["src_latents"].copy_(lat)
+        s["src_maps"].copy_(maps)
+        s["src_tensors"].copy_(packed)
+
+    def _reedit_fn(self, s: dict) -> None:
+        n = s["ids_tgt"].shape[0]
+        with self._stage("text_encoder"):
+            text = self.text(s["ids_tgt"])
+            source_text = self.text(s["ids_src"][:1])
+        feeds = self._step_feeds(s)
+        source = SourceCache(s["src_latents"], s["src_maps"], s["src_tensors"])
+        conds = [c[n:] for c in s["cond"]]  # the target rows' guidance
+        x = loop.edit_cached(
+            self._run,
+            self.c,
+            s["latent"].expand(n, -1, -1, -1),
+            source,
+            text,
+            source_text,
+            conds,
+            feeds,
+            self._blend_fn(s),
+            ops=self._ops,
+        )
+        with self._stage("vae_decoder"):
+            img = self.vae_dec_c((x / self.c.vae_scale).to(self.dt)).float()
+        s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
+
+    def _step_feeds(self, s: dict):
         def step_feeds(k: int) -> dict:
             cross_on, self_on = s["flags"][k]  # host-known 0/1 schedules, baked into the graph
             return {
@@ -229,14 +315,14 @@ class FastEditor:
                 "self_on": self_on,
             }
 
+        return step_feeds
+
+    def _blend_fn(self, s: dict):
         def blend(acc):
             mask = self._blend_mask(acc, s["blend_tokens"])
             return torch.where(s["blend_on"] > 0, mask, torch.ones_like(mask))
 
-        x = loop.edit(self._run, self.c, s["latent"], text, s["cond"], step_feeds, blend, ops=self._ops)
-        with self._stage("vae_decoder"):
-            img = self.vae_dec_c((x[n:] / self.c.vae_scale).to(self.dt)).float()
-        s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
+        return blend
 
     def _blend_mask(self, acc: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return blend_mask(acc, tokens, self.h, self.c.blend_threshold)
@@ -247,7 +333,18 @@ class FastEditor:
         if key not in self._buffers:
             d, h, k = self.dev, self.h, len(self.c.reverse)
             b = {"ids_src": torch.zeros(n, 77, dtype=torch.long, device=d), "latent": torch.zeros(n, 4, h, h, device=d)}
-            if kind == "invert":
+            if kind in ("source", "reedit"):
+                # the source tensors of one photo: what _source_fn writes and _reedit_fn reads
+                s_len = self.bundle.dims.get("S") or self._source_length()
+                b |= {
+                    "src_latents": torch.zeros(k, 1, 4, h, h, device=d),
+                    "src_maps": torch.zeros(k, 1, self.q, 77, device=d),
+                    "src_tensors": torch.zeros(k, 1, s_len, device=d, dtype=self.dt),
+                }
+                b["latent"] = torch.zeros(1, 4, h, h, device=d)
+            if kind == "source":
+                b["w0"] = torch.zeros(1, 512, device=d, dtype=self.dt)
+            elif kind == "invert":
                 b |= {
                     "pixels": torch.zeros(n, 3, 8 * h, 8 * h, device=d, dtype=self.dt),
                     "noise": torch.zeros(n, 4, h, h, device=d),
@@ -268,6 +365,20 @@ class FastEditor:
                 }
             self._buffers[key] = b
         return self._buffers[key]
+
+    def _source_length(self) -> int:
+        """S for this UNet (bundles without the re-edit graphs do not record it)."""
+        if not hasattr(self, "_s_len"):
+            h = self.h
+            with torch.inference_mode():
+                _, _, packed = self.unet_s(
+                    torch.zeros(1, 4, h, h, device=self.dev, dtype=self.dt).to(memory_format=self._mf),
+                    torch.full((1,), 999.0, device=self.dev),
+                    torch.zeros(1, 77, self.text.text_encoder.config.hidden_size, device=self.dev, dtype=self.dt),
+                    torch.zeros(1, 512, device=self.dev, dtype=self.dt),
+                )
+            self._s_len = int(packed.shape[1])
+        return self._s_len
 
     def _launch(self, kind, n: int, fn, bufs: dict) -> None:
         if not self.opt.cuda_graphs or self.dev.type != "cuda":
@@ -386,8 +497,28 @@ class FastEditor:
         self._launch(("edit", flags), n, self._edit_fn, b)
         return b["image"].permute(0, 2, 3, 1).cpu().numpy()
 
+    def _run_source(self, latent: torch.Tensor, ids_src: np.ndarray) -> SourceCache:
+        b = self._buffers_for("source", 1)
+        b["latent"].copy_(latent)
+        self._stage_in(b, {"ids_src": ids_src, "w0": self._wemb(0.0)})
+        self._launch("source", 1, self._source_fn, b)
+        return SourceCache(b["src_latents"].clone(), b["src_maps"].clone(), b["src_tensors"].clone())
+
+    def _run_reedit(self, latent: torch.Tensor, source: SourceCache, arrays: dict, flags: tuple) -> np.ndarray:
+        n = arrays["ids_tgt"].shape[0]
+        b = self._buffers_for("reedit", n)
+        b["latent"].copy_(latent)
+        b["src_latents"].copy_(source.latents)
+        b["src_maps"].copy_(source.maps)
+        b["src_tensors"].copy_(source.tensors)
+        self._stage_in(b, arrays)
+        b["flags"] = flags
+        self._launch(("reedit", flags), n, self._reedit_fn, b)
+        return b["image"].permute(0, 2, 3, 1).cpu().numpy()
+
     def captured_graphs(self) -> list:
-        """The keys of the loops captured as CUDA graphs so far: ("invert", n) and (("edit", flags), n)."""
+        """The keys of the loops captured as CUDA graphs so far: ("invert", n), (("edit", flags), n),
+        ("source", 1) and (("reedit", flags), n)."""
         return list(self._graphs)
 
     @torch.inference_mode()
@@ -429,6 +560,54 @@ class FastEditor:
         )
         with self._lock:
             return self._run_edit(latents, arrays, flags)
+
+    @torch.inference_mode()
+    def source_cache(self, latent: torch.Tensor, source_prompt: str) -> SourceCache:
+        """The source branch of every edit of one inversion (``latent`` (1, 4, h, h) on the
+        device), as device tensors: computed once, then every :meth:`reedit_batch` runs the
+        target rows alone."""
+        if tuple(latent.shape) != (1, 4, self.h, self.h):
+            raise InputError(f"source_cache takes one latent (1, 4, {self.h}, {self.h}), got {tuple(latent.shape)}")
+        ids = self.tokenizer(check_prompt(source_prompt, "source prompt")).ids[None]
+        with self._lock:
+            return self._run_source(latent, ids)
+
+    @torch.inference_mode()
+    def reedit_batch(
+        self,
+        latent: torch.Tensor,
+        source: SourceCache,
+        source_prompt: str,
+        target_prompts: list[str],
+        *,
+        cross_replace: float = 0.2,
+        self_replace: float = 0.2,
+        amplify: dict | None = None,
+        blend=None,
+        guidance: float = 19.0,
+        tau: float = 0.8,
+        mode: str = "auto",
+    ) -> np.ndarray:
+        """N target prompts of one inversion in one batch, from its :meth:`source_cache`: the
+        same images as :meth:`edit_batch` of N copies of the latent, at the target rows' cost.
+        Returns (N, H, W, 3) float32 in [0, 1]."""
+        if isinstance(target_prompts, str) or not target_prompts:
+            raise InputError("reedit_batch takes a non-empty list of target prompts")
+        n = len(target_prompts)
+        arrays, flags = self._prepare_edit(
+            n,
+            [source_prompt] * n,
+            list(target_prompts),
+            cross_replace=cross_replace,
+            self_replace=self_replace,
+            amplify=amplify,
+            blend=blend,
+            guidance=guidance,
+            tau=tau,
+            mode=mode,
+        )
+        with self._lock:
+            return self._run_reedit(latent, source, arrays, flags)
 
     @torch.inference_mode()
     def edit_image(

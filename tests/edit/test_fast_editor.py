@@ -104,3 +104,29 @@ def test_cuda_fast_path_matches_eager_reference(tmp_path, steps):
     # both loops were captured as CUDA graphs (the edit graph is keyed by its P2P step flags)
     captured = fast.captured_graphs()
     assert ("invert", 1) in captured and any(key[0] != "invert" for key in captured)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0}, blend=("cat", "dog")),
+        dict(cross_replace=0.0, self_replace=1.0, mode="refine"),
+    ],
+    ids=["blend", "self-only"],
+)
+def test_reedit_batch_equals_edit_batch(setup, photo, kw):
+    """N targets of one source cache in one batch = the batch-2 edits of N copies of the inversion;
+    the source cache's fields have the host editor's shapes."""
+    _, fast = setup
+    lat = fast.invert_batch([photo], ["a photo of a cat"], [2])
+    source = fast.source_cache(lat, "a photo of a cat")
+    k, h = len(fast.c.reverse), fast.h
+    assert tuple(source.latents.shape) == (k, 1, 4, h, h) and tuple(source.maps.shape) == (k, 1, fast.q, 77)
+    assert source.tensors.shape[:2] == (k, 1) and source.tensors.shape[2] == fast.bundle.dims["S"]
+    tgts = ["a photo of a dog", "a photo of a big dog"] if "blend" in kw else ["a photo of a dog", "a photo of a lion"]
+    got = fast.reedit_batch(lat, source, "a photo of a cat", tgts, **kw)
+    want = fast.edit_batch(lat.expand(2, -1, -1, -1).clone(), ["a photo of a cat"] * 2, tgts, **kw)
+    assert got.shape == want.shape == (2, 128, 128, 3)
+    for i in range(2):
+        assert psnr_db(want[i], got[i], peak=1.0) >= 60
+    assert psnr_db(got[0], got[1], peak=1.0) < 60  # the two targets differ
