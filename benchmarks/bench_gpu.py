@@ -7,6 +7,9 @@ Phases (each fits one device command):
               torch.compile, CUDA graphs) median of many; P2P overhead (edit UNet vs plain
               batch-2 UNet, both compiled + graphed); FLOP count and share of the compute floor.
   throughput  batched edits (N photos in one call): edits/s.
+  reedit      re-edits (issue 19): the fast full edit and, in the same process, the source cache of
+              one inversion and its re-edits (target rows only), one target and N targets a batch;
+              PSNR vs the fp32 eager batch-2 edit; peak device memory.
 Writes <out>/gpu_<phase>.json; `--merge A B` joins phase files into benchmarks/results/gpu.json.
 
     python benchmarks/bench_gpu.py --phase latency --out $OUT
@@ -205,6 +208,76 @@ FLOP_KINDS = {
 }
 
 
+REEDIT_TARGETS = ["a photo of a dog", "a photo of a big dog", "a photo of a dog in a hat", "a painting of a dog"]
+
+
+def phase_reedit(args, src, bundle) -> dict:
+    import copy
+
+    import torch
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.editor import FastEditor, FastOptions
+
+    img = synthetic(1)[0]
+    mods = [src.text_encoder, src.vae, src.unet_forward, src.unet_reverse]
+    res: dict = {}
+
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+
+    def save():  # partial results survive a command killed at its time limit
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_reedit.partial.json").write_text(json.dumps({"env": env, "reedit": res}, indent=1))
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    eager32 = FastOptions(dtype="float32", channels_last=False, compile=False, cuda_graphs=False)
+    ref_ed = FastEditor(bundle, *copy.deepcopy(mods), eager32)
+    ref = ref_ed.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # the batch-2 edit, fp32 eager
+    del ref_ed
+    torch.cuda.empty_cache()
+    torch.backends.cudnn.allow_tf32 = True
+
+    fast = FastEditor(bundle, *mods, FastOptions(compile_mode=args.compile_mode))
+    t0 = time.perf_counter()
+    full = fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)
+    res["fast_first_call_s"] = round(time.perf_counter() - t0, 1)
+    res["fast_vs_ref_psnr_db"] = round(psnr_db(ref, full, peak=1.0), 2)
+    res["fast_ms"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT), args.iters)
+    log("full edit", res["fast_first_call_s"], statistics.median(res["fast_ms"]))
+    save()
+
+    lat = fast.invert_batch([img], [SRC], [0])
+    t0 = time.perf_counter()
+    source = fast.source_cache(lat, SRC)
+    torch.cuda.synchronize()
+    res["source_first_call_s"] = round(time.perf_counter() - t0, 1)
+    res["source_ms"] = wall_ms(lambda: fast.source_cache(lat, SRC), args.iters)
+    res["source_cache_mib"] = {**source.size_report(), "held_mib": round(source.nbytes / 2**20, 1)}
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    one = fast.reedit_batch(lat, source, SRC, [TGT], **EDIT)
+    res["reedit_first_call_s"] = round(time.perf_counter() - t0, 1)
+    res["reedit_vs_ref_psnr_db"] = round(psnr_db(ref, one[0], peak=1.0), 2)
+    res["reedit_vs_fast_edit_psnr_db"] = round(psnr_db(full, one[0], peak=1.0), 2)
+    res["reedit_ms"] = wall_ms(lambda: fast.reedit_batch(lat, source, SRC, [TGT], **EDIT), args.iters)
+    g = next(g for key, g in fast._graphs.items() if key[0][0] == "reedit" and key[1] == 1)
+    res["reedit_gpu_ms"] = cuda_ms(g.replay, args.iters)
+    res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    log("re-edit", res["reedit_first_call_s"], statistics.median(res["reedit_ms"]), res["reedit_vs_ref_psnr_db"])
+    save()
+
+    n = len(REEDIT_TARGETS)
+    t0 = time.perf_counter()
+    fast.reedit_batch(lat, source, SRC, REEDIT_TARGETS, **EDIT)
+    res[f"reedit_batch{n}_first_call_s"] = round(time.perf_counter() - t0, 1)
+    res[f"reedit_batch{n}_ms"] = wall_ms(lambda: fast.reedit_batch(lat, source, SRC, REEDIT_TARGETS, **EDIT), 10)
+    log("batch", n, statistics.median(res[f"reedit_batch{n}_ms"]))
+    save()
+    return res
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     return next((k for k, frags in KINDS if any(f in low for f in frags)), "other")
@@ -371,7 +444,14 @@ def merge(paths: list[Path]) -> int:
 
     data = {}
     for p in paths:
-        data.update(json.loads(Path(p).read_text()))
+        part = json.loads(Path(p).read_text())
+        env = part.pop("env", None)
+        if env is not None and data.get("env") not in (None, env):  # another machine or run: keep its own env
+            for phase in part:
+                data[f"{phase}_env"] = env
+        elif env is not None:
+            data["env"] = env
+        data.update(part)
     lat = data["latency"]
     fast_ms = statistics.median(lat["fast_ms"])
     eager_ms = statistics.median(lat["eager_ms"])
@@ -391,6 +471,23 @@ def merge(paths: list[Path]) -> int:
         "pct_of_floor": round(100 * floor_ms / fast_ms, 1),
         "fast_vs_fp32_reference_psnr_db": lat["fast_vs_ref"]["psnr_db"],
     }
+    re = data.get("reedit")
+    if re:  # issue 19: the re-edit figures and the full edit of the same run beside them
+        n = len(REEDIT_TARGETS)
+        data["summary"] |= {
+            "reedit_gpu": data.get("reedit_env", data["env"])["gpu"],
+            "reedit_ms": round(statistics.median(re["reedit_ms"]), 2),
+            "reedit_gpu_ms": round(statistics.median(re["reedit_gpu_ms"]), 2),
+            "reedit_full_edit_ms_same_run": round(statistics.median(re["fast_ms"]), 2),
+            "reedit_ms_per_target_batch": round(statistics.median(re[f"reedit_batch{n}_ms"]) / n, 2)
+            if f"reedit_batch{n}_ms" in re
+            else None,
+            "reedit_ms_taesd": None,  # the fast path has no TAESD decoder yet (issue 18, part 4)
+            "ort_reedit_ms": None,  # the onnxruntime CUDA path is not built yet (issue 17, parts 2-4)
+            "reedit_vs_fp32_reference_psnr_db": re["reedit_vs_ref_psnr_db"],
+            "source_ms": round(statistics.median(re["source_ms"]), 2),
+            "reedit_peak_allocated_gib": re.get("peak_allocated_gib"),
+        }
     out = ROOT / "benchmarks" / "results" / "gpu.json"
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps(data["summary"], indent=1))
@@ -399,7 +496,7 @@ def merge(paths: list[Path]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=("latency", "throughput", "knobs"), default="latency")
+    ap.add_argument("--phase", choices=("latency", "throughput", "knobs", "reedit"), default="latency")
     ap.add_argument("--knobs", nargs="+", default=["default", "conv1x1_mm+coord_descent", "max-autotune-no-cudagraphs"])
     ap.add_argument("--compile-mode", help="torch.compile mode of the fast path (latency/throughput phases)")
     ap.add_argument("--out", type=Path, default=Path("."))
@@ -420,7 +517,8 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory() as work:
         src, bundle = build(Path(work))
-        phase = {"latency": phase_latency, "throughput": phase_throughput, "knobs": phase_knobs}[args.phase]
+        phases = {"latency": phase_latency, "throughput": phase_throughput, "knobs": phase_knobs}
+        phase = {**phases, "reedit": phase_reedit}[args.phase]
         result = {"env": env, args.phase: phase(args, src, bundle)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_{args.phase}.json").write_text(json.dumps(result, indent=1))

@@ -11,11 +11,12 @@ import pytest
 from conftest import run_cli
 
 from icd_edge.bundle.spec import GRAPHS as ALL_GRAPHS
-from icd_edge.bundle.spec import OPTIONAL_GRAPHS
+from icd_edge.bundle.spec import OPTIONAL_GRAPHS, REEDIT_GRAPHS
 from icd_edge.bundle.store import SCHEMA_VERSION, open_bundle, read_manifest
 from icd_edge.errors import BundleError
 
-GRAPHS = {k: v for k, v in ALL_GRAPHS.items() if k not in OPTIONAL_GRAPHS}
+# a default export: every graph but the TAESD decoder (the re-edit graphs are on by default)
+GRAPHS = {k: v for k, v in ALL_GRAPHS.items() if k not in OPTIONAL_GRAPHS or k in REEDIT_GRAPHS}
 
 
 def test_manifest_describes_every_graph(tiny_bundle):
@@ -28,8 +29,10 @@ def test_manifest_describes_every_graph(tiny_bundle):
         assert (tiny_bundle / onnx_art.file).is_file() and onnx_art.precision == "fp32"
         assert [i.name for i in g.inputs] == [s.name for s in GRAPHS[name][0]]
         assert all(isinstance(d, int) for i in g.inputs + g.outputs for d in i.shape)
-    # the reverse UNet's weights are stored once and shared by the plain and the edit graph
-    assert m.graphs["unet_reverse"].artifacts["onnx"].weights == m.graphs["unet_reverse_edit"].artifacts["onnx"].weights
+    # the reverse UNet's weights are stored once and shared by the plain, the edit and the re-edit graphs
+    weights = {m.graphs[g].artifacts["onnx"].weights for g in ("unet_reverse", "unet_reverse_edit", *REEDIT_GRAPHS)}
+    assert len(weights) == 1
+    assert m.dims["S"] > 0 and m.graphs["unet_reverse_target"].inputs[-1].shape == (1, m.dims["S"])
     assert m.schedule.config == "4A"
     assert [[st.t, st.s] for st in m.schedule.reverse] == [[999, 779], [779, 519], [519, 259], [259, 0]]
     np.testing.assert_allclose([m.schedule.reverse[0].c1, m.schedule.reverse[0].c2], [3.079753, -2.094919], atol=2e-6)
@@ -55,6 +58,7 @@ def test_recorded_parity_meets_the_gates(tiny_bundle):
     assert par.get("edit", "synthetic").psnr_db >= 45.0
     assert par.get("generate", "synthetic").psnr_db >= 45.0
     assert par.get("edit", "synthetic").gate_db == 45.0
+    assert par.get("reedit", "synthetic").psnr_db >= 45.0  # the same edit through the source cache
 
 
 def test_reads_the_previous_schema_version(tiny_bundle, tmp_path):
