@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 from pathlib import Path
@@ -473,6 +474,13 @@ class Editor:
         for key in ("callback", "preview", "return_source"):
             if key in controls:
                 raise InputError(f"edit_many takes no {key}; call edit() per target for it", param=key)
+        known = set(inspect.signature(self.edit).parameters) - {"inv", "target_prompt"}
+        unknown = sorted(set(controls) - known)
+        if unknown:
+            raise InputError(
+                f"edit_many got unknown parameters {', '.join(unknown)}; it takes {', '.join(sorted(known))}",
+                param=unknown[0],
+            )
         self._check_inversion(inv)
         checked = {k: controls[k] for k in ("output_type",) if k in controls}
         edit_keys = ("cross_replace", "self_replace", "amplify", "blend", "guidance", "tau", "mode")

@@ -110,3 +110,18 @@ def test_exported_reedit_graphs_match_the_torch_batch2_edit(tiny_bundle, backend
         got = ed.edit(inv, PROMPTS[1], output_type="np", **controls)
         assert psnr_db(want, got, peak=1.0) >= 60.0, controls
     assert any(s.startswith("target_") for s, _ in ed.profile)
+
+
+def test_edit_many_checks_every_target_before_running(pair, photo):
+    from icd_edge.errors import InputError
+
+    _, cached = pair
+    inv = cached.invert(photo, PROMPTS[0], seed=2)
+    cached.profile = []
+    with pytest.raises(InputError, match="blend target word 'dog'"):
+        cached.edit_many(inv, [PROMPTS[1], "a photo of a lion"], blend=("cat", "dog"))
+    with pytest.raises(InputError, match="unknown parameters colour"):
+        cached.edit_many(inv, [PROMPTS[1]], colour="red")
+    with pytest.raises(InputError, match="non-empty list"):
+        cached.edit_many(inv, PROMPTS[1])
+    assert not any(s.startswith(("source_", "target_")) for s, _ in cached.profile)  # nothing ran
