@@ -148,41 +148,41 @@ class Inversion:
         if not path.is_file():
             raise InputError(f"{where} does not exist; write one with `icd-edge invert --out {path.name}`")
         try:
+            # np.load guesses the kind of file from its first bytes (an empty file is an EOFError,
+            # a .npy a bare array, anything else "pickled data"): say what it is instead
+            with open(path, "rb") as f:
+                is_zip = zipfile.is_zipfile(f)
+            if not is_zip:
+                raise InputError(
+                    f"{where} is not an .npz archive (empty, truncated, or another kind of file); "
+                    "give a file written by `icd-edge invert`, or invert the photo again"
+                )
             with np.load(path, allow_pickle=False) as z:
-                if _META not in z.files:
-                    raise InputError(
-                        f"{where} is not an icd-edge inversion (no metadata; files of icd-edge "
-                        "before version 1 of the format cannot be read): invert the photo again"
-                    )
-                meta = json.loads(bytes(z[_META]).decode())
-                arrays = {k: z[k] for k in z.files if k != _META}
-        except (OSError, ValueError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                names = list(z.files)
+                meta = json.loads(bytes(z[_META]).decode()) if _META in names else None
+                arrays = {k: z[k] for k in names if k != _META}
+        except InputError:
+            raise
+        except OSError as exc:  # permission, I/O error
+            from icd_edge.atomic import describe_os_error
+
+            raise InputError(f"cannot read {where}: {describe_os_error(exc)}") from None
+        except (EOFError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
             raise InputError(f"{where} cannot be read ({type(exc).__name__}: {exc}); invert the photo again") from None
+        if meta is None:  # outside the try: InputError is a ValueError, which would be re-wrapped
+            raise InputError(
+                f"{where} is not an icd-edge inversion (no metadata; files of icd-edge "
+                "before version 1 of the format cannot be read): invert the photo again"
+            )
         version = meta.get("version") if isinstance(meta, dict) else None
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise InputError(f"{where} has no format version; invert the photo again")
         if version > FILE_VERSION:
             raise InputError(
                 f"{where} is format version {version}; this icd-edge reads up to {FILE_VERSION}: upgrade icd-edge"
             )
         try:
-            latent = np.asarray(arrays["latent"], np.float32)
-            if latent.ndim != 4 or latent.shape[:2] != (1, 4):
-                raise ValueError(f"latent of shape {latent.shape}")
-            source = None
-            if meta.get("source_cache"):
-                source = SourceCache(*(np.asarray(arrays[f"source_{n}"]) for n in ("latents", "maps", "tensors")))
-            fit = tuple(meta["fit"])
-            inv = cls(
-                latent,
-                str(meta["source_prompt"]),
-                None if meta["seed"] is None else int(meta["seed"]),
-                tuple(int(v) for v in meta["image_size"]),
-                str(meta["bundle_id"]),
-                (str(fit[0]), *(int(v) for v in fit[1:])),
-                str(meta["rng"]),
-                source,
-            )
+            inv = cls._from_file(meta, arrays)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise InputError(f"{where} is damaged ({type(exc).__name__}: {exc}); invert the photo again") from None
         if bundle_id is not None and inv.bundle_id != bundle_id:
@@ -190,8 +190,41 @@ class Inversion:
                 f"{where} was made with another bundle ({inv.bundle_id[:12]}…, this one is {bundle_id[:12]}…); "
                 "invert the photo again with this bundle"
             )
-        latent.setflags(write=False)
+        inv.latent.setflags(write=False)
         return inv
+
+    @classmethod
+    def _from_file(cls, meta: dict, arrays: dict) -> "Inversion":
+        # every field's type and shape is checked here, so that a damaged file fails on load and
+        # not later inside an edit (a two-element fit would break keep_size's unpacking)
+        latent = np.asarray(arrays["latent"], np.float32)
+        if latent.ndim != 4 or latent.shape[:2] != (1, 4):
+            raise ValueError(f"latent of shape {latent.shape}")
+        source = None
+        if meta.get("source_cache"):
+            source = SourceCache(*(np.asarray(arrays[f"source_{n}"]) for n in ("latents", "maps", "tensors")))
+            if len({a.shape[0] if a.ndim else -1 for a in (source.latents, source.maps, source.tensors)}) != 1:
+                raise ValueError("source cache arrays of different step counts")
+        fit, size, seed = meta["fit"], meta["image_size"], meta["seed"]
+        if not (isinstance(fit, list) and len(fit) == 3 and fit[0] in ("stretch", "crop", "pad")):
+            raise ValueError(f"fit {fit!r}")
+        if not (isinstance(size, list) and len(size) == 2):
+            raise ValueError(f"image_size {size!r}")
+        if not (seed is None or isinstance(seed, int)):
+            raise ValueError(f"seed {seed!r}")
+        for key in ("source_prompt", "bundle_id", "rng"):
+            if not isinstance(meta[key], str):
+                raise TypeError(f"{key} {meta[key]!r} is not text")
+        return cls(
+            latent,
+            meta["source_prompt"],
+            seed,
+            (int(size[0]), int(size[1])),
+            meta["bundle_id"],
+            (fit[0], int(fit[1]), int(fit[2])),
+            meta["rng"],
+            source,
+        )
 
 
 def _host(cache: SourceCache) -> tuple[np.ndarray, ...]:
