@@ -120,7 +120,7 @@ def _image_out(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--force", action="store_true", help="allow --out to be the input photo (it is overwritten)")
 
 
-def _fit(p: argparse.ArgumentParser) -> None:
+def _fit(p: argparse.ArgumentParser, keep_size: bool = True) -> None:
     p.add_argument(
         "--fit",
         default="stretch",
@@ -128,7 +128,8 @@ def _fit(p: argparse.ArgumentParser) -> None:
         action=Once,
         help="how a non-square photo becomes square: stretch (official), centre crop, or pad",
     )
-    p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
+    if keep_size:
+        p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,8 +189,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--image", required=True, type=Path, help="input photo", **once)
     p.add_argument("--source", required=True, help="prompt describing the photo", **once)
-    p.add_argument("--out", required=True, type=Path, help="output .npz (the x_999 latent and its prompt)", **once)
+    p.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output .npz inversion file (x_999, prompt, seed, fit, bundle id): edit it with `edit --inversion`",
+        **once,
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
+    _fit(p, keep_size=False)
+    p.add_argument(
+        "--save-source",
+        action="store_true",
+        help="also store the source cache in the file (faster re-edits; hundreds of MB at 512 px) when the "
+        "backend computes one during the inversion",
+    )
 
     p = sub.add_parser(
         "reconstruct", help="invert and decode under the source prompt (round trip)", formatter_class=fmt
@@ -287,13 +301,15 @@ def _check_room(args, ed, photo=None) -> None:
     check_output_file(args.out, need_bytes=w * h * 3 + (1 << 16))
 
 
-def _report(args, command: str, out: Path, ed, timings: dict, params: dict) -> None:
+def _report(args, command: str, wrote, ed, timings: dict, params: dict, extra: dict | None = None) -> None:
+    """``wrote``: the path written, or the list of them (edit with several targets)."""
     if args.json:
         print(
             json.dumps(
                 {
                     "command": command,
-                    "wrote": str(out),
+                    "wrote": [str(p) for p in wrote] if isinstance(wrote, list) else str(wrote),
+                    **(extra or {}),
                     "backend": ed.backend.name,
                     "bundle_id": ed.bundle.bundle_id,
                     "seconds": {k: round(v, 3) for k, v in timings.items()},
@@ -302,7 +318,10 @@ def _report(args, command: str, out: Path, ed, timings: dict, params: dict) -> N
             )
         )
     elif not args.quiet:
-        print(f"wrote {out}")
+        for p in wrote if isinstance(wrote, list) else [wrote]:
+            print(f"wrote {p}")
+        if extra and extra.get("source_image"):
+            print(f"wrote {extra['source_image']} (the source row)")
 
 
 class _Clock:
@@ -402,39 +421,33 @@ def cmd_invert(args) -> int:
     from icd_edge.atomic import check_output_file
     from icd_edge.image import load_image
 
+    # the output first: a bad --out fails before the photo is decoded or the bundle opened
     if args.out.suffix != ".npz":
-        raise InputError(f"--out {args.out} must end in .npz")
-    check_output_file(args.out)
+        raise InputError(f"--out {args.out} must end in .npz (an inversion file)")
+    check_output_file(args.out, "--out")
     clock = _Clock()
     photo = load_image(args.image)
     with _open(args) as ed:
-        check_output_file(args.out, need_bytes=4 * ed.constants.latent_hw**2 * 4 + (1 << 16))
+        # the latent; a source cache's size is known only after the inversion, and save checks it then
+        check_output_file(args.out, "--out", need_bytes=4 * ed.constants.latent_hw**2 * 4 + (1 << 16))
         clock.lap("open")
-        inv = ed.invert(photo, args.source, seed=args.seed, rng=args.rng)
+        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
         clock.lap("invert")
-        _inversion_to_npz(inv, args.out)
-        clock.lap("save")
-        _report(
-            args, "invert", args.out, ed, clock.seconds, {"source": args.source, "seed": args.seed, "rng": args.rng}
-        )
-    return 0
-
-
-def _inversion_to_npz(inv, path: Path) -> None:
-    import numpy as np
-
-    from icd_edge.atomic import atomic_file
-
-    with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                latent=inv.latent,
-                source_prompt=np.array(inv.source_prompt),
-                seed=np.array(-1 if inv.seed is None else inv.seed),
-                image_size=np.array(inv.image_size),
-                bundle_id=np.array(inv.bundle_id),
+        with_source = args.save_source and inv.source is not None
+        if args.save_source and not with_source and not args.quiet:
+            print(
+                f"note: {ed.backend.name} computed no source cache during the inversion; "
+                f"{args.out.name} is saved without it (edits from it compute the source branch)",
+                file=sys.stderr,
             )
+        inv.save(args.out, source=with_source)
+        clock.lap("save")
+        params = {"source": args.source, "seed": args.seed, "rng": args.rng, "fit": args.fit}
+        extra = {"source_cache": with_source}
+        if with_source:
+            extra["source_cache_bytes"] = inv.source.nbytes
+        _report(args, "invert", args.out, ed, clock.seconds, params, extra)
+    return 0
 
 
 def cmd_reconstruct(args) -> int:

@@ -83,8 +83,10 @@ def test_invert_reconstruct_generate(tiny_bundle, photo_png, tmp_path):
         str(tmp_path / "inv.npz"),
         check=True,
     )
-    z = np.load(tmp_path / "inv.npz")
-    assert z["latent"].shape == (1, 4, 16, 16) and str(z["source_prompt"]) == "a cat"
+    from icd_edge.edit.inversion import Inversion
+
+    inv = Inversion.load(tmp_path / "inv.npz")
+    assert inv.latent.shape == (1, 4, 16, 16) and inv.source_prompt == "a cat"
     run_cli(
         "reconstruct",
         "--bundle",
