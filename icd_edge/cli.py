@@ -114,8 +114,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     _verbosity(p)
 
 
-def _image_out(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--out", required=True, type=Path, action=Once, help=f"{what} (.png, .jpg, .webp, .bmp, .tif)")
+def _image_out(p: argparse.ArgumentParser, what: str, several: bool = False) -> None:
+    if several:  # edit: one output per --target, named by a pattern or put in a folder
+        g = p.add_mutually_exclusive_group(required=True)
+        g.add_argument(
+            "--out",
+            type=Path,
+            action=Once,
+            help=f"{what} (.png, .jpg, .webp, .bmp, .tif); with several --target the name must hold {{i}} "
+            "(1, 2, ...) and/or {target} (the prompt as a file name), e.g. out_{i}.png",
+        )
+        g.add_argument(
+            "--out-dir",
+            type=Path,
+            metavar="DIR",
+            action=Once,
+            help="write one PNG per --target into DIR (an existing folder), named {i:02d}_{target}.png",
+        )
+    else:
+        p.add_argument("--out", required=True, type=Path, action=Once, help=f"{what} (.png, .jpg, .webp, .bmp, .tif)")
     p.add_argument("--quality", type=int, action=Once, help="JPEG/WebP quality 1-100 (default 95)")
     p.add_argument("--force", action="store_true", help="allow --out to be the input photo (it is overwritten)")
 
@@ -132,6 +149,23 @@ def _fit(p: argparse.ArgumentParser, keep_size: bool = True) -> None:
         p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
 
 
+def _photo_or_inversion(p: argparse.ArgumentParser) -> None:
+    """--image (inverted now, with --source) or --inversion (a file of `icd-edge invert`)."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--image", type=Path, action=Once, help="input photo (inverted now; needs --source)")
+    g.add_argument(
+        "--inversion",
+        type=Path,
+        metavar="INV.npz",
+        action=Once,
+        help="an inversion file written by `icd-edge invert`, instead of --image: no inversion runs, and the "
+        "source prompt, seed, --rng and --fit are the file's",
+    )
+    p.add_argument(
+        "--source", action=Once, help="prompt describing the photo (needed with --image; the file's with --inversion)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = Parser(
@@ -142,12 +176,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     once = {"action": Once}
 
-    p = sub.add_parser("edit", help="invert a photo and decode it under a target prompt", formatter_class=fmt)
+    p = sub.add_parser(
+        "edit",
+        help="invert a photo (or read an inversion file) and decode it under target prompts",
+        formatter_class=fmt,
+    )
     _common(p)
-    p.add_argument("--image", required=True, type=Path, help="input photo", **once)
-    p.add_argument("--source", required=True, help="prompt describing the photo", **once)
-    p.add_argument("--target", required=True, help="prompt describing the edited photo", **once)
-    _image_out(p, "output image")
+    _photo_or_inversion(p)
+    p.add_argument(
+        "--target",
+        required=True,
+        action="append",
+        help="prompt describing the edited photo; repeat it for several edits of one inversion (one image each)",
+    )
+    _image_out(p, "output image", several=True)
     p.add_argument(
         "--cross-replace", type=float, default=0.2, help="fraction of steps with cross-attention replacement", **once
     )
@@ -181,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         action=Once,
-        help="also write the source row (the reconstruction the edit is made against)",
+        help="also write the source row (the reconstruction the edit is made against; one file for all targets)",
     )
     _fit(p)
 
@@ -209,8 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         "reconstruct", help="invert and decode under the source prompt (round trip)", formatter_class=fmt
     )
     _common(p)
-    p.add_argument("--image", required=True, type=Path, help="input photo", **once)
-    p.add_argument("--source", required=True, help="prompt describing the photo", **once)
+    _photo_or_inversion(p)
     _image_out(p, "output image")
     p.add_argument("--guidance", type=float, default=0.0, help="guidance w of the decode (0..19, code units)", **once)
     p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau", **once)
@@ -269,12 +310,12 @@ def _open(args):
     )
 
 
-def _check_quality(args, fmt: str) -> None:
+def _check_quality(quality: int | None, path: Path, fmt: str, flag: str = "--out") -> None:
     from icd_edge.image import LOSSY
 
-    if args.quality is not None and (fmt not in LOSSY or not 1 <= args.quality <= 100):
+    if quality is not None and (fmt not in LOSSY or not 1 <= quality <= 100):
         raise InputError(
-            f"--quality takes 1-100 and applies to .jpg/.webp outputs (got {args.quality} for {args.out.suffix})"
+            f"--quality takes 1-100 and applies to .jpg/.webp outputs (got {quality} for {flag} {path.name})"
         )
 
 
@@ -291,14 +332,19 @@ def _metadata(ed, command: str, **params) -> dict:
     }
 
 
-def _check_room(args, ed, photo=None) -> None:
-    """Once the bundle says how large the image is: room on the disk for it (an uncompressed
-    upper bound), before the model work."""
+def _check_room(paths: list[Path], ed, size: tuple[int, int] | None = None) -> None:
+    """Once the bundle says how large an image is: room on the disk for every output (an
+    uncompressed upper bound each, summed per folder), before the model work."""
+    from collections import Counter
+
     from icd_edge.atomic import check_output_file
 
     side = ed.constants.image_hw
-    w, h = photo.size if (photo is not None and getattr(args, "keep_size", False)) else (side, side)
-    check_output_file(args.out, need_bytes=w * h * 3 + (1 << 16))
+    w, h = size or (side, side)
+    per_folder = Counter(p.parent.resolve() for p in paths)
+    for folder, n in per_folder.items():
+        first = next(p for p in paths if p.parent.resolve() == folder)
+        check_output_file(first, need_bytes=n * (w * h * 3 + (1 << 16)))
 
 
 def _report(args, command: str, wrote, ed, timings: dict, params: dict, extra: dict | None = None) -> None:
@@ -334,17 +380,145 @@ class _Clock:
         self._t = now
 
 
-def cmd_edit(args) -> int:
-    from icd_edge.image import check_output_path, load_image, save_image
+# the inversion's own settings: an inversion file fixed them, so with --inversion they are errors
+_FIXED_AT_INVERSION = {"seed": "--seed", "rng": "--rng", "fit": "--fit"}
 
-    _, fmt = check_output_path(args.out, input_path=args.image, force=args.force)
-    _check_quality(args, fmt)
-    if args.save_source is not None:
-        _, src_fmt = check_output_path(args.save_source, input_path=args.image, force=args.force)
-        if args.save_source.resolve() == args.out.resolve():
-            raise InputError("--save-source and --out name the same file; give two names")
-        if args.quality is not None and src_fmt not in ("JPEG", "WEBP"):
-            raise InputError(f"--quality applies to .jpg/.webp outputs; --save-source {args.save_source} is not one")
+
+def _check_input_flags(args) -> None:
+    """--image needs --source; --inversion takes no --seed/--rng/--fit (checked before any work)."""
+    if args.inversion is None:
+        if args.source is None:
+            raise InputError("--image needs --source, the prompt describing the photo")
+        return
+    given = getattr(args, "_given", set())  # Once records every flag typed
+    fixed = [flag for dest, flag in _FIXED_AT_INVERSION.items() if dest in given]
+    if fixed:
+        raise InputError(
+            f"{' and '.join(fixed)} cannot be used with --inversion: `icd-edge invert` fixed "
+            f"{'it' if len(fixed) == 1 else 'them'} in {args.inversion.name}; leave "
+            f"{'it' if len(fixed) == 1 else 'them'} out, or invert the photo again with the new value"
+        )
+
+
+def _load_inversion(args, ed):
+    """The --inversion file, checked against this bundle and --source (when given)."""
+    from icd_edge.edit.inversion import Inversion
+
+    inv = Inversion.load(args.inversion, bundle_id=ed.bundle.bundle_id)
+    if args.source is not None and args.source != inv.source_prompt:
+        raise InputError(
+            f"--source {args.source!r} is not the prompt {args.inversion.name} was inverted with "
+            f"({inv.source_prompt!r}); leave --source out to use the file's, or invert the photo again"
+        )
+    return inv
+
+
+def _input_params(args, inv) -> dict:
+    """The inversion's parameters for metadata and --json: the flags, or the file's."""
+    if args.inversion is None:
+        return {"source": args.source, "seed": args.seed, "rng": args.rng, "fit": args.fit}
+    return {
+        "source": inv.source_prompt,
+        "seed": inv.seed,
+        "rng": inv.rng,
+        "fit": inv.fit[0],
+        "inversion": str(args.inversion),
+    }
+
+
+def _slug(prompt: str) -> str:
+    """A prompt as a file name: letters and digits of any script kept (lower case), every other
+    run of characters one '-', at most 48 characters; 'target' if nothing is left."""
+    import unicodedata
+
+    out = []
+    for ch in unicodedata.normalize("NFC", prompt).lower():
+        if ch.isalnum():
+            out.append(ch)
+        elif out and out[-1] != "-":
+            out.append("-")
+    return "".join(out)[:48].strip("-") or "target"
+
+
+def _output_names(args, targets: list[str]) -> list[Path]:
+    """One output path per target (see docs/running.md "Several targets"); names only, unchecked."""
+    import string
+
+    if args.out_dir is not None:
+        if not args.out_dir.is_dir():
+            raise InputError(f"--out-dir {args.out_dir} is not a folder; create it first")
+        return [args.out_dir / f"{i:02d}_{_slug(t)}.png" for i, t in enumerate(targets, 1)]
+    name = args.out.name
+    hint = "use {i} (1, 2, ...) and {target} (the prompt as a file name); write a literal brace as {{ or }}"
+    try:
+        fields = [(f, conv) for _, f, _, conv in string.Formatter().parse(name) if f is not None]
+    except ValueError as exc:
+        raise InputError(f"--out {name}: {exc}; {hint}") from None
+    for field, conv in fields:
+        if field not in ("i", "target") or conv:
+            raise InputError(f"--out {name}: unknown placeholder {{{field}{'!' + conv if conv else ''}}}; {hint}")
+    if len(targets) > 1 and not fields:
+        raise InputError(
+            f"--out {name} names one file but {len(targets)} --target prompts were given; put {{i}} or "
+            "{target} in the name (e.g. out_{i}.png), or use --out-dir DIR"
+        )
+    try:
+        return [args.out.with_name(name.format(i=i, target=_slug(t))) for i, t in enumerate(targets, 1)]
+    except (ValueError, TypeError) as exc:  # a format spec that does not fit, e.g. {target:d}
+        raise InputError(f"--out {name}: {exc}; {hint}") from None
+
+
+def _check_edit_outputs(args, targets: list[str]) -> tuple[list[Path], Path | None]:
+    """Every output name of an edit checked before any work: distinct, a known suffix, a writable
+    folder, not the input photo (without --force), --quality fits each."""
+    from icd_edge.image import check_output_path
+
+    outs = _output_names(args, targets)
+    flag = "--out-dir" if args.out_dir is not None else "--out"
+    seen: dict[Path, int] = {}
+    for i, path in enumerate(outs):
+        _, fmt = check_output_path(path, input_path=args.image, force=args.force)
+        _check_quality(args.quality, path, fmt, flag)
+        key = path.resolve()
+        if key in seen:
+            j = seen[key]
+            raise InputError(
+                f"--target {j + 1} ({targets[j]!r}) and --target {i + 1} ({targets[i]!r}) would both write "
+                f"{path}; give distinct prompts, or put {{i}} in --out"
+            )
+        seen[key] = i
+    src = args.save_source
+    if src is not None:
+        _, src_fmt = check_output_path(src, input_path=args.image, force=args.force)
+        if src.resolve() in seen:
+            raise InputError(f"--save-source {src} and an edit's output are the same file; give two names")
+        _check_quality(args.quality, src, src_fmt, "--save-source")
+    return outs, src
+
+
+def _save_all(items: list[tuple], quality: int | None) -> None:
+    """Write every (image, path, metadata) or none: each goes to a temporary file, renamed only
+    once all are written, so a fault or Ctrl-C midway leaves no output of this run behind."""
+    from contextlib import ExitStack
+
+    from icd_edge.atomic import atomic_file
+    from icd_edge.image import save_image
+
+    with ExitStack() as stack:
+        for img, path, meta in items:
+            save_image(img, stack.enter_context(atomic_file(path)), metadata=meta, quality=quality)
+
+
+def cmd_edit(args) -> int:
+    from icd_edge.image import load_image, save_image
+
+    _check_input_flags(args)
+    targets = list(args.target)
+    if args.preview is not None and len(targets) > 1:
+        raise InputError(
+            f"--preview shows one edit's steps; give one --target with it (got {len(targets)}), or leave --preview out"
+        )
+    outs, src_path = _check_edit_outputs(args, targets)
     amplify = _amplify(args.amplify)
     preview = None
     if args.preview is not None:
@@ -358,62 +532,65 @@ def cmd_edit(args) -> int:
             save_image(image, args.preview / f"step_{step}_of_{total}.png")
 
     blend = tuple(args.blend) if args.blend else None
-    params = {
-        "source": args.source,
-        "target": args.target,
-        "seed": args.seed,
-        "rng": args.rng,
+    controls = {
         "cross_replace": args.cross_replace,
         "self_replace": args.self_replace,
         "amplify": amplify,
-        "blend": list(blend) if blend else None,
+        "blend": blend,
         "guidance": args.guidance,
         "tau": args.tau,
         "mode": args.mode,
-        "fit": args.fit,
-        "keep_size": args.keep_size,
-        "decoder": args.decoder,
     }
     clock = _Clock()
-    photo = load_image(args.image)  # decoded once, before the bundle is opened
+    photo = load_image(args.image) if args.image is not None else None  # decoded once, before the bundle opens
     with _open(args) as ed:
-        # every edit parameter is checked before the (slow) inversion
-        ed.check_edit(
-            args.source,
-            args.target,
-            cross_replace=args.cross_replace,
-            self_replace=args.self_replace,
-            amplify=amplify,
-            blend=blend,
-            guidance=args.guidance,
-            tau=args.tau,
-            mode=args.mode,
-        )
-        _check_room(args, ed, photo)
+        inv = _load_inversion(args, ed) if args.inversion is not None else None
+        source = args.source if inv is None else inv.source_prompt
+        # every edit parameter, for every target, is checked before the (slow) inversion
+        for target in targets:
+            ed.check_edit(source, target, **controls)
+        size = None
+        if args.keep_size:  # the photo's size, or (crop) an upper bound of it
+            size = photo.size if photo is not None else inv.image_size
+        _check_room(outs + ([src_path] if src_path is not None else []), ed, size)
         clock.lap("open")
-        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
-        clock.lap("invert")
-        img = ed.edit(
-            inv,
-            args.target,
-            cross_replace=args.cross_replace,
-            self_replace=args.self_replace,
-            amplify=amplify,
-            blend=blend,
-            guidance=args.guidance,
-            tau=args.tau,
-            mode=args.mode,
-            keep_size=args.keep_size,
-            preview=preview,
-            return_source=args.save_source is not None,
-        )
+        if inv is None:
+            inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
+            clock.lap("invert")
+        source_img = None
+        if len(targets) > 1 and preview is None and src_path is None:
+            images = ed.edit_many(inv, targets, **controls, keep_size=args.keep_size)
+        else:  # a per-target option: edit() one by one, the source row from the first (it is the same for all)
+            images = []
+            for k, target in enumerate(targets):
+                want_source = src_path is not None and k == 0
+                img = ed.edit(
+                    inv, target, **controls, keep_size=args.keep_size, preview=preview, return_source=want_source
+                )
+                if want_source:
+                    img, source_img = img
+                images.append(img)
         clock.lap("edit")
-        if args.save_source is not None:
-            img, source = img
-            save_image(source, args.save_source, metadata=_metadata(ed, "edit-source", **params), quality=args.quality)
-        save_image(img, args.out, metadata=_metadata(ed, "edit", **params), quality=args.quality)
+        params = {
+            **_input_params(args, inv),
+            "target": targets[0] if len(targets) == 1 else targets,
+            **controls,
+            "amplify": amplify,
+            "blend": list(blend) if blend else None,
+            "keep_size": args.keep_size,
+            "decoder": args.decoder,
+        }
+        items = [
+            (img, out, _metadata(ed, "edit", **{**params, "target": t})) for img, out, t in zip(images, outs, targets)
+        ]
+        if source_img is not None:
+            items.append((source_img, src_path, _metadata(ed, "edit-source", **params)))
+        _save_all(items, args.quality)
         clock.lap("save")
-        _report(args, "edit", args.out, ed, clock.seconds, params)
+        extra = {"outputs": [{"target": t, "path": str(o)} for t, o in zip(targets, outs)]}
+        if src_path is not None:
+            extra["source_image"] = str(src_path)
+        _report(args, "edit", outs[0] if len(outs) == 1 else outs, ed, clock.seconds, params, extra)
     return 0
 
 
@@ -453,28 +630,31 @@ def cmd_invert(args) -> int:
 def cmd_reconstruct(args) -> int:
     from icd_edge.image import check_output_path, load_image, save_image
 
+    _check_input_flags(args)
     _, fmt = check_output_path(args.out, input_path=args.image, force=args.force)
-    _check_quality(args, fmt)
-    params = {
-        "source": args.source,
-        "seed": args.seed,
-        "rng": args.rng,
-        "guidance": args.guidance,
-        "tau": args.tau,
-        "fit": args.fit,
-        "keep_size": args.keep_size,
-        "decoder": args.decoder,
-    }
+    _check_quality(args.quality, args.out, fmt)
     clock = _Clock()
-    photo = load_image(args.image)
+    photo = load_image(args.image) if args.image is not None else None
     with _open(args) as ed:
+        inv = _load_inversion(args, ed) if args.inversion is not None else None
         ed.check_reconstruct(guidance=args.guidance, tau=args.tau)  # before the (slow) inversion
-        _check_room(args, ed, photo)
+        size = None
+        if args.keep_size:
+            size = photo.size if photo is not None else inv.image_size
+        _check_room([args.out], ed, size)
         clock.lap("open")
-        inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
-        clock.lap("invert")
+        if inv is None:
+            inv = ed.invert(photo, args.source, seed=args.seed, fit=args.fit, rng=args.rng)
+            clock.lap("invert")
         img = ed.reconstruct(inv, guidance=args.guidance, tau=args.tau, keep_size=args.keep_size)
         clock.lap("reconstruct")
+        params = {
+            **_input_params(args, inv),
+            "guidance": args.guidance,
+            "tau": args.tau,
+            "keep_size": args.keep_size,
+            "decoder": args.decoder,
+        }
         save_image(img, args.out, metadata=_metadata(ed, "reconstruct", **params), quality=args.quality)
         clock.lap("save")
         _report(args, "reconstruct", args.out, ed, clock.seconds, params)
@@ -485,7 +665,7 @@ def cmd_generate(args) -> int:
     from icd_edge.image import check_output_path, save_image
 
     _, fmt = check_output_path(args.out)
-    _check_quality(args, fmt)
+    _check_quality(args.quality, args.out, fmt)
     params = {
         "prompt": args.prompt,
         "seed": args.seed,
@@ -496,7 +676,7 @@ def cmd_generate(args) -> int:
     }
     clock = _Clock()
     with _open(args) as ed:
-        _check_room(args, ed)
+        _check_room([args.out], ed)
         clock.lap("open")
         img = ed.generate(args.prompt, seed=args.seed, guidance=args.guidance, tau=args.tau, rng=args.rng)
         clock.lap("generate")

@@ -196,7 +196,7 @@ def test_bad_bundles_and_backends(tiny_bundle, photo_png, tmp_path):
         ({}, ["--cross-replace", "-1"], "--cross-replace must be in"),
         ({}, ["--self-replace", "x"], "invalid float value"),
         ({}, ["--seed", "1", "--seed", "2"], "--seed: given twice"),
-        ({}, ["--target", "a dog"], "--target: given twice"),
+        ({}, ["--target", "a dog"], "2 --target prompts"),  # repeatable now, but one --out names one file
         ({}, ["--amplify", "dog=3", "--amplify", "dog=5"], "names 'dog' twice"),
         ({"--source": "caf\udcff"}, [], "--source is not valid text"),
         ({}, ["--amplify", "dog"], "WORD=FACTOR"),
