@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(args):
+def _open(args, source_cache: str = "auto"):
+    """The editor; ``source_cache="off"`` where no edit follows the inversion (invert without
+    --save-source, reconstruct), so that the source branch is not computed only to be dropped."""
     from icd_edge.edit.editor import Editor
 
     fields = {}
@@ -306,6 +308,7 @@ def _open(args):
         progress=not (args.no_progress or args.quiet),
         memory=args.memory,
         decoder=args.decoder,
+        source_cache=source_cache,
         options=options,
     )
 
@@ -604,7 +607,7 @@ def cmd_invert(args) -> int:
     check_output_file(args.out, "--out")
     clock = _Clock()
     photo = load_image(args.image)
-    with _open(args) as ed:
+    with _open(args, "auto" if args.save_source else "off") as ed:
         # the latent; a source cache's size is known only after the inversion, and save checks it then
         check_output_file(args.out, "--out", need_bytes=4 * ed.constants.latent_hw**2 * 4 + (1 << 16))
         clock.lap("open")
@@ -613,8 +616,8 @@ def cmd_invert(args) -> int:
         with_source = args.save_source and inv.source is not None
         if args.save_source and not with_source and not args.quiet:
             print(
-                f"note: {ed.backend.name} computed no source cache during the inversion; "
-                f"{args.out.name} is saved without it (edits from it compute the source branch)",
+                "note: no source cache was computed (it needs a bundle with the re-edit graphs and --memory "
+                f"other than sequential); {args.out.name} is saved without it, and edits of it compute it",
                 file=sys.stderr,
             )
         inv.save(args.out, source=with_source)
@@ -635,7 +638,7 @@ def cmd_reconstruct(args) -> int:
     _check_quality(args.quality, args.out, fmt)
     clock = _Clock()
     photo = load_image(args.image) if args.image is not None else None
-    with _open(args) as ed:
+    with _open(args, "off") as ed:  # a reconstruction uses no source cache
         inv = _load_inversion(args, ed) if args.inversion is not None else None
         ed.check_reconstruct(guidance=args.guidance, tau=args.tau)  # before the (slow) inversion
         size = None

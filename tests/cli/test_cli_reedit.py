@@ -254,39 +254,56 @@ def test_invert_out_is_checked_before_the_photo_and_the_bundle(tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
-def test_invert_save_source(tiny_bundle, photo_png, tmp_path):
-    """Whether this backend computes a source cache during the inversion decides what --save-source
-    does: store it, or save without it and say so in one line (none with -q)."""
+def _invert_args(bundle, image, out):
+    return ["invert", "--bundle", str(bundle), "--backend", "onnxruntime", "--image", str(image), "--source", CAT] + [
+        "--out",
+        str(out),
+    ]
+
+
+def test_invert_save_source_stores_the_editors_cache(tiny_bundle, photo_png, tmp_path, fresh, monkeypatch, capsys):
+    """The tiny bundle has the re-edit graphs, so the inversion computes the cache and the file
+    holds it; an edit of the file then uses it as stored (computing it again is forbidden here)
+    and gives the fresh inversion's image."""
+    from icd_edge import cli
+    from icd_edge.bundle.store import open_bundle
+    from icd_edge.edit.editor import Editor
+
     out = tmp_path / "inv.npz"
-    args = ["invert", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", CAT, "--out", str(out)]
+    args = _invert_args(tiny_bundle, photo_png, out) + ["--seed", "3", "--rng", "numpy", "--fit", "crop"]
     proc = run_cli(*args, "--save-source", "--json", check=True)
-    inv = Inversion.load(out)
-    assert json.loads(proc.stdout)["source_cache"] is (inv.source is not None)
-    if inv.source is None:
-        assert proc.stderr.count("note: ") == 1 and "saved without it" in proc.stderr
-    else:
-        assert "note: " not in proc.stderr and inv.source.steps == 4
-    assert run_cli(*args, "--save-source", "-q", check=True).stderr == ""
+    inv, rep = Inversion.load(out), json.loads(proc.stdout)
+    assert inv.source is not None and inv.source.steps == len(open_bundle(tiny_bundle).manifest.schedule.reverse)
+    assert rep["source_cache"] is True and rep["source_cache_bytes"] == inv.source.nbytes
+    assert "note:" not in proc.stderr
+    monkeypatch.setattr(Editor, "_source_pass", lambda *a, **k: pytest.fail("the stored cache was not used"))
+    dog = tmp_path / "dog.png"
+    assert cli.main(_edit(tiny_bundle, "--inversion", str(out), "--target", DOG, "--out", str(dog), "-q")) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(dog)), fresh[DOG])
+    assert capsys.readouterr().err == ""
 
 
-def test_invert_save_source_stores_the_cache(tiny_bundle, photo_png, tmp_path, monkeypatch):
-    """With an editor that does compute a cache (faked here: the cache internals are not the CLI's
-    concern), the file holds it, array for array."""
+def test_invert_save_source_without_a_cache_says_so(tiny_bundle, photo_png, tmp_path):
+    """--memory sequential computes no cache (the editor's policy): the file is saved without it,
+    with one note (none with -q), not an error."""
+    out = tmp_path / "inv.npz"
+    args = _invert_args(tiny_bundle, photo_png, out) + ["--memory", "sequential", "--save-source"]
+    proc = run_cli(*args, "--json", check=True)
+    assert json.loads(proc.stdout)["source_cache"] is False and Inversion.load(out).source is None
+    assert proc.stderr.count("note: ") == 1 and "saved without it" in proc.stderr
+    assert run_cli(*args, "-q", check=True).stderr == ""
+
+
+def test_no_source_pass_where_nothing_uses_it(tiny_bundle, photo_png, tmp_path, monkeypatch):
+    """invert without --save-source and reconstruct drop the source cache, so they must not spend
+    the reverse steps computing it."""
     from icd_edge import cli
     from icd_edge.edit.editor import Editor
-    from icd_edge.edit.inversion import SourceCache
 
-    rng = np.random.default_rng(0)
-    cache = SourceCache(
-        *(rng.standard_normal(s).astype(np.float32) for s in ((4, 1, 4, 16, 16), (4, 1, 64, 77), (4, 99)))
-    )
-    real = Editor.invert
-    monkeypatch.setattr(Editor, "invert", lambda self, *a, **k: real(self, *a, **k).with_source(cache))
+    monkeypatch.setattr(Editor, "_source_pass", lambda *a, **k: pytest.fail("a source pass ran"))
     out = tmp_path / "inv.npz"
-    args = ["invert", "--bundle", str(tiny_bundle), "--image", str(photo_png), "--source", CAT, "--out", str(out)]
-    assert cli.main([*args, "--backend", "onnxruntime", "--save-source", "-q"]) == 0
-    back = Inversion.load(out).source
-    for name in ("latents", "maps", "tensors"):
-        np.testing.assert_array_equal(getattr(back, name), getattr(cache, name))
-    assert cli.main([*args, "--backend", "onnxruntime", "-q"]) == 0  # without the flag: not stored
+    assert cli.main(_invert_args(tiny_bundle, photo_png, out) + ["-q"]) == 0
     assert Inversion.load(out).source is None
+    rec = ["reconstruct", "--bundle", str(tiny_bundle), "--backend", "onnxruntime", "--out", str(tmp_path / "r.png")]
+    assert cli.main([*rec, "--image", str(photo_png), "--source", CAT, "-q"]) == 0
+    assert cli.main([*rec, "--inversion", str(out), "-q"]) == 0
