@@ -725,7 +725,7 @@ def cmd_inspect(args) -> int:
 
 def _print_e2e(parity) -> None:
     for backend in parity.backends():
-        for check in ("edit", "generate"):
+        for check in ("edit", "reedit", "generate"):
             e = parity.get(check, "synthetic", backend)
             if e is None:
                 continue

@@ -432,11 +432,13 @@ def test_api_prompts_closed_editor_and_nan(tiny_bundle, photo):
     ed.close()
     backend = OrtBackend()
     real_open = backend.open_session
-    backend.open_session = lambda b, g: Nan(real_open(b, g)) if g == "unet_reverse_edit" else real_open(b, g)
-    ed = Editor(ed.bundle, backend)
-    with pytest.raises(NumericsError, match="unet_reverse_edit returned NaN"):
-        ed.edit(ed.invert(photo, "a cat"), "a dog")
-    ed.close()
+    edit_graphs = ("unet_reverse_edit", "unet_reverse_target")
+    backend.open_session = lambda b, g: Nan(real_open(b, g)) if g in edit_graphs else real_open(b, g)
+    for graph, mode in zip(edit_graphs, ("off", "invert")):  # the batch-2 edit, then a re-edit
+        ed = Editor(ed.bundle, backend, source_cache=mode)
+        with pytest.raises(NumericsError, match=f"{graph} returned NaN"):
+            ed.edit(ed.invert(photo, "a cat"), "a dog")
+        ed.close()
     with pytest.raises(EditorClosed, match="closed"):
         ed.edit(inv, "a dog")
     with pytest.raises(EditorClosed):
@@ -472,5 +474,6 @@ def test_nan_inversion_and_unloadable_graph(tiny_bundle, photo, monkeypatch):
             raise OSError(5, "Input/output error", "unet_reverse.weights")
 
         monkeypatch.setattr(OrtBackend, "open_session", fail)
-        with pytest.raises(BundleError, match="cannot load graph unet_reverse_edit.*input/output error"):
+        # the inversion holds its source cache: the edit loads the re-edit target graph
+        with pytest.raises(BundleError, match="cannot load graph unet_reverse_target.*input/output error"):
             ed.edit(inv, "a dog")
