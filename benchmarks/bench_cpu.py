@@ -107,6 +107,7 @@ def worker(label: str, bundle: str, runs: int, cache_dir: str) -> dict:
     photo = skimage.data.chelsea()
     ed = Editor.open(bundle, verify=False, memory=config[2], decoder=config[3], **options)
     batch2 = Editor(ed.bundle, ed.backend, memory=config[2], decoder=config[3], source_cache="off")
+    batch2.sessions = ed.sessions  # one pool: the comparison adds only the batch-2 edit graph's session
     out = []
     for r in range(runs):
         img, rec = timed_edit(ed, photo)

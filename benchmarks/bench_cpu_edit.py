@@ -121,6 +121,8 @@ def timed_reedit(ed, batch2, photo) -> dict:
     ed.edit(inv, REEDIT_TARGET[0], blend=REEDIT_TARGET[1], output_type="np", **common)
     reedit_s = time.perf_counter() - t0
     re_stages = _stages(ed.profile)
+    # the high-water mark before the batch-2 comparison loads its edit graph: the re-edit editor's own
+    rss_gb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)
     batch2.profile = []
     t0 = time.perf_counter()
     batch2.edit(inv, EDIT["target"], amplify=EDIT["amplify"], blend=EDIT["blend"], output_type="np", **common)
@@ -137,7 +139,8 @@ def timed_reedit(ed, batch2, photo) -> dict:
         "batch2_reverse_ms": batch2_rev,
         "reedit_vs_edit_reverse": round(reedit_rev / batch2_rev, 3) if batch2_rev else None,
         "source_cache_mib": inv.source.size_report(),
-        "stages_ms": {"invert": inv_stages, "first_edit": first, "reedit": re_stages, "batch2_edit": b2},
+        "peak_rss_gb_before_batch2": rss_gb,
+        "reedit_stages_ms": {"invert": inv_stages, "first_edit": first, "reedit": re_stages, "batch2_edit": b2},
     }
 
 

@@ -265,3 +265,23 @@ def test_inspect_names_a_malformed_parity_entry(tiny_bundle, tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     proc = run_cli("inspect", str(b), "--no-verify")
     assert proc.returncode == 2 and "schedule.config" in proc.stderr
+
+
+def test_reedit_graphs_store_no_weights_of_their_own(tiny_bundle):
+    """The re-edit graphs read the reverse UNet's tensors: every external initializer they use is one
+    the plain or the edit graph uses too (a weight used twice in a graph would be stored again)."""
+    import onnx
+
+    def external(graph):
+        model = onnx.load(str(tiny_bundle / "onnx" / f"{graph}.onnx"), load_external_data=False)
+        out = set()
+        for t in model.graph.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in t.external_data}
+                out.add((ext["location"], int(ext["offset"]), int(ext["length"])))
+        return out
+
+    shared = external("unet_reverse") | external("unet_reverse_edit")
+    for graph in REEDIT_GRAPHS:
+        own = external(graph) - shared
+        assert not own, f"{graph} stores {len(own)} tensors of its own"
