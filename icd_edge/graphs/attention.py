@@ -366,16 +366,11 @@ def target_call(attn: Attention, hidden_states, encoder_hidden_states, tape: Tar
     if is_cross and attn.norm_cross:
         context = attn.norm_encoder_hidden_states(context)
         src_context = attn.norm_encoder_hidden_states(src_context)
-    qt, vt = attn.to_q(hidden_states), attn.to_v(context)
-    if is_cross:
-        # one projection of [source; targets]: a weight used by two MatMuls would be stored a second
-        # time (untransposed) instead of sharing the reverse UNet's copy
-        k_all = attn.to_k(torch.cat([src_context.to(context.dtype), context]))
-        ks, kt = k_all[:1], k_all[1:]
-        qs = tape.take(qt)
-    else:
-        kt = attn.to_k(context)
-        qs, ks = tape.take(qt), tape.take(kt)
+    qt, kt, vt = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    qs = tape.take(qt)
+    # two projections, not one of [source; targets]: a Concat feeding a quantised MatMul breaks
+    # OpenVINO's int8 compile; the price is a second, untransposed copy of to_k's weights in the file
+    ks = attn.to_k(src_context.to(qt.dtype)) if is_cross else tape.take(kt)
     n, heads, scale = qt.shape[0], attn.heads, attn.scale
     blend_layer = is_cross and qt.shape[1] == tape.blend_queries
     if fused:

@@ -55,7 +55,8 @@ def test_attention_fused_for_the_cpu_provider(tiny_bundle, photo):
 
     images, counts = [], []
     for fuse in (False, True):
-        with Editor.open(tiny_bundle, backend="onnxruntime", fuse_attention=fuse) as ed:
+        # the batch-2 edit graph (source_cache off); the re-edit graphs are checked below
+        with Editor.open(tiny_bundle, backend="onnxruntime", fuse_attention=fuse, source_cache="off") as ed:
             inv = ed.invert(photo, "a photo of a cat", seed=2)
             images.append(ed.edit(inv, "a photo of a dog", blend=("cat", "dog"), output_type="np"))
             ed.reconstruct(inv)
@@ -70,6 +71,10 @@ def test_attention_fused_for_the_cpu_provider(tiny_bundle, photo):
     assert 0 < fused["unet_reverse_edit"] < _softmaxes(tiny_bundle, "unet_reverse_edit")
     assert fused["vae_decoder"] == _softmaxes(tiny_bundle, "vae_decoder")
     assert psnr_db(images[0], images[1], peak=1.0) > 60
+    with Editor.open(tiny_bundle, backend="onnxruntime", fuse_attention=True) as ed:
+        ed.edit(ed.invert(photo, "a photo of a cat", seed=2), "a photo of a dog", blend=("cat", "dog"))
+        for g in ("unet_reverse_source", "unet_reverse_target"):  # plain and fused-P2P attentions fuse too
+            assert 0 < ed.session(g).fused_attention <= _softmaxes(tiny_bundle, g), g
 
 
 def test_fuse_attention_matches_only_plain_attention():
