@@ -78,7 +78,8 @@ def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
         with Editor.open(b, "openvino", precision=precision) as ed:
             images[precision] = _edit(ed, photo)
             hints = {g: ed.session(g).precision for g in ed.loaded_graphs()}
-        assert hints["unet_reverse_edit"] == ("bf16" if precision == "auto" and "BF16" in caps else "fp32")
+        # the edit runs the re-edit target graph (the source pass ran in invert)
+        assert hints["unet_reverse_target"] == ("bf16" if precision == "auto" and "BF16" in caps else "fp32")
         assert hints["unet_forward"] == "fp32" and hints["vae_encoder"] == "fp32"  # exported fp32 (the defaults)
     # the same int8 graph on two engines: rounding of int8 arithmetic and requantisation differs; they
     # still agree as closely as the int8 gate asks of onnxruntime vs torch, bfloat16 float parts given
@@ -89,7 +90,8 @@ def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
     assert psnr_db(ref, images["auto"], peak=1.0) > gate - 3
     assert np.isfinite(images["auto"]).all()
     ov = {(e.check, e.target): e for e in parity.entries if e.backend == "openvino"}
-    assert set(ov) == {("edit", "synthetic"), ("edit", "calibration_0"), ("generate", "synthetic")}
+    cases = {("synthetic",), ("calibration_0",)}
+    assert set(ov) == {(c, *t) for c in ("edit", "reedit") for t in cases} | {("generate", "synthetic")}
     assert all(e.precision == "auto" and e.error is None for e in ov.values())
     assert ov["edit", "synthetic"].details["inference_precision"]["unet_reverse_edit"] in ("bf16", "fp32")
     # each entry carries the gate of onnxruntime's entries and says whether it meets it
@@ -98,7 +100,7 @@ def test_int8_bundle_runs_in_bfloat16_where_native(int8_bundle, photo):
     # recorded only (the gate is onnxruntime's), so held to onnxruntime's figures for the same cases:
     # the same int8 graphs on another engine land within 3 dB (measured: edit 25.9 vs 25.1 dB,
     # generate 48.5 vs 49.0 dB)
-    for check in ("edit", "generate"):
+    for check in ("edit", "reedit", "generate"):
         assert abs(ov[check, "synthetic"].psnr_db - parity.get(check, "synthetic").psnr_db) < 3.0
     out = run_cli("inspect", str(int8_bundle), "--no-verify")
     assert out.returncode == 0 and "end-to-end edit on openvino" in out.stdout
