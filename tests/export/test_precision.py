@@ -83,7 +83,7 @@ def test_fp16_bundle(fp16_bundle, photo):
 
 def test_int8_bundle(int8_bundle, photo, tmp_path):
     m = open_bundle(int8_bundle).manifest
-    for g in ("unet_reverse", "unet_reverse_edit"):
+    for g in ("unet_reverse", "unet_reverse_edit", "unet_reverse_source", "unet_reverse_target"):
         assert m.graphs[g].artifacts["onnx"].precision == "int8"
         assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8_bundle, g)
     # the forward UNet stays fp32 by default: inversion errors are amplified by the reverse jumps
@@ -105,7 +105,11 @@ def test_int8_bundle(int8_bundle, photo, tmp_path):
     gemms = [n for n in g.node if n.op_type == "Gemm"]
     assert gemms and all(n.input[1] in dq for n in gemms)
     # each quantiser process reports its peak RSS (Linux), recorded for memory planning
-    assert set(m.info["quantiser_peak_rss_gb"]) == {"text_encoder", "unet_reverse", "unet_reverse_edit"}
+    reverse = {"unet_reverse", "unet_reverse_edit", "unet_reverse_source", "unet_reverse_target"}
+    assert set(m.info["quantiser_peak_rss_gb"]) == {"text_encoder", *reverse}
+    # the re-edit graphs were calibrated on their own rows (the source pass and the target-only edit)
+    feeds = m.info["calibration"]["feeds"]
+    assert feeds["unet_reverse_source"] == feeds["unet_reverse_target"] == feeds["unet_reverse_edit"]
     assert all(0.05 < v < 8 for v in m.info["quantiser_peak_rss_gb"].values())
     assert m.parity.get("edit", "synthetic").gate_db == 25.0 and m.parity.edit_mean_psnr_db() >= 25.0
     out = tmp_path / "o.png"
@@ -159,7 +163,8 @@ def test_int8_dynamic_and_gate(tmp_path_factory):
 
 @pytest.mark.parametrize("memory", ["sequential"])
 def test_memory_policies_give_the_same_image(tiny_bundle, photo, memory):
-    with Editor.open(tiny_bundle, "onnxruntime", memory="resident") as ed:
+    # the batch-2 edit under both policies (sequential leaves the source cache off by default)
+    with Editor.open(tiny_bundle, "onnxruntime", memory="resident", source_cache="off") as ed:
         ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np")
         assert {"unet_forward", "unet_reverse_edit"} <= set(ed.loaded_graphs())
         assert ed.session("unet_reverse_edit").session_options.enable_mem_reuse
