@@ -70,6 +70,9 @@ STEP_CONFIGS = {
 # the released forward and reverse timestep lists, by number of steps (SD1.5; any pairing is valid)
 FORWARD_POINTS = {4: (19, 259, 519, 779), 3: (19, 339, 699)}
 REVERSE_POINTS = {4: (259, 519, 779, 999), 3: (339, 699, 999)}
+# SDXL's released lists (iCD-XL): the 4-step pair is "4B", the 3-step pair the same as SD1.5's
+SDXL_FORWARD_POINTS = {4: (19, 249, 499, 699), 3: (19, 339, 699)}
+SDXL_REVERSE_POINTS = {4: (249, 499, 699, 999), 3: (339, 699, 999)}
 
 
 def step_config(forward_points, reverse_points) -> StepConfig:

@@ -42,9 +42,11 @@ class ClipTokenizer:
 
     Args:
         path: a ``tokenizer.json`` written by the export stage.
+        pad_token: the padding token when it is not the end token (SDXL's second tokenizer pads
+            with ``!``); the manifest names it.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, pad_token: str | None = None):
         from tokenizers import Tokenizer
 
         path = Path(path)
@@ -61,6 +63,12 @@ class ClipTokenizer:
         except KeyError as exc:
             raise BundleError(f"{path} is not a CLIP tokenizer (no <|startoftext|>/<|endoftext|>)") from exc
         self.pad_id = self.eos_id
+        if pad_token is not None:
+            if pad_token not in vocab:
+                raise BundleError(
+                    f"{path} has no pad token {pad_token!r} (named by the manifest); re-export the bundle"
+                )
+            self.pad_id = vocab[pad_token]
 
     def __call__(self, prompt: str) -> Tokens:
         """Tokenise one prompt; prompts longer than 75 tokens are truncated with a warning."""

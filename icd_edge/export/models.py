@@ -16,7 +16,15 @@ import torch
 
 from icd_edge.errors import ExportError
 from icd_edge.export import lora as lora_mod
-from icd_edge.schedule import FORWARD_POINTS, REVERSE_POINTS, StepConfig, step_config, step_config_from_lora_names
+from icd_edge.schedule import (
+    FORWARD_POINTS,
+    REVERSE_POINTS,
+    SDXL_FORWARD_POINTS,
+    SDXL_REVERSE_POINTS,
+    StepConfig,
+    step_config,
+    step_config_from_lora_names,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +55,24 @@ LORA_TARGETS = (
 )
 
 
+ICD_SDXL = {
+    "base": "stabilityai/stable-diffusion-xl-base-1.0",
+    "teacher": "dbaranchuk/sdxl-cfg-distill-unet",
+    "lora_repo": "dbaranchuk/icd-lora-sdxl",
+    "forward_files": {4: "forward-19-249-499-699.safetensors", 3: "forward-19-339-699.safetensors"},
+    "reverse_files": {4: "reverse-249-499-699-999.safetensors", 3: "reverse-339-699-999.safetensors"},
+}
+
+# SDXL's added condition: (original size, crop top-left, target size) of a 1024² square photo
+SDXL_TIME_IDS = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)
+
+
 @dataclass
 class SourceModels:
-    """What an export needs, already fused. ``sources`` goes into the manifest."""
+    """What an export needs, already fused. ``sources`` goes into the manifest.
+
+    SDXL (``family="sdxl"``) adds its second text encoder (with the pooled projection) and that
+    encoder's tokenizer."""
 
     name: str
     tokenizer_json: Path
@@ -60,6 +83,9 @@ class SourceModels:
     steps: StepConfig
     image_hw: int
     sources: dict = field(default_factory=dict)
+    family: str = "sd15"
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2_json: Path | None = None
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -77,8 +103,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def write_clip_tokenizer(vocab: list[str], merges: list[str], out_dir: Path) -> Path:
-    """Build a CLIP tokenizer with transformers from vocab/merges and save ``tokenizer.json``."""
+def write_clip_tokenizer(vocab: list[str], merges: list[str], out_dir: Path, pad_token: str | None = None) -> Path:
+    """Build a CLIP tokenizer with transformers from vocab/merges and save ``tokenizer.json``
+    (``pad_token``: another pad than the end token, as SDXL's second tokenizer has)."""
     from transformers import CLIPTokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +116,8 @@ def write_clip_tokenizer(vocab: list[str], merges: list[str], out_dir: Path) -> 
         vocab_path.write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
         merges_path.write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges), encoding="utf-8")
         # transformers 5: pass the files positionally (vocab_file=/merges_file= are ignored).
-        tok = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77)
+        extra = {"pad_token": pad_token} if pad_token is not None else {}
+        tok = CLIPTokenizer(str(vocab_path), str(merges_path), model_max_length=77, **extra)
     path = out_dir / "tokenizer.json"
     tok.backend_tokenizer.save(str(path))
     return path
@@ -226,6 +254,162 @@ def sd15_configs() -> dict:
             pad_token_id=49407,
         ),
     }
+
+
+def tiny_xl_configs() -> dict:
+    """Configs of ``tiny-xl``: SDXL's classes and block structure (three levels, linear
+    projections, several transformer layers per block, the ``text_time`` added condition and the
+    512-d guidance input of the iCD teacher; two text encoders, the second with a projection) at
+    toy width. Text widths 32 + 64 → D = 96, pooled 64."""
+    return {
+        "unet": dict(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=96,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=64 + 6 * 8,
+            norm_num_groups=8,
+            time_cond_proj_dim=512,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 16, 32, 32),
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=128,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        ),
+        "text": dict(
+            vocab_size=514,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=513,
+        ),
+        "text_2": dict(
+            vocab_size=514,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=64,
+            hidden_act="gelu",
+            bos_token_id=512,
+            eos_token_id=513,
+            pad_token_id=0,  # "!" as SDXL's second tokenizer pads
+        ),
+    }
+
+
+def sdxl_configs() -> dict:
+    """Full SDXL-base architecture (its published config) with the teacher's 512-d guidance input."""
+    return {
+        "unet": dict(
+            sample_size=128,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+            norm_num_groups=32,
+            time_cond_proj_dim=512,
+        ),
+        "vae": {**sd15_configs()["vae"], "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
+        "text": {**sd15_configs()["text"]},
+        "text_2": dict(
+            vocab_size=49408,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_hidden_layers=32,
+            num_attention_heads=20,
+            max_position_embeddings=77,
+            projection_dim=1280,
+            hidden_act="gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=0,
+        ),
+    }
+
+
+def build_random_xl(
+    name: str,
+    seed: int,
+    work: Path,
+    image_hw: int | None = None,
+    lora_rank: int | None = None,
+    unet_weights: str = "fused",
+    lora_rounding: str = "fp16",
+    steps: tuple[int, int] = (4, 4),
+) -> SourceModels:
+    """``tiny-xl`` or ``random-sdxl``: random weights of the SDXL classes, deterministic from
+    ``seed``; LoRAs in the official peft layout on SDXL's module names, read by the real loader.
+    The 4-step schedule is SDXL's released "4B" (249/499/699)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = tiny_xl_configs() if name == "tiny-xl" else sdxl_configs()
+    torch.manual_seed(seed)
+    teacher = UNet2DConditionModel(**cfg["unet"]).eval()
+    vae = AutoencoderKL(**cfg["vae"]).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"])).eval()
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])).eval()
+    rank = lora_rank or (4 if name == "tiny-xl" else 64)
+    fwd_points, rev_points = SDXL_FORWARD_POINTS[steps[0]], SDXL_REVERSE_POINTS[steps[1]]
+    step_cfg = step_config(fwd_points, rev_points)
+    fwd_file = write_random_lora(teacher, work / _lora_name("forward", fwd_points), rank, seed + 1, std=0.02)
+    rev_file = write_random_lora(teacher, work / _lora_name("reverse", rev_points), rank, seed + 2, std=0.02)
+    unet_forward, unet_reverse, lora_facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights, lora_rounding)
+    tok = write_clip_tokenizer(byte_level_vocab(), [], work / "tokenizer")
+    tok_2 = write_clip_tokenizer(byte_level_vocab(), [], work / "tokenizer_2", pad_token="!")
+    sources = {
+        "kind": "random",
+        "seed": seed,
+        "note": "random weights of the SDXL classes; LoRAs written in the official peft layout and fused by the "
+        "real loader",
+        "lora": lora_facts,
+    }
+    return SourceModels(
+        name,
+        tok,
+        text_encoder,
+        vae,
+        unet_forward,
+        unet_reverse,
+        step_cfg,
+        image_hw or (128 if name == "tiny-xl" else 1024),
+        sources,
+        family="sdxl",
+        text_encoder_2=text_encoder_2,
+        tokenizer_2_json=tok_2,
+    )
 
 
 def _lora_name(kind: str, points) -> str:
