@@ -107,6 +107,42 @@ GRAPHS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
 }
 
 
+# SDXL (iCD-XL, family "sdxl"): two text encoders (penultimate hidden states, widths D1 + D2 = D;
+# the second's pooled projection of width P), the added condition (pooled text, time_ids) on
+# both UNets, batch 1 throughout (editing switches prompts, no Prompt-to-Prompt), and the
+# posterior's log-variance, since SDXL encodes a sample of the posterior rather than its mean.
+TIME_IDS = 6
+
+
+def _xl_unet_io() -> tuple[TensorSpec, ...]:
+    return _unet_io(1) + (
+        TensorSpec("text_embeds", "float32", (1, "P")),
+        TensorSpec("time_ids", "float32", (1, TIME_IDS)),
+    )
+
+
+XL_GRAPHS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
+    "text_encoder": (
+        (TensorSpec("input_ids", "int64", (1, TOKENS)),),
+        (TensorSpec("hidden_states", "float32", (1, TOKENS, "D1")),),
+    ),
+    "text_encoder_2": (
+        (TensorSpec("input_ids", "int64", (1, TOKENS)),),
+        (TensorSpec("hidden_states", "float32", (1, TOKENS, "D2")), TensorSpec("text_embeds", "float32", (1, "P"))),
+    ),
+    "vae_encoder": (
+        (TensorSpec("image", "float32", (1, 3, "H", "H")),),
+        (
+            TensorSpec("latent_mean", "float32", (1, LATENT_CHANNELS, "h", "h")),
+            TensorSpec("latent_logvar", "float32", (1, LATENT_CHANNELS, "h", "h")),
+        ),
+    ),
+    "vae_decoder": GRAPHS["vae_decoder"],
+    "unet_forward": (_xl_unet_io(), GRAPHS["unet_forward"][1]),
+    "unet_reverse": (_xl_unet_io(), GRAPHS["unet_reverse"][1]),
+}
+
+
 REEDIT_GRAPHS = ("unet_reverse_source", "unet_reverse_target")
 OPTIONAL_GRAPHS = frozenset({"taesd_decoder", *REEDIT_GRAPHS})
 
@@ -117,6 +153,13 @@ def dims_for(image_hw: int, text_dim: int) -> dict[str, int]:
         raise ShapeMismatch(f"image side must be a multiple of 64, got {image_hw}")
     latent = image_hw // 8
     return {"H": image_hw, "h": latent, "D": text_dim, "Q": (latent // 4) ** 2}
+
+
+def dims_for_xl(image_hw: int, text_dim: int, text_dim_2: int, pooled_dim: int) -> dict[str, int]:
+    """The dim table of an SDXL bundle: image sides, the two encoders' widths and their sum, the pooled width."""
+    dims = dims_for(image_hw, text_dim + text_dim_2)
+    del dims["Q"]  # no local blend
+    return dims | {"D1": text_dim, "D2": text_dim_2, "P": pooled_dim}
 
 
 def check_feeds(graph: str, feeds: dict, specs) -> None:

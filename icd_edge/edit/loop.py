@@ -121,8 +121,19 @@ class NumpyOps:
 NUMPY = NumpyOps()
 
 
-def invert(run: Run, c: Constants, z0, noise, emb, w0, ops: Ops = NUMPY, on_step: Callable | None = None):
-    """x_19 = a·z0 + σ·ε, then the forward model's steps up to x_999 under the source prompt."""
+def invert(
+    run: Run,
+    c: Constants,
+    z0,
+    noise,
+    emb,
+    w0,
+    ops: Ops = NUMPY,
+    on_step: Callable | None = None,
+    extra: dict | None = None,
+):
+    """x_19 = a·z0 + σ·ε, then the forward model's steps up to x_999 under the source prompt;
+    ``extra``: further feeds of every step (SDXL's added condition)."""
     x = ops.start(z0, noise, *c.start)
     for i, st in enumerate(c.forward):
         eps = run(
@@ -132,6 +143,7 @@ def invert(run: Run, c: Constants, z0, noise, emb, w0, ops: Ops = NUMPY, on_step
             timestep=ops.timestep(st.t),
             encoder_hidden_states=emb,
             timestep_cond=w0,
+            **(extra or {}),
         )["eps"]
         x = ops.step(x, eps, st)
         if on_step is not None:
@@ -139,8 +151,18 @@ def invert(run: Run, c: Constants, z0, noise, emb, w0, ops: Ops = NUMPY, on_step
     return x
 
 
-def reverse(run: Run, c: Constants, x, emb, conds: Sequence, ops: Ops = NUMPY, on_step: Callable | None = None):
-    """The reverse model's steps from x_999 under one prompt; ``conds[k]``: step k's guidance row."""
+def reverse(
+    run: Run,
+    c: Constants,
+    x,
+    emb,
+    conds: Sequence,
+    ops: Ops = NUMPY,
+    on_step: Callable | None = None,
+    extra: dict | None = None,
+):
+    """The reverse model's steps from x_999 under one prompt; ``conds[k]``: step k's guidance row;
+    ``extra``: further feeds of every step (SDXL's added condition)."""
     for k, st in enumerate(c.reverse):
         eps = run(
             "unet_reverse",
@@ -149,6 +171,7 @@ def reverse(run: Run, c: Constants, x, emb, conds: Sequence, ops: Ops = NUMPY, o
             timestep=ops.timestep(st.t),
             encoder_hidden_states=emb,
             timestep_cond=conds[k],
+            **(extra or {}),
         )["eps"]
         x = ops.step(x, eps, st)
         if on_step is not None:
@@ -254,4 +277,42 @@ def edit_cached(
             x = ops.blend_with(x, x_src, blend(acc))
         if on_step is not None:
             on_step(k, x_before, out["eps"], st)
+    return x
+
+
+def edit_switch(
+    run: Run,
+    c: Constants,
+    latent,
+    source_text,
+    target_text,
+    pooled,
+    time_ids,
+    w0,
+    wg,
+    tau: float,
+    ops: Ops = NUMPY,
+    on_step: Callable | None = None,
+):
+    """SDXL's edit: one row decoded with a prompt switch. Steps with t > 1000·τ run under the
+    source prompt's token embeddings at w = 0, the others under the target's at the guidance
+    embedding ``wg``; the pooled condition ``pooled`` is the target's on every step, as the
+    official code does. ``on_step(k, x_before, eps, step)`` after each step."""
+    x = latent
+    for k, st in enumerate(c.reverse):
+        guided = st.t <= 1000.0 * tau
+        eps = run(
+            "unet_reverse",
+            f"reverse_{k}",
+            sample=x,
+            timestep=ops.timestep(st.t),
+            encoder_hidden_states=target_text if guided else source_text,
+            timestep_cond=wg if guided else w0,
+            text_embeds=pooled,
+            time_ids=time_ids,
+        )["eps"]
+        x_before = x
+        x = ops.step(x, eps, st)
+        if on_step is not None:
+            on_step(k, x_before, eps, st)
     return x

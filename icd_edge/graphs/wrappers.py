@@ -193,6 +193,68 @@ class UNetTargetGraph(nn.Module):
         return eps, tape.blend_maps()[0]
 
 
+class TextEncoderXLGraph(nn.Module):
+    """One of SDXL's text encoders: its penultimate hidden states (no final layer norm), and for the
+    second encoder (``pooled=True``, a CLIPTextModelWithProjection) its projected pooled output."""
+
+    def __init__(self, text_encoder, pooled: bool = False):
+        super().__init__()
+        self.text_encoder = text_encoder
+        self.pooled = pooled
+
+    def forward(self, input_ids):
+        out = self.text_encoder(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        return (out.hidden_states[-2], out.text_embeds) if self.pooled else out.hidden_states[-2]
+
+
+class VaeEncoderXLGraph(nn.Module):
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        """image (1, 3, H, W) in [-1, 1] → posterior mean and log-variance (each (1, 4, H/8, W/8)), unscaled."""
+        h = self.vae.encoder(image)
+        if self.vae.quant_conv is not None:
+            h = self.vae.quant_conv(h)
+        mean, logvar = torch.chunk(h, 2, dim=1)
+        return mean, torch.clamp(logvar, -30.0, 20.0)  # the clamp diffusers' posterior applies
+
+
+class UNetXLGraph(nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond, text_embeds, time_ids):
+        """ε̂ of an SDXL UNet: text (1, 77, D1 + D2), guidance embedding (1, 512) and the added
+        condition (pooled text (1, P), time_ids (1, 6))."""
+        cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=cond,
+            return_dict=False,
+        )[0]
+
+
+def build_xl_graphs(text_encoder, text_encoder_2, vae, unet_forward, unet_reverse) -> dict[str, nn.Module]:
+    """Every graph module of an SDXL bundle (:data:`icd_edge.bundle.spec.XL_GRAPHS`), in eval mode."""
+    graphs = {
+        "text_encoder": TextEncoderXLGraph(text_encoder),
+        "text_encoder_2": TextEncoderXLGraph(text_encoder_2, pooled=True),
+        "vae_encoder": VaeEncoderXLGraph(vae),
+        "vae_decoder": VaeDecoderGraph(vae),
+        "unet_forward": UNetXLGraph(unet_forward),
+        "unet_reverse": UNetXLGraph(unet_reverse),
+    }
+    for g in graphs.values():
+        g.eval().requires_grad_(False)
+    return graphs
+
+
 def build_graphs(
     text_encoder,
     vae,
