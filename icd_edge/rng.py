@@ -65,15 +65,41 @@ def torch_randn(shape, seed: int, kernel: str = "auto") -> np.ndarray:
     seed32 = int(seed) & 0xFFFFFFFF  # torch's MT19937 takes the low 32 bits
     if n < 16:
         return _small(seed32, n).reshape(shape)
+    return _normals(_mt19937(seed32, _words(n)), n, kernel).reshape(shape)
+
+
+def torch_randn_sequence(shapes, seed: int, kernel: str = "auto") -> list[np.ndarray]:
+    """Consecutive ``torch.randn`` draws of ``shapes`` from one generator seeded with ``seed``
+    (SDXL's encode samples the posterior, then draws the start noise from the same generator).
+    Each draw takes its own words of the twister; shapes of fewer than 16 elements are refused
+    (torch draws those through a path with carried state)."""
+    shapes = [tuple(int(d) for d in sh) for sh in shapes]
+    sizes = [int(np.prod(sh, dtype=np.int64)) for sh in shapes]
+    if any(n < 16 for n in sizes):
+        raise InputError(f"each draw of a sequence needs at least 16 elements, got shapes {shapes}")
+    first = torch_randn(shapes[0], seed, kernel)  # validates seed and kernel
+    words = _mt19937(int(seed) & 0xFFFFFFFF, sum(_words(n) for n in sizes))
+    out, at = [first], _words(sizes[0])
+    for sh, n in zip(shapes[1:], sizes[1:]):
+        out.append(_normals(words[at : at + _words(n)], n, kernel).reshape(sh))
+        at += _words(n)
+    return out
+
+
+def _words(n: int) -> int:
+    """Twister outputs one draw of n ≥ 16 normals consumes: one per element, 16 more for a redrawn tail."""
+    return n + (16 if n % 16 else 0)
+
+
+def _normals(words: np.ndarray, n: int, kernel: str) -> np.ndarray:
     kernel = torch_kernel() if kernel == "auto" else kernel
-    words = _mt19937(seed32, n + (16 if n % 16 else 0))
     out = _uniform(words[:n])
     fill = _fill_vectorized if kernel == "vectorized" else _fill_default
     k = n // 16
     out[: k * 16] = fill(out[: k * 16].reshape(k, 16)).reshape(-1)
     if n % 16:
         out[n - 16 :] = fill(_uniform(words[n : n + 16])[None])[0]
-    return out.reshape(shape)
+    return out
 
 
 def torch_kernel() -> str:

@@ -84,3 +84,19 @@ def test_torch_randn_arguments():
             torch_randn(**bad)
     with pytest.raises(InputError, match="kernel"):
         torch_randn((16,), 0, kernel="gpu")
+
+
+def test_consecutive_draws_equal_one_torch_generator():
+    """SDXL encodes with a posterior sample and then the start noise from one generator: each
+    later draw continues the twister, tails of sizes that are not multiples of 16 included."""
+    import torch
+
+    from icd_edge.rng import torch_randn_sequence
+
+    for shapes in (((1, 4, 16, 16), (1, 4, 16, 16)), ((37,), (1, 3, 7, 5), (16,))):
+        g = torch.Generator().manual_seed(11)
+        want = [torch.randn(sh, generator=g).numpy() for sh in shapes]
+        got = torch_randn_sequence(shapes, 11)
+        assert all(w.shape == x.shape and np.array_equal(w, x) for w, x in zip(want, got))
+    with pytest.raises(InputError, match="16 elements"):
+        torch_randn_sequence([(4, 4), (3,)], 0)
