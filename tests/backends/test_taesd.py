@@ -52,6 +52,7 @@ def taesd_bundle(tmp_path_factory):
         "--taesd",
         "random",
         "--no-progress",
+        "--no-reedit",
         "--parity",
         "graphs",
         module="icd_edge.export",

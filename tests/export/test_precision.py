@@ -40,6 +40,7 @@ def fp16_bundle(tmp_path_factory):
     return _export(
         tmp_path_factory,
         "fp16.bundle",
+        "--no-reedit",  # re-edits in fp16: the GPU path's tests; in int8: int8_bundle
         "--precision",
         "fp16",
         "--graph-precision",
@@ -141,7 +142,7 @@ def test_int8_embeddings_need_a_converted_text_encoder(tmp_path):
 
 
 def test_int8_dynamic_and_gate(tmp_path_factory):
-    out = _export(tmp_path_factory, "dyn.bundle", "--precision", "int8-dynamic", "--parity", "graphs")
+    out = _export(tmp_path_factory, "dyn.bundle", "--no-reedit", "--precision", "int8-dynamic", "--parity", "graphs")
     ops = _ops(out, "unet_reverse")
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
     # an impossible gate fails the export and publishes nothing
@@ -152,6 +153,7 @@ def test_int8_dynamic_and_gate(tmp_path_factory):
         "--out",
         str(bad),
         "--no-progress",
+        "--no-reedit",
         "--precision",
         "fp16",
         "--min-psnr",
@@ -256,8 +258,7 @@ def test_int8_taesd_decoder_is_calibrated(tmp_path_factory):
     out = _export(
         tmp_path_factory,
         "taesd8.bundle",
-        "--precision",
-        "int8",
+        "--no-reedit",
         "--taesd",
         "random",
         "--graph-precision",
