@@ -37,6 +37,10 @@ FLAGS = {
 }
 
 
+# the SD1.5 edit's Prompt-to-Prompt defaults (the flags default to None: SDXL bundles refuse them when given)
+EDIT_P2P_DEFAULTS = {"cross_replace": 0.2, "self_replace": 0.2}
+
+
 def _precision_name(value: str) -> str:
     from icd_edge.precision import ALIASES
 
@@ -190,30 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt describing the edited photo; repeat it for several edits of one inversion (one image each)",
     )
     _image_out(p, "output image", several=True)
+    sd15 = " (SD1.5 bundles; SDXL edits switch prompts)"
     p.add_argument(
-        "--cross-replace", type=float, default=0.2, help="fraction of steps with cross-attention replacement", **once
+        "--cross-replace",
+        type=float,
+        help=f"fraction of steps with cross-attention replacement [default {EDIT_P2P_DEFAULTS['cross_replace']}]{sd15}",
+        **once,
     )
     p.add_argument(
-        "--self-replace", type=float, default=0.2, help="fraction of steps with self-attention injection", **once
+        "--self-replace",
+        type=float,
+        help=f"fraction of steps with self-attention injection [default {EDIT_P2P_DEFAULTS['self_replace']}]{sd15}",
+        **once,
     )
     p.add_argument(
         "--amplify",
         action="append",
         metavar="WORD=F",
-        help="re-weight a target word's attention (repeatable, one per word)",
+        help=f"re-weight a target word's attention (repeatable, one per word){sd15}",
     )
     p.add_argument(
         "--blend",
         nargs=2,
         metavar=("SRC_WORD", "TGT_WORD"),
-        help="local blend: change only these words' region",
+        help=f"local blend: change only these words' region{sd15}",
         **once,
     )
     p.add_argument(
         "--guidance", type=float, default=19.0, help="guidance w of the target row (0..19, code units)", **once
     )
-    p.add_argument("--tau", type=float, default=0.8, help="dynamic guidance: guided iff t <= 1000*tau", **once)
-    p.add_argument("--mode", default="auto", choices=("auto", "refine", "replace"), help="token mapping", **once)
+    p.add_argument(
+        "--tau",
+        type=float,
+        help="dynamic guidance: guided iff t <= 1000*tau [default 0.8; SDXL bundles 0.7, where the steps above "
+        "it also run under the source prompt]",
+        **once,
+    )
+    p.add_argument("--mode", choices=("auto", "refine", "replace"), help=f"token mapping [default auto]{sd15}", **once)
     p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
     p.add_argument(
         "--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR", **once
@@ -512,6 +529,10 @@ def _save_all(items: list[tuple], quality: int | None) -> None:
             save_image(img, stack.enter_context(atomic_file(path)), metadata=meta, quality=quality)
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def cmd_edit(args) -> int:
     from icd_edge.image import load_image, save_image
 
@@ -535,18 +556,34 @@ def cmd_edit(args) -> int:
             save_image(image, args.preview / f"step_{step}_of_{total}.png")
 
     blend = tuple(args.blend) if args.blend else None
-    controls = {
-        "cross_replace": args.cross_replace,
-        "self_replace": args.self_replace,
-        "amplify": amplify,
-        "blend": blend,
-        "guidance": args.guidance,
-        "tau": args.tau,
-        "mode": args.mode,
+    p2p_flags = {
+        "--cross-replace": args.cross_replace,
+        "--self-replace": args.self_replace,
+        "--amplify": args.amplify,
+        "--blend": args.blend,
+        "--mode": args.mode,
     }
     clock = _Clock()
     photo = load_image(args.image) if args.image is not None else None  # decoded once, before the bundle opens
     with _open(args) as ed:
+        if ed.bundle.manifest.family == "sdxl":
+            given = [flag for flag, value in p2p_flags.items() if value is not None]
+            if given:
+                raise InputError(
+                    f"{', '.join(given)}: this SDXL bundle edits by switching prompts, without Prompt-to-Prompt "
+                    "controls; leave these flags out (--guidance and --tau apply)"
+                )
+            controls = {"guidance": args.guidance, "tau": 0.7 if args.tau is None else args.tau}
+        else:
+            controls = {
+                "cross_replace": _or(args.cross_replace, EDIT_P2P_DEFAULTS["cross_replace"]),
+                "self_replace": _or(args.self_replace, EDIT_P2P_DEFAULTS["self_replace"]),
+                "amplify": amplify,
+                "blend": blend,
+                "guidance": args.guidance,
+                "tau": _or(args.tau, 0.8),
+                "mode": _or(args.mode, "auto"),
+            }
         inv = _load_inversion(args, ed) if args.inversion is not None else None
         source = args.source if inv is None else inv.source_prompt
         # every edit parameter, for every target, is checked before the (slow) inversion
@@ -578,8 +615,7 @@ def cmd_edit(args) -> int:
             **_input_params(args, inv),
             "target": targets[0] if len(targets) == 1 else targets,
             **controls,
-            "amplify": amplify,
-            "blend": list(blend) if blend else None,
+            **({"amplify": amplify, "blend": list(blend) if blend else None} if "blend" in controls else {}),
             "keep_size": args.keep_size,
             "decoder": args.decoder,
         }
@@ -704,7 +740,7 @@ def cmd_inspect(args) -> int:
         f"bundle   {b.root}  (schema {m.schema_version}, id {b.bundle_id}, {size / 1e6:.1f} MB, "
         f"files verified: {not args.no_verify})"
     )
-    print(f"model    {m.model}  image {m.image_hw} px, latent {m.latent_hw}, steps {m.schedule.config}")
+    print(f"model    {m.model} ({m.family})  image {m.image_hw} px, latent {m.latent_hw}, steps {m.schedule.config}")
     print(f"forward  {[[st.t, st.s] for st in m.schedule.forward]}")
     print(f"reverse  {[[st.t, st.s] for st in m.schedule.reverse]}")
     if m.int8_scheme is not None:

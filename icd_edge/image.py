@@ -156,9 +156,11 @@ def tensor_to_array(x: np.ndarray) -> np.ndarray:
     return np.clip(x[0].transpose(1, 2, 0) / 2.0 + 0.5, 0.0, 1.0).astype(np.float32)
 
 
-def array_to_pil(arr: np.ndarray) -> Image.Image:
-    """(H, W, 3) [0, 1] → uint8 PIL by truncation (×255), as the official decoder does."""
-    return Image.fromarray((arr * 255.0).astype(np.uint8), "RGB")
+def array_to_pil(arr: np.ndarray, to_uint8: str = "truncate") -> Image.Image:
+    """(H, W, 3) [0, 1] → uint8 PIL (×255): by truncation, as the official SD1.5 decoder does, or
+    rounded (``to_uint8="round"``), as its SDXL code does."""
+    scaled = arr * 255.0
+    return Image.fromarray((np.round(scaled) if to_uint8 == "round" else scaled).astype(np.uint8), "RGB")
 
 
 METADATA_KEY = "icd_edge"  # PNG text chunk; JPEG/WebP/TIFF: EXIF ImageDescription "icd_edge:{json}"

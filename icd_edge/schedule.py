@@ -28,6 +28,7 @@ BETA_END = 0.012
 GUIDANCE_EMBED_DIM = 512
 MAX_GUIDANCE = 19.0  # the largest w the released SD1.5 students were trained with
 TRAINED_GUIDANCE_SD15 = (0.0, 7.0, 11.0, 15.0, 19.0)
+TRAINED_GUIDANCE_SDXL = (0.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0, 15.0, 17.0, 19.0)
 ENCODER_START_T = 19
 
 

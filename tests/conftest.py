@@ -85,6 +85,24 @@ def int8_bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_xl_bundle(tmp_path_factory) -> Path:
+    """tiny-xl (the SDXL classes at toy width) exported with ONNX graphs and torch weights (under a minute)."""
+    out = tmp_path_factory.mktemp("bundles") / "tiny-xl.bundle"
+    run_cli(
+        "--model",
+        "tiny-xl",
+        "--out",
+        str(out),
+        "--targets",
+        "onnx,torch",
+        "--no-progress",
+        module="icd_edge.export",
+        check=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_graphs(tiny_bundle):
     """The tiny model's torch modules, rebuilt in memory from the same seed."""
     import tempfile

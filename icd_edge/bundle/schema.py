@@ -19,6 +19,7 @@ from typing import Any
 from icd_edge.errors import BundleError
 
 SCHEMA_VERSION = 2
+FAMILIES = ("sd15", "sdxl")
 READABLE_VERSIONS = (1, 2)
 FORMAT = "icd_edge.bundle"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -37,6 +38,7 @@ _TYPED = {
     "tokenizer",
     "graphs",
     "int8_scheme",
+    "added_cond",
     "parity",
     "files",
 }
@@ -320,12 +322,12 @@ class Manifest:
     """A bundle's ``manifest.json``, typed. ``info`` holds the untyped, informational sections."""
 
     model: str
-    family: str
+    family: str  # "sd15" or "sdxl"
     dims: dict[str, int]
     schedule: Schedule
     guidance: Guidance
     vae_scaling_factor: float
-    p2p: P2P
+    p2p: P2P | None  # None for SDXL (its edit switches prompts)
     tokenizer_file: str
     graphs: dict[str, Graph]
     files: dict[str, FileEntry] = field(default_factory=dict)
@@ -336,6 +338,13 @@ class Manifest:
     tokenizer_max_length: int = 77
     info: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # SDXL: the second tokenizer, the UNets' time_ids, and how its VAE is used (SD1.5 encodes the
+    # posterior mean and truncates decoded pixels; SDXL samples the posterior and rounds)
+    tokenizer_2_file: str | None = None
+    tokenizer_2_pad: str | None = None  # its pad token when not the end token (SDXL-base: "!")
+    time_ids: tuple[float, ...] | None = None
+    vae_encode: str = "mean"  # or "sample"
+    vae_to_uint8: str = "truncate"  # or "round"
 
     @property
     def image_hw(self) -> int:
@@ -358,12 +367,23 @@ class Manifest:
             "dims": dict(self.dims),
             "schedule": self.schedule.to_json(),
             "guidance": self.guidance.to_json(),
-            "vae": {"scaling_factor": self.vae_scaling_factor},
+            "vae": {
+                "scaling_factor": self.vae_scaling_factor,
+                "encode": self.vae_encode,
+                "to_uint8": self.vae_to_uint8,
+            },
             "unet_weights": self.unet_weights,
-            "p2p": self.p2p.to_json(),
             "tokenizer": {"file": self.tokenizer_file, "max_length": self.tokenizer_max_length},
             "graphs": {name: g.to_json() for name, g in self.graphs.items()},
         }
+        if self.p2p is not None:
+            out["p2p"] = self.p2p.to_json()
+        if self.tokenizer_2_file is not None:
+            out["tokenizer"]["file_2"] = self.tokenizer_2_file
+        if self.tokenizer_2_pad is not None:
+            out["tokenizer"]["pad_token_2"] = self.tokenizer_2_pad
+        if self.time_ids is not None:
+            out["added_cond"] = {"time_ids": list(self.time_ids)}
         if self.int8_scheme is not None:
             out["int8_scheme"] = self.int8_scheme.to_json()
         out["parity"] = self.parity.to_json()
@@ -485,13 +505,33 @@ def _parse(m: dict) -> Manifest:
         dict(_opt(g, "defaults", "guidance", _obj, {})),
     )
 
-    p2p_raw = _obj(_get(m, "p2p", ""), "p2p")
-    p2p = P2P(
-        _num(_get(p2p_raw, "blend_threshold", "p2p"), "p2p.blend_threshold"),
-        _opt(p2p_raw, "blend_hw", "p2p", _int, None),
-        _opt(p2p_raw, "self_inject_max_keys", "p2p", _int, None),
-    )
+    family = _opt(model, "family", "model", _str, "sd15")
+    if family not in FAMILIES:
+        raise _Bad("model.family", f"one of {', '.join(FAMILIES)}")
+    p2p = None
+    if family == "sd15" or m.get("p2p") is not None:
+        p2p_raw = _obj(_get(m, "p2p", ""), "p2p")
+        p2p = P2P(
+            _num(_get(p2p_raw, "blend_threshold", "p2p"), "p2p.blend_threshold"),
+            _opt(p2p_raw, "blend_hw", "p2p", _int, None),
+            _opt(p2p_raw, "self_inject_max_keys", "p2p", _int, None),
+        )
     tok = _obj(_get(m, "tokenizer", ""), "tokenizer")
+    time_ids = None
+    if family == "sdxl":
+        cond = _obj(_get(m, "added_cond", ""), "added_cond")
+        time_ids = tuple(
+            _num(v, f"added_cond.time_ids[{i}]")
+            for i, v in enumerate(_list(_get(cond, "time_ids", "added_cond"), "added_cond.time_ids", 6))
+        )
+        _get(tok, "file_2", "tokenizer")
+    vae_raw = _obj(_get(m, "vae", ""), "vae")
+    vae_encode = _opt(vae_raw, "encode", "vae", _str, "mean")
+    vae_to_uint8 = _opt(vae_raw, "to_uint8", "vae", _str, "truncate")
+    if vae_encode not in ("mean", "sample"):
+        raise _Bad("vae.encode", "mean or sample")
+    if vae_to_uint8 not in ("truncate", "round"):
+        raise _Bad("vae.to_uint8", "truncate or round")
 
     graphs_raw = _get(m, "graphs", "")
     if not isinstance(graphs_raw, dict) or not graphs_raw:
@@ -532,15 +572,18 @@ def _parse(m: dict) -> Manifest:
     parity = _parity(m.get("parity"), version)
     return Manifest(
         model=_str(_get(model, "name", "model"), "model.name"),
-        family=_opt(model, "family", "model", _str, "sd15"),
+        family=family,
         dims=dims,
         schedule=schedule,
         guidance=guidance,
-        vae_scaling_factor=_num(
-            _get(_obj(_get(m, "vae", ""), "vae"), "scaling_factor", "vae"), "vae.scaling_factor", positive=True
-        ),
+        vae_scaling_factor=_num(_get(vae_raw, "scaling_factor", "vae"), "vae.scaling_factor", positive=True),
+        vae_encode=vae_encode,
+        vae_to_uint8=vae_to_uint8,
         p2p=p2p,
         tokenizer_file=listed(_get(tok, "file", "tokenizer"), "tokenizer.file"),
+        tokenizer_2_file=None if tok.get("file_2") is None else listed(tok["file_2"], "tokenizer.file_2"),
+        tokenizer_2_pad=_opt_str(tok, "pad_token_2", "tokenizer"),
+        time_ids=time_ids,
         tokenizer_max_length=_opt(tok, "max_length", "tokenizer", _int, 77),
         graphs=graphs,
         files=files,

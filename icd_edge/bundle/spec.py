@@ -143,6 +143,15 @@ XL_GRAPHS: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {
 }
 
 
+def graph_table(family: str) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+    """The graph I/O table of a model family (``sd15`` or ``sdxl``)."""
+    if family == "sdxl":
+        return XL_GRAPHS
+    if family == "sd15":
+        return GRAPHS
+    raise BundleError(f"unknown model family {family!r}; this icd_edge reads sd15 and sdxl bundles")
+
+
 REEDIT_GRAPHS = ("unet_reverse_source", "unet_reverse_target")
 OPTIONAL_GRAPHS = frozenset({"taesd_decoder", *REEDIT_GRAPHS})
 

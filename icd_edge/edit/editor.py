@@ -57,6 +57,14 @@ class Editor:
             re-edit graphs and the memory policy is not ``sequential``, else ``off``.
     """
 
+    def __new__(cls, bundle=None, *args, **kwargs):
+        # an SDXL bundle gets the prompt-switch editor (same API, no Prompt-to-Prompt)
+        if cls is Editor and getattr(getattr(bundle, "manifest", None), "family", "sd15") == "sdxl":
+            from icd_edge.edit.xl import XLEditor
+
+            return super().__new__(XLEditor)
+        return super().__new__(cls)
+
     def __init__(
         self,
         bundle: Bundle,
@@ -179,10 +187,11 @@ class Editor:
                 "vae_decoder", "vae_decoder", latent=(latent / np.float32(self.constants.vae_scale)).astype(np.float32)
             )["image"]
         arr = tensor_to_array(img)
+        rounding = self.bundle.manifest.vae_to_uint8
         if fit is not None:  # keep_size: back to the input's geometry
-            restored = restore_fit(array_to_pil(arr), fit)
+            restored = restore_fit(array_to_pil(arr, rounding), fit)
             return np.asarray(restored, dtype=np.float32) / 255.0 if output_type == "np" else restored
-        return arr if output_type == "np" else array_to_pil(arr)
+        return arr if output_type == "np" else array_to_pil(arr, rounding)
 
     def _check_inversion(self, inv) -> None:
         if not isinstance(inv, Inversion):
@@ -508,9 +517,14 @@ class Editor:
         official reconstruction setting; τ as in editing (0.8)."""
         self._check_inversion(inv)
         guidance, tau = self.check_reconstruct(guidance=guidance, tau=tau, output_type=output_type)
-        _, emb = self.encode_prompt(inv.source_prompt)
         return self._reverse(
-            np.array(inv.latent), emb, guidance, tau, output_type, "reconstruct", inv.fit if keep_size else None
+            np.array(inv.latent),
+            inv.source_prompt,
+            guidance,
+            tau,
+            output_type,
+            "reconstruct",
+            inv.fit if keep_size else None,
         )
 
     def generate(
@@ -536,14 +550,20 @@ class Editor:
         tau = check_range(tau, 0.0, 1.0, "tau")
         shape = (1, 4, self.constants.latent_hw, self.constants.latent_hw)
         x = check_array(noise, shape, "noise") if noise is not None else make_noise(shape, seed, rng)
-        _, emb = self.encode_prompt(prompt)
-        return self._reverse(x, emb, guidance, tau, output_type, "generate")
+        return self._reverse(x, prompt, guidance, tau, output_type, "generate")
 
-    def _reverse(self, x, emb, guidance, tau, output_type, desc, fit=None):
+    def _added_cond(self, prompt: str) -> dict | None:
+        """Further UNet feeds a prompt brings (SDXL's added condition); none for SD1.5."""
+        return None
+
+    def _reverse(self, x, prompt, guidance, tau, output_type, desc, fit=None):
         c = self.constants
         with self._bar(len(c.reverse) + 1, desc) as bar:
+            _, emb = self.encode_prompt(prompt)
             conds = [self._wemb(w) for w in c.guided_w(guidance, tau)]
-            x = loop.reverse(self.sessions.run, c, x, emb, conds, on_step=lambda *_: bar.update(1))
+            x = loop.reverse(
+                self.sessions.run, c, x, emb, conds, on_step=lambda *_: bar.update(1), extra=self._added_cond(prompt)
+            )
             result = self._decode(x, output_type, fit)
             bar.update(1)
         return result
@@ -559,6 +579,12 @@ def _source_cache_mode(mode: str, bundle: Bundle, memory: str) -> str:
     if mode not in SOURCE_CACHE_MODES:
         raise InputError(
             f"source_cache must be one of {', '.join(SOURCE_CACHE_MODES)}, got {mode!r}", param="source_cache"
+        )
+    if bundle.manifest.family == "sdxl" and mode not in ("auto", "off"):
+        raise InputError(
+            f"source_cache={mode!r} applies to SD1.5 bundles: an SDXL edit runs one row, so there is no source "
+            "branch to cache (use 'auto' or 'off')",
+            param="source_cache",
         )
     has = all(g in bundle.graphs for g in REEDIT_GRAPHS)
     if mode == "auto":

@@ -45,7 +45,7 @@ class Constants:
             m.schedule.encoder_start,
             m.schedule.alpha_sigma,
             m.guidance.max,
-            m.p2p.blend_threshold,
+            m.p2p.blend_threshold if m.p2p is not None else 0.0,
         )
 
     def guided_w(self, guidance: float, tau: float) -> list[float]:

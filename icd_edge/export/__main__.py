@@ -10,6 +10,7 @@ from pathlib import Path
 from icd_edge import __version__
 from icd_edge.cli_args import Parser
 from icd_edge.errors import ExportError, IcdEdgeError, Terminated
+from icd_edge.export.config import MODELS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,26 +23,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="icd-sd15",
-        choices=("icd-sd15", "tiny", "random-sd15"),
-        help="icd-sd15: the released iCD SD1.5; tiny: built-in toy model; random-sd15: full size, random weights",
+        choices=MODELS,
+        help="icd-sd15 / icd-sdxl: the released iCD SD1.5 / iCD-XL; tiny / tiny-xl: built-in toy models of "
+        "the same classes; random-sd15 / random-sdxl: full size, random weights",
     )
     p.add_argument(
         "--base",
-        help="SD1.5 base (tokenizer, text encoder, VAE): hub id or local diffusers folder "
-        "[default stable-diffusion-v1-5/stable-diffusion-v1-5]",
+        help="base model (tokenizers, text encoders, VAE): hub id or local diffusers folder "
+        "[default stable-diffusion-v1-5/stable-diffusion-v1-5; icd-sdxl: stabilityai/stable-diffusion-xl-base-1.0]",
     )
     p.add_argument(
         "--teacher",
         help="CFG-distilled teacher UNet: hub id, diffusers folder, or .safetensors/.pt state dict "
-        "[default dbaranchuk/sd15-cfg-distill-unet]",
+        "[default dbaranchuk/sd15-cfg-distill-unet; icd-sdxl: dbaranchuk/sdxl-cfg-distill-unet]",
     )
     p.add_argument(
         "--forward-lora",
-        help="forward LoRA: local .safetensors or owner/repo/file [default from dbaranchuk/icd-lora-sd15]",
+        help="forward LoRA: local .safetensors or owner/repo/file "
+        "[default from dbaranchuk/icd-lora-sd15; icd-sdxl: dbaranchuk/icd-lora-sdxl]",
     )
     p.add_argument(
         "--reverse-lora",
-        help="reverse LoRA: local .safetensors or owner/repo/file [default from dbaranchuk/icd-lora-sd15]",
+        help="reverse LoRA: local .safetensors or owner/repo/file "
+        "[default from dbaranchuk/icd-lora-sd15; icd-sdxl: dbaranchuk/icd-lora-sdxl]",
     )
     p.add_argument("--revision", help="hub revision for --base/--teacher/LoRA downloads")
     p.add_argument("--steps", default="4", choices=("4", "3"), help="steps of both models (the released LoRA pairs)")

@@ -13,7 +13,8 @@ from icd_edge.export import parity as parity_mod
 # the Core ML target's choices (to_coreml imports torch; these are checked before it loads)
 COREML_COMPRESSIONS = ("none", "linear8", "palettize8", "palettize6")
 COREML_ATTENTIONS = ("standard", "sliced-q")
-MODELS = ("icd-sd15", "tiny", "random-sd15")
+MODELS = ("icd-sd15", "tiny", "random-sd15", "icd-sdxl", "tiny-xl", "random-sdxl")
+MODEL_FAMILIES = {m: "sdxl" if m.endswith(("sdxl", "-xl")) else "sd15" for m in MODELS}
 # target name -> "module:function(ctx: ExportContext)"; each writes its artifacts into ctx.out_dir
 # and records them as Artifacts in ctx.manifest.graphs[graph].artifacts[<format>].
 TARGETS = {
@@ -171,10 +172,37 @@ def validate(cfg: ExportConfig) -> None:
         from icd_edge.export import to_coreml
 
         to_coreml.check_available(cfg.coreml_compression)
-    if cfg.model != "icd-sd15" and any((cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora)):
-        raise ExportError("--base/--teacher/--forward-lora/--reverse-lora apply to --model icd-sd15 only")
+    if cfg.model not in ("icd-sd15", "icd-sdxl") and any((cfg.base, cfg.teacher, cfg.forward_lora, cfg.reverse_lora)):
+        raise ExportError("--base/--teacher/--forward-lora/--reverse-lora apply to --model icd-sd15 or icd-sdxl only")
+    if MODEL_FAMILIES[cfg.model] == "sdxl":
+        _validate_sdxl(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
         raise ExportError(f"--out {out} is a non-empty folder that is not a bundle; choose a new path")
+
+
+def _validate_sdxl(cfg: ExportConfig) -> None:
+    """What an SDXL export cannot do (yet), refused with the reason rather than ignored."""
+    if cfg.taesd is not None:
+        raise ExportError("--taesd applies to SD1.5 bundles: SDXL's latents need another tiny decoder (TAESDXL)")
+    if cfg.p2p_attention != "fused":
+        raise ExportError(
+            "--p2p-attention applies to SD1.5 bundles: SDXL edits switch prompts, without Prompt-to-Prompt"
+        )
+    if cfg.unet_weights != "fused":
+        raise ExportError("--unet-weights shared-base is not available for SDXL bundles yet; use fused")
+    if cfg.embeddings != "float":
+        raise ExportError("--embeddings int8 applies to SD1.5 bundles only")
+    bad = [t for t in cfg.targets if t not in ("onnx", "torch")]
+    if bad:
+        raise ExportError(f"--targets {','.join(bad)}: SDXL bundles are written for onnx and torch only, so far")
+    for graph, p in cfg.graph_precision:
+        if graph in ("vae_encoder", "vae_decoder") and p != "fp32":
+            raise ExportError(
+                f"--graph-precision {graph}={p}: SDXL's VAE runs in fp32 (it overflows in fp16, which is why "
+                "the official code upcasts it); leave it at fp32"
+            )
+    if cfg.precision in ("int8", "int8-dynamic") or any(v.startswith("int8") for _, v in cfg.graph_precision):
+        raise ExportError("int8 SDXL bundles are not available yet; export fp32 or fp16")

@@ -86,6 +86,7 @@ class SourceModels:
     family: str = "sd15"
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2_json: Path | None = None
+    tokenizer_2_pad: str | None = None
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -409,6 +410,7 @@ def build_random_xl(
         family="sdxl",
         text_encoder_2=text_encoder_2,
         tokenizer_2_json=tok_2,
+        tokenizer_2_pad="!",
     )
 
 
@@ -555,7 +557,7 @@ def load_teacher(ref: str, revision: str | None, base: str):
         missing, unexpected = unet.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ExportError(
-                f"teacher {p} does not fit the SD1.5 UNet with a 512-d guidance input: "
+                f"teacher {p} does not fit the base's UNet ({base}) with a 512-d guidance input: "
                 f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         return unet.eval()
@@ -565,6 +567,35 @@ def load_teacher(ref: str, revision: str | None, base: str):
             f"teacher {ref} has no guidance input (time_cond_proj_dim); pass the CFG-distilled iCD teacher"
         )
     return unet.eval()
+
+
+def _release_loras(release: dict, forward_lora, reverse_lora, revision, steps, fwd_points, rev_points):
+    """(forward file, reverse file, StepConfig): the given LoRA files or the release's, downloaded;
+    the schedule from their file names where they carry timesteps."""
+    fwd_name, rev_name = release["forward_files"][steps[0]], release["reverse_files"][steps[1]]
+    fwd_path = _resolve_file(
+        forward_lora or fwd_name,
+        release["lora_repo"],
+        revision if forward_lora else None,
+        "forward LoRA",
+        "--forward-lora FILE.safetensors",
+    )
+    rev_path = _resolve_file(
+        reverse_lora or rev_name,
+        release["lora_repo"],
+        revision if reverse_lora else None,
+        "reverse LoRA",
+        "--reverse-lora FILE.safetensors",
+    )
+    try:  # the file names are the authority where they carry timesteps
+        step_cfg = step_config_from_lora_names(fwd_path.name, rev_path.name) or step_config(
+            fwd_points[steps[0]], rev_points[steps[1]]
+        )
+    except ValueError as exc:
+        raise ExportError(
+            f"the forward LoRA {fwd_path.name} and reverse LoRA {rev_path.name} do not form one schedule: {exc}"
+        ) from None
+    return fwd_path, rev_path, step_cfg
 
 
 def load_icd_sd15(
@@ -585,29 +616,9 @@ def load_icd_sd15(
 
     base = base or ICD_SD15["base"]
     teacher = teacher or ICD_SD15["teacher"]
-    fwd_name, rev_name = ICD_SD15["forward_files"][steps[0]], ICD_SD15["reverse_files"][steps[1]]
-    fwd_path = _resolve_file(
-        forward_lora or fwd_name,
-        ICD_SD15["lora_repo"],
-        revision if forward_lora else None,
-        "forward LoRA",
-        "--forward-lora FILE.safetensors",
+    fwd_path, rev_path, step_cfg = _release_loras(
+        ICD_SD15, forward_lora, reverse_lora, revision, steps, FORWARD_POINTS, REVERSE_POINTS
     )
-    rev_path = _resolve_file(
-        reverse_lora or rev_name,
-        ICD_SD15["lora_repo"],
-        revision if reverse_lora else None,
-        "reverse LoRA",
-        "--reverse-lora FILE.safetensors",
-    )
-    try:  # the file names are the authority where they carry timesteps
-        step_cfg = step_config_from_lora_names(fwd_path.name, rev_path.name) or step_config(
-            FORWARD_POINTS[steps[0]], REVERSE_POINTS[steps[1]]
-        )
-    except ValueError as exc:
-        raise ExportError(
-            f"the forward LoRA {fwd_path.name} and reverse LoRA {rev_path.name} do not form one schedule: {exc}"
-        ) from None
     tokenizer = _from_pretrained(CLIPTokenizer, base, revision, "tokenizer", "--base DIR", subfolder="tokenizer")
     text_encoder = _from_pretrained(
         CLIPTextModel, base, revision, "text encoder", "--base DIR", subfolder="text_encoder"
@@ -630,3 +641,67 @@ def load_icd_sd15(
         image_hw or 512,
         sources,
     )
+
+
+def load_icd_sdxl(
+    base: str | None,
+    teacher: str | None,
+    forward_lora: str | None,
+    reverse_lora: str | None,
+    revision: str | None,
+    steps: tuple[int, int],
+    work: Path,
+    image_hw: int | None = None,
+    unet_weights: str = "fused",
+    lora_rounding: str = "fp16",
+) -> SourceModels:
+    """The released iCD-XL: SDXL-base parts (two tokenizers and text encoders, VAE), the teacher
+    UNet and two LoRAs (hub ids or local paths)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    base = base or ICD_SDXL["base"]
+    teacher = teacher or ICD_SDXL["teacher"]
+    fwd_path, rev_path, step_cfg = _release_loras(
+        ICD_SDXL, forward_lora, reverse_lora, revision, steps, SDXL_FORWARD_POINTS, SDXL_REVERSE_POINTS
+    )
+    parts = {}
+    for sub, cls in (
+        ("tokenizer", CLIPTokenizer),
+        ("tokenizer_2", CLIPTokenizer),
+        ("text_encoder", CLIPTextModel),
+        ("text_encoder_2", CLIPTextModelWithProjection),
+        ("vae", AutoencoderKL),
+    ):
+        parts[sub] = _from_pretrained(cls, base, revision, sub.replace("_", " "), "--base DIR", subfolder=sub)
+    unet = load_teacher(teacher, revision, base)
+    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights, lora_rounding)
+    tok_files = []
+    if _pad_token(parts["tokenizer"]) is not None:
+        raise ExportError(f"the base's first tokenizer pads with {parts['tokenizer'].pad_token!r}, not its end token")
+    for sub in ("tokenizer", "tokenizer_2"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+        parts[sub].backend_tokenizer.save(str(work / sub / "tokenizer.json"))
+        tok_files.append(work / sub / "tokenizer.json")
+    sources = {"kind": "icd-sdxl", "base": base, "teacher": teacher, "revision": revision, "lora": facts}
+    return SourceModels(
+        "icd-sdxl",
+        tok_files[0],
+        parts["text_encoder"].eval(),
+        parts["vae"].eval(),
+        unet_forward,
+        unet_reverse,
+        step_cfg,
+        image_hw or 1024,
+        sources,
+        family="sdxl",
+        text_encoder_2=parts["text_encoder_2"].eval(),
+        tokenizer_2_json=tok_files[1],
+        tokenizer_2_pad=_pad_token(parts["tokenizer_2"]),
+    )
+
+
+def _pad_token(tokenizer) -> str | None:
+    """A tokenizer's pad token when it is not the end token (the runtime pads with that by default)."""
+    pad = tokenizer.pad_token
+    return None if pad in (None, tokenizer.eos_token) else str(pad)

@@ -21,8 +21,16 @@ from icd_edge.bundle.store import file_table, write_manifest
 from icd_edge.errors import ExportError
 from icd_edge.export import parity as parity_mod
 from icd_edge.export import samples as samples_mod
-from icd_edge.export.config import TARGETS, ExportConfig, step_counts, validate
-from icd_edge.schedule import ENCODER_START_T, MAX_GUIDANCE, TRAINED_GUIDANCE_SD15, alpha_sigma, step_coefficients
+from icd_edge.export.config import MODEL_FAMILIES, TARGETS, ExportConfig, step_counts, validate
+from icd_edge.export.models import SDXL_TIME_IDS
+from icd_edge.schedule import (
+    ENCODER_START_T,
+    MAX_GUIDANCE,
+    TRAINED_GUIDANCE_SD15,
+    TRAINED_GUIDANCE_SDXL,
+    alpha_sigma,
+    step_coefficients,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,18 +81,19 @@ def run_export(cfg: ExportConfig) -> Path:
     validate(cfg)
     from tqdm.auto import tqdm
 
-    from icd_edge.export import models
     from icd_edge.graphs.wrappers import build_graphs
     from icd_edge.tokenizer import ClipTokenizer
 
     t_start = time.perf_counter()
     timings = {}
+    family = MODEL_FAMILIES[cfg.model]
+    table = spec.graph_table(family)
+    optional = len(table) - len(spec.OPTIONAL_GRAPHS & set(table))
     bar = tqdm(
         total=3
-        + len(spec.GRAPHS)
-        - len(spec.OPTIONAL_GRAPHS)
+        + optional
         + (cfg.taesd is not None)
-        + (len(spec.REEDIT_GRAPHS) if cfg.reedit else 0)
+        + (len(spec.REEDIT_GRAPHS) if cfg.reedit and family == "sd15" else 0)
         + len(cfg.targets)
         - 1
         + (0 if cfg.parity == "none" else 2),
@@ -96,58 +105,52 @@ def run_export(cfg: ExportConfig) -> Path:
         work = Path(work)
         t0 = time.perf_counter()
         bar.set_postfix_str("loading models")
-        if cfg.model == "icd-sd15":
-            src = models.load_icd_sd15(
-                cfg.base,
-                cfg.teacher,
-                cfg.forward_lora,
-                cfg.reverse_lora,
-                cfg.revision,
-                step_counts(cfg),
-                work,
-                cfg.resolution,
-                unet_weights=cfg.unet_weights,
-                lora_rounding=cfg.lora_rounding,
-            )
-        else:
-            src = models.build_random(
-                cfg.model,
-                cfg.seed,
-                work,
-                cfg.resolution,
-                unet_weights=cfg.unet_weights,
-                lora_rounding=cfg.lora_rounding,
-                steps=step_counts(cfg),
-            )
+        src = _load_models(cfg, work)
         timings["load_s"] = time.perf_counter() - t0
         bar.update(1)
 
-        dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
         if src.unet_forward.config.get("time_cond_proj_dim") != spec.GUIDANCE_DIM:
             raise ExportError("the UNet has no 512-d guidance input (time_cond_proj_dim); it is not the iCD teacher")
-        taesd = None
-        if cfg.taesd is not None:
-            from icd_edge.export.taesd import load_taesd
-
-            taesd = load_taesd(cfg.taesd, cfg.revision, cfg.seed)
-            src.sources["taesd"] = cfg.taesd
-        graphs = build_graphs(
-            src.text_encoder,
-            src.vae,
-            src.unet_forward,
-            src.unet_reverse,
-            dims,
-            taesd,
-            p2p_attention=cfg.p2p_attention,
-            reedit=cfg.reedit,
-        )
         (tmp / "tokenizer").mkdir()
         shutil.copyfile(src.tokenizer_json, tmp / "tokenizer" / "tokenizer.json")
         tokenizer = ClipTokenizer(tmp / "tokenizer" / "tokenizer.json")
-        guidance = samples_mod.guidance_table(src.unet_forward)
-        samples = samples_mod.sample_inputs(graphs, tokenizer, dims, guidance)
-        if "unet_reverse_source" in samples:  # the packed source tensors' length, from the UNet itself
-            dims["S"] = int(samples["unet_reverse_target"]["source_cache"].shape[1])
+        if family == "sdxl":
+            from icd_edge.graphs.wrappers import build_xl_graphs
+
+            dims = spec.dims_for_xl(
+                src.image_hw,
+                int(src.text_encoder.config.hidden_size),
+                int(src.text_encoder_2.config.hidden_size),
+                int(src.text_encoder_2.config.projection_dim),
+            )
+            graphs = build_xl_graphs(src.text_encoder, src.text_encoder_2, src.vae, src.unet_forward, src.unet_reverse)
+            (tmp / "tokenizer_2").mkdir()
+            shutil.copyfile(src.tokenizer_2_json, tmp / "tokenizer_2" / "tokenizer.json")
+            tokenizer_2 = ClipTokenizer(tmp / "tokenizer_2" / "tokenizer.json", pad_token=src.tokenizer_2_pad)
+            guidance = samples_mod.guidance_table(src.unet_forward, TRAINED_GUIDANCE_SDXL)
+            samples = samples_mod.sample_inputs_xl(graphs, (tokenizer, tokenizer_2), dims, guidance, SDXL_TIME_IDS)
+        else:
+            dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
+            taesd = None
+            if cfg.taesd is not None:
+                from icd_edge.export.taesd import load_taesd
+
+                taesd = load_taesd(cfg.taesd, cfg.revision, cfg.seed)
+                src.sources["taesd"] = cfg.taesd
+            graphs = build_graphs(
+                src.text_encoder,
+                src.vae,
+                src.unet_forward,
+                src.unet_reverse,
+                dims,
+                taesd,
+                p2p_attention=cfg.p2p_attention,
+                reedit=cfg.reedit,
+            )
+            guidance = samples_mod.guidance_table(src.unet_forward)
+            samples = samples_mod.sample_inputs(graphs, tokenizer, dims, guidance)
+            if "unet_reverse_source" in samples:  # the packed source tensors' length, from the UNet itself
+                dims["S"] = int(samples["unet_reverse_target"]["source_cache"].shape[1])
         bar.update(1)
 
         manifest = _base_manifest(cfg, src, dims, guidance, graphs)
@@ -157,7 +160,7 @@ def run_export(cfg: ExportConfig) -> Path:
             t0 = time.perf_counter()
             getattr(importlib.import_module(module_name), func)(ctx)
             timings[f"{target}_s"] = time.perf_counter() - t0
-            if target == "onnx":
+            if target == "onnx" and "unet_reverse_edit" in graphs:
                 # the other targets and the parity checks run the reference math: the fused ONNX
                 # edit graph is then compared with the explicit form it must equal
                 graphs["unet_reverse_edit"].use_attention("explicit")
@@ -196,6 +199,27 @@ def run_export(cfg: ExportConfig) -> Path:
     return Path(cfg.out)
 
 
+def _load_models(cfg: ExportConfig, work: Path):
+    """The fused source models of ``cfg.model`` (the real releases, or a built-in random model)."""
+    from icd_edge.export import models
+
+    common = dict(image_hw=cfg.resolution, unet_weights=cfg.unet_weights, lora_rounding=cfg.lora_rounding)
+    if cfg.model in ("icd-sd15", "icd-sdxl"):
+        load = models.load_icd_sd15 if cfg.model == "icd-sd15" else models.load_icd_sdxl
+        return load(
+            cfg.base,
+            cfg.teacher,
+            cfg.forward_lora,
+            cfg.reverse_lora,
+            cfg.revision,
+            step_counts(cfg),
+            work,
+            **common,
+        )
+    build = models.build_random_xl if MODEL_FAMILIES[cfg.model] == "sdxl" else models.build_random
+    return build(cfg.model, cfg.seed, work, steps=step_counts(cfg), **common)
+
+
 def _torch_alphas_cumprod() -> np.ndarray:
     """ᾱ_t exactly as the official code gets them (diffusers' DDIMScheduler, torch fp32)."""
     from diffusers import DDIMScheduler
@@ -215,7 +239,8 @@ def _base_manifest(cfg, src, dims, guidance, graph_names=None) -> Manifest:
     acp = _torch_alphas_cumprod()
     acp_ts = sorted({t for seg in src.steps.forward + src.steps.reverse for t in seg} | {ENCODER_START_T})
     graphs = {}
-    for name, (inputs, outputs) in spec.GRAPHS.items():
+    xl = src.family == "sdxl"
+    for name, (inputs, outputs) in spec.graph_table(src.family).items():
         if name in spec.OPTIONAL_GRAPHS and name not in (graph_names or ()):
             continue
         graphs[name] = Graph(name, tuple(s.concrete(dims) for s in inputs), tuple(s.concrete(dims) for s in outputs))
@@ -237,18 +262,24 @@ def _base_manifest(cfg, src, dims, guidance, graph_names=None) -> Manifest:
     )
     return Manifest(
         model=src.name,
-        family="sd15",
+        family=src.family,
         dims=dict(dims),
         schedule=schedule,
         guidance=Guidance(
             spec.GUIDANCE_DIM,
             MAX_GUIDANCE,
             {k: tuple(v) for k, v in guidance.items()},
-            tuple(TRAINED_GUIDANCE_SD15),
-            {"edit": 19.0, "tau_edit": 0.8, "generate": 7.0},
+            tuple(TRAINED_GUIDANCE_SDXL if xl else TRAINED_GUIDANCE_SD15),
+            {"edit": 19.0, "tau_edit": 0.7 if xl else 0.8, "generate": 7.0},
         ),
         vae_scaling_factor=float(src.vae.config.scaling_factor),
-        p2p=P2P(0.3, dims["h"] // 4, (dims["h"] // 2) ** 2),
+        # SDXL's VAE: a sample of the posterior, decoded pixels rounded (the official SDXL code)
+        vae_encode="sample" if xl else "mean",
+        vae_to_uint8="round" if xl else "truncate",
+        p2p=None if xl else P2P(0.3, dims["h"] // 4, (dims["h"] // 2) ** 2),
+        tokenizer_2_file="tokenizer_2/tokenizer.json" if xl else None,
+        tokenizer_2_pad=src.tokenizer_2_pad if xl else None,
+        time_ids=tuple(SDXL_TIME_IDS) if xl else None,
         tokenizer_file="tokenizer/tokenizer.json",
         tokenizer_max_length=spec.TOKENS,
         graphs=graphs,

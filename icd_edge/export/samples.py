@@ -81,7 +81,36 @@ def sample_inputs(graphs, tokenizer, dims, guidance_table) -> dict[str, dict[str
     return out
 
 
-def guidance_table(unet) -> dict[str, list[float]]:
+def sample_inputs_xl(graphs, tokenizers, dims, guidance_table, time_ids) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`sample_inputs` for an SDXL bundle's graphs (``tokenizers``: the two of the bundle)."""
+    from icd_edge.image import image_to_tensor, load_image
+
+    rng = np.random.default_rng(1234)
+    ids = [tok("a photo of a cat").ids[None] for tok in tokenizers]
+    with torch.no_grad():
+        hidden_1 = graphs["text_encoder"](torch.from_numpy(ids[0])).numpy()
+        hidden_2, pooled = (t.numpy() for t in graphs["text_encoder_2"](torch.from_numpy(ids[1])))
+    h = dims["h"]
+    unet = {
+        "sample": rng.standard_normal((1, 4, h, h), dtype=np.float32),
+        "timestep": np.array([499.0], np.float32),
+        "encoder_hidden_states": np.concatenate([hidden_1, hidden_2], axis=-1),
+        "timestep_cond": np.asarray(guidance_table[guidance_key(19.0)], np.float32)[None],
+        "text_embeds": pooled,
+        "time_ids": np.asarray(time_ids, np.float32)[None],
+    }
+    w0 = np.asarray(guidance_table[guidance_key(0.0)], np.float32)[None]
+    return {
+        "text_encoder": {"input_ids": ids[0]},
+        "text_encoder_2": {"input_ids": ids[1]},
+        "vae_encoder": {"image": image_to_tensor(load_image(sample_photo(dims["H"])), dims["H"])},
+        "vae_decoder": {"latent": rng.standard_normal((1, 4, h, h), dtype=np.float32) * 0.8},
+        "unet_forward": {**unet, "timestep": np.array([19.0], np.float32), "timestep_cond": w0},
+        "unet_reverse": unet,
+    }
+
+
+def guidance_table(unet, trained=TRAINED_GUIDANCE_SD15) -> dict[str, list[float]]:
     """Embeddings of the trained w values, computed with the torch formula (shipped as constants)."""
     from diffusers.pipelines.latent_consistency_models.pipeline_latent_consistency_text2img import (
         LatentConsistencyModelPipeline,
@@ -89,7 +118,7 @@ def guidance_table(unet) -> dict[str, list[float]]:
 
     dim = unet.config.time_cond_proj_dim
     table = {}
-    for w in TRAINED_GUIDANCE_SD15:
+    for w in trained:
         emb = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([w]), dim, torch.float32)
         table[guidance_key(w)] = [float(v) for v in emb[0]]
     return table

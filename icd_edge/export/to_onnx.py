@@ -237,7 +237,8 @@ def export_target(ctx) -> None:
     from icd_edge.bundle import spec
     from icd_edge.export.quant.policy import UNETS, graph_precisions
 
-    precisions = graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs)
+    precisions = graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs, ctx.manifest.family)
+    table = spec.graph_table(ctx.manifest.family)
     groups = dict(WEIGHT_GROUPS)
     if ctx.cfg.unet_weights == "shared-base":  # one file: identical teacher tensors are stored once
         groups.update({g: "unet_base" for g in ("unet_forward", *WEIGHT_GROUPS, "unet_reverse")})
@@ -260,7 +261,7 @@ def export_target(ctx) -> None:
         try:
             for name, module in ctx.graphs.items():
                 ctx.step(f"onnx {name}")
-                inputs, outputs = spec.GRAPHS[name]
+                inputs, outputs = table[name]
                 group = groups.get(name, name)
                 args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
                 if name in direct:

@@ -12,6 +12,8 @@ def torch_target(ctx) -> None:
     root = ctx.out_dir / "torch"
     src.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)
     src.vae.save_pretrained(root / "vae", safe_serialization=True)
+    if src.text_encoder_2 is not None:  # SDXL
+        src.text_encoder_2.save_pretrained(root / "text_encoder_2", safe_serialization=True)
     if ctx.cfg.unet_weights == "shared-base":  # the reference backend loads plain (fused) UNets
         from icd_edge.export.lora import merge_branches
 
@@ -22,6 +24,7 @@ def torch_target(ctx) -> None:
         src.unet_reverse.save_pretrained(root / "unet_reverse", safe_serialization=True)
     dirs = {
         "text_encoder": "text_encoder",
+        "text_encoder_2": "text_encoder_2",
         "vae_encoder": "vae",
         "vae_decoder": "vae",
         "unet_forward": "unet_forward",

@@ -104,7 +104,15 @@ class TorchBackend:
         vae = AutoencoderKL.from_pretrained(part("vae_encoder"), use_safetensors=True)
         fwd = UNet2DConditionModel.from_pretrained(part("unet_forward"), use_safetensors=True)
         rev = UNet2DConditionModel.from_pretrained(part("unet_reverse"), use_safetensors=True)
-        graphs = build_graphs(text, vae, fwd, rev, bundle.dims)
+        if bundle.manifest.family == "sdxl":
+            from transformers import CLIPTextModelWithProjection
+
+            from icd_edge.graphs.wrappers import build_xl_graphs
+
+            text_2 = CLIPTextModelWithProjection.from_pretrained(part("text_encoder_2"), use_safetensors=True)
+            graphs = build_xl_graphs(text, text_2, vae, fwd, rev)
+        else:
+            graphs = build_graphs(text, vae, fwd, rev, bundle.dims)
         return {k: v.to(self.device) for k, v in graphs.items()}
 
     def open_session(self, bundle, graph: str) -> TorchSession:

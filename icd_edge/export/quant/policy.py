@@ -40,8 +40,11 @@ def int8_scheme(weights: str, per_channel: bool = True) -> dict:
     }
 
 
-def graph_precisions(precision: str, overrides: dict[str, str], graphs) -> dict[str, str]:
-    """Precision per graph: the global one (int8 only for UNets), then ``overrides``."""
+XL_FP32_GRAPHS = ("vae_encoder", "vae_decoder")  # SDXL's VAE overflows in fp16 (the official code upcasts it)
+
+
+def graph_precisions(precision: str, overrides: dict[str, str], graphs, family: str = "sd15") -> dict[str, str]:
+    """Precision per graph: the global one (int8 only for UNets; SDXL's VAE always fp32), then ``overrides``."""
     for p in [precision, *overrides.values()]:
         if p not in PRECISIONS:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
@@ -49,5 +52,7 @@ def graph_precisions(precision: str, overrides: dict[str, str], graphs) -> dict[
     if unknown:
         raise ExportError(f"--graph-precision names unknown graphs {sorted(unknown)}; graphs are {', '.join(graphs)}")
     out = {g: (precision if precision in ("fp32", "fp16") or g in INT8_DEFAULT else "fp32") for g in graphs}
+    if family == "sdxl":
+        out.update({g: "fp32" for g in XL_FP32_GRAPHS if g in out})
     out.update(overrides)
     return out
