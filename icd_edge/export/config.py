@@ -204,5 +204,3 @@ def _validate_sdxl(cfg: ExportConfig) -> None:
                 f"--graph-precision {graph}={p}: SDXL's VAE runs in fp32 (it overflows in fp16, which is why "
                 "the official code upcasts it); leave it at fp32"
             )
-    if cfg.precision in ("int8", "int8-dynamic") or any(v.startswith("int8") for _, v in cfg.graph_precision):
-        raise ExportError("int8 SDXL bundles are not available yet; export fp32 or fp16")

@@ -224,6 +224,10 @@ def write_program(program, out_path: Path, store: WeightStore) -> None:
         raise ExportError(f"exported graph {out_path.name} is not valid ONNX: {exc}") from exc
 
 
+# inputs a float16 trace keeps in float32: diffusers embeds the timestep in float32, and SDXL's added
+# condition concatenates the pooled text with its float32 time_ids embedding (the trace would
+# otherwise hold a Concat of float16 and float32)
+FP32_INPUTS = ("timestep", "text_embeds", "time_ids")
 WEIGHT_GROUPS = {g: "unet_reverse" for g in ("unet_reverse_edit", "unet_reverse_source", "unet_reverse_target")}
 
 
@@ -248,7 +252,10 @@ def export_target(ctx) -> None:
     # graphs); the small graphs are cheap to convert and keep the tested converter path
     # (fused UNets only: a float16 trace of the shared-base LoRA branches failed at run time in
     # ONNX Runtime with a broadcast error in a Mul, so those go through the converter)
-    direct = {g for g, p in precisions.items() if p == "fp16" and g in UNETS and ctx.cfg.unet_weights == "fused"}
+    # SDXL's text encoders too: their output is the penultimate layer's hidden states, which the last
+    # layer also reads, and the converter's keep_io_types then feeds that layer its fp32 copy
+    traced_half = UNETS + (("text_encoder", "text_encoder_2") if ctx.manifest.family == "sdxl" else ())
+    direct = {g for g, p in precisions.items() if p == "fp16" and g in traced_half and ctx.cfg.unet_weights == "fused"}
     staged = set(precisions.values()) != {"fp32"}  # other precisions start from an fp32 graph
     final: dict[str, WeightStore] = {}
     # a graph whose module has the structure of an earlier one (the reverse UNet after the
@@ -266,7 +273,7 @@ def export_target(ctx) -> None:
                 args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
                 if name in direct:
                     module = HalfGraph(
-                        copy.deepcopy(module), keep=tuple(i for i, s in enumerate(inputs) if s.name == "timestep")
+                        copy.deepcopy(module), keep=tuple(i for i, s in enumerate(inputs) if s.name in FP32_INPUTS)
                     )
                     stores, folder = final, out
                 else:

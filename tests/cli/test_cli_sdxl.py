@@ -84,7 +84,6 @@ def test_edit_refuses_sd15_controls(tiny_xl_bundle, photo_png, tmp_path, flags, 
     "flags, says",
     [
         (("--taesd", "random"), "TAESDXL"),
-        (("--precision", "int8"), "int8 SDXL"),
         (("--graph-precision", "vae_decoder=fp16"), "fp32"),
         (("--p2p-attention", "explicit"), "Prompt-to-Prompt"),
         (("--targets", "onnx,coreml"), "onnx and torch only"),

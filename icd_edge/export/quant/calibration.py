@@ -85,9 +85,13 @@ def record_trajectories(bundle, graphs, cases) -> dict[str, list[dict]]:
     rec = _Recorder(TorchBackend(graphs))
     ed = Editor(bundle, rec)  # with the re-edit graphs: the source pass and the target-only edit
     batch2 = Editor(bundle, rec, source_cache="off") if ed.source_cache != "off" else None
+    xl = bundle.manifest.family == "sdxl"
     for image, src, tgt, blend in cases:
         inv = ed.invert(image, src, seed=0)
-        ed.edit(inv, tgt, cross_replace=0.4, self_replace=0.6, blend=blend, output_type="np")
+        if xl:  # the prompt switch at the official settings
+            ed.edit(inv, tgt, output_type="np")
+        else:
+            ed.edit(inv, tgt, cross_replace=0.4, self_replace=0.6, blend=blend, output_type="np")
         if batch2 is not None:  # and the batch-2 edit graph on the same trajectory
             batch2.edit(inv, tgt, cross_replace=0.4, self_replace=0.6, blend=blend, output_type="np")
         ed.reconstruct(inv, output_type="np")
