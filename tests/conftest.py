@@ -44,62 +44,56 @@ def _openvino_cache(tmp_path_factory):
         os.environ["ICD_EDGE_CACHE"] = old
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory) -> Path:
-    """The tiny model exported with ONNX graphs and torch reference weights (about 1-2 min)."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny.bundle"
-    run_cli(
-        "--model",
-        "tiny",
-        "--out",
-        str(out),
-        "--targets",
-        "onnx,torch",
-        "--no-progress",
-        module="icd_edge.export",
-        check=True,
-    )
+def shared_export(tmp_path_factory, name: str, *args: str) -> Path:
+    """A bundle exported once per test run: with pytest-xdist the first worker that asks exports
+    it under a lock in the run's shared temp folder and the others wait for it and reuse it (the
+    export is atomic: a bundle with a manifest is complete)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        out = tmp_path_factory.mktemp("bundles") / name
+        run_cli("--out", str(out), "--no-progress", *args, module="icd_edge.export", check=True)
+        return out
+    from filelock import FileLock
+
+    out = tmp_path_factory.getbasetemp().parent / "shared_bundles" / name
+    out.parent.mkdir(exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").is_file():
+            run_cli("--out", str(out), "--no-progress", *args, module="icd_edge.export", check=True)
     return out
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The tiny model exported with ONNX graphs and torch reference weights (about 1-2 min)."""
+    return shared_export(tmp_path_factory, "tiny.bundle", "--model", "tiny", "--targets", "onnx,torch")
+
+
+@pytest.fixture(scope="session")
 def int8_bundle(tmp_path_factory) -> Path:
-    """The tiny model in int8 (UNets static Q/DQ, int8 text encoder), one calibration photo."""
-    out = tmp_path_factory.mktemp("bundles") / "int8.bundle"
-    run_cli(
+    """The tiny model in int8 (UNets static Q/DQ, int8 text encoder), one calibration photo; with a
+    TAESD decoder in int8 too (its calibration reads the full VAE's final latents)."""
+    return shared_export(
+        tmp_path_factory,
+        "int8.bundle",
         "--model",
         "tiny",
-        "--out",
-        str(out),
-        "--no-progress",
         "--calibration-count",
         "1",
         "--precision",
         "int8",
         "--graph-precision",
         "text_encoder=int8",
-        module="icd_edge.export",
-        check=True,
+        "--taesd",
+        "random",
+        "--graph-precision",
+        "taesd_decoder=int8",
     )
-    return out
 
 
 @pytest.fixture(scope="session")
 def tiny_xl_bundle(tmp_path_factory) -> Path:
     """tiny-xl (the SDXL classes at toy width) exported with ONNX graphs and torch weights (under a minute)."""
-    out = tmp_path_factory.mktemp("bundles") / "tiny-xl.bundle"
-    run_cli(
-        "--model",
-        "tiny-xl",
-        "--out",
-        str(out),
-        "--targets",
-        "onnx,torch",
-        "--no-progress",
-        module="icd_edge.export",
-        check=True,
-    )
-    return out
+    return shared_export(tmp_path_factory, "tiny-xl.bundle", "--model", "tiny-xl", "--targets", "onnx,torch")
 
 
 @pytest.fixture(scope="session")

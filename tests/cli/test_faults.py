@@ -268,7 +268,7 @@ def test_scratch_of_a_dead_process_is_swept(tmp_path):
     assert not d.exists()
 
 
-def test_killed_export_scratch_is_swept_by_the_next(tmp_path):
+def test_killed_export_scratch_is_swept_by_the_next_and_a_failed_gate_publishes_nothing(tmp_path):
     env = {"TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     proc = subprocess.Popen(
@@ -297,6 +297,9 @@ def test_killed_export_scratch_is_swept_by_the_next(tmp_path):
     proc.kill()
     proc.wait()
     assert any((tmp_path / "tmp").glob("icd_scratch-*")), "the export made no scratch folder before it was killed"
+    # the next export sweeps it; this one also fails its parity gate (an impossible 200 dB), which
+    # publishes nothing and says so in one line: the console shows our lines only (library
+    # warnings go to -v)
     proc = run_cli(
         "--model",
         "tiny",
@@ -304,15 +307,14 @@ def test_killed_export_scratch_is_swept_by_the_next(tmp_path):
         str(tmp_path / "b"),
         "--no-progress",
         "--no-reedit",
-        "--parity",
-        "none",
+        "--min-psnr",
+        "200",
         module="icd_edge.export",
         env=env,
-        check=True,
     )
     assert list((tmp_path / "tmp").glob("icd_scratch-*")) == []
-    # and its console shows our lines only (library warnings go to -v)
-    assert proc.stdout.strip() == f"wrote {tmp_path / 'b'}" and proc.stderr.strip() == "", proc.stderr[-2000:]
+    assert proc.returncode == 2 and "gate" in proc.stderr and not (tmp_path / "b").exists()
+    assert proc.stdout.strip() == "" and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------- images

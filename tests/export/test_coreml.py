@@ -39,7 +39,7 @@ def coreml_bundle(tmp_path_factory) -> Path:
         "--targets",
         "onnx,coreml",
         "--parity",
-        "graphs",
+        "none",  # onnxruntime's parity is tested on the other bundles; Core ML predicts on macOS only
         "--no-progress",
         module="icd_edge.export",
         check=True,

@@ -107,7 +107,7 @@ def test_int8_bundle(int8_bundle, photo, tmp_path):
     assert gemms and all(n.input[1] in dq for n in gemms)
     # each quantiser process reports its peak RSS (Linux), recorded for memory planning
     reverse = {"unet_reverse", "unet_reverse_edit", "unet_reverse_source", "unet_reverse_target"}
-    assert set(m.info["quantiser_peak_rss_gb"]) == {"text_encoder", *reverse}
+    assert set(m.info["quantiser_peak_rss_gb"]) == {"text_encoder", "taesd_decoder", *reverse}
     # the re-edit graphs were calibrated on their own rows (the source pass and the target-only edit)
     feeds = m.info["calibration"]["feeds"]
     assert feeds["unet_reverse_source"] == feeds["unet_reverse_target"] == feeds["unet_reverse_edit"]
@@ -145,22 +145,6 @@ def test_int8_dynamic_and_gate(tmp_path_factory):
     out = _export(tmp_path_factory, "dyn.bundle", "--no-reedit", "--precision", "int8-dynamic", "--parity", "graphs")
     ops = _ops(out, "unet_reverse")
     assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
-    # an impossible gate fails the export and publishes nothing
-    bad = tmp_path_factory.mktemp("gate") / "b"
-    proc = run_cli(
-        "--model",
-        "tiny",
-        "--out",
-        str(bad),
-        "--no-progress",
-        "--no-reedit",
-        "--precision",
-        "fp16",
-        "--min-psnr",
-        "200",
-        module="icd_edge.export",
-    )
-    assert proc.returncode == 2 and "gate" in proc.stderr and not bad.exists()
 
 
 @pytest.mark.parametrize("memory", ["sequential"])
@@ -252,24 +236,13 @@ def test_paged_out_modules_keep_their_values(tmp_path):
     assert torch.equal(net(x), before)
 
 
-def test_int8_taesd_decoder_is_calibrated(tmp_path_factory):
+def test_int8_taesd_decoder_is_calibrated(int8_bundle):
     """The calibration trajectories decode with the full VAE; an int8 TAESD decoder is calibrated
     on the same final latents (a regression: it used to fail with 'recorded no inputs')."""
-    out = _export(
-        tmp_path_factory,
-        "taesd8.bundle",
-        "--no-reedit",
-        "--taesd",
-        "random",
-        "--graph-precision",
-        "taesd_decoder=int8",
-        "--parity",
-        "graphs",
-    )
-    m = open_bundle(out).manifest
+    m = open_bundle(int8_bundle).manifest
     assert m.graphs["taesd_decoder"].artifacts["onnx"].precision == "int8"
     assert m.info["calibration"]["feeds"]["taesd_decoder"] == m.info["calibration"]["feeds"]["vae_decoder"] > 0
-    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(out, "taesd_decoder")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _ops(int8_bundle, "taesd_decoder")
 
 
 def _feeds(bundle, graph, n, seed=0):
