@@ -143,11 +143,16 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_to_tensor(img: Image.Image, side: int) -> np.ndarray:
-    """(1, 3, side, side) float32 in [-1, 1]: bicubic resize, ``x/127.5 - 1``."""
+def image_to_uint8(img: Image.Image, side: int) -> np.ndarray:
+    """(side, side, 3) uint8 after the bicubic resize (what :func:`image_to_tensor` normalises)."""
     if img.size != (side, side):
         img = img.resize((side, side), Image.BICUBIC)
-    arr = np.asarray(img, dtype=np.float32) / np.float32(127.5) - np.float32(1.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def image_to_tensor(img: Image.Image, side: int) -> np.ndarray:
+    """(1, 3, side, side) float32 in [-1, 1]: bicubic resize, ``x/127.5 - 1``."""
+    arr = image_to_uint8(img, side).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
     return arr.transpose(2, 0, 1)[None].copy()
 
 

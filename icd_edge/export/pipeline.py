@@ -301,22 +301,35 @@ def _jsonable(v):
 
 def memory_bundle(model: str, seed: int, work: Path, steps: tuple[int, int] = (4, 4), reedit: bool = False):
     """(source models, Bundle) for a built-in random model without writing graphs: the manifest
-    constants and tokenizer only (used by the fast torch path's tests and GPU benchmark);
-    ``steps``: (forward, reverse) step counts; ``reedit``: the manifest declares the re-edit graphs."""
+    constants and tokenizers only (used by the fast torch path's tests and GPU benchmark);
+    ``steps``: (forward, reverse) step counts; ``reedit``: the manifest declares the re-edit graphs
+    (SD1.5)."""
     from icd_edge.bundle.store import Bundle
     from icd_edge.export import models
 
-    src = models.build_random(model, seed, work, steps=steps)
-    dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
     cfg = ExportConfig(out=work / "bundle", model=model, seed=seed)
     names = None
-    if reedit:
-        dims["S"] = source_cache_length(src.unet_reverse, dims)
-        names = spec.REEDIT_GRAPHS
-    manifest = _base_manifest(cfg, src, dims, samples_mod.guidance_table(src.unet_forward), names)
-    return src, Bundle(
-        work, manifest.with_(tokenizer_file=src.tokenizer_json.relative_to(work).as_posix(), complete=True)
-    )
+    if MODEL_FAMILIES[model] == "sdxl":
+        src = models.build_random_xl(model, seed, work, steps=steps)
+        dims = spec.dims_for_xl(
+            src.image_hw,
+            int(src.text_encoder.config.hidden_size),
+            int(src.text_encoder_2.config.hidden_size),
+            int(src.text_encoder_2.config.projection_dim),
+        )
+        guidance = samples_mod.guidance_table(src.unet_forward, TRAINED_GUIDANCE_SDXL)
+    else:
+        src = models.build_random(model, seed, work, steps=steps)
+        dims = spec.dims_for(src.image_hw, int(src.text_encoder.config.hidden_size))
+        guidance = samples_mod.guidance_table(src.unet_forward)
+        if reedit:
+            dims["S"] = source_cache_length(src.unet_reverse, dims)
+            names = spec.REEDIT_GRAPHS
+    manifest = _base_manifest(cfg, src, dims, guidance, names)
+    files = {"tokenizer_file": src.tokenizer_json.relative_to(work).as_posix()}
+    if src.tokenizer_2_json is not None:
+        files["tokenizer_2_file"] = src.tokenizer_2_json.relative_to(work).as_posix()
+    return src, Bundle(work, manifest.with_(**files, complete=True))
 
 
 def source_cache_length(unet, dims: dict) -> int:

@@ -95,6 +95,26 @@ class TorchOps:
         return torch.stack(rows)
 
 
+def launch(graphs: dict, key, fn, bufs: dict, capture: bool) -> None:
+    """Run ``fn(bufs)``: eagerly, or (``capture``) as the CUDA graph ``graphs[key]``, captured on
+    first use after two warm-up runs (compile and autotune happen outside the capture)."""
+    if not capture:
+        fn(bufs)
+        return
+    if key not in graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(bufs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(bufs)
+        graphs[key] = graph
+    graphs[key].replay()
+
+
 @dataclass(frozen=True)
 class FastOptions:
     """Options of the fast path (this backend only)."""
@@ -381,22 +401,7 @@ class FastEditor:
         return self._s_len
 
     def _launch(self, kind, n: int, fn, bufs: dict) -> None:
-        if not self.opt.cuda_graphs or self.dev.type != "cuda":
-            fn(bufs)
-            return
-        key = (kind, n)
-        if key not in self._graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compile and autotune outside the capture
-                    fn(bufs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn(bufs)
-            self._graphs[key] = graph
-        self._graphs[key].replay()
+        launch(self._graphs, (kind, n), fn, bufs, self.opt.cuda_graphs and self.dev.type == "cuda")
 
     # ----------------------------------------------------------------- public API
     def _stage_in(self, bufs: dict, arrays: dict) -> None:

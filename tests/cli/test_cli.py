@@ -223,7 +223,7 @@ def test_export_bad_options(tmp_path):
         (["--model", "tiny", "--out", str(tmp_path / "b"), "--resolution", "100"], "multiple of 64"),
         (["--model", "tiny", "--out", str(tmp_path / "b"), "--targets", "tensorrt"], "--targets"),
         (["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"], "--opset"),
-        (["--model", "tiny", "--out", str(tmp_path / "b"), "--teacher", "x"], "icd-sd15 only"),
+        (["--model", "tiny", "--out", str(tmp_path / "b"), "--teacher", "x"], "icd-sd15 or icd-sdxl only"),
     ):
         proc = run_cli(*args, module="icd_edge.export")
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -115,25 +115,32 @@ def test_torch_reference_is_the_official_procedure(xl, photo):
     assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
-def test_onnxruntime_against_torch_and_the_noise_api(xl, photo):
+def test_runtimes_against_torch_and_the_noise_api(xl, photo):
+    import importlib.util
+
     from icd_edge.edit.editor import Editor
     from icd_edge.export.parity import psnr_db
     from icd_edge.rng import torch_randn_sequence
 
-    ort = Editor.open(xl, "onnxruntime")
     ref = Editor.open(xl, "torch")
-    inv = ort.invert(photo, SOURCE, seed=SEED)
     inv_ref = ref.invert(photo, SOURCE, seed=SEED)
-    assert psnr_db(inv_ref.latent, inv.latent) > 60
-    for name, run in (
+    runs = (
         ("edit", lambda ed, i: ed.edit(i, TARGET, output_type="np")),
         ("edit w=7 tau=0.5", lambda ed, i: ed.edit(i, TARGET, guidance=7.0, tau=0.5, output_type="np")),
         ("reconstruct", lambda ed, i: ed.reconstruct(i, output_type="np")),
-    ):
-        assert psnr_db(run(ref, inv_ref), run(ort, inv), peak=1.0) >= 45, name
-    gen = ort.generate(TARGET, seed=1, output_type="np")
-    assert psnr_db(ref.generate(TARGET, seed=1, output_type="np"), gen, peak=1.0) >= 45
-    assert gen.shape == (xl.manifest.image_hw,) * 2 + (3,)
+        ("generate", lambda ed, i: ed.generate(TARGET, seed=1, output_type="np")),
+    )
+    want = {name: run(ref, inv_ref) for name, run in runs}
+    backends = ["onnxruntime"] + (["openvino"] if importlib.util.find_spec("openvino") else [])
+    for backend in backends:
+        with Editor.open(xl, backend) as ed:
+            inv = ed.invert(photo, SOURCE, seed=SEED)
+            assert psnr_db(inv_ref.latent, inv.latent) > 60, backend
+            for name, run in runs:
+                assert psnr_db(want[name], run(ed, inv), peak=1.0) >= 45, (backend, name)
+    assert want["generate"].shape == (xl.manifest.image_hw,) * 2 + (3,)
+    ort = Editor.open(xl, "onnxruntime")
+    inv = ort.invert(photo, SOURCE, seed=SEED)
 
     # the two draws given as an array equal the seeded ones; numpy's generator gives others
     h = xl.manifest.latent_hw
@@ -203,3 +210,43 @@ def test_sdxl_manifest_round_trip_and_checks(xl):
         change(bad)
         with pytest.raises(BundleError, match=key.replace(".", r"\.")):
             Manifest.from_json(bad)
+
+
+def test_fast_path_code_equals_the_reference(xl, photo):
+    """The compiled GPU path's code (here eager fp32 on the CPU) gives the reference's edit."""
+    from icd_edge.edit.editor import Editor
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.xl import FastXLEditor
+    from icd_edge.runtimes.torch_ref import TorchBackend
+
+    fast = FastXLEditor.from_bundle(xl.root, device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
+    got = fast.edit_image(photo, SOURCE, TARGET, seed=SEED, guidance=7.0, tau=0.5, output_type="np")
+    ref = Editor(xl, TorchBackend())
+    want = ref.edit(ref.invert(photo, SOURCE, seed=SEED), TARGET, guidance=7.0, tau=0.5, output_type="np")
+    assert psnr_db(want, got, peak=1.0) > 80
+    # its PIL output is made on the device: the reference's pixels (rounded), within one level
+    pil = fast.edit_image(photo, SOURCE, TARGET, seed=SEED, guidance=7.0, tau=0.5)
+    want_pil = ref.edit(ref.invert(photo, SOURCE, seed=SEED), TARGET, guidance=7.0, tau=0.5)
+    assert np.abs(np.asarray(pil, np.int16) - np.asarray(want_pil, np.int16)).max() <= 1
+    with pytest.raises(InputError, match="guidance"):
+        fast.edit_image(photo, SOURCE, TARGET, guidance=25.0)
+
+
+@pytest.mark.gpu
+def test_compiled_gpu_path_against_the_fp32_reference(xl, photo):
+    """fp16 UNets, compile and the CUDA graph on the tiny-xl bundle, against the fp32 eager path."""
+    import torch
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.xl import FastXLEditor
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ref = FastXLEditor.from_bundle(xl.root, dtype="fp32", compile=False, cuda_graphs=False)
+    fast = FastXLEditor.from_bundle(xl.root)
+    want = ref.edit_image(photo, SOURCE, TARGET, seed=SEED, output_type="np")
+    got = fast.edit_image(photo, SOURCE, TARGET, seed=SEED, output_type="np")
+    assert psnr_db(want, got, peak=1.0) > 40
+    assert fast.captured_graphs() == [(False, True, True, True)]  # only t = 999 under the source prompt
+    again = fast.edit_image(photo, SOURCE, TARGET, seed=SEED, output_type="np")
+    np.testing.assert_array_equal(got, again)
