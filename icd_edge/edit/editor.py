@@ -223,24 +223,31 @@ class Editor:
             rng: ``torch`` (default, as the official code: ``torch.randn`` on the CPU, bit for bit,
                 see :mod:`icd_edge.rng`) or ``numpy`` (PCG64).
             noise: the t = 19 noise itself, shape (1, 4, h, h) (or (4, h, h)); ``seed`` and
-                ``rng`` are then unused.
+                ``rng`` are then unused. SDXL bundles: both of its draws, see
+                :meth:`icd_edge.edit.xl.XLEditor.start_latent`.
         """
         check_prompt(source_prompt, "source prompt")
         seed = check_seed(seed)
         rng = check_rng(rng)
         c = self.constants
-        shape = (1, 4, c.latent_hw, c.latent_hw)
-        given = None if noise is None else check_array(noise, shape, "noise")
+        given = None if noise is None else check_array(noise, self._noise_shape(), "noise")
         img = load_image(image)
         square, fit_info = fit_square(img, c.image_hw, fit)
         eager = self.source_cache == "invert"
         with self._bar(2 + len(c.forward) + (len(c.reverse) if eager else 0), "invert") as bar:
             _, emb = self.encode_prompt(source_prompt)
-            pixels = image_to_tensor(square, c.image_hw)
-            z0 = self.sessions.run("vae_encoder", "vae_encoder", image=pixels)["latent_mean"] * np.float32(c.vae_scale)
+            z0, eps0 = self.start_latent(image_to_tensor(square, c.image_hw), seed, rng, given)
             bar.update(2)
-            eps0 = given if given is not None else make_noise(z0.shape, seed, rng)
-            x = loop.invert(self.sessions.run, c, z0, eps0, emb, self._wemb(0.0), on_step=lambda i: bar.update(1))
+            x = loop.invert(
+                self.sessions.run,
+                c,
+                z0,
+                eps0,
+                emb,
+                self._wemb(0.0),
+                on_step=lambda i: bar.update(1),
+                extra=self._added_cond(source_prompt),
+            )
             self.sessions.after_invert()
             x.setflags(write=False)
             source = self._source_pass(x, emb, on_step=lambda k: bar.update(1)) if eager else None
@@ -254,6 +261,16 @@ class Editor:
             "array" if given is not None else rng,
             source,
         )
+
+    def _noise_shape(self) -> tuple[int, ...]:
+        return (1, 4, self.constants.latent_hw, self.constants.latent_hw)
+
+    def start_latent(self, pixels: np.ndarray, seed: int, rng: str, noise=None) -> tuple[np.ndarray, np.ndarray]:
+        """(z0, ε): the photo's scaled latent (the posterior mean) and the t = 19 noise of ``seed``
+        (or ``noise`` as given)."""
+        c = self.constants
+        z0 = self.sessions.run("vae_encoder", "vae_encoder", image=pixels)["latent_mean"] * np.float32(c.vae_scale)
+        return z0, noise if noise is not None else make_noise(z0.shape, seed, rng)
 
     def _source_pass(self, latent: np.ndarray, emb: np.ndarray, on_step=None) -> SourceCache:
         """The source branch of every edit of ``latent`` (see :class:`SourceCache`)."""

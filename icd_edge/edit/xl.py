@@ -16,9 +16,8 @@ import numpy as np
 from icd_edge.edit import loop
 from icd_edge.edit.editor import Editor, ImageOut, _source_cache_mode
 from icd_edge.edit.inversion import Inversion
-from icd_edge.edit.validate import check_array, check_prompt, check_range, check_rng, check_seed
+from icd_edge.edit.validate import check_prompt, check_range
 from icd_edge.errors import InputError
-from icd_edge.image import fit_square, image_to_tensor, load_image
 from icd_edge.tokenizer import ClipTokenizer, Tokens
 
 # the SD1.5 editor's Prompt-to-Prompt and re-edit parameters, refused here with the reason
@@ -91,56 +90,20 @@ class XLEditor(Editor):
         return {"text_embeds": self.pooled_prompt(prompt), "time_ids": self.time_ids}
 
     # ------------------------------------------------------------------ public API
-    def invert(
-        self, image, source_prompt: str, *, seed: int = 0, fit: str = "stretch", rng: str = "torch", noise=None
-    ) -> Inversion:
-        """Encode a photo to x_999 with the forward model under the source prompt (w = 0).
+    def _noise_shape(self) -> tuple[int, ...]:
+        return (2, 4, self.constants.latent_hw, self.constants.latent_hw)
 
-        The latent is a sample of the VAE posterior, mean + std·n₁, and the t = 19 start point is
-        a·z0 + σ·n₂; n₁ and n₂ are consecutive draws of one generator seeded with ``seed`` (the
-        official code seeds it with the image's index). ``rng``: ``torch`` (``torch.randn`` on
-        the CPU, bit for bit) or ``numpy``; ``noise``: both draws given, shape (2, 4, h, h)
-        (row 0 the posterior sample's, row 1 the start noise); ``seed`` and ``rng`` are then unused.
-        """
-        check_prompt(source_prompt, "source prompt")
-        seed = check_seed(seed)
-        rng = check_rng(rng)
+    def start_latent(self, pixels: np.ndarray, seed: int, rng: str, noise=None) -> tuple[np.ndarray, np.ndarray]:
+        """(z0, ε) of :meth:`invert`: z0 is a sample of the VAE posterior, (mean + std·n₁)·scale,
+        and ε = n₂ the t = 19 noise, where n₁ and n₂ are consecutive draws of one generator seeded
+        with ``seed`` (the official code seeds it with the image's index): ``rng="torch"`` gives
+        ``torch.randn``'s draws bit for bit. ``noise``: both draws given, shape (2, 4, h, h) (row 0
+        the posterior sample's, row 1 the start noise); ``seed`` and ``rng`` are then unused."""
         c = self.constants
-        shape = (1, 4, c.latent_hw, c.latent_hw)
-        given = None if noise is None else check_array(noise, (2, *shape[1:]), "noise")
-        img = load_image(image)
-        square, fit_info = fit_square(img, c.image_hw, fit)
-        with self._bar(2 + len(c.forward), "invert") as bar:
-            _, emb = self.encode_prompt(source_prompt)
-            out = self.sessions.run("vae_encoder", "vae_encoder", image=image_to_tensor(square, c.image_hw))
-            bar.update(2)
-            if given is not None:
-                n1, n2 = given[0:1], given[1:2]
-            else:
-                n1, n2 = _draws(shape, seed, rng)
-            std = np.exp(np.float32(0.5) * out["latent_logvar"]).astype(np.float32)
-            z0 = ((out["latent_mean"] + std * n1) * np.float32(c.vae_scale)).astype(np.float32)
-            x = loop.invert(
-                self.sessions.run,
-                c,
-                z0,
-                n2,
-                emb,
-                self._wemb(0.0),
-                on_step=lambda i: bar.update(1),
-                extra=self._added_cond(source_prompt),
-            )
-            self.sessions.after_invert()
-            x.setflags(write=False)
-        return Inversion(
-            x,
-            source_prompt,
-            None if given is not None else seed,
-            img.size,
-            self.bundle.bundle_id,
-            fit_info,
-            "array" if given is not None else rng,
-        )
+        out = self.sessions.run("vae_encoder", "vae_encoder", image=pixels)
+        n1, n2 = (noise[0:1], noise[1:2]) if noise is not None else _draws((1, *self._noise_shape()[1:]), seed, rng)
+        std = np.exp(np.float32(0.5) * out["latent_logvar"]).astype(np.float32)
+        return ((out["latent_mean"] + std * n1) * np.float32(c.vae_scale)).astype(np.float32), n2
 
     def edit_controls(self, source_prompt: str, target_prompt: str, **controls):
         raise InputError(f"{_NO_P2P}: there are no edit controls to build", param="controls")

@@ -383,11 +383,10 @@ def build_random_xl(
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"])).eval()
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg["text_2"])).eval()
     rank = lora_rank or (4 if name == "tiny-xl" else 64)
-    fwd_points, rev_points = SDXL_FORWARD_POINTS[steps[0]], SDXL_REVERSE_POINTS[steps[1]]
-    step_cfg = step_config(fwd_points, rev_points)
-    fwd_file = write_random_lora(teacher, work / _lora_name("forward", fwd_points), rank, seed + 1, std=0.02)
-    rev_file = write_random_lora(teacher, work / _lora_name("reverse", rev_points), rank, seed + 2, std=0.02)
-    unet_forward, unet_reverse, lora_facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights, lora_rounding)
+    points = (SDXL_FORWARD_POINTS[steps[0]], SDXL_REVERSE_POINTS[steps[1]])
+    unet_forward, unet_reverse, step_cfg, lora_facts = _random_pair(
+        teacher, work, points, rank, seed, unet_weights, lora_rounding
+    )
     tok = write_clip_tokenizer(byte_level_vocab(), [], work / "tokenizer")
     tok_2 = write_clip_tokenizer(byte_level_vocab(), [], work / "tokenizer_2", pad_token="!")
     sources = {
@@ -414,6 +413,16 @@ def build_random_xl(
     )
 
 
+def _random_pair(teacher, work: Path, points, rank: int, seed: int, unet_weights: str, lora_rounding: str):
+    """(forward UNet, reverse UNet, StepConfig, LoRA facts): random LoRAs for the (forward, reverse)
+    timestep lists ``points``, written as files named like the released ones and fused by the real loader."""
+    fwd_points, rev_points = points
+    fwd_file = write_random_lora(teacher, work / _lora_name("forward", fwd_points), rank, seed + 1, std=0.02)
+    rev_file = write_random_lora(teacher, work / _lora_name("reverse", rev_points), rank, seed + 2, std=0.02)
+    unet_forward, unet_reverse, facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights, lora_rounding)
+    return unet_forward, unet_reverse, step_config(fwd_points, rev_points), facts
+
+
 def _lora_name(kind: str, points) -> str:
     return f"{kind}-{'-'.join(str(t) for t in points)}.safetensors"
 
@@ -438,11 +447,10 @@ def build_random(
     vae = AutoencoderKL(**cfg["vae"]).eval()
     text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["text"])).eval()
     rank = lora_rank or (4 if name == "tiny" else 64)
-    fwd_points, rev_points = FORWARD_POINTS[steps[0]], REVERSE_POINTS[steps[1]]
-    step_cfg = step_config(fwd_points, rev_points)
-    fwd_file = write_random_lora(teacher, work / _lora_name("forward", fwd_points), rank, seed + 1, std=0.02)
-    rev_file = write_random_lora(teacher, work / _lora_name("reverse", rev_points), rank, seed + 2, std=0.02)
-    unet_forward, unet_reverse, lora_facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights, lora_rounding)
+    points = (FORWARD_POINTS[steps[0]], REVERSE_POINTS[steps[1]])
+    unet_forward, unet_reverse, step_cfg, lora_facts = _random_pair(
+        teacher, work, points, rank, seed, unet_weights, lora_rounding
+    )
     tok = write_clip_tokenizer(byte_level_vocab(), [], work / "tokenizer")
     sources = {
         "kind": "random",

@@ -33,13 +33,16 @@ class VaeEncoderGraph(nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, image):
-        """image (1, 3, H, W) in [-1, 1] → posterior mean (1, 4, H/8, W/8), unscaled."""
+    def moments(self, image):
+        """The posterior's mean and log-variance (each (1, 4, H/8, W/8)), unscaled."""
         h = self.vae.encoder(image)
         if self.vae.quant_conv is not None:
             h = self.vae.quant_conv(h)
-        mean, _logvar = torch.chunk(h, 2, dim=1)
-        return mean
+        return torch.chunk(h, 2, dim=1)
+
+    def forward(self, image):
+        """image (1, 3, H, W) in [-1, 1] → posterior mean (1, 4, H/8, W/8), unscaled."""
+        return self.moments(image)[0]
 
 
 class VaeDecoderGraph(nn.Module):
@@ -207,17 +210,10 @@ class TextEncoderXLGraph(nn.Module):
         return (out.hidden_states[-2], out.text_embeds) if self.pooled else out.hidden_states[-2]
 
 
-class VaeEncoderXLGraph(nn.Module):
-    def __init__(self, vae):
-        super().__init__()
-        self.vae = vae
-
+class VaeEncoderXLGraph(VaeEncoderGraph):
     def forward(self, image):
         """image (1, 3, H, W) in [-1, 1] → posterior mean and log-variance (each (1, 4, H/8, W/8)), unscaled."""
-        h = self.vae.encoder(image)
-        if self.vae.quant_conv is not None:
-            h = self.vae.quant_conv(h)
-        mean, logvar = torch.chunk(h, 2, dim=1)
+        mean, logvar = self.moments(image)
         return mean, torch.clamp(logvar, -30.0, 20.0)  # the clamp diffusers' posterior applies
 
 
