@@ -7,6 +7,10 @@ Phases (each fits one device command):
               torch.compile, CUDA graphs) median of many; P2P overhead (edit UNet vs plain
               batch-2 UNet, both compiled + graphed); FLOP count and share of the compute floor.
   throughput  batched edits (N photos in one call): edits/s.
+  sdxl        iCD-XL (issue 20): full SDXL architecture, random weights, 1024 px, 4+4 prompt-switch edit:
+              fp32 eager reference, eager fp16 edit, the fast edit (fp16 UNets, fp32 VAE, compile, one
+              CUDA graph) median of many, PSNR vs the reference, peak device memory.
+              (`--model sdxl` picks it.)
   reedit      re-edits (issue 19): the fast full edit and, in the same process, the source cache of
               one inversion and its re-edits (target rows only), one target and N targets a batch;
               PSNR vs the fp32 eager batch-2 edit; peak device memory.
@@ -36,13 +40,13 @@ def log(*a):
     print(*a, flush=True)
 
 
-def build(work: Path):
-    """random-sd15 modules + an in-memory bundle (manifest constants and tokenizer)."""
+def build(work: Path, model: str = "random-sd15"):
+    """Random modules of ``model`` + an in-memory bundle (manifest constants and tokenizers)."""
     from icd_edge.export.pipeline import memory_bundle
 
     t0 = time.perf_counter()
-    src, bundle = memory_bundle("random-sd15", 0, work)
-    log(f"built random-sd15 in {time.perf_counter() - t0:.1f}s")
+    src, bundle = memory_bundle(model, 0, work)
+    log(f"built {model} in {time.perf_counter() - t0:.1f}s")
     return src, bundle
 
 
@@ -282,6 +286,90 @@ def phase_reedit(args, src, bundle) -> dict:
     return res
 
 
+def phase_sdxl(args, src, bundle) -> dict:
+    import copy
+    import gc
+
+    import torch
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.export.samples import sample_photo
+    from icd_edge.fast.editor import FastOptions
+    from icd_edge.fast.xl import FastXLEditor
+
+    img = sample_photo(bundle.manifest.image_hw)
+    mods = [src.text_encoder, src.text_encoder_2, src.vae, src.unet_forward, src.unet_reverse]
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    res: dict = {"steps": [len(bundle.manifest.schedule.forward), len(bundle.manifest.schedule.reverse)]}
+    edit = dict(guidance=19.0, tau=0.7)
+
+    def save():  # partial results survive a command killed at its time limit
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_sdxl.partial.json").write_text(json.dumps({"env": env, "sdxl": res}, indent=1))
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    eager32 = FastOptions(dtype="float32", channels_last=False, compile=False, cuda_graphs=False)
+    ref_ed = FastXLEditor(bundle, *copy.deepcopy(mods), eager32)
+    ref = ref_ed.edit_image(img, SRC, TGT, output_type="np", **edit)
+    res["reference_fp32_eager_ms"] = wall_ms(lambda: ref_ed.edit_image(img, SRC, TGT, **edit), 2, warmup=0)
+    ref_ed = None  # its fp32 copies leave the device before the next editor loads
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.backends.cudnn.allow_tf32 = True
+    log("fp32 reference", statistics.median(res["reference_fp32_eager_ms"]))
+    save()
+
+    eager = FastXLEditor(bundle, *copy.deepcopy(mods), FastOptions(compile=False, cuda_graphs=False))
+    res["eager_ms"] = wall_ms(lambda: eager.edit_image(img, SRC, TGT, **edit), args.iters_eager)
+    eager_img = eager.edit_image(img, SRC, TGT, output_type="np", **edit)
+    res["eager_vs_ref_psnr_db"] = round(psnr_db(ref, eager_img, peak=1.0), 2)
+    eager = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    log("eager fp16", statistics.median(res["eager_ms"]))
+    save()
+
+    torch.cuda.reset_peak_memory_stats()
+    fast = FastXLEditor(bundle, *mods, FastOptions(compile_mode=args.compile_mode))
+    t0 = time.perf_counter()
+    got = fast.edit_image(img, SRC, TGT, output_type="np", **edit)
+    res["fast_first_call_s"] = round(time.perf_counter() - t0, 1)
+    res["fast_vs_ref_psnr_db"] = round(psnr_db(ref, got, peak=1.0), 2)
+    log("fast first call", res["fast_first_call_s"], "s, vs ref", res["fast_vs_ref_psnr_db"], "dB")
+    save()
+    res["fast_ms"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, **edit), args.iters)
+    (graph,) = fast._graphs.values()
+    res["fast_gpu_ms"] = cuda_ms(graph.replay, args.iters)
+    res["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    res["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    log("fast", statistics.median(res["fast_ms"]), "gpu", statistics.median(res["fast_gpu_ms"]))
+    save()
+    # where the GPU time goes: the compiled parts alone, with the edit's shapes and layouts
+    h, cl, dt, dev = fast.h, fast._mf, fast.dt, fast.dev
+    with torch.inference_mode():
+        sample = torch.randn(1, 4, h, h, device=dev).to(dt, memory_format=cl)
+        args_u = (
+            sample,
+            torch.full((1,), 499.0, device=dev),
+            torch.randn(1, 77, bundle.dims["D"], device=dev, dtype=dt),
+            torch.randn(1, 512, device=dev, dtype=dt),
+            torch.randn(1, bundle.dims["P"], device=dev, dtype=dt),
+            torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device=dev, dtype=dt),
+        )
+        lat = torch.randn(1, 4, h, h, device=dev).to(memory_format=cl)
+        u8 = torch.zeros(1, 8 * h, 8 * h, 3, dtype=torch.uint8, device=dev)
+        pix = u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        res["part_ms"] = {
+            "unet": statistics.median(cuda_ms(lambda: fast.unet_r_c(*args_u), 10)),
+            "vae_encoder": statistics.median(cuda_ms(lambda: fast.vae_enc_c(pix), 5)),
+            "vae_decoder": statistics.median(cuda_ms(lambda: fast.vae_dec_c(lat), 5)),
+        }
+    log("parts", res["part_ms"])
+    save()
+    return res
+
+
 def kind_of(name: str) -> str:
     low = name.lower()
     return next((k for k, frags in KINDS if any(f in low for f in frags)), "other")
@@ -456,6 +544,7 @@ def merge(paths: list[Path]) -> int:
         elif env is not None:
             data["env"] = env
         data.update(part)
+    sdxl = data.get("sdxl")
     lat = data["latency"]
     fast_ms = statistics.median(lat["fast_ms"])
     eager_ms = statistics.median(lat["eager_ms"])
@@ -492,6 +581,22 @@ def merge(paths: list[Path]) -> int:
             "source_ms": round(statistics.median(re["source_ms"]), 2),
             "reedit_peak_allocated_gib": re.get("peak_allocated_gib"),
         }
+    if sdxl:  # issue 20: iCD-XL, 1024 px 4+4 prompt switch (the onnxruntime CUDA path is not built yet)
+        data["summary"] |= {
+            "sdxl_gpu": data.get("sdxl_env", data["env"])["gpu"],
+            "sdxl_edit_ms": round(statistics.median(sdxl["fast_ms"]), 2),
+            "sdxl_edit_gpu_ms": round(statistics.median(sdxl["fast_gpu_ms"]), 2),
+            "sdxl_eager_ms": round(statistics.median(sdxl["eager_ms"]), 2),
+            "sdxl_speedup_vs_eager": round(statistics.median(sdxl["eager_ms"]) / statistics.median(sdxl["fast_ms"]), 2),
+            "sdxl_fast_vs_fp32_reference_psnr_db": sdxl["fast_vs_ref_psnr_db"],
+            "sdxl_first_call_s": sdxl["fast_first_call_s"],
+            "sdxl_peak_allocated_gib": sdxl["peak_allocated_gib"],
+            # the fp32 VAE's encode + decode alone (compiled, outside the graph): the edit's largest part
+            "sdxl_vae_fp32_ms": round(sdxl["part_ms"]["vae_encoder"] + sdxl["part_ms"]["vae_decoder"], 1)
+            if "part_ms" in sdxl
+            else None,
+            "sdxl_ort_edit_ms": None,
+        }
     out = ROOT / "benchmarks" / "results" / "gpu.json"
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps(data["summary"], indent=1))
@@ -500,7 +605,9 @@ def merge(paths: list[Path]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=("latency", "throughput", "knobs", "reedit"), default="latency")
+    ap.add_argument("--phase", choices=("latency", "throughput", "knobs", "reedit", "sdxl"), default="latency")
+    ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15", help="sdxl: the sdxl phase")
+    ap.add_argument("--sdxl-model", default="random-sdxl", help="sdxl phase: random-sdxl, or tiny-xl for a smoke run")
     ap.add_argument("--knobs", nargs="+", default=["default", "conv1x1_mm+coord_descent", "max-autotune-no-cudagraphs"])
     ap.add_argument("--compile-mode", help="torch.compile mode of the fast path (latency/throughput phases)")
     ap.add_argument("--out", type=Path, default=Path("."))
@@ -510,6 +617,8 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--merge", nargs="+", type=Path)
     args = ap.parse_args()
+    if args.model == "sdxl":
+        args.phase = "sdxl"
     if args.merge:
         return merge(args.merge)
     import torch
@@ -521,9 +630,9 @@ def main() -> int:
         "capability": list(torch.cuda.get_device_capability()),
     }
     with tempfile.TemporaryDirectory() as work:
-        src, bundle = build(Path(work))
+        src, bundle = build(Path(work), args.sdxl_model if args.phase == "sdxl" else "random-sd15")
         phases = {"latency": phase_latency, "throughput": phase_throughput, "knobs": phase_knobs}
-        phase = {**phases, "reedit": phase_reedit}[args.phase]
+        phase = {**phases, "reedit": phase_reedit, "sdxl": phase_sdxl}[args.phase]
         result = {"env": env, args.phase: phase(args, src, bundle)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_{args.phase}.json").write_text(json.dumps(result, indent=1))
