@@ -191,13 +191,8 @@ def _validate_sdxl(cfg: ExportConfig) -> None:
         raise ExportError(
             "--p2p-attention applies to SD1.5 bundles: SDXL edits switch prompts, without Prompt-to-Prompt"
         )
-    if cfg.unet_weights != "fused":
-        raise ExportError("--unet-weights shared-base is not available for SDXL bundles yet; use fused")
     if cfg.embeddings != "float":
         raise ExportError("--embeddings int8 applies to SD1.5 bundles only")
-    bad = [t for t in cfg.targets if t not in ("onnx", "torch")]
-    if bad:
-        raise ExportError(f"--targets {','.join(bad)}: SDXL bundles are written for onnx and torch only, so far")
     for graph, p in cfg.graph_precision:
         if graph in ("vae_encoder", "vae_decoder") and p != "fp32":
             raise ExportError(

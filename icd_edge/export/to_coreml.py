@@ -246,7 +246,7 @@ def export_target(ctx) -> None:
     (ctx.out_dir / "coreml").mkdir(exist_ok=True)
     for name, module in ctx.graphs.items():
         ctx.step(f"coreml {name}")
-        inputs, _ = spec.GRAPHS[name]
+        inputs, _ = spec.graph_table(ctx.manifest.family)[name]
         args = tuple(torch.from_numpy(ctx.samples[name][s.name]) for s in inputs)
         t0 = time.perf_counter()
         entry = ctx.manifest.graphs[name]

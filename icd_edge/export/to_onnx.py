@@ -254,8 +254,9 @@ def export_target(ctx) -> None:
     # ONNX Runtime with a broadcast error in a Mul, so those go through the converter)
     # SDXL's text encoders too: their output is the penultimate layer's hidden states, which the last
     # layer also reads, and the converter's keep_io_types then feeds that layer its fp32 copy
-    traced_half = UNETS + (("text_encoder", "text_encoder_2") if ctx.manifest.family == "sdxl" else ())
-    direct = {g for g, p in precisions.items() if p == "fp16" and g in traced_half and ctx.cfg.unet_weights == "fused"}
+    xl_text = ("text_encoder", "text_encoder_2") if ctx.manifest.family == "sdxl" else ()
+    fused = ctx.cfg.unet_weights == "fused"
+    direct = {g for g, p in precisions.items() if p == "fp16" and ((g in UNETS and fused) or g in xl_text)}
     staged = set(precisions.values()) != {"fp32"}  # other precisions start from an fp32 graph
     final: dict[str, WeightStore] = {}
     # a graph whose module has the structure of an earlier one (the reverse UNet after the

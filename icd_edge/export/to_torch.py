@@ -8,6 +8,9 @@ from icd_edge.bundle.schema import Artifact
 def torch_target(ctx) -> None:
     """Fused weights (safetensors + configs) for the torch reference backend."""
     ctx.step("torch weights")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bars would cut through ours
     src, manifest = ctx.src, ctx.manifest
     root = ctx.out_dir / "torch"
     src.text_encoder.save_pretrained(root / "text_encoder", safe_serialization=True)

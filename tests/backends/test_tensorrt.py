@@ -509,3 +509,41 @@ def test_tensorrt_modules_import_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_sdxl_engines_bind_the_added_condition(fake, tiny_xl_bundle, tmp_path, monkeypatch):
+    """The tensorrt target and backend on an SDXL bundle: an engine per graph, the UNets bound to
+    text_embeds and time_ids, the second text encoder's two outputs (fake TensorRT)."""
+    from icd_edge.export import to_tensorrt
+
+    monkeypatch.setenv("ICD_EDGE_CACHE", str(tmp_path / "export-cache"))
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_xl_bundle, out)
+    manifest = open_bundle(out, verify=False).manifest
+    ctx = SimpleNamespace(
+        cfg=SimpleNamespace(trt_precision="fp16", trt_workspace_mb=None),
+        out_dir=out,
+        manifest=manifest,
+        timings={},
+        progress=None,
+        step=lambda label: None,
+    )
+    to_tensorrt.export_target(ctx)
+    assert fake.builds == len(manifest.graphs) == 6
+    write_manifest(out, manifest.with_(files=file_table(out)))
+    b = open_bundle(out)
+    backend = _backend(tmp_path, precision="fp16")
+    sess = backend.open_session(b, "unet_reverse")
+    names = {s.name for s in b.graphs["unet_reverse"].inputs}
+    assert {"text_embeds", "time_ids"} <= names
+    bound = {c[1] for c in fake.named("set_tensor_address")}
+    assert names | {"eps"} <= bound
+    feeds = _unet_feeds(b, "unet_reverse")
+    c = _checksum(out / "onnx/unet_reverse.onnx")
+    np.testing.assert_allclose(sess.run(feeds)["eps"], feeds["sample"] * 2 + c, rtol=1e-5)
+    sess.close()
+    sess = backend.open_session(b, "text_encoder_2")
+    got = sess.run({"input_ids": np.zeros((1, 77), np.int64)})
+    assert set(got) == {"hidden_states", "text_embeds"} and got["text_embeds"].shape == (1, b.dims["P"])
+    sess.close()
+    assert backend.built == []  # the bundle's engines were used

@@ -86,8 +86,6 @@ def test_edit_refuses_sd15_controls(tiny_xl_bundle, photo_png, tmp_path, flags, 
         (("--taesd", "random"), "TAESDXL"),
         (("--graph-precision", "vae_decoder=fp16"), "fp32"),
         (("--p2p-attention", "explicit"), "Prompt-to-Prompt"),
-        (("--targets", "onnx,coreml"), "onnx and torch only"),
-        (("--unet-weights", "shared-base"), "shared-base"),
     ],
 )
 def test_sdxl_export_refusals(tmp_path, flags, says):
@@ -96,3 +94,24 @@ def test_sdxl_export_refusals(tmp_path, flags, says):
     assert proc.returncode == 2, proc.stderr
     assert says in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_sdxl_core_ml_packages_take_the_added_condition(tiny_xl_bundle):
+    """Core ML packages of every SDXL graph, their I/O the manifest's (checked by the export,
+    read back here); prediction needs macOS and is not run."""
+    import importlib.util
+
+    if importlib.util.find_spec("coremltools") is None:
+        pytest.skip("coremltools is not installed (pip install -c constraints.txt -e '.[coreml]')")
+    import coremltools as ct
+
+    from icd_edge.export.to_coreml import package_io
+
+    m = json.loads((tiny_xl_bundle / "manifest.json").read_text())
+    for graph, entry in m["graphs"].items():
+        art = entry["artifacts"]["coreml"]
+        assert art["format"] == "mlprogram"
+        inputs, outputs = package_io(ct.models.MLModel(str(tiny_xl_bundle / art["file"]), skip_model_load=True))
+        assert [(i["name"], list(i["shape"])) for i in inputs] == [(i["name"], i["shape"]) for i in entry["inputs"]]
+        assert [(o["name"], list(o["shape"])) for o in outputs] == [(o["name"], o["shape"]) for o in entry["outputs"]]
+    assert [i["name"] for i in m["graphs"]["unet_reverse"]["inputs"]][-2:] == ["text_embeds", "time_ids"]
