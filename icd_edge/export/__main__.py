@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(madebyollin/taesd), or 'random' (built-in models)",
     )
     p.add_argument(
+        "--vae",
+        help="SDXL: another VAE instead of the base's, e.g. an fp16-safe one (madebyollin/sdxl-vae-fp16-fix; "
+        "hub id or AutoencoderKL folder): its graphs then follow --precision; recorded as a deviation",
+    )
+    p.add_argument(
         "--unet-weights",
         default="fused",
         choices=("fused", "shared-base"),
@@ -215,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration=args.calibration,
             calibration_count=args.calibration_count,
             taesd=args.taesd,
+            vae=args.vae,
             unet_weights=args.unet_weights,
             embeddings=args.embeddings,
             int8_weights=args.int8_weights,

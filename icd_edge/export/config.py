@@ -60,6 +60,7 @@ class ExportConfig:
     calibration: Path | None = None
     calibration_count: int = 3
     taesd: str | None = None
+    vae: str | None = None  # SDXL: another VAE (an fp16-safe one) instead of the base's: a recorded deviation
     unet_weights: str = "fused"  # or "shared-base": teacher weights once, LoRAs as low-rank branches
     embeddings: str = "float"  # or "int8": token embedding rows as int8 also in an fp16 text encoder
     lora_rounding: str = "fp16"  # A and B through float16 before fusing, as the official loader; or "none"
@@ -176,6 +177,8 @@ def validate(cfg: ExportConfig) -> None:
         raise ExportError("--base/--teacher/--forward-lora/--reverse-lora apply to --model icd-sd15 or icd-sdxl only")
     if MODEL_FAMILIES[cfg.model] == "sdxl":
         _validate_sdxl(cfg)
+    elif cfg.vae is not None:
+        raise ExportError("--vae applies to SDXL bundles (an fp16-safe VAE); SD1.5's VAE runs in fp16 as it is")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} exists and is not a folder")
@@ -194,8 +197,8 @@ def _validate_sdxl(cfg: ExportConfig) -> None:
     if cfg.embeddings != "float":
         raise ExportError("--embeddings int8 applies to SD1.5 bundles only")
     for graph, p in cfg.graph_precision:
-        if graph in ("vae_encoder", "vae_decoder") and p != "fp32":
+        if graph in ("vae_encoder", "vae_decoder") and p != "fp32" and cfg.vae is None:
             raise ExportError(
                 f"--graph-precision {graph}={p}: SDXL's VAE runs in fp32 (it overflows in fp16, which is why "
-                "the official code upcasts it); leave it at fp32"
+                "the official code upcasts it); leave it at fp32, or give an fp16-safe VAE with --vae"
             )

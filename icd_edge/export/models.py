@@ -713,3 +713,10 @@ def _pad_token(tokenizer) -> str | None:
     """A tokenizer's pad token when it is not the end token (the runtime pads with that by default)."""
     pad = tokenizer.pad_token
     return None if pad in (None, tokenizer.eos_token) else str(pad)
+
+
+def load_vae(ref: str, revision: str | None):
+    """An AutoencoderKL from a hub id or a local diffusers folder (``--vae``)."""
+    from diffusers import AutoencoderKL
+
+    return _from_pretrained(AutoencoderKL, ref, revision, "VAE", "--vae DIR").eval()

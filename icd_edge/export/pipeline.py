@@ -106,6 +106,11 @@ def run_export(cfg: ExportConfig) -> Path:
         t0 = time.perf_counter()
         bar.set_postfix_str("loading models")
         src = _load_models(cfg, work)
+        if cfg.vae is not None:  # SDXL: an fp16-safe VAE instead of the base's (a deviation, recorded)
+            from icd_edge.export.models import load_vae
+
+            src.vae = load_vae(cfg.vae, cfg.revision)
+            src.sources["deviations"] = [f"vae: {cfg.vae} instead of the base model's VAE (fp16-safe)"]
         timings["load_s"] = time.perf_counter() - t0
         bar.update(1)
 

@@ -241,7 +241,10 @@ def export_target(ctx) -> None:
     from icd_edge.bundle import spec
     from icd_edge.export.quant.policy import UNETS, graph_precisions
 
-    precisions = graph_precisions(ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs, ctx.manifest.family)
+    fp16_vae = ctx.cfg.vae is not None  # SDXL with an fp16-safe VAE (--vae)
+    precisions = graph_precisions(
+        ctx.cfg.precision, dict(ctx.cfg.graph_precision), ctx.graphs, ctx.manifest.family, fp16_vae
+    )
     table = spec.graph_table(ctx.manifest.family)
     groups = dict(WEIGHT_GROUPS)
     if ctx.cfg.unet_weights == "shared-base":  # one file: identical teacher tensors are stored once

@@ -126,6 +126,9 @@ class FastOptions:
     cuda_graphs: bool = True
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     cudnn_benchmark: bool = True  # let cuDNN time its convolution algorithms for the fixed shapes
+    # SDXL only: the VAE's dtype (None: fp32, as SDXL's VAE overflows in float16); "fp16" for a
+    # bundle exported with an fp16-safe VAE (--vae), a deviation from the released model
+    vae_dtype: str | None = None
 
 
 class FastEditor:

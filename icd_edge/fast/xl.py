@@ -62,7 +62,8 @@ class FastXLEditor:
         self._round = m.vae_to_uint8 == "round"
         self.text_1 = TextEncoderXLGraph(text_encoder).to(self.dev, self.dt).eval()
         self.text_2 = TextEncoderXLGraph(text_encoder_2, pooled=True).to(self.dev, self.dt).eval()
-        vae = vae.to(self.dev, torch.float32, memory_format=self._mf).eval()
+        self.vae_dt = DTYPES[precision.canonical(options.vae_dtype or "fp32", tuple(DTYPES), "vae_dtype")]
+        vae = vae.to(self.dev, self.vae_dt, memory_format=self._mf).eval()
         self.vae_enc, self.vae_dec = VaeEncoderXLGraph(vae), VaeDecoderGraph(vae)
         self.unet_f = UNetXLGraph(unet_forward.to(self.dev, self.dt, memory_format=self._mf)).eval()
         self.unet_r = UNetXLGraph(unet_reverse.to(self.dev, self.dt, memory_format=self._mf)).eval()
@@ -129,7 +130,7 @@ class FastXLEditor:
         e_tgt, p_tgt = self._text(s["ids_tgt"], s["ids2_tgt"])
         # the photo travels as uint8 and is normalised here, the same float32 ops as image_to_tensor
         pixels = s["pixels"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        mean, logvar = self.vae_enc_c(pixels)
+        mean, logvar = (t.float() for t in self.vae_enc_c(pixels.to(self.vae_dt)))
         z0 = (mean + torch.exp(0.5 * logvar) * s["noise"][0:1]) * self.c.vae_scale
         added = {"text_embeds": p_src, "time_ids": s["time_ids"]}
         x = loop.invert(self._run, self.c, z0, s["noise"][1:2], e_src, s["w0"], ops=self._ops, extra=added)
@@ -137,7 +138,7 @@ class FastXLEditor:
         x = loop.edit_switch(
             self._run, self.c, x, e_src, e_tgt, p_tgt, s["time_ids"], s["w0"], s["wg"], tau, ops=self._ops
         )
-        img = self.vae_dec_c((x / self.c.vae_scale).to(memory_format=self._mf))
+        img = self.vae_dec_c((x / self.c.vae_scale).to(self.vae_dt, memory_format=self._mf)).float()
         s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
         # the PIL output's pixels as array_to_pil makes them (a quarter of the bytes to copy back)
         scaled = s["image"] * 255.0

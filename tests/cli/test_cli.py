@@ -224,6 +224,7 @@ def test_export_bad_options(tmp_path):
         (["--model", "tiny", "--out", str(tmp_path / "b"), "--targets", "tensorrt"], "--targets"),
         (["--model", "tiny", "--out", str(tmp_path / "b"), "--opset", "17"], "--opset"),
         (["--model", "tiny", "--out", str(tmp_path / "b"), "--teacher", "x"], "icd-sd15 or icd-sdxl only"),
+        (["--model", "tiny", "--out", str(tmp_path / "b"), "--vae", "x"], "--vae applies to SDXL"),
     ):
         proc = run_cli(*args, module="icd_edge.export")
         assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -84,7 +84,7 @@ def test_edit_refuses_sd15_controls(tiny_xl_bundle, photo_png, tmp_path, flags, 
     "flags, says",
     [
         (("--taesd", "random"), "TAESDXL"),
-        (("--graph-precision", "vae_decoder=fp16"), "fp32"),
+        (("--graph-precision", "vae_decoder=fp16"), "--vae"),
         (("--p2p-attention", "explicit"), "Prompt-to-Prompt"),
     ],
 )

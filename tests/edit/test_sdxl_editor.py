@@ -233,20 +233,30 @@ def test_fast_path_code_equals_the_reference(xl, photo):
 
 
 @pytest.mark.gpu
-def test_compiled_gpu_path_against_the_fp32_reference(xl, photo):
-    """fp16 UNets, compile and the CUDA graph on the tiny-xl bundle, against the fp32 eager path."""
+def test_compiled_gpu_path_against_the_fp32_reference(tmp_path):
+    """fp16 UNets, compile and the CUDA graph on tiny-xl (built in memory: no onnx needed), against
+    the fp32 eager path; the fp16-VAE option too."""
+    import copy
+
     import torch
 
     from icd_edge.export.parity import psnr_db
+    from icd_edge.export.pipeline import memory_bundle
+    from icd_edge.export.samples import sample_photo
+    from icd_edge.fast.editor import FastOptions
     from icd_edge.fast.xl import FastXLEditor
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    ref = FastXLEditor.from_bundle(xl.root, dtype="fp32", compile=False, cuda_graphs=False)
-    fast = FastXLEditor.from_bundle(xl.root)
-    want = ref.edit_image(photo, SOURCE, TARGET, seed=SEED, output_type="np")
-    got = fast.edit_image(photo, SOURCE, TARGET, seed=SEED, output_type="np")
+    src, bundle = memory_bundle("tiny-xl", 0, tmp_path)
+    mods = [src.text_encoder, src.text_encoder_2, src.vae, src.unet_forward, src.unet_reverse]
+    photo = sample_photo(bundle.manifest.image_hw)
+    eager32 = FastOptions(dtype="fp32", compile=False, cuda_graphs=False)
+    want = FastXLEditor(bundle, *copy.deepcopy(mods), eager32).edit_image(photo, SOURCE, TARGET, output_type="np")
+    fast = FastXLEditor(bundle, *copy.deepcopy(mods))
+    got = fast.edit_image(photo, SOURCE, TARGET, output_type="np")
     assert psnr_db(want, got, peak=1.0) > 40
     assert fast.captured_graphs() == [(False, True, True, True)]  # only t = 999 under the source prompt
-    again = fast.edit_image(photo, SOURCE, TARGET, seed=SEED, output_type="np")
-    np.testing.assert_array_equal(got, again)
+    np.testing.assert_array_equal(got, fast.edit_image(photo, SOURCE, TARGET, output_type="np"))
+    half_vae = FastXLEditor(bundle, *mods, FastOptions(vae_dtype="fp16"))
+    assert psnr_db(want, half_vae.edit_image(photo, SOURCE, TARGET, output_type="np"), peak=1.0) > 35

@@ -1,5 +1,6 @@
-"""An SDXL bundle with shared-base UNets: the teacher's weights stored once, the LoRAs as
-branches; the same images as the fused weights under every memory policy."""
+"""An SDXL bundle with shared-base UNets (the teacher's weights stored once, the LoRAs as
+branches) and another VAE given with --vae (as an fp16-safe one would be): the same images as the
+fused weights under every memory policy, the VAE in fp16 and recorded as a deviation."""
 
 from __future__ import annotations
 
@@ -26,12 +27,16 @@ def test_sdxl_shared_base_bundle(tmp_path, tiny_xl_bundle, photo):
         "unet_forward=fp32",
         "--graph-precision",
         "unet_reverse=fp32",
+        "--vae",
+        str(tiny_xl_bundle / "torch" / "vae"),  # the same weights, standing in for an fp16-safe VAE
         "--no-progress",
         module="icd_edge.export",
         check=True,
     )
     m = open_bundle(out).manifest
     assert m.unet_weights == "shared-base"
+    assert m.graphs["vae_decoder"].artifacts["onnx"].precision == "fp16"  # --vae: it follows --precision
+    assert "vae" in m.info["sources"]["deviations"][0]
     assert {m.graphs[g].artifacts["onnx"].weights for g in ("unet_forward", "unet_reverse")} == {
         "onnx/unet_base.weights"
     }

@@ -43,8 +43,11 @@ def int8_scheme(weights: str, per_channel: bool = True) -> dict:
 XL_FP32_GRAPHS = ("vae_encoder", "vae_decoder")  # SDXL's VAE overflows in fp16 (the official code upcasts it)
 
 
-def graph_precisions(precision: str, overrides: dict[str, str], graphs, family: str = "sd15") -> dict[str, str]:
-    """Precision per graph: the global one (int8 only for UNets; SDXL's VAE always fp32), then ``overrides``."""
+def graph_precisions(
+    precision: str, overrides: dict[str, str], graphs, family: str = "sd15", fp16_vae: bool = False
+) -> dict[str, str]:
+    """Precision per graph: the global one (int8 only for UNets; SDXL's VAE fp32 unless it is an
+    fp16-safe one, ``fp16_vae``), then ``overrides``."""
     for p in [precision, *overrides.values()]:
         if p not in PRECISIONS:
             raise ExportError(f"precision must be one of {', '.join(PRECISIONS)}, got {p!r}")
@@ -52,7 +55,7 @@ def graph_precisions(precision: str, overrides: dict[str, str], graphs, family: 
     if unknown:
         raise ExportError(f"--graph-precision names unknown graphs {sorted(unknown)}; graphs are {', '.join(graphs)}")
     out = {g: (precision if precision in ("fp32", "fp16") or g in INT8_DEFAULT else "fp32") for g in graphs}
-    if family == "sdxl":
+    if family == "sdxl" and not fp16_vae:
         out.update({g: "fp32" for g in XL_FP32_GRAPHS if g in out})
     out.update(overrides)
     return out
