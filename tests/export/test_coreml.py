@@ -190,7 +190,7 @@ def test_export_target_records_options(tmp_path, tiny_decoder, compression, atte
     src, dims, module, latent = tiny_decoder
     inputs, outputs = spec.GRAPHS["vae_decoder"]
     graph = Graph("vae_decoder", tuple(s.concrete(dims) for s in inputs), tuple(s.concrete(dims) for s in outputs))
-    manifest = SimpleNamespace(graphs={"vae_decoder": graph})  # the part of a Manifest the target writes
+    manifest = SimpleNamespace(graphs={"vae_decoder": graph}, family="sd15")  # the part of a Manifest it uses
     cfg = ExportConfig(
         out=tmp_path / "b",
         model="tiny",
