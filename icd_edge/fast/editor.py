@@ -34,7 +34,7 @@ from icd_edge.graphs.wrappers import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from icd_edge.image import array_to_pil, image_to_tensor, load_image
+from icd_edge.image import image_to_uint8, load_image
 from icd_edge.rng import noise as make_noise
 from icd_edge.tokenizer import ClipTokenizer
 
@@ -93,6 +93,16 @@ class TorchOps:
     @staticmethod
     def stack_into(rows: list):
         return torch.stack(rows)
+
+
+def host_noise(shapes, seed: int, rng: str) -> list[np.ndarray]:
+    """Consecutive draws of ``shapes`` from one generator seeded with ``seed``: torch's own here
+    (torch is loaded; icd_edge.rng reproduces it bit for bit without torch, more slowly), or
+    :func:`icd_edge.rng.noise` for ``numpy`` (one shape)."""
+    if rng == "torch":
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(tuple(sh), generator=g).numpy() for sh in shapes]
+    return [make_noise(shapes[0], seed, rng)]
 
 
 def launch(graphs: dict, key, fn, bufs: dict, capture: bool) -> None:
@@ -275,7 +285,9 @@ class FastEditor:
         with self._stage("text_encoder"):
             e_src = self.text(s["ids_src"])
         with self._stage("vae_encoder"):
-            z0 = self.vae_enc_c(s["pixels"]).float() * self.c.vae_scale
+            # the photos travel as uint8 and are normalised here, the same float32 ops as image_to_tensor
+            pixels = (s["pixels"].permute(0, 3, 1, 2).float() / 127.5 - 1.0).to(self.dt)
+            z0 = self.vae_enc_c(pixels).float() * self.c.vae_scale
         s["latent"].copy_(loop.invert(self._run, self.c, z0, s["noise"], e_src, s["w0"], ops=self._ops))
 
     @property
@@ -291,7 +303,7 @@ class FastEditor:
         x = loop.edit(self._run, self.c, s["latent"], text, s["cond"], feeds, blend, ops=self._ops)
         with self._stage("vae_decoder"):
             img = self.vae_dec_c((x[n:] / self.c.vae_scale).to(self.dt)).float()
-        s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
+        self._to_image(s, img)
 
     def _source_fn(self, s: dict) -> None:
         with self._stage("text_encoder"):
@@ -323,7 +335,14 @@ class FastEditor:
         )
         with self._stage("vae_decoder"):
             img = self.vae_dec_c((x / self.c.vae_scale).to(self.dt)).float()
+        self._to_image(s, img)
+
+    @staticmethod
+    def _to_image(s: dict, img: torch.Tensor) -> None:
+        """The decoded batch as [0, 1] floats and as the uint8 pixels of array_to_pil (truncated, as
+        the official SD1.5 decoder does): PIL output copies a quarter of the bytes back."""
         s["image"].copy_((img / 2 + 0.5).clamp(0, 1))
+        s["image_u8"].copy_((s["image"] * 255.0).to(torch.uint8).permute(0, 2, 3, 1))
 
     def _step_feeds(self, s: dict):
         def step_feeds(k: int) -> dict:
@@ -369,7 +388,7 @@ class FastEditor:
                 b["w0"] = torch.zeros(1, 512, device=d, dtype=self.dt)
             elif kind == "invert":
                 b |= {
-                    "pixels": torch.zeros(n, 3, 8 * h, 8 * h, device=d, dtype=self.dt),
+                    "pixels": torch.zeros(n, 8 * h, 8 * h, 3, device=d, dtype=torch.uint8),
                     "noise": torch.zeros(n, 4, h, h, device=d),
                     "w0": torch.zeros(n, 512, device=d, dtype=self.dt),
                 }
@@ -385,6 +404,7 @@ class FastEditor:
                     "blend_tokens": torch.zeros(n, 2, 77, device=d),
                     "blend_on": torch.zeros(n, 1, 1, 1, device=d),
                     "image": torch.zeros(n, 3, 8 * h, 8 * h, device=d),
+                    "image_u8": torch.zeros(n, 8 * h, 8 * h, 3, device=d, dtype=torch.uint8),
                 }
             self._buffers[key] = b
         return self._buffers[key]
@@ -422,8 +442,8 @@ class FastEditor:
         rng = check_rng(rng)
         # per photo the same noise as Editor.invert with that seed (one (1, 4, h, h) draw each)
         return {
-            "pixels": np.concatenate([image_to_tensor(load_image(im), 8 * self.h) for im in images]),
-            "noise": np.concatenate([make_noise((1, 4, self.h, self.h), check_seed(s), rng) for s in seeds]),
+            "pixels": np.stack([image_to_uint8(load_image(im), 8 * self.h) for im in images]),
+            "noise": np.concatenate([host_noise([(1, 4, self.h, self.h)], check_seed(s), rng)[0] for s in seeds]),
             "ids_src": np.stack([self.tokenizer(check_prompt(p, "source prompt")).ids for p in source_prompts]),
             "w0": np.repeat(self._wemb(0.0), n, 0),
         }
@@ -496,14 +516,21 @@ class FastEditor:
         self._launch("invert", arrays["pixels"].shape[0], self._invert_fn, b)
         return b["latent"]
 
-    def _run_edit(self, latents: torch.Tensor, arrays: dict, flags: tuple) -> np.ndarray:
+    @staticmethod
+    def _fetch(b: dict, output: str = "np") -> np.ndarray:
+        """The images of the last launch: (N, H, W, 3) float32 in [0, 1], or uint8 (``output="u8"``)."""
+        if output == "u8":
+            return b["image_u8"].cpu().numpy()
+        return b["image"].permute(0, 2, 3, 1).cpu().numpy()
+
+    def _run_edit(self, latents: torch.Tensor, arrays: dict, flags: tuple, output: str = "np") -> np.ndarray:
         n = latents.shape[0]
         b = self._buffers_for("edit", n)
         b["latent"].copy_(latents)
         self._stage_in(b, arrays)
         b["flags"] = flags
         self._launch(("edit", flags), n, self._edit_fn, b)
-        return b["image"].permute(0, 2, 3, 1).cpu().numpy()
+        return self._fetch(b, output)
 
     def _run_source(self, latent: torch.Tensor, ids_src: np.ndarray) -> SourceCache:
         b = self._buffers_for("source", 1)
@@ -522,7 +549,7 @@ class FastEditor:
         self._stage_in(b, arrays)
         b["flags"] = flags
         self._launch(("reedit", flags), n, self._reedit_fn, b)
-        return b["image"].permute(0, 2, 3, 1).cpu().numpy()
+        return self._fetch(b)
 
     def captured_graphs(self) -> list:
         """The keys of the loops captured as CUDA graphs so far: ("invert", n), (("edit", flags), n),
@@ -634,5 +661,9 @@ class FastEditor:
         inv = self._prepare_invert([image], [source_prompt], [seed], rng)
         arrays, flags = self._prepare_edit(1, [source_prompt], [target_prompt], **kw)
         with self._lock:
-            arr = self._run_edit(self._run_invert(inv), arrays, flags)[0]
-        return arr if output_type == "np" else array_to_pil(arr)
+            arr = self._run_edit(self._run_invert(inv), arrays, flags, "np" if output_type == "np" else "u8")[0]
+        if output_type == "np":
+            return arr
+        from PIL import Image
+
+        return Image.fromarray(arr, "RGB")

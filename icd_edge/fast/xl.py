@@ -18,7 +18,7 @@ from icd_edge import precision
 from icd_edge.edit import loop
 from icd_edge.edit.validate import check_prompt, check_range, check_rng, check_seed
 from icd_edge.errors import BackendUnavailable, InputError
-from icd_edge.fast.editor import DTYPES, FastOptions, TorchOps, launch
+from icd_edge.fast.editor import DTYPES, FastOptions, TorchOps, host_noise, launch
 from icd_edge.graphs.wrappers import TextEncoderXLGraph, UNetXLGraph, VaeDecoderGraph, VaeEncoderXLGraph
 from icd_edge.image import image_to_uint8, load_image
 from icd_edge.tokenizer import ClipTokenizer
@@ -178,9 +178,8 @@ class FastXLEditor:
         check_prompt(target_prompt, "target prompt")
         shape = (1, 4, self.h, self.h)
         seed, rng = check_seed(seed), check_rng(rng)
-        if rng == "torch":  # torch is here: its own generator (icd_edge.rng reproduces it bit for bit)
-            g = torch.Generator().manual_seed(seed)
-            n1, n2 = (torch.randn(shape, generator=g).numpy() for _ in range(2))
+        if rng == "torch":
+            n1, n2 = host_noise([shape, shape], seed, rng)
         else:
             from icd_edge.edit.xl import _draws
 
