@@ -7,6 +7,7 @@ Phases (each fits one device command):
               torch.compile, CUDA graphs) median of many; P2P overhead (edit UNet vs plain
               batch-2 UNet, both compiled + graphed); FLOP count and share of the compute floor.
   throughput  batched edits (N photos in one call): edits/s.
+  host        issue 18 part 3: wall minus GPU time of one fast edit (PIL and float output) only.
   sdxl        iCD-XL (issue 20): full SDXL architecture, random weights, 1024 px, 4+4 prompt-switch edit:
               fp32 eager reference, eager fp16 edit, the fast edit (fp16 UNets, fp32 VAE, compile, one
               CUDA graph) median of many, PSNR vs the reference, peak device memory.
@@ -511,6 +512,34 @@ def _graph_of(fn):
     return g
 
 
+def phase_host(args, src, bundle) -> dict:
+    """Issue 18 part 3: wall minus GPU time of one fast SD1.5 edit (PIL and float output), nothing else."""
+    import torch
+
+    from icd_edge.fast.editor import FastEditor, FastOptions
+
+    img = synthetic(1)[0]
+    res: dict = {}
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    torch.backends.cudnn.allow_tf32 = True
+    fast = FastEditor(bundle, src.text_encoder, src.vae, src.unet_forward, src.unet_reverse, FastOptions())
+    t0 = time.perf_counter()
+    fast.edit_image(img, SRC, TGT, **EDIT)
+    res["fast_first_call_s"] = round(time.perf_counter() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_host.partial.json").write_text(json.dumps({"env": env, "host": res}, indent=1))
+    res["fast_ms_pil"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, **EDIT), args.iters)
+    res["fast_ms_np"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT), args.iters)
+    g_inv = fast._graphs[("invert", 1)]
+    g_ed = next(g for key, g in fast._graphs.items() if key[0] != "invert")
+    res["fast_gpu_ms"] = cuda_ms(lambda: (g_inv.replay(), g_ed.replay()), args.iters)
+    gpu = statistics.median(res["fast_gpu_ms"])
+    res["host_overhead_ms_pil"] = round(statistics.median(res["fast_ms_pil"]) - gpu, 2)
+    res["host_overhead_ms_np"] = round(statistics.median(res["fast_ms_np"]) - gpu, 2)
+    log("host", res["host_overhead_ms_pil"], res["host_overhead_ms_np"], "gpu", gpu)
+    return res
+
+
 def phase_throughput(args, src, bundle) -> dict:
     import torch
 
@@ -626,7 +655,7 @@ def merge(paths: list[Path]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=("latency", "throughput", "knobs", "reedit", "sdxl"), default="latency")
+    ap.add_argument("--phase", choices=("latency", "throughput", "knobs", "reedit", "sdxl", "host"), default="latency")
     ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15", help="sdxl: the sdxl phase")
     ap.add_argument("--sdxl-model", default="random-sdxl", help="sdxl phase: random-sdxl, or tiny-xl for a smoke run")
     ap.add_argument("--knobs", nargs="+", default=["default", "conv1x1_mm+coord_descent", "max-autotune-no-cudagraphs"])
@@ -653,7 +682,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         src, bundle = build(Path(work), args.sdxl_model if args.phase == "sdxl" else "random-sd15")
         phases = {"latency": phase_latency, "throughput": phase_throughput, "knobs": phase_knobs}
-        phase = {**phases, "reedit": phase_reedit, "sdxl": phase_sdxl}[args.phase]
+        phase = {**phases, "reedit": phase_reedit, "sdxl": phase_sdxl, "host": phase_host}[args.phase]
         result = {"env": env, args.phase: phase(args, src, bundle)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gpu_{args.phase}.json").write_text(json.dumps(result, indent=1))
