@@ -216,6 +216,18 @@ def _backend(tmp_path, **options):
     return TensorRTBackend(engine_cache=tmp_path / "cache", **options)
 
 
+def _export_ctx(out, manifest):
+    """The part of an ExportContext the tensorrt target reads (fp16 engines, default workspace)."""
+    return SimpleNamespace(
+        cfg=SimpleNamespace(trt_precision="fp16", trt_workspace_mb=None),
+        out_dir=out,
+        manifest=manifest,
+        timings={},
+        progress=None,
+        step=lambda label: None,
+    )
+
+
 def _unet_feeds(b, graph="unet_forward", seed=0):
     rng = np.random.default_rng(seed)
     return {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in b.graphs[graph].inputs}
@@ -408,14 +420,7 @@ def test_export_target_records_engines_the_runtime_reuses(fake, tiny_bundle, tmp
     shutil.copytree(tiny_bundle, out)
     b = open_bundle(out, verify=False)
     manifest = b.manifest
-    ctx = SimpleNamespace(
-        cfg=SimpleNamespace(trt_precision="fp16", trt_workspace_mb=None),
-        out_dir=out,
-        manifest=manifest,
-        timings={},
-        progress=None,
-        step=lambda label: None,
-    )
+    ctx = _export_ctx(out, manifest)
     to_tensorrt.export_target(ctx)
     assert fake.builds == len(manifest.graphs)
     assert len(list((tmp_path / "export-cache" / "trt").glob("timing-*.cache"))) == 1
@@ -520,14 +525,7 @@ def test_sdxl_engines_bind_the_added_condition(fake, tiny_xl_bundle, tmp_path, m
     out = tmp_path / "bundle"
     shutil.copytree(tiny_xl_bundle, out)
     manifest = open_bundle(out, verify=False).manifest
-    ctx = SimpleNamespace(
-        cfg=SimpleNamespace(trt_precision="fp16", trt_workspace_mb=None),
-        out_dir=out,
-        manifest=manifest,
-        timings={},
-        progress=None,
-        step=lambda label: None,
-    )
+    ctx = _export_ctx(out, manifest)
     to_tensorrt.export_target(ctx)
     assert fake.builds == len(manifest.graphs) == 6
     write_manifest(out, manifest.with_(files=file_table(out)))
