@@ -294,6 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(p)
 
     p = sub.add_parser(
+        "prepare",
+        help="make what a GPU backend builds at first use now (onnxruntime's fused CUDA graphs), so the first "
+        "edit does not wait",
+        formatter_class=fmt,
+    )
+    p.add_argument("bundle", type=Path, metavar="PATH", help="a bundle folder")
+    p.add_argument(
+        "--fusions",
+        default="all",
+        choices=("all", "attention"),
+        help="all: ONNX Runtime's Stable Diffusion fusions and fused attention; attention: fused attention only",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="graphs fused at once (each holds one graph in memory)")
+    p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster open)")
+    p.add_argument("--json", action="store_true", help="print the cache entries as JSON")
+    _verbosity(p)
+
+    p = sub.add_parser(
         "doctor", help="list every backend as available or why not, and the CPU's int8 behaviour", formatter_class=fmt
     )
     p.add_argument("--json", action="store_true", help="the same as one JSON object")
@@ -790,6 +808,63 @@ def _inspect_image(args) -> int:
     return 0
 
 
+def cmd_prepare(args) -> int:
+    import importlib.util
+
+    from icd_edge.bundle.store import open_bundle
+    from icd_edge.errors import BackendUnavailable, InputError
+
+    if args.jobs < 1:
+        raise InputError(f"--jobs must be at least 1, not {args.jobs}", param="jobs")
+    missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailable(
+            f"prepare needs {' and '.join(missing)} (pip install 'icd_edge[onnxruntime]' onnxruntime-gpu)"
+        )
+    from icd_edge.runtimes.ort import cuda
+
+    bundle = open_bundle(args.bundle, verify=not args.no_verify)
+    if bundle.manifest.info.get("shared_initializers") is not None:
+        raise InputError(
+            f"bundle {bundle.root} stores shared-base UNets, which the CUDA provider runs unfused; prepare "
+            "applies to bundles exported with --unet-weights fused",
+            param="bundle",
+        )
+    graphs = cuda.graphs_to_prepare(bundle)
+    bar = _progress_bar(len(graphs), "fusing graphs", disable=args.quiet or args.json)
+    t0 = time.perf_counter()
+    try:
+        done = cuda.prepare(bundle, args.fusions, args.jobs, progress=lambda g: bar.update(1))
+    finally:
+        bar.close()
+    seconds = round(time.perf_counter() - t0, 1)
+    root = str(cuda.FusedGraphCache().root)
+    if args.json:
+        print(json.dumps({"cache": root, "seconds": seconds, "graphs": done}))
+    elif not args.quiet:
+        for g, meta in done.items():
+            print(f"{g:<22} {meta.get('fused') or 'nothing fused'}")
+        print(f"prepared {len(done)} graphs in {seconds} s (cache {root})")
+    return 0
+
+
+def _progress_bar(total: int, desc: str, disable: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="graph", disable=disable, file=sys.stderr)
+
+
+def ort_cuda_doctor() -> dict:
+    """onnxruntime's CUDA provider and the GPUs (an empty report where onnxruntime is missing)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:
+        return {"provider": False, "reason": "onnxruntime is not installed", "gpus": []}
+    from icd_edge.runtimes.ort import cuda
+
+    return cuda.doctor()
+
+
 def cmd_doctor(args) -> int:
     from icd_edge import cpu
     from icd_edge.runtimes import int8_kernels, probe_all
@@ -802,11 +877,18 @@ def cmd_doctor(args) -> int:
         for b in int8_kernels.installed_backends()
         if backends.get(b, {}).get("available")
     }
+    gpu = ort_cuda_doctor()
     if args.json:
-        print(json.dumps({"icd_edge": __version__, "backends": backends, "cpu": info, "int8_exact": int8}))
+        print(json.dumps({"icd_edge": __version__, "backends": backends, "cpu": info, "int8_exact": int8, "gpu": gpu}))
         return 0
     for name, b in backends.items():
         print(f"{name}: {'available' if b['available'] else 'not available'} ({b['reason']})")
+    if "onnxruntime" in gpu:
+        state = "runs" if gpu["provider"] else "not usable"
+        print(f"onnxruntime CUDA provider: {state} ({gpu['reason']})")
+    for g in gpu["gpus"]:
+        extra = f", compute capability {g['compute_capability']}" if g.get("compute_capability") else ""
+        print(f"gpu: {g['name']}, {g.get('memory_gib', '?')} GiB, driver {g['driver']}{extra}")
     print(
         f"cpu: {info['model']}, {info['cores']} cores, {info['machine']}, class {info['isa']} "
         f"({' '.join(info['features']) or 'none of the listed features'})"
@@ -824,6 +906,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "inspect": cmd_inspect,
     "doctor": cmd_doctor,
+    "prepare": cmd_prepare,
 }
 
 

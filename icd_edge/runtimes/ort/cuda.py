@@ -1,0 +1,562 @@
+"""onnxruntime's CUDA provider, tuned for the iCD graphs.
+
+What a CUDA session gets that a plain one does not (see docs/gpu.md for the measurements):
+
+* **ONNX Runtime's Stable Diffusion fusions** (``onnxruntime.transformers``: MultiHeadAttention,
+  NHWC GroupNorm / SkipGroupNorm, BiasSplitGelu, BiasAdd, NhwcConv), applied once per graph on
+  the machine that runs it and cached under ``$ICD_EDGE_CACHE/ort-cuda``. They produce
+  ``com.microsoft`` operators that only the CUDA provider runs, so the bundle keeps its standard
+  ONNX graphs and the fused copies live in the cache, keyed by the graph's sha256, the
+  onnxruntime version and :data:`OPTIMIZER_VERSION`.
+* **Fixed device buffers** for every input and output (IO binding), so that
+* **CUDA graph capture** (``enable_cuda_graph``) can replay the whole graph in one launch.
+* cuDNN's heuristic convolution algorithm choice (as fast as the exhaustive search on these
+  graphs, 2 s less to the first edit) and its largest workspace.
+
+The step arithmetic stays on the host (numpy): one step moves ~0.5 MB across PCIe, a few tens
+of microseconds against milliseconds of UNet (``bench_gpu.py --phase ort`` records it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from icd_edge.errors import BackendUnavailable, BundleError
+
+logger = logging.getLogger(__name__)
+
+OPTIMIZER_VERSION = 1  # bump when what optimize_graph writes changes: old cache entries go stale
+CACHE_KIND = "ort-cuda"
+# ONNX Runtime's optimizer model type per graph (its fusions differ between UNet, VAE and CLIP)
+MODEL_TYPES = {
+    "text_encoder": "clip",
+    "text_encoder_2": "clip",
+    "vae_encoder": "vae",
+    "vae_decoder": "vae",
+    "taesd_decoder": "vae",
+    "taesd_encoder": "vae",
+}
+PROVIDER = "CUDAExecutionProvider"
+# failures that mean "these nodes cannot be captured", not "this graph is broken"
+_GRAPH_UNSUPPORTED = re.compile(r"cuda ?graph|CUDA Graph|partitioned|capture", re.IGNORECASE)
+_MISSING_LIB = re.compile(r"(lib[\w.+-]+?\.so(?:\.[\d.]+)?)\s*:\s*cannot open shared object file")
+
+
+def graph_unsupported(message: str) -> bool:
+    """Whether onnxruntime's error says the graph cannot be captured (run it without capture)."""
+    return bool(_GRAPH_UNSUPPORTED.search(message))
+
+
+def model_type(graph: str) -> str:
+    """The optimizer's model type of one of our graphs (every UNet variant is ``unet``)."""
+    return MODEL_TYPES.get(graph, "unet")
+
+
+CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+
+
+def provider_options(device_id: int, conv_algo_search: str, cuda_graph: bool) -> dict[str, str]:
+    """The CUDA provider's options for one session."""
+    if conv_algo_search not in CONV_ALGO_SEARCH:
+        from icd_edge.errors import InputError
+
+        raise InputError(
+            f"cudnn_conv_algo_search must be one of {', '.join(CONV_ALGO_SEARCH)}, not {conv_algo_search!r}",
+            param="cudnn_conv_algo_search",
+        )
+    return {
+        "device_id": str(device_id),
+        # EXHAUSTIVE times every cuDNN algorithm once per convolution shape (first run only);
+        # HEURISTIC asks cuDNN's heuristics: the same speed here, a quicker first edit
+        "cudnn_conv_algo_search": conv_algo_search,
+        "cudnn_conv_use_max_workspace": "1",
+        "do_copy_in_default_stream": "1",
+        "enable_cuda_graph": "1" if cuda_graph else "0",
+    }
+
+
+# ---------------------------------------------------------------------------- the fused graphs
+def key_material(graph: str, digests: dict[str, str], ort_version: str, fusions: str = "all") -> dict:
+    """Everything a fused graph depends on: equal material <=> the cached file may be reused."""
+    return {
+        "schema": 1,
+        "graph": graph,
+        "sources": dict(sorted(digests.items())),
+        "onnxruntime": ort_version,
+        "optimizer": OPTIMIZER_VERSION,
+        "model_type": model_type(graph),
+        "fusions": fusions,
+    }
+
+
+def entry_key(material: dict) -> str:
+    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def source_digests(bundle, graph: str) -> dict[str, str]:
+    """sha256 of the graph's ONNX file, and the bundle's id (which covers the weight files the
+    graph may share with others), from the bundle's file table."""
+    art = bundle.artifact(graph, "onnx")
+    files = bundle.manifest.files
+    if art is None or art.file not in files:
+        raise BundleError(f"the file table of {bundle.root} does not list the ONNX graph of {graph}; re-export it")
+    return {art.file: files[art.file].sha256, "bundle_id": bundle.bundle_id}
+
+
+FUSIONS = ("all", "attention", "none")
+
+
+def optimize_graph(src: Path, graph: str, dst: Path, fusions: str = "all") -> dict[str, int]:
+    """Write ``src`` fused for the CUDA provider to ``dst`` (weights in ``dst``'s external data
+    file); returns the fused operator counts.
+
+    ``attention``: plain attention as ``com.microsoft.MultiHeadAttention`` (flash attention on
+    the GPU; :mod:`icd_edge.runtimes.ort.attention`, which also matches the fused-P2P layers).
+    ``all``: that, then ONNX Runtime's Stable Diffusion fusions, after rewriting the GroupNorm
+    pattern into the form those fusions match (our graphs have constant shapes)."""
+    import onnx
+
+    from icd_edge.runtimes.ort.attention import fuse_attention
+
+    proto = onnx.load(str(src), load_external_data=True)
+    stats = {"MultiHeadAttention": fuse_attention(proto)}
+    if fusions == "all":
+        stats["GroupNormPattern"] = canonical_group_norms(proto)
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        kind = model_type(graph)
+        options = FusionOptions(kind)
+        options.enable_attention = False  # done above: the optimizer's patterns miss ours
+        if proto.ByteSize() >= 2**31 - 1:  # onnx's shape inference serialises the model: under 2 GB only
+            options.enable_shape_inference = False
+        with _quiet_optimizer():
+            m = optimize_model(
+                proto,
+                model_type=kind,
+                num_heads=0,  # read off the graph
+                hidden_size=0,
+                opt_level=0,  # the fusions only; the session applies ORT's own passes at load
+                optimization_options=options,
+                use_gpu=True,
+            )
+        stats.update({k: int(v) for k, v in (m.get_fused_operator_statistics() or {}).items() if v})
+        proto = m.model
+        stats["UnfusedGroupNormCasts"] = fix_fp32_params(proto)
+    stats = {k: v for k, v in stats.items() if v}
+    onnx.save_model(
+        proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data"
+    )
+    return stats
+
+
+def canonical_group_norms(model) -> int:
+    """Give each GroupNorm pattern ``Reshape(x, [B, G, -1]) → InstanceNormalization →
+    Reshape(·, const) → Mul → Add`` the ``Shape(x)`` second reshape that ONNX Runtime's GroupNorm
+    fusion looks for (torch's constant-folded export writes the 4-D shape as a constant); the
+    result is the same tensor. Returns how many were rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    prod = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    consts = {t.name: t for t in graph.initializer}
+    shapes = {}
+    for vi in list(graph.value_info) + list(graph.input):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        shapes[vi.name] = dims
+    done = 0
+    for norm in [n for n in graph.node if n.op_type == "InstanceNormalization"]:
+        first = prod.get(norm.input[0])
+        after = consumers.get(norm.output[0], [])
+        if first is None or first.op_type != "Reshape" or len(after) != 1 or after[0].op_type != "Reshape":
+            continue
+        second = after[0]
+        shape_name = second.input[1]
+        if shape_name not in consts or (shape_name in prod and prod[shape_name].op_type == "Shape"):
+            continue
+        target = numpy_helper.to_array(consts[shape_name]).tolist()
+        root = first.input[0]
+        known = shapes.get(root)
+        if len(target) != 4 or min(target) <= 0 or (known and None not in known and known != target):
+            continue
+        mul = consumers.get(second.output[0], [])
+        add = consumers.get(mul[0].output[0], []) if len(mul) == 1 and mul[0].op_type == "Mul" else []
+        if len(add) != 1 or add[0].op_type != "Add":
+            continue
+        name = f"icd_gn_shape_{done}"
+        pos = list(graph.node).index(second)
+        graph.node.insert(pos, helper.make_node("Shape", [root], [name], name=name))
+        second.input[1] = name
+        # the fusion writes gamma/beta as float32 from the constants' values: hand it float32
+        # copies (fp16 graphs); fix_fp32_params puts a Cast back where a pattern stayed unfused
+        for node in (mul[0], add[0]):
+            for j, inp in enumerate(node.input):
+                t = consts.get(inp)
+                if t is not None and t.data_type == onnx.TensorProto.FLOAT16:
+                    copy = numpy_helper.from_array(numpy_helper.to_array(t).astype("float32"), inp + FP32_SUFFIX)
+                    graph.initializer.append(copy)
+                    consts[copy.name] = copy
+                    node.input[j] = copy.name
+        done += 1
+    return done
+
+
+FP32_SUFFIX = "_icd_fp32"
+
+
+def fix_fp32_params(model) -> int:
+    """Cast the float32 parameter copies of :func:`canonical_group_norms` back to float16 for any
+    node other than a fused GroupNorm that still reads one; returns how many casts were added."""
+    import onnx
+    from onnx import helper
+
+    graph = model.graph
+    fused = ("GroupNorm", "SkipGroupNorm")
+    casts: dict[str, str] = {}
+    for node in list(graph.node):
+        if node.op_type in fused:
+            continue
+        for j, inp in enumerate(node.input):
+            if inp.endswith(FP32_SUFFIX):
+                if inp not in casts:
+                    casts[inp] = inp + "_fp16"
+                    graph.node.insert(
+                        0, helper.make_node("Cast", [inp], [casts[inp]], name=casts[inp], to=onnx.TensorProto.FLOAT16)
+                    )
+                node.input[j] = casts[inp]
+    return len(casts)
+
+
+@contextlib.contextmanager
+def _quiet_optimizer():
+    """The optimizer logs every fusion at INFO level and draws its own progress bar on stderr:
+    keep its loggers at WARNING and its bar out of the user's terminal (logged at debug level)."""
+    import io
+
+    names = ("onnxruntime.transformers", "fusion_base", "onnx_model", "optimizer")
+    saved = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.WARNING)
+    text = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(text):
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+        if text.getvalue().strip():
+            logger.debug("optimizer: %s", text.getvalue().strip()[-2000:])
+
+
+class FusedGraphCache:
+    """Fused copies of a bundle's graphs for the CUDA provider: ``root/<graph>.<key16>/``
+    holding ``model.onnx``, its weights and ``meta.json`` (the key material and file sizes)."""
+
+    def __init__(self, root: Path | None = None):
+        if root is None:
+            from icd_edge.cache import cache_dir
+
+            root = cache_dir(CACHE_KIND)
+        self.root = Path(root)
+
+    def entry(self, graph: str, material: dict) -> Path:
+        return self.root / f"{graph}.{entry_key(material)[:16]}"
+
+    def stale_reason(self, folder: Path, material: dict) -> str | None:
+        """Why the entry at ``folder`` cannot be used (None: use it)."""
+        try:
+            meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return "no entry"
+        except (OSError, ValueError):
+            return "its meta.json is unreadable"
+        if meta.get("material") != material:
+            return "it was made for other inputs"
+        for name, size in (meta.get("files") or {}).items():
+            p = folder / name
+            if not p.is_file() or p.stat().st_size != size:
+                return f"{name} is missing or has the wrong size"
+        return None if meta.get("files") else "it lists no files"
+
+    def get(self, bundle, graph: str, ort_version: str, fusions: str = "all", progress=None) -> tuple[Path, dict]:
+        """The fused model of ``graph`` (made now if the cache has no current entry) and the
+        entry's metadata."""
+        material = key_material(graph, source_digests(bundle, graph), ort_version, fusions)
+        folder = self.entry(graph, material)
+        why = self.stale_reason(folder, material)
+        if why is None:
+            return folder / "model.onnx", json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+        if why != "no entry":
+            logger.warning("rebuilding the CUDA graph cache entry %s: %s", folder, why)
+        return self.build(bundle, graph, material, folder, progress)
+
+    def build(self, bundle, graph: str, material: dict, folder: Path, progress=None) -> tuple[Path, dict]:
+        from icd_edge.atomic import atomic_dir, describe_os_error
+
+        src = bundle.path(bundle.artifact(graph, "onnx").file)
+        msg = f"fusing {graph} for the CUDA provider (once per bundle and onnxruntime version; cached in {self.root})"
+        logger.info(msg)
+        if progress is not None:
+            progress(graph)
+        t0 = time.perf_counter()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with atomic_dir(folder) as tmp:
+                stats = optimize_graph(src, graph, tmp / "model.onnx", material["fusions"])
+                files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+                meta = {
+                    "material": material,
+                    "files": files,
+                    "fused": stats,
+                    "seconds": round(time.perf_counter() - t0, 2),
+                }
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"cannot write the CUDA graph cache {folder}: {describe_os_error(exc)}; set ICD_EDGE_CACHE "
+                "to a writable folder"
+            ) from None
+        logger.info("%s fused in %.1f s: %s", graph, meta["seconds"], stats or "nothing matched")
+        return folder / "model.onnx", meta
+
+    def remove(self, model: Path) -> None:
+        shutil.rmtree(Path(model).parent, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- the provider
+_PRELOADED = False
+
+
+def preload() -> None:
+    """Load the CUDA and cuDNN libraries onnxruntime-gpu was built for from the pip-installed
+    nvidia packages (or what torch already loaded), so the provider finds them."""
+    global _PRELOADED
+    if _PRELOADED:
+        return
+    _PRELOADED = True
+    import onnxruntime as ort
+
+    fn = getattr(ort, "preload_dlls", None)
+    if fn is not None:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # it prints warnings
+            try:
+                fn()
+            except Exception as exc:  # a best effort: the session reports what is still missing
+                logger.debug("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def missing_library(log: str) -> str | None:
+    """The shared library the CUDA provider could not load, from onnxruntime's log text."""
+    m = _MISSING_LIB.search(log)
+    return m.group(1) if m else None
+
+
+def explain_missing(lib: str | None, cuda_version: str | None) -> str:
+    """One line: what is missing and how to get it."""
+    cuda = cuda_version or "?"
+    major = cuda.split(".")[0]
+    if lib is None:
+        return (
+            "the CUDA provider did not start (onnxruntime logged why above); check that the NVIDIA driver, "
+            f"CUDA {cuda} and cuDNN 9 libraries are installed"
+        )
+    if "cudnn" in lib:
+        how = f"pip install nvidia-cudnn-cu{major}"
+    elif "cublas" in lib:
+        how = f"pip install nvidia-cublas-cu{major}" if major == "12" else "pip install nvidia-cublas"
+    elif "libcuda.so" in lib:
+        how = "install the NVIDIA driver"
+    else:
+        how = f"install the CUDA {cuda} runtime libraries (or import torch built for CUDA {major} first)"
+    return f"the CUDA provider cannot load {lib} (onnxruntime-gpu is built for CUDA {cuda}): {how}"
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """Collect what native code writes to file descriptor 2 (onnxruntime's logger) meanwhile;
+    yields a list that holds the text afterwards."""
+    out: list[str] = []
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield out
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace")
+            out.append(text)
+            if text.strip():
+                logger.debug("onnxruntime: %s", text.strip())
+
+
+def cuda_version() -> str | None:
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+    except ImportError:
+        return None
+    return getattr(info, "cuda_version", None)
+
+
+def probe_model() -> bytes:
+    """A one-node float graph (``y = x + x``) to check that the provider starts."""
+    return bytes.fromhex(PROBE_MODEL_HEX)
+
+
+# y = Add(x, x), x/y float[1], opset 17: written once with onnx.helper (tests check it)
+PROBE_MODEL_HEX = (
+    "080812086963645f656467653a390a0e0a01780a01781201792203416464120570726f62655a0f0a0178120a0a08"
+    "080112040a020801620f0a0179120a0a08080112040a02080142040a001011"
+)
+
+
+def check_provider() -> dict:
+    """Start the CUDA provider on a one-node graph: ``{"ok", "reason", "cuda_version"}``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    version = cuda_version()
+    if PROVIDER not in ort.get_available_providers():
+        return {
+            "ok": False,
+            "reason": "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)",
+            "cuda_version": version,
+        }
+    preload()
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    with captured_stderr() as log:
+        try:
+            sess = ort.InferenceSession(probe_model(), sess_options=so, providers=[PROVIDER, "CPUExecutionProvider"])
+            ok = PROVIDER in sess.get_providers()
+            if ok:
+                sess.run(None, {"x": np.ones(1, np.float32)})
+        except Exception as exc:
+            ok, log = False, [str(exc)]
+    if ok:
+        return {
+            "ok": True,
+            "reason": f"CUDA provider runs (onnxruntime-gpu built for CUDA {version})",
+            "cuda_version": version,
+        }
+    return {"ok": False, "reason": explain_missing(missing_library("".join(log)), version), "cuda_version": version}
+
+
+def gpus() -> list[dict]:
+    """The NVIDIA GPUs ``nvidia-smi`` lists (name, memory, driver); [] without the tool."""
+    import shutil as _shutil
+    import subprocess
+
+    exe = _shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,driver_version,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
+
+
+def parse_nvidia_smi(text: str) -> list[dict]:
+    rows = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 3:
+            continue
+        row = {"name": parts[0], "driver": parts[2]}
+        with contextlib.suppress(ValueError):
+            row["memory_gib"] = round(float(parts[1]) / 1024, 1)
+        if len(parts) > 3:
+            row["compute_capability"] = parts[3]
+        rows.append(row)
+    return rows
+
+
+def doctor() -> dict:
+    """What ``icd-edge doctor`` says about onnxruntime on the GPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"provider": False, "reason": "onnxruntime is not installed", "gpus": gpus()}
+    check = check_provider()
+    return {
+        "provider": check["ok"],
+        "reason": check["reason"],
+        "onnxruntime": ort.__version__,
+        "cuda_version": check["cuda_version"],
+        "gpus": gpus(),
+    }
+
+
+def graphs_to_prepare(bundle) -> list[str]:
+    """The bundle's graphs that have an ONNX artifact, largest first (so parallel work ends together)."""
+    names = [g for g in bundle.graphs if bundle.artifact(g, "onnx") is not None]
+
+    def size(g: str) -> int:
+        art = bundle.artifact(g, "onnx")
+        return sum(bundle.manifest.files[r].bytes for r in (art.file, art.weights) if r in bundle.manifest.files)
+
+    return sorted(names, key=size, reverse=True)
+
+
+def _prepare_one(root: str, cache: str, graph: str, ort_version: str, fusions: str) -> tuple[str, dict]:
+    from icd_edge.bundle.store import open_bundle
+
+    bundle = open_bundle(root, verify=False)
+    _, meta = FusedGraphCache(Path(cache)).get(bundle, graph, ort_version, fusions)
+    return graph, meta
+
+
+def prepare(bundle, fusions: str = "all", jobs: int = 1, cache_root: Path | None = None, progress=None) -> dict:
+    """Make the fused CUDA copies of every graph of ``bundle`` now (``jobs`` processes), so the
+    first edit on the GPU does not wait for them; returns ``{graph: entry metadata}``."""
+    import concurrent.futures as cf
+
+    import onnxruntime as ort
+
+    cache = FusedGraphCache(cache_root)
+    graphs = graphs_to_prepare(bundle)
+    out: dict[str, dict] = {}
+    if jobs <= 1:
+        for g in graphs:
+            out[g] = cache.get(bundle, g, ort.__version__, fusions)[1]
+            if progress is not None:
+                progress(g)
+        return out
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no forked onnxruntime state in the workers
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(_prepare_one, str(bundle.root), str(cache.root), g, ort.__version__, fusions) for g in graphs
+        ]
+        for fut in cf.as_completed(futures):
+            g, meta = fut.result()
+            out[g] = meta
+            if progress is not None:
+                progress(g)
+    return out

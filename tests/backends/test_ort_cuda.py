@@ -1,0 +1,220 @@
+"""onnxruntime's CUDA path: the fused graph copies and their cache, the provider's options and
+error messages, ``icd-edge prepare``. CI has no GPU: everything that does not need one runs
+here (the fusions are written by plain Python; the attention-only copy runs on the CPU provider);
+the CUDA run itself is the ``gpu`` test at the end and ``benchmarks/bench_gpu.py --phase ort``."""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import run_cli
+
+from icd_edge.bundle.store import open_bundle
+from icd_edge.edit.editor import Editor
+from icd_edge.errors import BackendUnavailable, InputError
+from icd_edge.runtimes.ort import OrtBackend, cuda
+
+EDIT = dict(cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0}, blend=("cat", "dog"))
+
+
+def ops(path: Path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("graph", ["unet_reverse_edit", "vae_decoder"])
+def test_all_fusions_replace_every_group_norm_and_plain_attention(tiny_bundle, tmp_path, graph):
+    src = Path(tiny_bundle) / "onnx" / f"{graph}.onnx"
+    before = ops(src)
+    stats = cuda.optimize_graph(src, graph, tmp_path / "model.onnx", "all")
+    after = ops(tmp_path / "model.onnx")
+    # every 4-D GroupNorm pattern (InstanceNormalization inside) became a fused GroupNorm /
+    # SkipGroupNorm; the VAE's attention block normalises a 3-D tensor, which GroupNorm does not take
+    three_d = 1 if graph == "vae_decoder" else 0
+    assert stats["GroupNormPattern"] == before["InstanceNormalization"] - three_d
+    assert after["GroupNorm"] + after["SkipGroupNorm"] == stats["GroupNormPattern"]
+    assert after["InstanceNormalization"] == three_d and "UnfusedGroupNormCasts" not in stats
+    # plain attention is MultiHeadAttention; only the probabilities P2P reads stay explicit
+    assert after["MultiHeadAttention"] == stats["MultiHeadAttention"] > 0
+    assert after["Softmax"] == before["Softmax"] - stats["MultiHeadAttention"]
+    assert after["NhwcConv"] == before["Conv"] and after["Conv"] == 0
+    model = onnx.load(str(tmp_path / "model.onnx"))  # weights read back from the external file
+    assert {i.name for i in model.graph.input} == {i.name for i in onnx.load(str(src)).graph.input}
+    assert not [
+        i for n in model.graph.node for i in n.input if i.endswith(cuda.FP32_SUFFIX) and "GroupNorm" not in n.op_type
+    ]
+
+
+def test_fp16_graph_gets_float32_group_norm_parameters(tiny_bundle, tmp_path):
+    """fp16 bundles: the fusion writes gamma/beta as float32 (what GroupNorm takes), no casts left."""
+    from icd_edge.export.quant.fp16 import to_fp16
+
+    src = tmp_path / "fp16" / "unet_reverse.onnx"
+    src.parent.mkdir()
+    onnx.save_model(to_fp16(Path(tiny_bundle) / "onnx" / "unet_reverse.onnx"), str(src))
+    stats = cuda.optimize_graph(src, "unet_reverse", tmp_path / "model.onnx", "all")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    norms = [n for n in model.graph.node if n.op_type in ("GroupNorm", "SkipGroupNorm")]
+    assert norms and stats.get("UnfusedGroupNormCasts", 0) == 0
+    assert all(inits[n.input[1]] == onnx.TensorProto.FLOAT for n in norms)  # gamma
+    assert not [t for t in inits if t.endswith(cuda.FP32_SUFFIX) and not any(t in n.input for n in norms)]
+
+
+def test_attention_copy_edits_like_the_bundle_graphs(tiny_bundle, photo, tmp_path, monkeypatch):
+    """The attention-only fused copy runs on the CPU provider: the whole cached path (fuse, cache,
+    load, bind) gives the edit of the bundle's own graphs."""
+    kw = dict(backend="onnxruntime", providers=["CPUExecutionProvider"], source_cache="off")
+    with Editor.open(tiny_bundle, fuse_attention=False, **kw) as ed:
+        ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np", **EDIT)
+    monkeypatch.setattr(OrtBackend, "runs_on_cuda", lambda self: True)
+    with Editor.open(tiny_bundle, cuda_fusions="attention", cache_dir=str(tmp_path), io_binding=True, **kw) as ed:
+        out = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np", **EDIT)
+        assert ed.backend.fused_ops["unet_reverse_edit"]["MultiHeadAttention"] > 0
+        assert ed.session("unet_reverse_edit").io_binding
+    assert np.abs(out - ref).max() < 2e-3
+    assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == sorted(
+        ["text_encoder", "vae_encoder", "unet_forward", "unet_reverse_edit", "vae_decoder"]
+    )
+
+
+def test_cache_reuses_rebuilds_and_keys(tiny_bundle, tmp_path, monkeypatch, caplog):
+    b = open_bundle(tiny_bundle, verify=False)
+    calls = []
+    real = cuda.optimize_graph
+    monkeypatch.setattr(cuda, "optimize_graph", lambda *a: calls.append(a[1]) or real(*a))
+    cache = cuda.FusedGraphCache(tmp_path)
+    path, meta = cache.get(b, "vae_decoder", "1.0", "attention")
+    assert calls == ["vae_decoder"] and meta["fused"] == {"MultiHeadAttention": 1}
+    assert cache.get(b, "vae_decoder", "1.0", "attention")[0] == path and calls == ["vae_decoder"]
+    # another onnxruntime version or fusion set is another entry
+    assert cache.get(b, "vae_decoder", "2.0", "attention")[0] != path
+    assert cache.get(b, "vae_decoder", "1.0", "all")[0] not in (path,)
+    assert len(calls) == 3
+    # a truncated file is rebuilt, with a warning naming the entry
+    data = path.parent / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="icd_edge.runtimes.ort.cuda"):
+        cache.get(b, "vae_decoder", "1.0", "attention")
+    assert len(calls) == 4 and "wrong size" in caplog.text and str(path.parent) in caplog.text
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+def test_corrupt_cached_model_is_rebuilt_on_open(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setattr(OrtBackend, "runs_on_cuda", lambda self: True)
+    backend = OrtBackend(providers=["CPUExecutionProvider"], cuda_fusions="attention", cache_dir=str(tmp_path))
+    b = open_bundle(tiny_bundle, verify=False)
+    backend.open_session(b, "vae_decoder").close()
+    (model,) = tmp_path.glob("vae_decoder.*/model.onnx")
+    model.write_bytes(b"\0" * model.stat().st_size)  # same size: only loading it finds out
+    sess = backend.open_session(b, "vae_decoder")
+    (spec,) = b.graphs["vae_decoder"].inputs
+    assert sess.run({"latent": np.zeros(spec.shape, np.float32)})["image"].shape[1] == 3
+
+
+def test_unwritable_cache_is_a_typed_error(tiny_bundle, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cache = cuda.FusedGraphCache(blocker / "cache")
+    with pytest.raises(BackendUnavailable, match="ICD_EDGE_CACHE"):
+        cache.get(open_bundle(tiny_bundle, verify=False), "vae_decoder", "1.0", "attention")
+
+
+def test_provider_options():
+    opts = cuda.provider_options(1, "HEURISTIC", True)
+    assert opts["device_id"] == "1" and opts["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert (
+        opts["enable_cuda_graph"] == "1" and cuda.provider_options(0, "EXHAUSTIVE", False)["enable_cuda_graph"] == "0"
+    )
+    with pytest.raises(InputError, match="EXHAUSTIVE"):
+        cuda.provider_options(0, "fastest", True)
+    with pytest.raises(InputError, match="cuda_fusions"):
+        OrtBackend(cuda_fusions="most")._fused_for_cuda(None, "unet_forward")
+
+
+def test_missing_library_messages():
+    log = (
+        "[E:onnxruntime:Default, provider_bridge_ort.cc:2251] Failed to load library "
+        "libonnxruntime_providers_cuda.so with error: libcudnn.so.9: cannot open shared object file: "
+        "No such file or directory"
+    )
+    assert cuda.missing_library(log) == "libcudnn.so.9"
+    assert cuda.explain_missing("libcudnn.so.9", "13.0").endswith("pip install nvidia-cudnn-cu13")
+    assert "install the NVIDIA driver" in cuda.explain_missing("libcuda.so.1", "13.0")
+    assert "CUDA 12.8" in cuda.explain_missing("libcudart.so.12", "12.8")
+    assert "\n" not in cuda.explain_missing(None, None)
+    assert cuda.graph_unsupported("This session cannot use the graph capture feature as requested")
+    assert not cuda.graph_unsupported("Protobuf parsing failed")
+
+
+def test_probe_model_is_one_add_node():
+    import onnxruntime as ort
+    from onnx import helper
+
+    model = onnx.load_from_string(cuda.probe_model())
+    assert [n.op_type for n in model.graph.node] == ["Add"]
+    onnx.checker.check_model(model)
+    assert helper.printable_graph(model.graph)
+    sess = ort.InferenceSession(cuda.probe_model(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.full(1, 2.0, np.float32)})[0][0] == 4.0
+    assert cuda.check_provider()["ok"] is ("CUDAExecutionProvider" in ort.get_available_providers())
+
+
+def test_nvidia_smi_parsing():
+    rows = cuda.parse_nvidia_smi("NVIDIA H200, 143771, 580.159.04, 9.0\nbad line\n")
+    assert rows == [{"name": "NVIDIA H200", "driver": "580.159.04", "memory_gib": 140.4, "compute_capability": "9.0"}]
+
+
+def test_prepare_cli(tiny_bundle, tmp_path):
+    env = {"ICD_EDGE_CACHE": str(tmp_path)}
+    r = run_cli("prepare", str(tiny_bundle), "--fusions", "attention", "--jobs", "2", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["graphs"]) == set(cuda.graphs_to_prepare(open_bundle(tiny_bundle, verify=False)))
+    assert out["graphs"]["unet_forward"]["fused"]["MultiHeadAttention"] > 0
+    again = run_cli("prepare", str(tiny_bundle), "--fusions", "attention", "--json", env=env)
+    assert json.loads(again.stdout)["graphs"] == out["graphs"]  # every entry reused as it was
+    bad = run_cli("prepare", str(tiny_bundle), "--jobs", "0", env=env)
+    assert bad.returncode == 2 and "--jobs" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run_cli("prepare", str(tmp_path / "nope"), env=env)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+
+
+def test_doctor_reports_the_cuda_provider():
+    r = run_cli("doctor", "--json")
+    gpu = json.loads(r.stdout)["gpu"]
+    import onnxruntime as ort
+
+    assert gpu["provider"] is ("CUDAExecutionProvider" in ort.get_available_providers())
+    assert gpu["onnxruntime"] == ort.__version__ and isinstance(gpu["gpus"], list)
+    assert "onnxruntime CUDA provider:" in run_cli("doctor").stdout
+
+
+def _cuda_provider() -> bool:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    return cuda.check_provider()["ok"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_provider(), reason="needs onnxruntime-gpu with a working CUDA provider")
+def test_cuda_edit_matches_the_cpu_provider(tiny_bundle, photo, tmp_path):
+    """Fused graphs + fixed buffers + CUDA graphs on the GPU against the CPU provider (fp32 bundle)."""
+    kw = dict(backend="onnxruntime", source_cache="off")
+    with Editor.open(tiny_bundle, providers=["CPUExecutionProvider"], **kw) as ed:
+        ref = ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np", **EDIT)
+    with Editor.open(tiny_bundle, cache_dir=str(tmp_path), **kw) as ed:
+        outs = [ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np", **EDIT)]
+        outs.append(ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np", **EDIT))
+        sess = ed.session("unet_reverse_edit")
+        assert sess.providers[0] == "CUDAExecutionProvider" and sess.cuda_graph
+    np.testing.assert_array_equal(outs[0], outs[1])  # graph replay is deterministic
+    from icd_edge.export.parity import psnr_db
+
+    assert psnr_db(ref, outs[0], peak=1.0) > 40
