@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 EDIT = dict(cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0}, blend=("cat", "dog"), guidance=19.0, tau=0.8)
 SRC, TGT = "a photo of a cat", "a photo of a dog"
@@ -540,6 +541,76 @@ def phase_host(args, src, bundle) -> dict:
     return res
 
 
+def phase_ort(args, src=None, bundle=None) -> dict:
+    """Issue 17: the onnxruntime CUDA path of an exported fp16 bundle (``--bundle``, exported with
+    ``--targets onnx,torch``; its fused graphs prepared with ``icd-edge prepare``), each
+    configuration in a fresh torch-free process (benchmarks/gpu_ort.py), then in this process the
+    fp32 eager reference and the compiled torch fast path on the same bundle's torch weights.
+
+    ``--ort-steps`` picks steps (configs, ref, fast) so that one lease can run them in two
+    commands; results accumulate in ``--ort-work`` (kept between commands on one machine)."""
+    import numpy as np
+    import torch
+    from gpu_ort import run_configs
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.editor import FastEditor
+
+    work = args.ort_work
+    work.mkdir(parents=True, exist_ok=True)
+    store = work / "result.json"
+    res: dict = json.loads(store.read_text()) if store.is_file() else {"bundle": str(args.bundle)}
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save():  # partial results survive a command killed at its time limit
+        store.write_text(json.dumps(res, indent=1))
+        (args.out / "gpu_ort.partial.json").write_text(json.dumps({"env": env, "ort": res}, indent=1))
+
+    steps = set(args.ort_steps)
+    if "configs" in steps:
+        res["configs"] = run_configs(args.bundle, args.ort_configs, args.iters, work)
+        save()
+    img = synthetic(1)[0]
+    if "ref" in steps or "fast" in steps:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        ref_ed = FastEditor.from_bundle(
+            args.bundle, dtype="float32", channels_last=False, compile=False, cuda_graphs=False
+        )
+        ref = ref_ed.edit_image(img, SRC, TGT, output_type="np", **EDIT)
+        del ref_ed
+        torch.cuda.empty_cache()
+        torch.backends.cudnn.allow_tf32 = True
+        for name in res.get("configs", {}):
+            f = work / f"ort_{name}.npy"
+            if f.is_file():
+                res["configs"][name]["vs_ref_psnr_db"] = round(psnr_db(ref, np.load(f), peak=1.0), 2)
+        log("psnr", {n: c.get("vs_ref_psnr_db") for n, c in res.get("configs", {}).items()})
+        save()
+    if "fast" in steps:
+        torch.cuda.reset_peak_memory_stats()
+        fast = FastEditor.from_bundle(args.bundle)
+        t0 = time.perf_counter()
+        f_img = fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)
+        res["torch_fast_first_call_s"] = round(time.perf_counter() - t0, 1)
+        res["torch_fast_vs_ref_psnr_db"] = round(psnr_db(ref, f_img, peak=1.0), 2)
+        run_np = lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731
+        res["torch_fast_ms"] = wall_ms(run_np, args.iters)
+        res["torch_fast_ms_pil"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, **EDIT), args.iters)
+        g_inv = fast._graphs[("invert", 1)]
+        g_ed = next(g for key, g in fast._graphs.items() if key[0] != "invert")
+        res["torch_fast_gpu_ms"] = cuda_ms(lambda: (g_inv.replay(), g_ed.replay()), args.iters)
+        gpu = statistics.median(res["torch_fast_gpu_ms"])
+        res["torch_host_overhead_ms_np"] = round(statistics.median(res["torch_fast_ms"]) - gpu, 2)
+        res["torch_host_overhead_ms_pil"] = round(statistics.median(res["torch_fast_ms_pil"]) - gpu, 2)
+        res["torch_fast_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        res["torch_fast_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+        log("torch fast", res["torch_fast_first_call_s"], statistics.median(res["torch_fast_ms"]), "gpu", gpu)
+        save()
+    return res
+
+
 def phase_throughput(args, src, bundle) -> dict:
     import torch
 
@@ -574,6 +645,29 @@ def phase_throughput(args, src, bundle) -> dict:
         log("batch", n, res[str(n)])
         torch.cuda.empty_cache()
     return res
+
+
+def ort_summary(ort: dict, gpu: str, default: str = "all-heuristic") -> dict:
+    """The issue-17 keys: the default configuration (fusions all + CUDA graphs, cuDNN heuristic
+    algorithm choice) against the torch fast path of the same run."""
+    cfg = ort["configs"][default]
+    ort_ms = statistics.median(cfg["edit_ms"])
+    torch_ms = statistics.median(ort["torch_fast_ms"]) if "torch_fast_ms" in ort else None
+    plain = ort["configs"].get("plain", {})
+    return {
+        "ort_gpu": gpu,
+        "ort_edit_ms": round(ort_ms, 2),
+        "torch_fast_edit_ms": round(torch_ms, 2) if torch_ms else None,
+        "ort_vs_torch_fast": round(ort_ms / torch_ms, 3) if torch_ms else None,
+        "ort_first_edit_s": cfg["first_edit_s"],
+        "ort_peak_gib": cfg["memory"]["process_peak_gib"],
+        "ort_vs_ref_psnr_db": cfg.get("vs_ref_psnr_db"),
+        "ort_untuned_edit_ms": round(statistics.median(plain["edit_ms"]), 2) if "edit_ms" in plain else None,
+        "ort_prepare_s": ort.get("prepare", {}).get("all", {}).get("seconds"),
+        "torch_fast_first_call_s_same_run": ort.get("torch_fast_first_call_s"),
+        "torch_host_overhead_ms_pil": ort.get("torch_host_overhead_ms_pil"),
+        "torch_host_overhead_ms_np": ort.get("torch_host_overhead_ms_np"),
+    }
 
 
 def merge(paths: list[Path]) -> int:
@@ -647,6 +741,9 @@ def merge(paths: list[Path]) -> int:
             else None,
             "sdxl_fp16_vae_vs_fp32_reference_psnr_db": sdxl.get("fp16_vae_vs_ref_psnr_db"),
         }
+    ort = data.get("ort")
+    if ort:  # issue 17: the onnxruntime CUDA path; the default configuration is what users get
+        data["summary"] |= ort_summary(ort, data.get("ort_env", data["env"])["gpu"])
     out = ROOT / "benchmarks" / "results" / "gpu.json"
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps(data["summary"], indent=1))
@@ -655,7 +752,13 @@ def merge(paths: list[Path]) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--phase", choices=("latency", "throughput", "knobs", "reedit", "sdxl", "host"), default="latency")
+    ap.add_argument(
+        "--phase", choices=("latency", "throughput", "knobs", "reedit", "sdxl", "host", "ort"), default="latency"
+    )
+    ap.add_argument("--bundle", type=Path, help="ort phase: an fp16 bundle exported with --targets onnx,torch")
+    ap.add_argument("--ort-configs", nargs="+", default=["plain", "attention", "all", "all-nograph", "all-heuristic"])
+    ap.add_argument("--ort-steps", nargs="+", default=["configs", "ref", "fast"], choices=("configs", "ref", "fast"))
+    ap.add_argument("--ort-work", type=Path, default=Path("/tmp/icd_ort_work"))
     ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15", help="sdxl: the sdxl phase")
     ap.add_argument("--sdxl-model", default="random-sdxl", help="sdxl phase: random-sdxl, or tiny-xl for a smoke run")
     ap.add_argument("--knobs", nargs="+", default=["default", "conv1x1_mm+coord_descent", "max-autotune-no-cudagraphs"])
@@ -679,6 +782,13 @@ def main() -> int:
         "cuda": torch.version.cuda,
         "capability": list(torch.cuda.get_device_capability()),
     }
+    if args.phase == "ort":
+        if args.bundle is None:
+            ap.error("--phase ort needs --bundle")
+        result = {"env": env, "ort": phase_ort(args)}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_ort.json").write_text(json.dumps(result, indent=1))
+        return 0
     with tempfile.TemporaryDirectory() as work:
         src, bundle = build(Path(work), args.sdxl_model if args.phase == "sdxl" else "random-sd15")
         phases = {"latency": phase_latency, "throughput": phase_throughput, "knobs": phase_knobs}
