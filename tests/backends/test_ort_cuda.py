@@ -214,7 +214,8 @@ def test_cuda_edit_matches_the_cpu_provider(tiny_bundle, photo, tmp_path):
         outs.append(ed.edit(ed.invert(photo, "a photo of a cat"), "a photo of a dog", output_type="np", **EDIT))
         sess = ed.session("unet_reverse_edit")
         assert sess.providers[0] == "CUDAExecutionProvider" and sess.cuda_graph
-    np.testing.assert_array_equal(outs[0], outs[1])  # graph replay is deterministic
     from icd_edge.export.parity import psnr_db
 
-    assert psnr_db(ref, outs[0], peak=1.0) > 40
+    # ONNX Runtime's fused GroupNorm sums with atomics: runs differ in the last bits, not more
+    assert psnr_db(outs[0], outs[1], peak=1.0) > 50
+    assert min(psnr_db(ref, o, peak=1.0) for o in outs) > 40
