@@ -529,15 +529,24 @@ def phase_host(args, src, bundle) -> dict:
     res["fast_first_call_s"] = round(time.perf_counter() - t0, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_host.partial.json").write_text(json.dumps({"env": env, "host": res}, indent=1))
-    res["fast_ms_pil"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, **EDIT), args.iters)
-    res["fast_ms_np"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT), args.iters)
+    res |= host_timings(fast, img, args.iters)
+    log("host", res["host_overhead_ms_pil"], res["host_overhead_ms_np"], "gpu", statistics.median(res["fast_gpu_ms"]))
+    return res
+
+
+def host_timings(fast, img, iters: int) -> dict:
+    """Wall time of a compiled fast edit (PIL and float output), the GPU time of its two graph
+    replays, and their difference: the host overhead."""
+    res = {
+        "fast_ms_pil": wall_ms(lambda: fast.edit_image(img, SRC, TGT, **EDIT), iters),
+        "fast_ms_np": wall_ms(lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT), iters),
+    }
     g_inv = fast._graphs[("invert", 1)]
     g_ed = next(g for key, g in fast._graphs.items() if key[0] != "invert")
-    res["fast_gpu_ms"] = cuda_ms(lambda: (g_inv.replay(), g_ed.replay()), args.iters)
+    res["fast_gpu_ms"] = cuda_ms(lambda: (g_inv.replay(), g_ed.replay()), iters)
     gpu = statistics.median(res["fast_gpu_ms"])
     res["host_overhead_ms_pil"] = round(statistics.median(res["fast_ms_pil"]) - gpu, 2)
     res["host_overhead_ms_np"] = round(statistics.median(res["fast_ms_np"]) - gpu, 2)
-    log("host", res["host_overhead_ms_pil"], res["host_overhead_ms_np"], "gpu", gpu)
     return res
 
 
@@ -595,18 +604,10 @@ def phase_ort(args, src=None, bundle=None) -> dict:
         f_img = fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)
         res["torch_fast_first_call_s"] = round(time.perf_counter() - t0, 1)
         res["torch_fast_vs_ref_psnr_db"] = round(psnr_db(ref, f_img, peak=1.0), 2)
-        run_np = lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731
-        res["torch_fast_ms"] = wall_ms(run_np, args.iters)
-        res["torch_fast_ms_pil"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, **EDIT), args.iters)
-        g_inv = fast._graphs[("invert", 1)]
-        g_ed = next(g for key, g in fast._graphs.items() if key[0] != "invert")
-        res["torch_fast_gpu_ms"] = cuda_ms(lambda: (g_inv.replay(), g_ed.replay()), args.iters)
-        gpu = statistics.median(res["torch_fast_gpu_ms"])
-        res["torch_host_overhead_ms_np"] = round(statistics.median(res["torch_fast_ms"]) - gpu, 2)
-        res["torch_host_overhead_ms_pil"] = round(statistics.median(res["torch_fast_ms_pil"]) - gpu, 2)
+        res |= {f"torch_{k}": v for k, v in host_timings(fast, img, args.iters).items()}
         res["torch_fast_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         res["torch_fast_peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-        log("torch fast", res["torch_fast_first_call_s"], statistics.median(res["torch_fast_ms"]), "gpu", gpu)
+        log("torch fast", res["torch_fast_first_call_s"], statistics.median(res["torch_fast_ms_np"]))
         save()
     return res
 
@@ -652,7 +653,9 @@ def ort_summary(ort: dict, gpu: str, default: str = "all-heuristic") -> dict:
     algorithm choice) against the torch fast path of the same run."""
     cfg = ort["configs"][default]
     ort_ms = statistics.median(cfg["edit_ms"])
-    torch_ms = statistics.median(ort["torch_fast_ms"]) if "torch_fast_ms" in ort else None
+    # float output, as the ORT configurations time it ("torch_fast_ms" in the 2026-12-02 raw file)
+    torch_runs = ort.get("torch_fast_ms_np", ort.get("torch_fast_ms"))
+    torch_ms = statistics.median(torch_runs) if torch_runs else None
     plain = ort["configs"].get("plain", {})
     return {
         "ort_gpu": gpu,

@@ -147,7 +147,7 @@ class OrtSession:
         ]
         self._log = ""
         try:
-            with cuda.captured_stderr() if cuda.PROVIDER in providers else _no_capture() as log:
+            with cuda.captured_stderr() if cuda.PROVIDER in providers else contextlib.nullcontext([]) as log:
                 sess = ort.InferenceSession(source, sess_options=so, providers=chosen)
             self._log = "".join(log)
             return sess
@@ -220,11 +220,6 @@ class OrtSession:
         self._sess = None  # the session and its arena go now
         self._binding = None
         trim_heap()
-
-
-@contextlib.contextmanager
-def _no_capture():
-    yield []
 
 
 _WARNED_ONCE: set[str] = set()
@@ -306,16 +301,15 @@ class OrtBackend:
         if self.runs_on_cpu():  # the int8 check is of the CPU kernels
             warn_if_int8_saturates(bundle, self.name)
 
-    def runs_on_cpu(self) -> bool:
+    def first_provider(self) -> str:
+        """The provider sessions run on first: the user's list, else CUDA where installed."""
         chosen = self.options.providers
-        first = (
-            chosen[0]
-            if chosen
-            else "CUDAExecutionProvider"
-            if runtimes.onnxruntime_has_gpu()
-            else "CPUExecutionProvider"
-        )
-        return first == "CPUExecutionProvider"
+        if chosen:
+            return chosen[0]
+        return cuda.PROVIDER if runtimes.onnxruntime_has_gpu() else "CPUExecutionProvider"
+
+    def runs_on_cpu(self) -> bool:
+        return self.first_provider() == "CPUExecutionProvider"
 
     def probe(self) -> Availability:
         if importlib.util.find_spec("onnxruntime") is None:
@@ -358,11 +352,7 @@ class OrtBackend:
             return OrtSession(graph, path, entry.inputs, entry.outputs, self.options, initializers, model=model)
 
     def runs_on_cuda(self) -> bool:
-        """Whether sessions run on the CUDA provider (the user's list, else what is installed)."""
-        chosen = self.options.providers
-        if chosen:
-            return chosen[0] == cuda.PROVIDER
-        return runtimes.onnxruntime_has_gpu()
+        return self.first_provider() == cuda.PROVIDER
 
     def _cuda_cache(self):
         from pathlib import Path

@@ -25,17 +25,23 @@ logger = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
 
 
+def graph_index(graph) -> tuple[dict, dict]:
+    """``(producer of each tensor, consumers of each tensor)`` of an ONNX graph's nodes."""
+    prod = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return prod, consumers
+
+
 def fuse_attention(model) -> int:
     """Rewrite every plain decomposed attention of ``model`` (an ``onnx.ModelProto``) in place
     into ``com.microsoft.MultiHeadAttention``; returns how many were rewritten."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    prod = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    prod, consumers = graph_index(graph)
     consts = {t.name: t for t in graph.initializer if not t.external_data}
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":

@@ -167,12 +167,10 @@ def canonical_group_norms(model) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
+    from icd_edge.runtimes.ort.attention import graph_index
+
     graph = model.graph
-    prod = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    prod, consumers = graph_index(graph)
     consts = {t.name: t for t in graph.initializer}
     shapes = {}
     for vi in list(graph.value_info) + list(graph.input):
