@@ -67,6 +67,97 @@ def test_fp16_graph_gets_float32_group_norm_parameters(tiny_bundle, tmp_path):
     assert not [t for t in inits if t.endswith(cuda.FP32_SUFFIX) and not any(t in n.input for n in norms)]
 
 
+def geglu_model(width=2560, *, half_first=True, rank=3, dtype=np.float32, gelu_on_first=False):
+    """``y = h · gelu(g)``, ``h, g = Split(x·W + b)``, as torch exports a GEGLU feed-forward."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    const = {"W": rng.standard_normal((8, width)), "b": rng.standard_normal(width), "sq": 2**0.5, "one": 1, "half": 0.5}
+    inits = [numpy_helper.from_array(np.asarray(v, dtype), k) for k, v in const.items()]
+    h, g = ("g", "h") if gelu_on_first else ("h", "g")
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["m"]),
+        helper.make_node("Add", ["m", "b"], ["a"]),
+        helper.make_node("Split", ["a"], ["h", "g"], axis=-1, num_outputs=2),
+        helper.make_node("Div", [g, "sq"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["u"]),
+        # both associations torch writes: (g·u)·0.5 and (0.5·g)·u
+        *(
+            [helper.make_node("Mul", [g, "u"], ["gu"]), helper.make_node("Mul", ["gu", "half"], ["gelu"])]
+            if half_first
+            else [helper.make_node("Mul", ["half", g], ["hg"]), helper.make_node("Mul", ["hg", "u"], ["gelu"])]
+        ),
+        helper.make_node("Mul", [h, "gelu"], ["y"]),
+    ]
+    elem = TensorProto.FLOAT if dtype == np.float32 else TensorProto.FLOAT16
+    shape = [2, 16, 8] if rank == 3 else [32, 8]
+    graph = helper.make_graph(
+        nodes,
+        "geglu",
+        [helper.make_tensor_value_info("x", elem, shape)],
+        [helper.make_tensor_value_info("y", elem, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("half_first", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_geglu_becomes_bias_split_gelu(half_first, dtype):
+    import math
+
+    import onnxruntime as ort
+
+    erf = np.vectorize(math.erf)
+    model = geglu_model(half_first=half_first, dtype=dtype)
+    x = np.random.default_rng(1).standard_normal((2, 16, 8)).astype(dtype)
+    (ref,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert cuda.bias_split_gelus(model) == 1
+    (fused,) = [n for n in model.graph.node if n.op_type == "BiasSplitGelu"]
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "BiasSplitGelu"] and fused.domain == "com.microsoft"
+    assert list(fused.input) == ["m", "b"] and list(fused.output) == ["y"]
+    # what BiasSplitGelu computes (the CPU provider has no kernel for it): left half times the
+    # erf GELU of the right half, after the bias; the graph it replaced computed the same
+    w = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    a = x.astype(np.float64) @ w["W"] + w["b"]
+    left, right = np.split(a, 2, axis=-1)
+    expect = left * 0.5 * right * (1 + erf(right / np.sqrt(2)))
+    tol = 1e-4 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(ref.astype(np.float64), expect, rtol=tol, atol=tol * np.abs(expect).max())
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(width=1000), dict(rank=2), dict(gelu_on_first=True)], ids=["unsupported-width", "2-d", "gelu-on-first"]
+)
+def test_geglu_the_kernel_cannot_run_stays(kw):
+    """Widths other than 2560/5120/10240 and 2-D inputs fail in the CUDA kernel; gelu of the
+    first half is another function."""
+    model = geglu_model(**kw)
+    before = [n.op_type for n in model.graph.node]
+    assert cuda.bias_split_gelus(model) == 0 and [n.op_type for n in model.graph.node] == before
+
+
+def test_row_projections_merge_into_one_gemm_with_the_same_result(tiny_bundle):
+    """The edit graph's P2P layers project each row with the same output layer: after the
+    rewrite each such layer is one MatMul of the stacked rows, and the graph computes the same."""
+    import onnxruntime as ort
+
+    b = open_bundle(tiny_bundle, verify=False)
+    src = Path(tiny_bundle) / "onnx" / "unet_reverse_edit.onnx"
+    model = onnx.load(str(src))
+    before = collections.Counter(n.op_type for n in model.graph.node)
+    merged = cuda.merge_row_projections(model)
+    after = collections.Counter(n.op_type for n in model.graph.node)
+    assert merged > 0 and after["MatMul"] == before["MatMul"] - merged and after["Add"] == before["Add"] - merged
+    rng = np.random.default_rng(0)
+    feeds = {s.name: rng.standard_normal(s.shape).astype(s.dtype) for s in b.graphs["unet_reverse_edit"].inputs}
+    feeds["self_flag"] = np.ones_like(feeds["self_flag"])
+    run = lambda proto: ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
+    for want, got in zip(run(str(src)), run(model.SerializeToString())):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def test_attention_copy_edits_like_the_bundle_graphs(tiny_bundle, photo, tmp_path, monkeypatch):
     """The attention-only fused copy runs on the CPU provider: the whole cached path (fuse, cache,
     load, bind) gives the edit of the bundle's own graphs."""
@@ -134,6 +225,11 @@ def test_provider_options():
     )
     with pytest.raises(InputError, match="EXHAUSTIVE"):
         cuda.provider_options(0, "fastest", True)
+    # more of onnxruntime's provider options pass through and win over the defaults
+    more = cuda.provider_options(0, "HEURISTIC", True, (("prefer_nhwc", "1"), ("do_copy_in_default_stream", "0")))
+    assert more["prefer_nhwc"] == "1" and more["do_copy_in_default_stream"] == "0"
+    backend = OrtBackend(cuda_provider_options={"prefer_nhwc": 1, "fuse_conv_bias": "1"})
+    assert backend.options.cuda_provider_options == (("fuse_conv_bias", "1"), ("prefer_nhwc", "1"))
     with pytest.raises(InputError, match="cuda_fusions"):
         OrtBackend(cuda_fusions="most")._fused_for_cuda(None, "unet_forward")
 
@@ -219,3 +315,21 @@ def test_cuda_edit_matches_the_cpu_provider(tiny_bundle, photo, tmp_path):
     # ONNX Runtime's fused GroupNorm sums with atomics: runs differ in the last bits, not more
     assert psnr_db(outs[0], outs[1], peak=1.0) > 50
     assert min(psnr_db(ref, o, peak=1.0) for o in outs) > 40
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_provider(), reason="needs onnxruntime-gpu with a working CUDA provider")
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_bias_split_gelu_runs_like_the_pattern_on_cuda(dtype):
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((2, 16, 8)).astype(dtype)
+    model = geglu_model(dtype=dtype)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CUDAExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]  # noqa: E731
+    ref = run(model)
+    assert cuda.bias_split_gelus(model) == 1
+    got = run(model).astype(np.float64)
+    tol = 1e-4 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(got, ref.astype(np.float64), rtol=tol, atol=tol * np.abs(ref).max())

@@ -57,6 +57,8 @@ class OrtOptions:
     # HEURISTIC: as fast as EXHAUSTIVE on the iCD graphs (H200) and 2 s quicker to the first edit
     cudnn_conv_algo_search: str = "HEURISTIC"  # HEURISTIC | EXHAUSTIVE | DEFAULT
     device_id: int = 0
+    # more CUDA provider options, as onnxruntime names them (("prefer_nhwc", "1"), ...); they win
+    cuda_provider_options: tuple[tuple[str, str], ...] = ()
     cache_dir: str | None = None  # the fused graphs' cache; None: $ICD_EDGE_CACHE/ort-cuda
 
 
@@ -140,7 +142,12 @@ class OrtSession:
         import onnxruntime as ort
 
         chosen = [
-            (p, cuda.provider_options(options.device_id, options.cudnn_conv_algo_search, cuda_graph))
+            (
+                p,
+                cuda.provider_options(
+                    options.device_id, options.cudnn_conv_algo_search, cuda_graph, options.cuda_provider_options
+                ),
+            )
             if p == cuda.PROVIDER
             else p
             for p in providers
@@ -281,6 +288,10 @@ class OrtBackend:
     def __init__(self, options: OrtOptions | None = None, **fields):
         if fields.get("providers") is not None:
             fields["providers"] = tuple(fields["providers"])
+        extra = fields.get("cuda_provider_options")
+        if extra is not None:  # a mapping or pairs; kept as sorted pairs (the options stay hashable)
+            pairs = extra.items() if hasattr(extra, "items") else extra
+            fields["cuda_provider_options"] = tuple(sorted((str(k), str(v)) for k, v in pairs))
         self.options = build_options(OrtOptions, options, fields, self.name)
         self._shared_values: dict[tuple, object] = {}
         self.fused_ops: dict[str, dict] = {}  # graph -> ONNX Runtime's fused operator counts (CUDA)

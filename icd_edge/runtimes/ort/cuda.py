@@ -34,7 +34,7 @@ from icd_edge.errors import BackendUnavailable, BundleError
 
 logger = logging.getLogger(__name__)
 
-OPTIMIZER_VERSION = 1  # bump when what optimize_graph writes changes: old cache entries go stale
+OPTIMIZER_VERSION = 2  # bump when what optimize_graph writes changes: old cache entries go stale
 CACHE_KIND = "ort-cuda"
 # ONNX Runtime's optimizer model type per graph (its fusions differ between UNet, VAE and CLIP)
 MODEL_TYPES = {
@@ -64,8 +64,9 @@ def model_type(graph: str) -> str:
 CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
 
 
-def provider_options(device_id: int, conv_algo_search: str, cuda_graph: bool) -> dict[str, str]:
-    """The CUDA provider's options for one session."""
+def provider_options(device_id: int, conv_algo_search: str, cuda_graph: bool, extra=()) -> dict[str, str]:
+    """The CUDA provider's options for one session; ``extra`` (pairs or a mapping) adds or
+    overrides any of onnxruntime's CUDA provider options, e.g. ``{"prefer_nhwc": "1"}``."""
     if conv_algo_search not in CONV_ALGO_SEARCH:
         from icd_edge.errors import InputError
 
@@ -81,6 +82,7 @@ def provider_options(device_id: int, conv_algo_search: str, cuda_graph: bool) ->
         "cudnn_conv_use_max_workspace": "1",
         "do_copy_in_default_stream": "1",
         "enable_cuda_graph": "1" if cuda_graph else "0",
+        **{str(k): str(v) for k, v in (extra.items() if hasattr(extra, "items") else extra)},
     }
 
 
@@ -131,6 +133,8 @@ def optimize_graph(src: Path, graph: str, dst: Path, fusions: str = "all") -> di
     stats = {"MultiHeadAttention": fuse_attention(proto)}
     if fusions == "all":
         stats["GroupNormPattern"] = canonical_group_norms(proto)
+        stats["BiasSplitGelu"] = bias_split_gelus(proto)
+        stats["MergedRowProjections"] = merge_row_projections(proto)
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -157,6 +161,179 @@ def optimize_graph(src: Path, graph: str, dst: Path, fusions: str = "all") -> di
         proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=dst.name + ".data"
     )
     return stats
+
+
+# the hidden sizes ONNX Runtime's CUDA BiasSplitGelu kernel is built for (it rejects others at run)
+SPLIT_GELU_SIZES = (2560, 5120, 10240)
+
+
+def bias_split_gelus(model) -> int:
+    """Rewrite each GEGLU of the feed-forward layers, as torch exports ``h, g = (x·W + b).chunk(2)``
+    ``→ h · gelu(g)`` (erf form: ``Add → Split → g·0.5·(1 + erf(g/√2))`` in any association), into
+    ``com.microsoft.BiasSplitGelu(x·W, b)``: one kernel instead of eight. ONNX Runtime's own
+    fusion looks for Slice nodes and a Gelu node, which this export does not have. Only 3-D
+    inputs whose last size the CUDA kernel supports are rewritten. Returns how many were."""
+    from onnx import helper, numpy_helper
+
+    from icd_edge.runtimes.ort.attention import MS_DOMAIN, graph_index
+
+    graph = model.graph
+    prod, consumers = graph_index(graph)
+    inits = {t.name: t for t in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            inits[n.output[0]] = n.attribute[0].t
+    ranks = {vi.name: len(vi.type.tensor_type.shape.dim) for vi in list(graph.value_info) + list(graph.input)}
+
+    def rank(name, depth=0):
+        """The tensor's rank from value_info, else through a MatMul by a 2-D weight."""
+        if name in ranks or depth > 4:
+            return ranks.get(name)
+        p = prod.get(name)
+        if p is not None and p.op_type == "MatMul" and p.input[1] in inits and len(inits[p.input[1]].dims) == 2:
+            return rank(p.input[0], depth + 1)
+        return None
+
+    def scalar(name):
+        t = inits.get(name)
+        if t is None or t.external_data or len(t.dims) > 1 or (t.dims and t.dims[0] != 1):
+            return None
+        return float(numpy_helper.to_array(t).reshape(-1)[0])
+
+    def const_operand(node):
+        """(the other input, the scalar) of a binary node with one scalar constant input."""
+        a, b = node.input
+        if scalar(b) is not None:
+            return a, scalar(b)
+        if scalar(a) is not None and node.op_type != "Div":
+            return b, scalar(a)
+        return None, None
+
+    def only_consumer(name, node) -> bool:
+        return [id(c) for c in consumers.get(name, [])] == [id(node)] and name not in outputs
+
+    def gelu_of(g: str, out: str) -> list | None:
+        """The five nodes computing ``out = gelu(g)`` (erf form), or None."""
+        top = prod.get(out)
+        if top is None or top.op_type != "Mul":
+            return None
+        nodes, pending = [top], [top]
+        while pending:  # everything between g and out, each intermediate read once, inside
+            n = pending.pop()
+            for inp in n.input:
+                if inp == g or scalar(inp) is not None:
+                    continue
+                p = prod.get(inp)
+                if p is None or p.op_type not in ("Mul", "Add", "Erf", "Div") or not only_consumer(inp, n):
+                    return None
+                nodes.append(p)
+                pending.append(p)
+                if len(nodes) > 5:
+                    return None
+        if sorted(n.op_type for n in nodes) != ["Add", "Div", "Erf", "Mul", "Mul"]:
+            return None
+        div, add, erf = (next(n for n in nodes if n.op_type == op) for op in ("Div", "Add", "Erf"))
+        x, k = const_operand(div)
+        y, one = const_operand(add)
+        halves = [const_operand(n)[1] for n in nodes if n.op_type == "Mul"]
+        ok = (
+            x == g
+            and k is not None
+            and abs(k - 2**0.5) < 1e-3
+            and erf.input[0] == div.output[0]
+            and y == erf.output[0]
+            and one is not None
+            and abs(one - 1.0) < 1e-3
+            # one Mul scales by 0.5, the other multiplies by g: u = 1 + erf, then g·u·0.5 any order
+            and sorted(v for v in halves if v is not None) == [0.5]
+            and sum(g in n.input for n in nodes if n.op_type == "Mul") == 1
+        )
+        return nodes if ok else None
+
+    outputs = {o.name for o in graph.output}
+    done = 0
+    for split in [n for n in graph.node if n.op_type == "Split" and len(n.output) == 2]:
+        add = prod.get(split.input[0])
+        axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
+        if add is None or add.op_type != "Add" or not only_consumer(add.output[0], split):
+            continue
+        bias_i = next((i for i, name in enumerate(add.input) if name in inits and len(inits[name].dims) == 1), None)
+        if bias_i is None:
+            continue
+        x, bias = add.input[1 - bias_i], add.input[bias_i]
+        size = inits[bias].dims[0]
+        if size not in SPLIT_GELU_SIZES or rank(x) != 3 or axis not in (-1, 2):
+            continue
+        if len(split.input) > 1 and split.input[1]:
+            halves = inits.get(split.input[1])
+            if halves is None or numpy_helper.to_array(halves).tolist() != [size // 2, size // 2]:
+                continue
+        h, g = split.output
+        muls = [c for c in consumers.get(h, []) if c.op_type == "Mul"]
+        if len(muls) != 1 or len(consumers.get(h, [])) != 1 or h in outputs or g in outputs:
+            continue
+        final = muls[0]
+        other = final.input[1] if final.input[0] == h else final.input[0]
+        gelu = gelu_of(g, other)
+        if gelu is None or any(id(c) not in {id(n) for n in gelu} for c in consumers.get(g, [])):
+            continue
+        name = f"icd_bias_split_gelu_{done}"
+        fused = helper.make_node("BiasSplitGelu", [x, bias], [final.output[0]], name=name, domain=MS_DOMAIN)
+        pos = list(graph.node).index(final)
+        graph.node.insert(pos, fused)
+        for n in [add, split, final, *gelu]:
+            graph.node.remove(n)
+        done += 1
+    return done
+
+
+def merge_row_projections(model) -> int:
+    """``Concat₀(x₁·W + b, x₂·W + b, …)`` → ``Concat₀(x₁, x₂, …)·W + b``: the Prompt-to-Prompt
+    layers of the edit graph compute each row's attention on its own and project each with the
+    same output layer; one projection of the stacked rows is one GEMM instead of several, and its
+    bias joins the SkipLayerNormalization that follows (ONNX Runtime's fusion matches that form).
+    The same numbers: a matrix product acts on each row separately. Returns how many merged."""
+    from onnx import helper
+
+    from icd_edge.runtimes.ort.attention import graph_index
+
+    graph = model.graph
+    prod, consumers = graph_index(graph)
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    done = 0
+    for cat in [n for n in graph.node if n.op_type == "Concat" and len(n.input) > 1]:
+        axis = next((helper.get_attribute_value(a) for a in cat.attribute if a.name == "axis"), None)
+        if axis != 0:
+            continue
+        pairs = []
+        for name in cat.input:
+            add = prod.get(name)
+            mm = prod.get(add.input[0]) if add is not None and add.op_type == "Add" else None
+            if mm is None or mm.op_type != "MatMul" or add.input[1] not in inits:
+                break
+            if any(len(consumers.get(t, [])) != 1 or t in outputs for t in (name, mm.output[0])):
+                break
+            pairs.append((mm, add))
+        if len(pairs) != len(cat.input):
+            continue
+        weights = {mm.input[1] for mm, _ in pairs}
+        biases = {add.input[1] for _, add in pairs}
+        if len(weights) != 1 or len(biases) != 1 or len(inits[next(iter(biases))].dims) != 1:
+            continue
+        name = f"icd_rows_{done}"
+        new = [
+            helper.make_node("Concat", [mm.input[0] for mm, _ in pairs], [name + "_in"], name=name + "_cat", axis=0),
+            helper.make_node("MatMul", [name + "_in", weights.pop()], [name + "_mm"], name=name + "_mm"),
+            helper.make_node("Add", [name + "_mm", biases.pop()], [cat.output[0]], name=name + "_bias"),
+        ]
+        pos = list(graph.node).index(cat)
+        for k, n in enumerate(new):
+            graph.node.insert(pos + k, n)
+        for n in [cat, *(x for pair in pairs for x in pair)]:
+            graph.node.remove(n)
+        done += 1
+    return done
 
 
 def canonical_group_norms(model) -> int:
