@@ -284,6 +284,8 @@ def bias_split_gelus(model) -> int:
         for n in [add, split, final, *gelu]:
             graph.node.remove(n)
         done += 1
+    if done and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return done
 
 
