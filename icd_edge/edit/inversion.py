@@ -205,6 +205,8 @@ class Inversion:
             source = SourceCache(*(np.asarray(arrays[f"source_{n}"]) for n in ("latents", "maps", "tensors")))
             if len({a.shape[0] if a.ndim else -1 for a in (source.latents, source.maps, source.tensors)}) != 1:
                 raise ValueError("source cache arrays of different step counts")
+            for a in (source.latents, source.maps, source.tensors):
+                a.setflags(write=False)  # as a computed cache: the CUDA path keeps read-only feeds on the device
         fit, size, seed = meta["fit"], meta["image_size"], meta["seed"]
         if not (isinstance(fit, list) and len(fit) == 3 and fit[0] in ("stretch", "crop", "pad")):
             raise ValueError(f"fit {fit!r}")
