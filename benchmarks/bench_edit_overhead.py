@@ -7,7 +7,9 @@ traced in this process with the export's own tracer. Writes
 ``benchmarks/results/cpu_edit_overhead_<isa>.json`` whose ``summary`` has
 ``edit_unet_overhead_ort`` and ``edit_unet_overhead_openvino`` (fused edit step / plain step).
 
-    python benchmarks/bench_edit_overhead.py [--runs 3] [--work benchmarks/work/overhead]
+    python benchmarks/bench_edit_overhead.py [--runs 5] [--work benchmarks/work/overhead]
+
+The three graphs of a backend are loaded together and timed in turns (see time_interleaved).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _feeds(edit: bool) -> dict[str, np.ndarray]:
     return {**f, **_controls()} if edit else f
 
 
-def time_ort(path: Path, feeds: dict, runs: int) -> dict:
+def ort_runner(path: Path):
     import onnxruntime as ort
 
     from icd_edge.runtimes.ort.attention import fused_source
@@ -114,47 +116,64 @@ def time_ort(path: Path, feeds: dict, runs: int) -> dict:
     so.log_severity_level = 3
     source, fused = fused_source(path, so)  # what the runtime does when it opens a CPU session
     sess = ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
-    sess.run(None, feeds)  # first call: allocations
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t0)
-    del sess
-    return {"median_s": round(statistics.median(times), 3), "runs_s": [round(t, 3) for t in times], "fused": fused}
+    return (lambda feeds: sess.run(None, feeds)), {"fused": fused}
 
 
-def time_openvino(path: Path, feeds: dict, runs: int) -> dict:
+def openvino_runner(path: Path):
     import openvino
 
     core = openvino.Core()
     compiled = core.compile_model(str(path), "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
-    request.infer(feeds)
-    times = []
+    return (lambda feeds: request.infer(feeds)), {}
+
+
+def time_interleaved(make, paths: dict[str, Path], runs: int) -> dict:
+    """All graphs loaded at once, then timed in turns (plain, fused, explicit, plain, ...): a
+    2-core VM's speed drifts by 10-20 % over minutes, which separate blocks of runs turned into
+    ratios as far apart as 1.10 and 1.22 for the same graphs."""
+    runners, feeds, out = {}, {}, {}
+    for name, path in paths.items():
+        runners[name], out[name] = make(path)
+        feeds[name] = _feeds(name != "plain")
+        runners[name](feeds[name])  # first call: allocations
+    times: dict[str, list] = {name: [] for name in paths}
     for _ in range(runs):
-        t0 = time.perf_counter()
-        request.infer(feeds)
-        times.append(time.perf_counter() - t0)
-    del request, compiled
-    return {"median_s": round(statistics.median(times), 3), "runs_s": [round(t, 3) for t in times]}
+        for name in paths:
+            t0 = time.perf_counter()
+            runners[name](feeds[name])
+            times[name].append(time.perf_counter() - t0)
+    for name, ts in times.items():
+        out[name] |= {"median_s": round(statistics.median(ts), 3), "runs_s": [round(t, 3) for t in ts]}
+    runners.clear()
+    gc.collect()
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "work" / "overhead")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--into",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "cpu.json",
+        help="the report whose summary gets the two edit_unet_overhead keys (and the ISA they ran on)",
+    )
+    ap.add_argument("--merge", type=Path, help="only copy the summary of this earlier result into --into")
     args = ap.parse_args()
+    if args.merge:
+        return into_summary(json.loads(args.merge.read_text()), args.merge, args.into)
     args.work.mkdir(parents=True, exist_ok=True)
     paths = trace_all(args.work)
     gc.collect()
     report = {"machine": machine(), "shape": "512 px, batch 2, fp32, random-sd15 reverse UNet", "runs": {}}
-    for backend, timer in (("onnxruntime", time_ort), ("openvino", time_openvino)):
-        for name, path in paths.items():
-            report["runs"][f"{backend}/{name}"] = res = timer(path, _feeds(name != "plain"), args.runs)
+    for backend, make in (("onnxruntime", ort_runner), ("openvino", openvino_runner)):
+        for name, res in time_interleaved(make, paths, args.runs).items():
+            report["runs"][f"{backend}/{name}"] = res
             print(backend, name, res, flush=True)
-            gc.collect()
+        gc.collect()
     r = report["runs"]
 
     def ratio(backend: str, edit: str) -> float:
@@ -171,6 +190,23 @@ def main() -> int:
     out = args.out or ROOT / "benchmarks" / "results" / f"cpu_edit_overhead_{isa}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report["summary"]), "->", out)
+    return into_summary(report, out, args.into)
+
+
+def into_summary(report: dict, source: Path, into: Path) -> int:
+    """The issue's keys in the CPU report's summary, with the ISA class and file they came from."""
+    data = json.loads(into.read_text())
+    s = report["summary"]
+    data["summary"] |= {
+        "edit_unet_overhead_ort": s["edit_unet_overhead_ort"],
+        "edit_unet_overhead_openvino": s["edit_unet_overhead_openvino"],
+        "edit_unet_overhead_isa": s["isa"],
+        "edit_unet_overhead_source": str(source.resolve().relative_to(ROOT))
+        if source.resolve().is_relative_to(ROOT)
+        else str(source),
+    }
+    into.write_text(json.dumps(data, indent=1) + "\n")
+    print("summary keys ->", into)
     return 0
 
 
