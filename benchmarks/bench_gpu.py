@@ -580,6 +580,12 @@ def phase_ort(args, src=None, bundle=None) -> dict:
     if "configs" in steps:
         res["configs"] = run_configs(args.bundle, args.ort_configs, args.iters, work)
         save()
+    from icd_edge.bundle.store import open_bundle
+
+    if open_bundle(args.bundle, verify=False).manifest.family == "sdxl":
+        # the torch side of SDXL is bench_gpu.py --model sdxl (its own build of the same architecture)
+        log("SDXL bundle: onnxruntime configurations only; the fp32 reference and fast path are the sdxl phase")
+        return res
     img = synthetic(1)[0]
     if "ref" in steps or "fast" in steps:
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -646,6 +652,12 @@ def phase_throughput(args, src, bundle) -> dict:
         log("batch", n, res[str(n)])
         torch.cuda.empty_cache()
     return res
+
+
+def ort_sdxl_ms(ort_sdxl: dict | None, default: str = "all-heuristic") -> float | None:
+    """iCD-XL on onnxruntime's CUDA provider (``--phase ort`` on an SDXL bundle): median edit."""
+    runs = ((ort_sdxl or {}).get("configs", {}).get(default) or {}).get("edit_ms")
+    return round(statistics.median(runs), 2) if runs else None
 
 
 def ort_summary(ort: dict, gpu: str, default: str = "all-heuristic") -> dict:
@@ -738,7 +750,7 @@ def merge(paths: list[Path]) -> int:
             "sdxl_vae_fp32_ms": round(sdxl["part_ms"]["vae_encoder"] + sdxl["part_ms"]["vae_decoder"], 1)
             if "part_ms" in sdxl
             else None,
-            "sdxl_ort_edit_ms": None,
+            "sdxl_ort_edit_ms": ort_sdxl_ms(data.get("ort_sdxl")),
             # opt-in deviation (an fp16-safe VAE, --vae at export): the VAE in float16
             "sdxl_edit_ms_fp16_vae": round(statistics.median(sdxl["fp16_vae_ms"]), 2)
             if "fp16_vae_ms" in sdxl
@@ -789,9 +801,12 @@ def main() -> int:
     if args.phase == "ort":
         if args.bundle is None:
             ap.error("--phase ort needs --bundle")
-        result = {"env": env, "ort": phase_ort(args)}
+        from icd_edge.bundle.store import open_bundle
+
+        key = "ort_sdxl" if open_bundle(args.bundle, verify=False).manifest.family == "sdxl" else "ort"
+        result = {"env": env, key: phase_ort(args)}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gpu_ort.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"gpu_{key}.json").write_text(json.dumps(result, indent=1))
         return 0
     with tempfile.TemporaryDirectory() as work:
         src, bundle = build(Path(work), args.sdxl_model if args.phase == "sdxl" else "random-sd15")

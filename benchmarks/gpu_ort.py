@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 EDIT = dict(cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0}, blend=("cat", "dog"), guidance=19.0, tau=0.8)
+EDIT_XL = dict(guidance=19.0, tau=0.7)  # iCD-XL: prompt switch, as bench_gpu.py --model sdxl
 SRC, TGT = "a photo of a cat", "a photo of a dog"
 # name -> OrtOptions fields
 CONFIGS = {
@@ -107,15 +108,20 @@ def worker(args) -> int:
     except Exception as exc:  # no NVML here (a CPU smoke run)
         log("no device memory figures:", exc)
         mem = None
-    img = sample_photo(512)
+    from icd_edge.bundle.store import open_bundle
+
+    manifest = open_bundle(args.bundle, verify=False).manifest
+    xl = manifest.family == "sdxl"
+    img = sample_photo(manifest.image_hw)
+    edit_kw = EDIT_XL if xl else EDIT
     fields = CONFIGS[args.config]
-    res: dict = {"config": args.config, "options": fields}
+    res: dict = {"config": args.config, "options": fields, "family": manifest.family}
     t0 = time.perf_counter()
     ed = Editor.open(args.bundle, backend="onnxruntime", source_cache="off", verify=False, **fields)
 
     def edit():
         inv = ed.invert(img, SRC)
-        return ed.edit(inv, TGT, output_type="np", **EDIT)
+        return ed.edit(inv, TGT, output_type="np", **edit_kw)
 
     out = edit()
     res["first_edit_s"] = round(time.perf_counter() - t0, 2)
@@ -138,7 +144,7 @@ def worker(args) -> int:
         res["edit_ms"] = [round(w, 3) for w in walls]
         ed.profile = []
         inv = ed.invert(img, SRC)
-        ed.edit(inv, TGT, output_type="np", **EDIT)
+        ed.edit(inv, TGT, output_type="np", **edit_kw)
         stages: dict = {}
         for stage, ms in ed.profile:
             stages.setdefault(stage, []).append(round(ms, 3))
@@ -146,7 +152,7 @@ def worker(args) -> int:
         ed.profile = None
         res["host_copies_ms"] = host_copies(sess)
     res["memory"] = mem.stop() if mem else None  # the edit's editor alone, before the re-edit one opens
-    if args.reedit:
+    if args.reedit and not xl:  # SDXL edits by prompt switch: no source cache
         res |= reedits(args.bundle, fields, img, args.iters)
     ed.close()
     Path(args.out).write_text(json.dumps(res, indent=1))

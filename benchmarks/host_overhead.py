@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from gpu_ort import EDIT, SRC, TGT  # noqa: E402  (the edit bench_gpu --phase ort times)
+from gpu_ort import EDIT, EDIT_XL, SRC, TGT  # noqa: E402  (the edit bench_gpu --phase ort times)
 
 
 class StubSession:
@@ -78,13 +78,14 @@ def main() -> int:
     )
     ed = Editor.open(args.bundle, backend="onnxruntime", source_cache="off", verify=False)
     img = sample_photo(ed.constants.image_hw)
+    edit_kw = EDIT_XL if ed.bundle.manifest.family == "sdxl" else EDIT
     inv_ms, edit_ms, walls = [], [], []
 
     def once():
         t0 = time.perf_counter()
         inv = ed.invert(img, SRC)
         t1 = time.perf_counter()
-        ed.edit(inv, TGT, output_type="np", **EDIT)
+        ed.edit(inv, TGT, output_type="np", **edit_kw)
         t2 = time.perf_counter()
         return (t1 - t0) * 1000, (t2 - t1) * 1000
 
