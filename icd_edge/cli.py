@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "prepare",
-        help="make what a GPU backend builds at first use now (onnxruntime's fused CUDA graphs), so the first "
-        "edit does not wait",
+        help="make what a GPU backend builds at first use now (onnxruntime's fused CUDA graphs; with --fast "
+        "the compiled torch path's kernels), so the first edit does not wait",
         formatter_class=fmt,
     )
     p.add_argument("bundle", type=Path, metavar="PATH", help="a bundle folder")
@@ -307,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="all: ONNX Runtime's Stable Diffusion fusions and fused attention; attention: fused attention only",
     )
     p.add_argument("--jobs", type=int, default=1, help="graphs fused at once (each holds one graph in memory)")
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help="compile the torch fast path (bundles with --targets onnx,torch; CUDA GPU) and keep its kernels "
+        "in $ICD_EDGE_CACHE/torch-compile",
+    )
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster open)")
     p.add_argument("--json", action="store_true", help="print the cache entries as JSON")
     _verbosity(p)
@@ -816,6 +822,8 @@ def cmd_prepare(args) -> int:
 
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1, not {args.jobs}", param="jobs")
+    if args.fast:
+        return _prepare_fast(args)
     missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
     if missing:
         raise BackendUnavailable(
@@ -845,6 +853,32 @@ def cmd_prepare(args) -> int:
         for g, meta in done.items():
             print(f"{g:<22} {meta.get('fused') or 'nothing fused'}")
         print(f"prepared {len(done)} graphs in {seconds} s (cache {root})")
+    return 0
+
+
+def _prepare_fast(args) -> int:
+    import importlib.util
+
+    from icd_edge.bundle.store import open_bundle
+    from icd_edge.errors import BackendUnavailable
+
+    missing = [m for m in ("torch", "diffusers") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailable(f"prepare --fast needs {' and '.join(missing)} (pip install 'icd_edge[export]')")
+    bundle = open_bundle(args.bundle, verify=not args.no_verify)  # a bad path fails before torch loads
+    if bundle.artifact("unet_reverse", "torch") is None:
+        raise BackendUnavailable(f"bundle {bundle.root} has no torch weights; re-export with --targets onnx,torch")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable("prepare --fast compiles for a CUDA GPU, and torch sees none here")
+    from icd_edge.fast.editor import FastEditor
+
+    done = FastEditor.prepare(bundle.root, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(done))
+    elif not args.quiet:
+        print(f"compiled the fast path in {done['seconds']} s (cache {done['entry']})")
     return 0
 
 

@@ -12,7 +12,10 @@ runs on the CPU too (``device="cpu"``, no compile/graphs), which the tests use.
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +40,8 @@ from icd_edge.graphs.wrappers import (
 from icd_edge.image import image_to_uint8, load_image
 from icd_edge.rng import noise as make_noise
 from icd_edge.tokenizer import ClipTokenizer
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {precision.FP16: torch.float16, precision.BF16: torch.bfloat16, precision.FP32: torch.float32}
 
@@ -139,6 +144,9 @@ class FastOptions:
     # SDXL only: the VAE's dtype (None: fp32, as SDXL's VAE overflows in float16); "fp16" for a
     # bundle exported with an fp16-safe VAE (--vae), a deviation from the released model
     vae_dtype: str | None = None
+    # keep the compiled kernels between processes (icd_edge.fast.compile_cache); None: the default
+    # folder $ICD_EDGE_CACHE/torch-compile, "" : off
+    compile_cache: str | None = None
 
 
 class FastEditor:
@@ -182,6 +190,25 @@ class FastEditor:
         self.unet_t = UNetTargetGraph(unet_reverse, (self.h // 2) ** 2, self.q).eval()
         self.vae_enc, self.vae_dec = VaeEncoderGraph(self.vae), VaeDecoderGraph(self.vae)
         self.vae_enc_c, self.vae_dec_c = self.vae_enc, self.vae_dec
+        self._compile_cache = self._compile_material = None
+        self.compile_cache_loaded = False
+        if options.compile and options.compile_cache != "":
+            from icd_edge.fast.compile_cache import CompileCache, key_material
+
+            self._compile_cache = CompileCache(options.compile_cache or None)
+            self._compile_material = key_material(
+                bundle.bundle_id,
+                options.device,
+                {"dtype": dtype, "channels_last": options.channels_last, "compile_mode": options.compile_mode},
+            )
+            # before anything compiles: torch then finds the kernels of an earlier process ready
+            self.compile_cache_loaded = self._compile_cache.load(self._compile_material)
+            if not self.compile_cache_loaded:
+                logger.warning(
+                    "no compiled kernels cached for this GPU, torch and bundle: the first edit compiles the "
+                    "UNets (minutes); FastEditor.prepare(bundle) or `icd-edge prepare --fast BUNDLE` builds "
+                    "them ahead for later processes"
+                )
         if options.compile:
             self.vae.to(memory_format=mf)
             comp = lambda m: torch.compile(m, mode=options.compile_mode)  # noqa: E731
@@ -219,6 +246,49 @@ class FastEditor:
             UNet2DConditionModel.from_pretrained(b.path(art["unet_reverse"].dir), use_safetensors=True),
             FastOptions(**options),
         )
+
+    @classmethod
+    def prepare(cls, path, progress: bool = True, **options) -> dict:
+        """Compile every specialisation an edit session uses (invert, edit with P2P and local
+        blend, reconstruct, source pass and re-edit) once and save the kernels, so that a later
+        process's first edit loads them instead of compiling. Returns ``{"seconds", "entry"}``."""
+        from tqdm import tqdm
+
+        from icd_edge.export.samples import sample_photo
+
+        t0 = time.perf_counter()
+        level = logger.level
+        logger.setLevel(logging.ERROR)  # "the first edit compiles": what prepare is here to do
+        try:
+            fast = cls.from_bundle(path, **options)
+        finally:
+            logger.setLevel(level)
+        if fast._compile_cache is None:
+            raise InputError("prepare needs compile=True and a compile cache (compile_cache is off)")
+        img = sample_photo(fast.c.image_hw)
+        src, tgt = "a photo of a cat", "a photo of a dog"
+        steps = [
+            (
+                "invert + edit",
+                lambda: fast.edit_image(img, src, tgt, cross_replace=0.4, self_replace=0.6, blend=("cat", "dog")),
+            ),
+            ("plain edit", lambda: fast.edit_image(img, src, tgt)),
+            ("re-edit", lambda: _reedit_once(fast, img, src, tgt)),
+        ]
+        with tqdm(total=len(steps), desc="compiling", unit="pass", disable=not progress, file=sys.stderr) as bar:
+            for name, step in steps:
+                bar.set_postfix_str(name)
+                step()
+                bar.update(1)
+        entry = fast.save_compile_cache()
+        return {"seconds": round(time.perf_counter() - t0, 1), "entry": str(entry) if entry else None}
+
+    def save_compile_cache(self):
+        """Save what this process has compiled as the cache entry of this GPU, torch and bundle
+        (the folder, or None when nothing was compiled or the cache is off)."""
+        if self._compile_cache is None:
+            return None
+        return self._compile_cache.save(self._compile_material)
 
     # ----------------------------------------------------------------- device functions
     def _stage(self, name):
@@ -667,3 +737,8 @@ class FastEditor:
         from PIL import Image
 
         return Image.fromarray(arr, "RGB")
+
+
+def _reedit_once(fast: "FastEditor", img, src: str, tgt: str) -> None:
+    latent = fast.invert_batch([img], [src], [0])
+    fast.reedit_batch(latent, fast.source_cache(latent, src), src, [tgt], cross_replace=0.4, self_replace=0.6)

@@ -282,6 +282,13 @@ def test_prepare_cli(tiny_bundle, tmp_path):
     assert bad.returncode == 2 and "--jobs" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("prepare", str(tmp_path / "nope"), env=env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        if not torch.cuda.is_available():  # CI: --fast is refused in one line, nothing written
+            fast = run_cli("prepare", "--fast", str(tiny_bundle), env=env)
+            assert fast.returncode == 2 and "CUDA GPU" in fast.stderr and "Traceback" not in fast.stderr
+            assert not (tmp_path / "torch-compile").exists()
 
 
 def test_doctor_reports_the_cuda_provider():

@@ -166,3 +166,48 @@ def test_cuda_reedit_matches_eager_batch2_reference(tmp_path):
         assert psnr_db(want, got, peak=1.0) >= 40
     captured = fast.captured_graphs()
     assert ("source", 1) in captured and any(key[0][0] == "reedit" for key in captured if key[0] != "source")
+
+
+@pytest.mark.gpu
+def test_cuda_compile_cache_is_found_by_the_next_process(tiny_bundle, tmp_path):
+    """prepare compiles and saves; a new process loads the kernels before compiling (its own
+    Inductor folder is empty, so every kernel it finds came from the entry) and edits sooner."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys, time; from icd_edge.fast.editor import FastEditor\n"
+        "from icd_edge.export.samples import sample_photo\n"
+        "t = time.perf_counter()\n"
+        "if sys.argv[1] == 'prepare':\n"
+        "    print(json.dumps(FastEditor.prepare(sys.argv[2], progress=False)))\n"
+        "else:\n"
+        "    f = FastEditor.from_bundle(sys.argv[2])\n"
+        "    f.edit_image(sample_photo(f.c.image_hw), 'a photo of a cat', 'a photo of a dog', blend=('cat', 'dog'))\n"
+        "    print(json.dumps({'loaded': f.compile_cache_loaded, 'seconds': time.perf_counter() - t}))\n"
+    )
+
+    def run(mode: str, n: int) -> dict:
+        env = {
+            **os.environ,
+            "ICD_EDGE_CACHE": str(tmp_path / "cache"),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"i{n}"),
+        }
+        proc = subprocess.run(
+            [sys.executable, "-c", script, mode, str(tiny_bundle)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1200,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    built = run("prepare", 1)
+    assert built["entry"] and Path(built["entry"], "artifacts.bin").stat().st_size > 0
+    again = run("edit", 2)
+    assert again["loaded"] and again["seconds"] < built["seconds"]
