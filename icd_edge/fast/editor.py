@@ -254,8 +254,8 @@ class FastEditor:
         process's first edit loads them instead of compiling. Returns ``{"seconds", "entry"}``."""
         from tqdm import tqdm
 
-        from icd_edge.export.samples import sample_photo
-
+        if FastOptions(**options).device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
         t0 = time.perf_counter()
         level = logger.level
         logger.setLevel(logging.ERROR)  # "the first edit compiles": what prepare is here to do
@@ -265,7 +265,9 @@ class FastEditor:
             logger.setLevel(level)
         if fast._compile_cache is None:
             raise InputError("prepare needs compile=True and a compile cache (compile_cache is off)")
-        img = sample_photo(fast.c.image_hw)
+        hw = fast.c.image_hw  # any photo compiles the same kernels: a gradient
+        ramp = np.linspace(0, 255, hw, dtype=np.float32)
+        img = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), -1).astype(np.uint8)
         src, tgt = "a photo of a cat", "a photo of a dog"
         steps = [
             (
