@@ -3,6 +3,9 @@ engines, compiled Core ML models): ``$ICD_EDGE_CACHE/<kind>``, else the platform
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
 import platform
@@ -38,3 +41,25 @@ def cache_dir(
 ) -> Path:
     """The cache folder of one backend (``openvino``, ``trt``, ``coreml``)."""
     return cache_root(env, system, home) / kind
+
+
+def material_key(material: dict) -> str:
+    """sha256 of the canonical JSON of what a cache entry depends on (equal material, equal key)."""
+    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def write_entry(folder: Path, what: str):
+    """Write one cache entry folder atomically (yields the temporary folder to fill); an OS
+    fault is a BackendUnavailable naming the folder and ICD_EDGE_CACHE, nothing left behind."""
+    from icd_edge.atomic import atomic_dir, describe_os_error
+    from icd_edge.errors import BackendUnavailable
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(folder) as tmp:
+            yield tmp
+    except OSError as exc:
+        raise BackendUnavailable(
+            f"cannot write the {what} {folder}: {describe_os_error(exc)}; set {ENV} to a writable folder"
+        ) from None

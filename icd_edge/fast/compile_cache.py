@@ -17,12 +17,14 @@ Layout: ``$ICD_EDGE_CACHE/torch-compile/<key16>/artifacts.bin`` and ``meta.json`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
 import time
 from pathlib import Path
+
+from icd_edge.cache import material_key as entry_key
+from icd_edge.cache import write_entry
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +65,6 @@ def key_material(bundle_id: str, device: str, options: dict) -> dict:
         **device_identity(device),
         "options": dict(sorted(options.items())),
     }
-
-
-def entry_key(material: dict) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class CompileCache:
@@ -112,25 +110,15 @@ class CompileCache:
         None when torch has nothing to save."""
         import torch
 
-        from icd_edge.atomic import atomic_dir, describe_os_error
-        from icd_edge.errors import BackendUnavailable
-
         saved = torch.compiler.save_cache_artifacts()
         if not saved or not saved[0]:
             return None
         data = saved[0]
         folder = self.entry(material)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with atomic_dir(folder) as tmp:
-                (tmp / ARTIFACTS).write_bytes(data)
-                meta = {"material": material, "bytes": len(data), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        except OSError as exc:
-            raise BackendUnavailable(
-                f"cannot write the compile cache {folder}: {describe_os_error(exc)}; set ICD_EDGE_CACHE "
-                "to a writable folder"
-            ) from None
+        with write_entry(folder, "compile cache") as tmp:
+            (tmp / ARTIFACTS).write_bytes(data)
+            meta = {"material": material, "bytes": len(data), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         logger.info("compiled kernels saved to %s (%.1f MB)", folder, len(data) / 1e6)
         return folder
 

@@ -250,7 +250,7 @@ class FastEditor:
     @classmethod
     def prepare(cls, path, progress: bool = True, **options) -> dict:
         """Compile every specialisation an edit session uses (invert, edit with P2P and local
-        blend, reconstruct, source pass and re-edit) once and save the kernels, so that a later
+        blend, an edit with the default controls, source pass and re-edit) once and save the kernels, so that a later
         process's first edit loads them instead of compiling. Returns ``{"seconds", "entry"}``."""
         from tqdm import tqdm
 

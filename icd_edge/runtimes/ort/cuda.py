@@ -20,7 +20,6 @@ of microseconds against milliseconds of UNet (``bench_gpu.py --phase ort`` recor
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from icd_edge.errors import BackendUnavailable, BundleError
+from icd_edge.cache import material_key as entry_key
+from icd_edge.errors import BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +98,6 @@ def key_material(graph: str, digests: dict[str, str], ort_version: str, fusions:
         "model_type": model_type(graph),
         "fusions": fusions,
     }
-
-
-def entry_key(material: dict) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def source_digests(bundle, graph: str) -> dict[str, str]:
@@ -482,7 +478,7 @@ class FusedGraphCache:
         return self.build(bundle, graph, material, folder, progress)
 
     def build(self, bundle, graph: str, material: dict, folder: Path, progress=None) -> tuple[Path, dict]:
-        from icd_edge.atomic import atomic_dir, describe_os_error
+        from icd_edge.cache import write_entry
 
         src = bundle.path(bundle.artifact(graph, "onnx").file)
         msg = f"fusing {graph} for the CUDA provider (once per bundle and onnxruntime version; cached in {self.root})"
@@ -490,23 +486,16 @@ class FusedGraphCache:
         if progress is not None:
             progress(graph)
         t0 = time.perf_counter()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            with atomic_dir(folder) as tmp:
-                stats = optimize_graph(src, graph, tmp / "model.onnx", material["fusions"])
-                files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-                meta = {
-                    "material": material,
-                    "files": files,
-                    "fused": stats,
-                    "seconds": round(time.perf_counter() - t0, 2),
-                }
-                (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        except OSError as exc:
-            raise BackendUnavailable(
-                f"cannot write the CUDA graph cache {folder}: {describe_os_error(exc)}; set ICD_EDGE_CACHE "
-                "to a writable folder"
-            ) from None
+        with write_entry(folder, "CUDA graph cache") as tmp:
+            stats = optimize_graph(src, graph, tmp / "model.onnx", material["fusions"])
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            meta = {
+                "material": material,
+                "files": files,
+                "fused": stats,
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         logger.info("%s fused in %.1f s: %s", graph, meta["seconds"], stats or "nothing matched")
         return folder / "model.onnx", meta
 
