@@ -45,6 +45,13 @@ def test_all_fusions_replace_every_group_norm_and_plain_attention(tiny_bundle, t
     assert after["Softmax"] == before["Softmax"] - stats["MultiHeadAttention"]
     assert after["NhwcConv"] == before["Conv"] and after["Conv"] == 0
     model = onnx.load(str(tmp_path / "model.onnx"))  # weights read back from the external file
+    # no conv that feeds a SkipGroupNorm alone keeps its bias-add: the norm adds it
+    users = collections.Counter(i for n in model.graph.node for i in n.input)
+    into_norm = {i for n in model.graph.node if n.op_type == "SkipGroupNorm" for i in (n.input[0], n.input[3])}
+    moved = [
+        n for n in model.graph.node if n.op_type == "NhwcConv" and users[n.output[0]] == 1 and n.output[0] in into_norm
+    ]
+    assert moved and all(len(n.input) == 2 for n in moved) and stats["ConvBiasesInGroupNorm"] == len(moved)
     assert {i.name for i in model.graph.input} == {i.name for i in onnx.load(str(src)).graph.input}
     assert not [
         i for n in model.graph.node for i in n.input if i.endswith(cuda.FP32_SUFFIX) and "GroupNorm" not in n.op_type
@@ -158,6 +165,144 @@ def test_row_projections_merge_into_one_gemm_with_the_same_result(tiny_bundle):
     run = lambda proto: ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, feeds)  # noqa: E731
     for want, got in zip(run(str(src)), run(model.SerializeToString())):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def conv_norm_model(dtype=np.float32):
+    """The resnet tail as the CUDA fusions leave it, NHWC: ``conv1 → SkipGroupNorm(skip = time
+    embedding, broadcast)``; ``conv2, 1×1 shortcut → SkipGroupNorm`` with its sum ``S`` read
+    on; and a conv with two consumers (its bias must stay)."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    c = 16
+    inits = {
+        "w1": rng.standard_normal((c, 3, 3, c)),
+        "b1": rng.standard_normal(c),
+        "w2": rng.standard_normal((c, 3, 3, c)),
+        "b2": rng.standard_normal(c),
+        "ws": rng.standard_normal((c, 1, 1, c)),
+        "bs": rng.standard_normal(c),
+        "w3": rng.standard_normal((c, 3, 3, c)),
+        "b3": rng.standard_normal(c),
+    }
+    inits = [numpy_helper.from_array((v * 0.2).astype(dtype), k) for k, v in inits.items()]
+    inits += [numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), n) for n in ("g", "be")]
+    conv = lambda x, w, b, out, k: helper.make_node(  # noqa: E731
+        "NhwcConv", [x, w, b], [out], domain="com.microsoft", kernel_shape=[k, k], pads=[k // 2] * 4
+    )
+    norm = lambda ins, outs: helper.make_node(  # noqa: E731
+        "SkipGroupNorm", ins, outs, domain="com.microsoft", groups=4, activation=1, epsilon=1e-5
+    )
+    nodes = [
+        conv("x", "w1", "b1", "c1", 3),
+        norm(["c1", "g", "be", "temb"], ["h"]),
+        conv("h", "w2", "b2", "c2", 3),
+        conv("x", "ws", "bs", "cs", 1),
+        norm(["c2", "g", "be", "cs"], ["y", "s"]),
+        conv("s", "w3", "b3", "c3", 3),
+        norm(["c3", "g", "be", "temb"], ["z"]),
+        helper.make_node("Add", ["c3", "s"], ["u"]),
+    ]
+    io = lambda n, shape: helper.make_tensor_value_info(n, elem, shape)  # noqa: E731
+    graph = helper.make_graph(
+        nodes,
+        "resnet",
+        [io("x", [2, 8, 8, c]), io("temb", [2, 1, 1, c])],
+        [io(n, [2, 8, 8, c]) for n in ("y", "s", "z", "u")],
+        inits,
+    )
+    ops = [helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=ops, ir_version=10)
+
+
+def standard_ops(model):
+    """``NhwcConv`` and ``SkipGroupNorm`` (CUDA-only kernels) written as the standard operators
+    they compute, so that the CPU provider runs the graph before and after a rewrite."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    out = []
+    for n in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        p = n.name or n.output[0]
+        if n.op_type == "NhwcConv":
+            w = numpy_helper.to_array(inits[n.input[1]]).transpose(0, 3, 1, 2)
+            graph.initializer.append(numpy_helper.from_array(w, p + "_oihw"))
+            out += [
+                helper.make_node("Transpose", [n.input[0]], [p + "_nchw"], perm=[0, 3, 1, 2]),
+                helper.make_node("Conv", [p + "_nchw", p + "_oihw", *n.input[2:]], [p + "_y"], **attrs),
+                helper.make_node("Transpose", [p + "_y"], [n.output[0]], perm=[0, 2, 3, 1]),
+            ]
+        elif n.op_type == "SkipGroupNorm":
+            g = attrs["groups"]
+            total = n.output[1] if len(n.output) > 1 else p + "_sum"
+            adds = [helper.make_node("Add", [n.input[0], n.input[3]], [p + "_xs" if len(n.input) > 4 else total])]
+            if len(n.input) > 4 and n.input[4]:
+                adds.append(helper.make_node("Add", [p + "_xs", n.input[4]], [total]))
+            shape = numpy_helper.from_array(np.array([0, 0, 0, g, -1], np.int64), p + "_grp")
+            back = numpy_helper.from_array(np.array([0, 0, 0, -1], np.int64), p + "_back")
+            axes = numpy_helper.from_array(np.array([1, 2, 4], np.int64), p + "_axes")
+            graph.initializer.extend([shape, back, axes])
+            dt = inits[n.input[0]].data_type if n.input[0] in inits else graph.input[0].type.tensor_type.elem_type
+            out += adds + [
+                helper.make_node("Cast", [total], [p + "_f"], to=onnx.TensorProto.FLOAT),
+                helper.make_node("Reshape", [p + "_f", p + "_grp"], [p + "_r"]),
+                helper.make_node("ReduceMean", [p + "_r", p + "_axes"], [p + "_m"]),
+                helper.make_node("Sub", [p + "_r", p + "_m"], [p + "_d"]),
+                helper.make_node("Mul", [p + "_d", p + "_d"], [p + "_dd"]),
+                helper.make_node("ReduceMean", [p + "_dd", p + "_axes"], [p + "_v"]),
+                helper.make_node("Add", [p + "_v", p + "_eps"], [p + "_ve"]),
+                helper.make_node("Sqrt", [p + "_ve"], [p + "_sd"]),
+                helper.make_node("Div", [p + "_d", p + "_sd"], [p + "_n"]),
+                helper.make_node("Reshape", [p + "_n", p + "_back"], [p + "_nb"]),
+                helper.make_node("Mul", [p + "_nb", n.input[1]], [p + "_sc"]),
+                helper.make_node("Add", [p + "_sc", n.input[2]], [p + "_ab"]),
+                helper.make_node("Sigmoid", [p + "_ab"], [p + "_sg"]),
+                helper.make_node("Mul", [p + "_ab", p + "_sg"], [p + "_act"]),
+                helper.make_node("Cast", [p + "_act"], [n.output[0]], to=dt),
+            ]
+            graph.initializer.append(numpy_helper.from_array(np.array(attrs["epsilon"], np.float32), p + "_eps"))
+        else:
+            out.append(n)
+    del graph.node[:]
+    graph.node.extend(out)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_conv_biases_move_into_skip_group_norms(dtype):
+    """A conv whose one consumer is a SkipGroupNorm loses its bias to that node's bias input
+    (two convs into one node: the sum); the graph computes the same, sums ``S`` included."""
+    import onnxruntime as ort
+
+    model = conv_norm_model(dtype)
+    rng = np.random.default_rng(4)
+    feeds = {
+        "x": rng.standard_normal((2, 8, 8, 16)).astype(dtype),
+        "temb": rng.standard_normal((2, 1, 1, 16)).astype(dtype),
+    }
+    run = lambda m: ort.InferenceSession(  # noqa: E731
+        standard_ops(m).SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(None, feeds)
+    want = run(model)
+    assert cuda.conv_biases_into_group_norms(model) == 3
+    convs = {n.output[0]: n for n in model.graph.node if n.op_type == "NhwcConv"}
+    assert [len(convs[c].input) for c in ("c1", "c2", "cs", "c3")] == [2, 2, 2, 3]  # c3 feeds an Add too
+    norms = [n for n in model.graph.node if n.op_type == "SkipGroupNorm"]
+    assert [len(n.input) for n in norms] == [5, 5, 4]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert not {"b1", "b2", "bs"} & set(inits) and "b3" in inits
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in conv_norm_model(dtype).graph.initializer}
+    assert np.array_equal(inits[norms[0].input[4]], before["b1"])
+    summed = (before["b2"].astype(np.float32) + before["bs"].astype(np.float32)).astype(dtype)
+    assert np.array_equal(inits[norms[1].input[4]], summed)
+    onnx.checker.check_model(model)
+    tol = 1e-5 if dtype == np.float32 else 3e-3
+    for w, g in zip(want, run(model)):
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=tol, atol=tol * np.abs(w).max())
 
 
 def test_attention_copy_edits_like_the_bundle_graphs(tiny_bundle, photo, tmp_path, monkeypatch):
