@@ -14,7 +14,8 @@ Phases (each fits one device command):
               (`--model sdxl` picks it.)
   reedit      re-edits (issue 19): the fast full edit and, in the same process, the source cache of
               one inversion and its re-edits (target rows only), one target and N targets a batch;
-              PSNR vs the fp32 eager batch-2 edit; peak device memory.
+              PSNR vs the fp32 eager batch-2 edit; peak device memory; then edits and re-edits
+              decoded by TAESD (edit_ms_taesd, reedit_ms_taesd; --skip-taesd leaves them out).
   firstedit   issue 18 parts 1-2 (`--bundle`, exported with --targets onnx,torch): `icd-edge prepare
               --fast` timed in its own process, then a fresh process timed from its start to its
               first edit done with that cache (and an empty Inductor folder: every kernel comes from
@@ -289,6 +290,21 @@ def phase_reedit(args, src, bundle) -> dict:
     res[f"reedit_batch{n}_ms"] = wall_ms(lambda: fast.reedit_batch(lat, source, SRC, REEDIT_TARGETS, **EDIT), 10)
     log("batch", n, statistics.median(res[f"reedit_batch{n}_ms"]))
     save()
+    if not args.skip_taesd:  # the same edits decoded by TAESD (its architecture, random weights)
+        from icd_edge.export.taesd import load_taesd
+
+        opts = FastOptions(compile_mode=args.compile_mode, decoder="taesd")
+        tiny = FastEditor(bundle, *mods, opts, taesd=load_taesd("random", seed=0))
+        run = lambda: tiny.edit_image(img, SRC, TGT, output_type="np", **EDIT)  # noqa: E731
+        t0 = time.perf_counter()
+        run()
+        res["taesd_first_call_s"] = round(time.perf_counter() - t0, 1)
+        res["edit_ms_taesd"] = wall_ms(run, args.iters)
+        lat_t = tiny.invert_batch([img], [SRC], [0])
+        source_t = tiny.source_cache(lat_t, SRC)
+        res["reedit_ms_taesd"] = wall_ms(lambda: tiny.reedit_batch(lat_t, source_t, SRC, [TGT], **EDIT), args.iters)
+        log("taesd", statistics.median(res["edit_ms_taesd"]), statistics.median(res["reedit_ms_taesd"]))
+        save()
     return res
 
 
@@ -808,7 +824,8 @@ def merge(paths: list[Path]) -> int:
             "reedit_ms_per_target_batch": round(statistics.median(re[f"reedit_batch{n}_ms"]) / n, 2)
             if f"reedit_batch{n}_ms" in re
             else None,
-            "reedit_ms_taesd": None,  # the fast path has no TAESD decoder yet (issue 18, part 4)
+            "reedit_ms_taesd": round(statistics.median(re["reedit_ms_taesd"]), 2) if "reedit_ms_taesd" in re else None,
+            "edit_ms_taesd": round(statistics.median(re["edit_ms_taesd"]), 2) if "edit_ms_taesd" in re else None,
             "reedit_vs_fp32_reference_psnr_db": re["reedit_vs_ref_psnr_db"],
             "source_ms": round(statistics.median(re["source_ms"]), 2),
             "reedit_peak_allocated_gib": re.get("peak_allocated_gib"),
@@ -875,6 +892,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--iters-eager", type=int, default=5)
     ap.add_argument("--skip-full", action="store_true", help="reedit phase: leave out the full edit (its compile)")
+    ap.add_argument("--skip-taesd", action="store_true", help="reedit phase: leave out the TAESD-decoded edits")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--merge", nargs="+", type=Path)
     args = ap.parse_args()

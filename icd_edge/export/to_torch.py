@@ -25,7 +25,11 @@ def torch_target(ctx) -> None:
     else:
         src.unet_forward.save_pretrained(root / "unet_forward", safe_serialization=True)
         src.unet_reverse.save_pretrained(root / "unet_reverse", safe_serialization=True)
+    taesd = ctx.graphs.get("taesd_decoder")
+    if taesd is not None:  # --taesd: its AutoencoderTiny, for the reference and fast torch paths
+        taesd.taesd.save_pretrained(root / "taesd", safe_serialization=True)
     dirs = {
+        "taesd_decoder": "taesd",
         "text_encoder": "text_encoder",
         "text_encoder_2": "text_encoder_2",
         "vae_encoder": "vae",

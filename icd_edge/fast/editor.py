@@ -147,6 +147,9 @@ class FastOptions:
     # keep the compiled kernels between processes (icd_edge.fast.compile_cache); None: the default
     # folder $ICD_EDGE_CACHE/torch-compile, "" : off
     compile_cache: str | None = None
+    # final images: "full" (the SD VAE) or "taesd" (the tiny decoder of a bundle exported with
+    # --taesd and --targets onnx,torch; the same decoder as Editor(decoder="taesd"))
+    decoder: str = "full"
 
 
 class FastEditor:
@@ -157,9 +160,28 @@ class FastEditor:
         text_encoder, vae, unet_forward, unet_reverse: fused fp32 torch modules (from the
             bundle's ``torch/`` weights via :meth:`from_bundle`, or built in memory).
         options: :class:`FastOptions`.
+        taesd: the bundle's TAESD (a diffusers ``AutoencoderTiny``), needed for
+            ``decoder="taesd"``.
     """
 
-    def __init__(self, bundle, text_encoder, vae, unet_forward, unet_reverse, options: FastOptions = FastOptions()):
+    def __init__(
+        self,
+        bundle,
+        text_encoder,
+        vae,
+        unet_forward,
+        unet_reverse,
+        options: FastOptions = FastOptions(),
+        taesd=None,
+    ):
+        if options.decoder not in ("full", "taesd"):
+            raise InputError(f"decoder must be 'full' or 'taesd', got {options.decoder!r}", param="decoder")
+        if options.decoder == "taesd" and taesd is None:
+            raise InputError(
+                "decoder='taesd' needs the bundle's TAESD decoder (FastEditor.from_bundle loads it from a bundle "
+                "exported with --taesd and --targets onnx,torch)",
+                param="decoder",
+            )
         if options.device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
         dtype = precision.canonical(options.dtype, tuple(DTYPES), "dtype", param="dtype")
@@ -190,6 +212,12 @@ class FastEditor:
         self.unet_t = UNetTargetGraph(unet_reverse, (self.h // 2) ** 2, self.q).eval()
         self.vae_enc, self.vae_dec = VaeEncoderGraph(self.vae), VaeDecoderGraph(self.vae)
         self.vae_enc_c, self.vae_dec_c = self.vae_enc, self.vae_dec
+        self.taesd_dec = self.taesd_dec_c = None
+        if options.decoder == "taesd":
+            from icd_edge.graphs.taesd import TaesdDecoderGraph
+
+            self.taesd_dec = TaesdDecoderGraph(taesd.to(self.dev, self.dt, memory_format=mf)).eval()
+            self.taesd_dec_c = self.taesd_dec
         self._compile_cache = self._compile_material = None
         self.compile_cache_loaded = False
         if options.compile and options.compile_cache != "":
@@ -199,7 +227,13 @@ class FastEditor:
             self._compile_material = key_material(
                 bundle.bundle_id,
                 options.device,
-                {"dtype": dtype, "channels_last": options.channels_last, "compile_mode": options.compile_mode},
+                {
+                    "dtype": dtype,
+                    "channels_last": options.channels_last,
+                    "compile_mode": options.compile_mode,
+                    # another set of compiled modules (keys of full-decoder entries stay as they were)
+                    **({"decoder": options.decoder} if options.decoder != "full" else {}),
+                },
             )
             # before anything compiles: torch then finds the kernels of an earlier process ready
             self.compile_cache_loaded = self._compile_cache.load(self._compile_material)
@@ -213,6 +247,8 @@ class FastEditor:
             self.vae.to(memory_format=mf)
             comp = lambda m: torch.compile(m, mode=options.compile_mode)  # noqa: E731
             self.vae_enc_c, self.vae_dec_c = comp(self.vae_enc), comp(self.vae_dec)
+            if self.taesd_dec is not None:
+                self.taesd_dec_c = comp(self.taesd_dec)
             self.unet_f_c, self.unet_e_c, self.unet_r_c = comp(self.unet_f), comp(self.unet_e), comp(self.unet_r)
             self.unet_s_c, self.unet_t_c = comp(self.unet_s), comp(self.unet_t)
         else:
@@ -238,6 +274,17 @@ class FastEditor:
         art = {g: b.artifact(g, "torch") for g in ("text_encoder", "vae_encoder", "unet_forward", "unet_reverse")}
         if any(a is None for a in art.values()):
             raise BackendUnavailable(f"bundle {b.root} has no torch weights; re-export with --targets onnx,torch")
+        taesd = None
+        if options.get("decoder") == "taesd":
+            t_art = b.artifact("taesd_decoder", "torch") if "taesd_decoder" in b.graphs else None
+            if t_art is None:
+                raise BackendUnavailable(
+                    f"bundle {b.root} has no torch weights for its TAESD decoder; re-export with --taesd and "
+                    "--targets onnx,torch (or use decoder='full')"
+                )
+            from diffusers import AutoencoderTiny
+
+            taesd = AutoencoderTiny.from_pretrained(b.path(t_art.dir), use_safetensors=True)
         return cls(
             b,
             CLIPTextModel.from_pretrained(b.path(art["text_encoder"].dir), use_safetensors=True),
@@ -245,6 +292,7 @@ class FastEditor:
             UNet2DConditionModel.from_pretrained(b.path(art["unet_forward"].dir), use_safetensors=True),
             UNet2DConditionModel.from_pretrained(b.path(art["unet_reverse"].dir), use_safetensors=True),
             FastOptions(**options),
+            taesd=taesd,
         )
 
     @classmethod
@@ -373,9 +421,7 @@ class FastEditor:
 
         feeds, blend = self._step_feeds(s), self._blend_fn(s)
         x = loop.edit(self._run, self.c, s["latent"], text, s["cond"], feeds, blend, ops=self._ops)
-        with self._stage("vae_decoder"):
-            img = self.vae_dec_c((x[n:] / self.c.vae_scale).to(self.dt)).float()
-        self._to_image(s, img)
+        self._to_image(s, self._decode(x[n:]))
 
     def _source_fn(self, s: dict) -> None:
         with self._stage("text_encoder"):
@@ -405,9 +451,16 @@ class FastEditor:
             self._blend_fn(s),
             ops=self._ops,
         )
+        self._to_image(s, self._decode(x))
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Final latents (UNet space) → images in [-1, 1], float32: the SD VAE, or TAESD (which
+        takes the latents unscaled, like the bundle's taesd_decoder graph)."""
+        if self.taesd_dec_c is not None:
+            with self._stage("taesd_decoder"):
+                return self.taesd_dec_c(x.to(self.dt)).float()
         with self._stage("vae_decoder"):
-            img = self.vae_dec_c((x / self.c.vae_scale).to(self.dt)).float()
-        self._to_image(s, img)
+            return self.vae_dec_c((x / self.c.vae_scale).to(self.dt)).float()
 
     @staticmethod
     def _to_image(s: dict, img: torch.Tensor) -> None:

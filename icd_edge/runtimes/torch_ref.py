@@ -112,7 +112,12 @@ class TorchBackend:
             text_2 = CLIPTextModelWithProjection.from_pretrained(part("text_encoder_2"), use_safetensors=True)
             graphs = build_xl_graphs(text, text_2, vae, fwd, rev)
         else:
-            graphs = build_graphs(text, vae, fwd, rev, bundle.dims)
+            taesd = None
+            if "taesd_decoder" in bundle.graphs and bundle.artifact("taesd_decoder", "torch") is not None:
+                from diffusers import AutoencoderTiny
+
+                taesd = AutoencoderTiny.from_pretrained(part("taesd_decoder"), use_safetensors=True)
+            graphs = build_graphs(text, vae, fwd, rev, bundle.dims, taesd)
         return {k: v.to(self.device) for k, v in graphs.items()}
 
     def open_session(self, bundle, graph: str) -> TorchSession:

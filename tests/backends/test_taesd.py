@@ -51,6 +51,8 @@ def taesd_bundle(tmp_path_factory):
         str(out),
         "--taesd",
         "random",
+        "--targets",
+        "onnx,torch",
         "--no-progress",
         "--no-reedit",
         "--parity",
@@ -110,3 +112,42 @@ def test_taesd_bundle_decodes_and_previews(taesd_bundle, photo, tmp_path):
 def test_taesd_decoder_needs_a_taesd_bundle(tiny_bundle):
     with pytest.raises(InputError, match="no TAESD"):
         Editor.open(tiny_bundle, decoder="taesd")
+
+
+def test_torch_paths_decode_with_the_bundles_taesd(taesd_bundle, photo):
+    """The export keeps TAESD's torch weights: the torch reference and the fast torch path
+    (here on the CPU, fp32, eager) decode with it as the ONNX graph does."""
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.editor import FastEditor
+
+    kw = dict(cross_replace=0.4, self_replace=0.6, blend=("cat", "dog"))
+    src, tgt = "a photo of a cat", "a photo of a dog"
+
+    def edit(backend):
+        with Editor.open(taesd_bundle, backend=backend, decoder="taesd") as ed:
+            return ed.edit(ed.invert(photo, src, seed=4), tgt, output_type="np", **kw)
+
+    onnx_img, torch_img = edit("onnxruntime"), edit("torch")
+    assert psnr_db(onnx_img, torch_img, peak=1.0) > 60
+    cpu = dict(device="cpu", dtype="float32", channels_last=False, compile=False, cuda_graphs=False)
+    fast = FastEditor.from_bundle(taesd_bundle, decoder="taesd", **cpu)
+    fast_img = fast.edit_image(photo, src, tgt, seed=4, output_type="np", **kw)
+    assert psnr_db(onnx_img, fast_img, peak=1.0) > 60
+    # a re-edit from the source cache decodes with it too
+    lat = fast.invert_batch([photo], [src], [4])
+    again = fast.reedit_batch(lat, fast.source_cache(lat, src), src, [tgt], **kw)
+    assert psnr_db(fast_img, again[0], peak=1.0) >= 60
+    # the same latents through the SD VAE: another image (the decoder really changed)
+    full = FastEditor.from_bundle(taesd_bundle, **cpu).edit_image(photo, src, tgt, seed=4, output_type="np", **kw)
+    assert psnr_db(full, fast_img, peak=1.0) < 30
+
+
+def test_fast_taesd_needs_its_torch_weights(tiny_bundle):
+    from icd_edge.errors import BackendUnavailable
+    from icd_edge.fast.editor import FastEditor, FastOptions
+
+    cpu = dict(device="cpu", dtype="float32", channels_last=False, compile=False, cuda_graphs=False)
+    with pytest.raises(BackendUnavailable, match="--taesd and --targets onnx,torch"):
+        FastEditor.from_bundle(tiny_bundle, decoder="taesd", **cpu)
+    with pytest.raises(InputError, match="decoder must be"):
+        FastEditor(None, None, None, None, None, FastOptions(decoder="tiny", **cpu))
