@@ -318,6 +318,30 @@ def build_parser() -> argparse.ArgumentParser:
     _verbosity(p)
 
     p = sub.add_parser(
+        "batch",
+        help="edit a photo collection from a JOBS file (JSONL or CSV): resumable, failing rows recorded",
+        formatter_class=fmt,
+        description="One row per photo: image, source, target (several: a JSON list, or '|' in CSV) and optional "
+        "per-row controls named like the edit flags (seed, fit, mode, amplify, blend, cross_replace, self_replace, "
+        "guidance, tau); the flags below are the defaults. Outputs: OUT_DIR/{id}_{target}.png. Exit code 0 when "
+        "every row succeeded, 3 when some failed (listed in OUT_DIR/errors.jsonl), 2 for a bad JOBS file or flag.",
+    )
+    p.add_argument("jobs", type=Path, metavar="JOBS", help="a .jsonl or .csv file, one row per photo")
+    _common(p)
+    p.add_argument("--out-dir", type=Path, required=True, help="folder of the outputs (created if missing)", **once)
+    p.add_argument("--workers", type=int, default=1, help="local worker processes, one editor each", **once)
+    p.add_argument("--force", action="store_true", help="redo outputs that already exist with the same parameters")
+    p.add_argument("--cross-replace", type=float, default=EDIT_P2P_DEFAULTS["cross_replace"], **once)
+    p.add_argument("--self-replace", type=float, default=EDIT_P2P_DEFAULTS["self_replace"], **once)
+    p.add_argument("--amplify", action="append", metavar="WORD=F", help="re-weight a target word (repeatable)")
+    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend", **once)
+    p.add_argument("--guidance", type=float, default=19.0, help="guidance w of the target row", **once)
+    p.add_argument("--tau", type=float, help="dynamic guidance [default 0.8; SDXL 0.7]", **once)
+    p.add_argument("--mode", choices=("auto", "refine", "replace"), default="auto", **once)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
+    _fit(p, keep_size=False)
+
+    p = sub.add_parser(
         "doctor", help="list every backend as available or why not, and the CPU's int8 behaviour", formatter_class=fmt
     )
     p.add_argument("--json", action="store_true", help="the same as one JSON object")
@@ -325,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _open(args, source_cache: str = "auto"):
+def _open(args, source_cache: str = "auto", progress: bool = True):
     """The editor; ``source_cache="off"`` where no edit follows the inversion (invert without
     --save-source, reconstruct), so that the source branch is not computed only to be dropped."""
     from icd_edge.edit.editor import Editor
@@ -346,7 +370,7 @@ def _open(args, source_cache: str = "auto"):
         args.bundle,
         backend=args.backend,
         verify=not args.no_verify,
-        progress=not (args.no_progress or args.quiet),
+        progress=progress and not (args.no_progress or args.quiet),
         memory=args.memory,
         decoder=args.decoder,
         source_cache=source_cache,
@@ -929,7 +953,96 @@ def cmd_doctor(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from tqdm import tqdm
+
+    from icd_edge import batch
+    from icd_edge.atomic import check_output_file
+
+    if args.workers < 1:
+        raise InputError(f"--workers must be 1 or more, got {args.workers}")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise InputError(f"--out-dir {args.out_dir} is a file; give a folder")
+    rows = batch.read_jobs(args.jobs)  # the whole file, before the bundle opens
+    defaults = {
+        "cross_replace": args.cross_replace,
+        "self_replace": args.self_replace,
+        "amplify": _amplify(args.amplify),
+        "blend": tuple(args.blend) if args.blend else None,
+        "guidance": args.guidance,
+        "tau": args.tau if args.tau is not None else 0.8,
+        "mode": args.mode,
+        "seed": args.seed,
+        "fit": args.fit,
+        "rng": args.rng,
+        "decoder": args.decoder,
+    }
+    with _open(args, progress=False) as ed:  # one bar for the batch, none per edit
+        if ed.bundle.manifest.family == "sdxl" and args.tau is None:
+            defaults["tau"] = None  # plan() applies SDXL's own default
+        tasks, problems = batch.plan(rows, ed, defaults, args.out_dir, args.force)
+        if problems:
+            raise InputError(
+                f"JOBS file {args.jobs} has {len(problems)} problem{'s' * (len(problems) > 1)}; nothing was "
+                "run:\n  " + "\n  ".join(problems[: batch.MAX_PROBLEMS])
+            )
+        args.out_dir.mkdir(parents=True, exist_ok=True)  # every row checked: now the folder may appear
+        check_output_file(args.out_dir / "probe.png", "--out-dir")
+        _check_room([p for t in tasks for i, (_, p) in enumerate(t.outputs) if i in t.todo], ed)
+        open_kwargs = _worker_open_kwargs(args) if args.workers > 1 else {}
+        quiet = args.no_progress or args.quiet or args.json
+        with tqdm(total=len(tasks), desc="batch", unit="row", disable=quiet, file=sys.stderr) as bar:
+            summary, errors = batch.run(tasks, ed, args.out_dir, args.workers, open_kwargs, bar)
+    result = summary.as_dict(args.out_dir, errors)
+    if args.json:
+        print(json.dumps(result))
+    elif not args.quiet:
+        print(
+            f"{summary.done} rows edited ({summary.written} images), {summary.skipped} already done, "
+            f"{summary.failed} failed{f' (see {errors.path})' if errors.count else ''}, in {summary.seconds} s"
+        )
+    if summary.interrupted:
+        print(
+            "interrupted; every image written so far is complete: run the same command again to continue",
+            file=sys.stderr,
+        )
+        return 130 if summary.interrupted == "SIGINT" else 143
+    return batch.EXIT_SOME_FAILED if summary.failed else 0
+
+
+def _worker_open_kwargs(args) -> dict:
+    """Editor.open arguments of a batch worker process: the main process's flags, and each
+    worker's share of the cores for the CPU backends."""
+    from icd_edge import batch
+
+    threads = batch.threads_per_worker(args.workers)
+    options = []
+    if args.backend in ("auto", "onnxruntime"):
+        from icd_edge.runtimes.ort import OrtOptions
+
+        options.append(OrtOptions(intra_op_threads=threads))
+    if args.backend in ("auto", "openvino"):
+        from icd_edge.runtimes.openvino import OvOptions
+
+        fields = {"threads": threads}
+        if args.ov_precision is not None:
+            fields["precision"] = args.ov_precision
+        if args.ov_cache is not None:
+            fields["cache_dir"] = "" if args.ov_cache == "none" else args.ov_cache
+        options.append(OvOptions(**fields))
+    return {
+        "bundle": str(args.bundle),
+        "backend": args.backend,
+        "verify": False,  # the main process verified the bundle
+        "progress": False,
+        "memory": args.memory,
+        "decoder": args.decoder,
+        "options": tuple(options),
+    }
+
+
 COMMANDS = {
+    "batch": cmd_batch,
     "edit": cmd_edit,
     "invert": cmd_invert,
     "reconstruct": cmd_reconstruct,
