@@ -451,9 +451,19 @@ class Summary:
         }
 
 
-def run(tasks: list[Task], ed, out_dir: Path, workers: int, open_kwargs: dict, bar) -> tuple[Summary, ErrorLog]:
-    """Every task: in this process (``workers`` 1, with ``ed``) or in ``workers`` processes, each
-    with its own editor. Ctrl-C stops after the outputs written so far (all complete files)."""
+def run(
+    tasks: list[Task],
+    ed,
+    out_dir: Path,
+    workers: int,
+    open_kwargs: dict,
+    bar,
+    executor: str = "local",
+    num_gpus: float = 0,
+) -> tuple[Summary, ErrorLog]:
+    """Every task: in this process (``workers`` 1, with ``ed``), in ``workers`` processes each
+    with its own editor, or (``executor="ray"``) on Ray actors. Ctrl-C stops after the outputs
+    written so far (all complete files)."""
     summary = Summary(rows=len(tasks))
     errors = ErrorLog(out_dir)
     pending = [t for t in tasks if t.todo]
@@ -472,7 +482,9 @@ def run(tasks: list[Task], ed, out_dir: Path, workers: int, open_kwargs: dict, b
         bar.update(1)
 
     try:
-        if workers <= 1:
+        if executor == "ray":
+            run_ray(pending, open_kwargs, workers, num_gpus, record)
+        elif workers <= 1:
             for task in pending:
                 try:
                     record(task, run_task(ed, task), None)
@@ -510,6 +522,93 @@ def _run_pool(tasks: list[Task], workers: int, open_kwargs: dict, record) -> Non
     pool.shutdown(wait=True)
 
 
+def on_gpu(ed) -> bool:
+    """Whether the editor's backend runs on a GPU (TensorRT, onnxruntime's CUDA provider): Ray
+    then gives each actor a GPU."""
+    name = ed.backend.name
+    if name == "tensorrt":
+        return True
+    if name == "onnxruntime":
+        import onnxruntime as ort
+
+        from icd_edge.runtimes.ort import choose_providers, cuda
+
+        return choose_providers(ort.get_available_providers())[0] == cuda.PROVIDER
+    return False
+
+
 def threads_per_worker(workers: int) -> int:
     """Cores per worker process (at least one): N editors on one machine share its cores."""
     return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+# ----------------------------------------------------------------------------- Ray
+class _EditActor:
+    """A Ray Data actor: one editor for the actor's life, one planned task per call."""
+
+    def __init__(self, open_kwargs: dict):
+        from icd_edge.edit.editor import Editor
+
+        self.ed = Editor.open(**open_kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        import pickle
+
+        rows, written, errors = [], [], []
+        for blob in batch["task"]:
+            task = pickle.loads(blob)
+            try:
+                done, err = run_task(self.ed, task), None
+            except Exception as exc:  # a row's failure is recorded; the other rows go on
+                done, err = [], error_record(task, exc)
+            rows.append(task.row.id)
+            written.append(json.dumps(done))
+            errors.append(json.dumps(err) if err else "")
+        return {"row": rows, "written": written, "error": errors}
+
+
+def run_ray(tasks: list[Task], open_kwargs: dict, workers: int, num_gpus: float, record) -> None:
+    """The tasks on a Ray cluster (``RAY_ADDRESS``, or a local instance): a Ray Data dataset of
+    the planned tasks mapped by ``workers`` actors, each holding one editor (``num_gpus`` each
+    on a GPU backend). Photos and the output folder must be at the same paths on every node
+    (a shared file system). Results stream back as rows finish."""
+    import pickle
+
+    try:
+        import ray
+    except ImportError:
+        from icd_edge.errors import BackendUnavailable
+
+        raise BackendUnavailable("--executor ray needs Ray Data: pip install 'icd_edge[ray]'") from None
+    import logging
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(
+            address=os.environ.get("RAY_ADDRESS") or None,
+            log_to_driver=False,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+    # the batch draws its own progress bar: Ray Data's bars and execution logs stay quiet
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    by_id = {t.row.id: t for t in tasks}
+    try:
+        ds = ray.data.from_items([{"task": pickle.dumps(t)} for t in tasks])
+        out = ds.map_batches(
+            _EditActor,
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=num_gpus or None,
+            fn_constructor_kwargs={"open_kwargs": open_kwargs},
+            batch_format="numpy",
+        )
+        for item in out.iter_rows():
+            err = item["error"]
+            record(by_id[str(item["row"])], json.loads(item["written"]), json.loads(err) if err else None)
+    finally:
+        if started:
+            ray.shutdown()

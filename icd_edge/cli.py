@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -329,7 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("jobs", type=Path, metavar="JOBS", help="a .jsonl or .csv file, one row per photo")
     _common(p)
     p.add_argument("--out-dir", type=Path, required=True, help="folder of the outputs (created if missing)", **once)
-    p.add_argument("--workers", type=int, default=1, help="local worker processes, one editor each", **once)
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes (local) or Ray actors, one editor each", **once
+    )
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: processes on this machine; ray: Ray Data actors on the cluster of $RAY_ADDRESS (or a local "
+        "Ray), photos and --out-dir on a file system every node sees (pip install 'icd_edge[ray]')",
+        **once,
+    )
+    p.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        help="ray: GPUs per actor [default 1 on a GPU backend (TensorRT, onnxruntime CUDA), else 0]",
+        **once,
+    )
     p.add_argument("--force", action="store_true", help="redo outputs that already exist with the same parameters")
     p.add_argument("--cross-replace", type=float, default=EDIT_P2P_DEFAULTS["cross_replace"], **once)
     p.add_argument("--self-replace", type=float, default=EDIT_P2P_DEFAULTS["self_replace"], **once)
@@ -961,6 +978,15 @@ def cmd_batch(args) -> int:
 
     if args.workers < 1:
         raise InputError(f"--workers must be 1 or more, got {args.workers}")
+    if args.gpus_per_worker is not None and (args.executor != "ray" or args.gpus_per_worker < 0):
+        raise InputError("--gpus-per-worker takes a number >= 0 and applies to --executor ray")
+    if args.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            from icd_edge.errors import BackendUnavailable
+
+            raise BackendUnavailable("--executor ray needs Ray Data: pip install 'icd_edge[ray]'")
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise InputError(f"--out-dir {args.out_dir} is a file; give a folder")
     rows = batch.read_jobs(args.jobs)  # the whole file, before the bundle opens
@@ -989,10 +1015,18 @@ def cmd_batch(args) -> int:
         args.out_dir.mkdir(parents=True, exist_ok=True)  # every row checked: now the folder may appear
         check_output_file(args.out_dir / "probe.png", "--out-dir")
         _check_room([p for t in tasks for i, (_, p) in enumerate(t.outputs) if i in t.todo], ed)
-        open_kwargs = _worker_open_kwargs(args) if args.workers > 1 else {}
+        ray = args.executor == "ray"
+        # this machine's cores are split between the workers, unless Ray places them on a cluster
+        split = not (ray and os.environ.get("RAY_ADDRESS"))
+        open_kwargs = _worker_open_kwargs(args, split) if args.workers > 1 or ray else {}
+        gpus = args.gpus_per_worker
+        if ray and gpus is None:
+            gpus = 1.0 if batch.on_gpu(ed) else 0.0
         quiet = args.no_progress or args.quiet or args.json
         with tqdm(total=len(tasks), desc="batch", unit="row", disable=quiet, file=sys.stderr) as bar:
-            summary, errors = batch.run(tasks, ed, args.out_dir, args.workers, open_kwargs, bar)
+            summary, errors = batch.run(
+                tasks, ed, args.out_dir, args.workers, open_kwargs, bar, args.executor, gpus or 0
+            )
     result = summary.as_dict(args.out_dir, errors)
     if args.json:
         print(json.dumps(result))
@@ -1010,12 +1044,12 @@ def cmd_batch(args) -> int:
     return batch.EXIT_SOME_FAILED if summary.failed else 0
 
 
-def _worker_open_kwargs(args) -> dict:
-    """Editor.open arguments of a batch worker process: the main process's flags, and each
-    worker's share of the cores for the CPU backends."""
+def _worker_open_kwargs(args, split_cores: bool = True) -> dict:
+    """Editor.open arguments of a batch worker: the main process's flags, and (``split_cores``)
+    each worker's share of this machine's cores for the CPU backends (0: the backend's default)."""
     from icd_edge import batch
 
-    threads = batch.threads_per_worker(args.workers)
+    threads = batch.threads_per_worker(args.workers) if split_cores else 0
     options = []
     if args.backend in ("auto", "onnxruntime"):
         from icd_edge.runtimes.ort import OrtOptions

@@ -209,3 +209,28 @@ def test_a_stopped_batch_leaves_whole_files_and_a_rerun_finishes_it(tiny_bundle,
         assert read_metadata(out / name)["command"] == "batch"  # each one whole
     proc = batch(tiny_bundle, jobs, out, "--json")
     assert proc.returncode == 0 and summary(proc)["skipped"] == len(left) and len(list(out.iterdir())) == 8
+
+
+def test_ray_executor_same_rows_resume_and_errors(tiny_bundle, photos, tmp_path):
+    """--executor ray on a local Ray instance the command starts (two actors, one editor each):
+    the outputs of the local executor, the same errors file, and a rerun skips what is done."""
+    pytest.importorskip("ray.data", reason="the ray extra is not installed (pip install 'icd_edge[ray]')")
+    rows = [ROWS[0], {"id": "bad", "image": "broken.png", "source": "a photo", "target": "a drawing"}, ROWS[1]]
+    jobs = write_jsonl(photos / "jobs.jsonl", rows)
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert batch(tiny_bundle, jobs, local).returncode == 3
+    env = {"RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    cmd = ["batch", str(jobs), "--bundle", str(tiny_bundle), "--out-dir", str(ray_out), "--json"]
+    proc = run_cli(*cmd, "--executor", "ray", "--workers", "2", env=env)
+    assert proc.returncode == 3, proc.stderr
+    s = summary(proc)
+    assert (s["done"], s["failed"], s["written"]) == (2, 1, 3)
+    (err,) = [json.loads(line) for line in (ray_out / "errors.jsonl").read_text().splitlines()]
+    assert err["row"] == "bad" and err["error"] == "ImageError"
+    for path in local.glob("*.png"):
+        a = np.asarray(Image.open(path), dtype=np.int16)
+        b = np.asarray(Image.open(ray_out / path.name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1, path.name
+        assert read_metadata(ray_out / path.name)["command"] == "batch"
+    again = summary(run_cli(*cmd, "--executor", "ray", env=env))
+    assert (again["skipped"], again["written"], again["failed"]) == (2, 0, 1)
