@@ -503,6 +503,7 @@ def run(
 def _run_pool(tasks: list[Task], workers: int, open_kwargs: dict, record) -> None:
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
 
     ctx = multiprocessing.get_context("spawn")  # no forked copy of this process's sessions
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init, initargs=(open_kwargs,))
@@ -512,7 +513,14 @@ def _run_pool(tasks: list[Task], workers: int, open_kwargs: dict, record) -> Non
         while left:
             done, left = wait(left, return_when=FIRST_COMPLETED)
             for fut in done:
-                written, err = fut.result()
+                try:
+                    written, err = fut.result()
+                except BrokenProcessPool:
+                    raise IcdEdgeError(
+                        "a batch worker process died (out of memory, or killed from outside); the rows finished "
+                        "so far are written: run the command again to continue, with fewer --workers if memory "
+                        "is short"
+                    ) from None
                 record(futures[fut], written, err)
     except BaseException:
         for proc in list(getattr(pool, "_processes", {}).values()):
