@@ -512,17 +512,9 @@ def _input_params(args, inv) -> dict:
 
 
 def _slug(prompt: str) -> str:
-    """A prompt as a file name: letters and digits of any script kept (lower case), every other
-    run of characters one '-', at most 48 characters; 'target' if nothing is left."""
-    import unicodedata
+    from icd_edge.batch import slug  # one rule for `edit --out-dir` and `batch` names
 
-    out = []
-    for ch in unicodedata.normalize("NFC", prompt).lower():
-        if ch.isalnum():
-            out.append(ch)
-        elif out and out[-1] != "-":
-            out.append("-")
-    return "".join(out)[:48].strip("-") or "target"
+    return slug(prompt)
 
 
 def _output_names(args, targets: list[str]) -> list[Path]:
