@@ -306,10 +306,17 @@ def plan(rows: list[Row], ed, defaults: dict, out_dir: Path, force: bool) -> tup
         except IcdEdgeError as exc:
             problems.append(f"line {row.line}: {exc}")
             continue
+        try:
+            digest = file_sha256(row.image)
+        except OSError as exc:
+            from icd_edge.atomic import describe_os_error
+
+            problems.append(f"line {row.line}: cannot read {row.image}: {describe_os_error(exc)}")
+            continue
         params = {
             "row": row.id,
             "image": str(row.image),
-            "image_sha256": file_sha256(row.image),
+            "image_sha256": digest,
             "source": row.source,
             "seed": opts["seed"],
             "rng": opts["rng"],
