@@ -904,7 +904,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--iters-eager", type=int, default=5)
-    ap.add_argument("--skip-full", action="store_true", help="reedit phase: leave out the full edit (its compile)")
+    ap.add_argument(
+        "--skip-full", action="store_true", help="reedit: leave out the full edit (its compile); firstedit: the prepare"
+    )
     ap.add_argument("--firstedit-cudnn", action="store_true", help="firstedit: also a process with cudnn_benchmark off")
     ap.add_argument("--skip-taesd", action="store_true", help="reedit phase: leave out the TAESD-decoded edits")
     ap.add_argument("--batches", type=int, nargs="+", default=[4, 8])

@@ -19,7 +19,10 @@ import re
 import time
 from pathlib import Path
 
+from icd_edge.edit.p2p import MODES
 from icd_edge.errors import IcdEdgeError, InputError, Terminated
+from icd_edge.image import FITS
+from icd_edge.outputs import metadata, slug
 
 ERRORS_FILE = "errors.jsonl"
 EXIT_SOME_FAILED = 3
@@ -27,8 +30,6 @@ EXIT_SOME_FAILED = 3
 FLOATS = ("cross_replace", "self_replace", "guidance", "tau")
 COLUMNS = ("id", "image", "source", "target", "seed", "fit", "mode", "amplify", "blend", *FLOATS)
 REQUIRED = ("image", "source", "target")
-MODES = ("auto", "refine", "replace")
-FITS = ("stretch", "crop", "pad")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_PROBLEMS = 20  # listed in one error; the rest are counted
 
@@ -43,20 +44,6 @@ class Row:
     source: str
     targets: tuple[str, ...]
     options: dict  # the row's own values (seed, fit, mode, amplify, blend, cross_replace, ...)
-
-
-def slug(prompt: str) -> str:
-    """A prompt as a file name: letters and digits of any script kept (lower case), every other
-    run of characters one '-', at most 48 characters; 'target' if nothing is left."""
-    import unicodedata
-
-    out = []
-    for ch in unicodedata.normalize("NFC", prompt).lower():
-        if ch.isalnum():
-            out.append(ch)
-        elif out and out[-1] != "-":
-            out.append("-")
-    return "".join(out)[:48].strip("-") or "target"
 
 
 # ----------------------------------------------------------------------------- reading JOBS
@@ -262,8 +249,6 @@ class Task:
 
     row: Row
     controls: dict
-    seed: int
-    fit: str
     outputs: list[tuple[str, Path]]  # (target, path)
     params: dict  # what an output records and what a rerun compares (besides the target)
     todo: list[int]  # indices of the outputs still to write
@@ -281,8 +266,6 @@ def plan(rows: list[Row], ed, defaults: dict, out_dir: Path, force: bool) -> tup
     """The tasks of every row (controls = the global defaults overridden by the row's own), each
     control checked by the editor now; outputs whose recorded parameters match are left out
     unless ``force``. Returns the tasks and the problems (``line N: ...``)."""
-    from icd_edge.image import read_metadata
-
     sdxl = ed.bundle.manifest.family == "sdxl"
     p2p = ("cross_replace", "self_replace", "amplify", "blend", "mode")
     tasks, problems = [], []
@@ -294,8 +277,10 @@ def plan(rows: list[Row], ed, defaults: dict, out_dir: Path, force: bool) -> tup
                 f"line {row.line}: {', '.join(given)}: this SDXL bundle edits by switching prompts (no P2P)"
             )
             continue
+        if opts.get("tau") is None:  # the family's default dynamic guidance
+            opts["tau"] = 0.7 if sdxl else 0.8
         if sdxl:
-            controls = {"guidance": opts["guidance"], "tau": 0.7 if opts.get("tau") is None else opts["tau"]}
+            controls = {"guidance": opts["guidance"], "tau": opts["tau"]}
         else:
             controls = {
                 k: opts[k] for k in ("cross_replace", "self_replace", "amplify", "blend", "guidance", "tau", "mode")
@@ -325,18 +310,19 @@ def plan(rows: list[Row], ed, defaults: dict, out_dir: Path, force: bool) -> tup
             "decoder": opts["decoder"],
         }
         outputs = [(t, out_dir / f"{row.id}_{slug(t)}.png") for t in row.targets]
-        todo = [
-            i for i, (t, p) in enumerate(outputs) if force or not _matches(_existing(read_metadata, p), ed, params, t)
-        ]
-        tasks.append(Task(row, controls, opts["seed"], opts["fit"], outputs, params, todo))
+        todo = [i for i, (t, p) in enumerate(outputs) if force or not _matches(_existing(p), ed, params, t)]
+        tasks.append(Task(row, controls, outputs, params, todo))
     return tasks, problems
 
 
-def _existing(reader, path: Path) -> dict | None:
+def _existing(path: Path) -> dict | None:
+    """The parameters an earlier run recorded in ``path`` (None: no such file, or unreadable)."""
+    from icd_edge.image import read_metadata
+
     if not path.is_file():
         return None
     try:
-        return reader(path)
+        return read_metadata(path)
     except IcdEdgeError:  # unreadable: redo it
         return None
 
@@ -349,21 +335,6 @@ def _matches(meta: dict | None, ed, params: dict, target: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- running
-def metadata(ed, params: dict, target: str) -> dict:
-    from icd_edge import __version__
-    from icd_edge.image import METADATA_KEY
-
-    return {
-        METADATA_KEY: __version__,
-        "command": "batch",
-        "bundle_id": ed.bundle.bundle_id,
-        "model": ed.bundle.manifest.model,
-        "backend": ed.backend.name,
-        **params,
-        "target": target,
-    }
-
-
 def run_task(ed, task: Task) -> list[str]:
     """Invert the row's photo once, edit its remaining targets from that inversion, write each
     output atomically; returns the paths written."""
@@ -371,7 +342,8 @@ def run_task(ed, task: Task) -> list[str]:
     from icd_edge.image import load_image, save_image
 
     photo = load_image(task.row.image)
-    inv = ed.invert(photo, task.row.source, seed=task.seed, fit=task.fit, rng=task.params["rng"])
+    p = task.params
+    inv = ed.invert(photo, task.row.source, seed=p["seed"], fit=p["fit"], rng=p["rng"])
     targets = [task.outputs[i][0] for i in task.todo]
     if len(targets) > 1:
         images = ed.edit_many(inv, targets, **task.controls)
@@ -381,9 +353,18 @@ def run_task(ed, task: Task) -> list[str]:
     for i, img in zip(task.todo, images):
         target, path = task.outputs[i]
         with atomic_file(path) as tmp:
-            save_image(img, tmp, metadata=metadata(ed, task.params, target))
+            save_image(img, tmp, metadata=metadata(ed, "batch", **task.params, target=target))
         written.append(str(path))
     return written
+
+
+def attempt(ed, task: Task) -> tuple[list[str], dict | None]:
+    """:func:`run_task`, with a failure turned into its ``errors.jsonl`` record: a row's failure
+    is recorded and the other rows go on (Ctrl-C and SIGTERM still stop the batch)."""
+    try:
+        return run_task(ed, task), None
+    except Exception as exc:
+        return [], error_record(task, exc)
 
 
 def error_record(task: Task, exc: BaseException) -> dict:
@@ -432,10 +413,7 @@ def _worker_init(open_kwargs: dict) -> None:
 
 
 def _worker_run(task: Task) -> tuple[list[str], dict | None]:
-    try:
-        return run_task(_WORKER_EDITOR, task), None
-    except Exception as exc:  # a row's failure is recorded; the other rows go on
-        return [], error_record(task, exc)
+    return attempt(_WORKER_EDITOR, task)
 
 
 @dataclasses.dataclass
@@ -493,10 +471,7 @@ def run(
             run_ray(pending, open_kwargs, workers, num_gpus, record)
         elif workers <= 1:
             for task in pending:
-                try:
-                    record(task, run_task(ed, task), None)
-                except Exception as exc:  # a row's failure is recorded; the other rows go on
-                    record(task, [], error_record(task, exc))
+                record(task, *attempt(ed, task))
         else:
             _run_pool(pending, workers, open_kwargs, record)
     except KeyboardInterrupt:
@@ -572,10 +547,7 @@ class _EditActor:
         rows, written, errors = [], [], []
         for blob in batch["task"]:
             task = pickle.loads(blob)
-            try:
-                done, err = run_task(self.ed, task), None
-            except Exception as exc:  # a row's failure is recorded; the other rows go on
-                done, err = [], error_record(task, exc)
+            done, err = attempt(self.ed, task)
             rows.append(task.row.id)
             written.append(json.dumps(done))
             errors.append(json.dumps(err) if err else "")

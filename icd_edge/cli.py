@@ -154,6 +154,62 @@ def _fit(p: argparse.ArgumentParser, keep_size: bool = True) -> None:
         p.add_argument("--keep-size", action="store_true", help="write the result at the input photo's size/aspect")
 
 
+def _edit_controls(p: argparse.ArgumentParser) -> None:
+    """The edit controls of `edit` and (as the rows' defaults) `batch`; the P2P ones default to
+    None so that an SDXL bundle can refuse them when given."""
+    once = {"action": Once}
+    sd15 = " (SD1.5 bundles; SDXL edits switch prompts)"
+    p.add_argument(
+        "--cross-replace",
+        type=float,
+        help=f"fraction of steps with cross-attention replacement [default {EDIT_P2P_DEFAULTS['cross_replace']}]{sd15}",
+        **once,
+    )
+    p.add_argument(
+        "--self-replace",
+        type=float,
+        help=f"fraction of steps with self-attention injection [default {EDIT_P2P_DEFAULTS['self_replace']}]{sd15}",
+        **once,
+    )
+    p.add_argument(
+        "--amplify",
+        action="append",
+        metavar="WORD=F",
+        help=f"re-weight a target word's attention (repeatable, one per word){sd15}",
+    )
+    p.add_argument(
+        "--blend",
+        nargs=2,
+        metavar=("SRC_WORD", "TGT_WORD"),
+        help=f"local blend: change only these words' region{sd15}",
+        **once,
+    )
+    p.add_argument(
+        "--guidance", type=float, default=19.0, help="guidance w of the target row (0..19, code units)", **once
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        help="dynamic guidance: guided iff t <= 1000*tau [default 0.8; SDXL bundles 0.7, where the steps above "
+        "it also run under the source prompt]",
+        **once,
+    )
+    p.add_argument("--mode", choices=("auto", "refine", "replace"), help=f"token mapping [default auto]{sd15}", **once)
+    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
+
+
+def _p2p_given(args) -> list[str]:
+    """The SD1.5 Prompt-to-Prompt flags the command line set."""
+    flags = {
+        "--cross-replace": args.cross_replace,
+        "--self-replace": args.self_replace,
+        "--amplify": args.amplify,
+        "--blend": args.blend,
+        "--mode": args.mode,
+    }
+    return [flag for flag, value in flags.items() if value is not None]
+
+
 def _photo_or_inversion(p: argparse.ArgumentParser) -> None:
     """--image (inverted now, with --source) or --inversion (a file of `icd-edge invert`)."""
     g = p.add_mutually_exclusive_group(required=True)
@@ -195,44 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompt describing the edited photo; repeat it for several edits of one inversion (one image each)",
     )
     _image_out(p, "output image", several=True)
-    sd15 = " (SD1.5 bundles; SDXL edits switch prompts)"
-    p.add_argument(
-        "--cross-replace",
-        type=float,
-        help=f"fraction of steps with cross-attention replacement [default {EDIT_P2P_DEFAULTS['cross_replace']}]{sd15}",
-        **once,
-    )
-    p.add_argument(
-        "--self-replace",
-        type=float,
-        help=f"fraction of steps with self-attention injection [default {EDIT_P2P_DEFAULTS['self_replace']}]{sd15}",
-        **once,
-    )
-    p.add_argument(
-        "--amplify",
-        action="append",
-        metavar="WORD=F",
-        help=f"re-weight a target word's attention (repeatable, one per word){sd15}",
-    )
-    p.add_argument(
-        "--blend",
-        nargs=2,
-        metavar=("SRC_WORD", "TGT_WORD"),
-        help=f"local blend: change only these words' region{sd15}",
-        **once,
-    )
-    p.add_argument(
-        "--guidance", type=float, default=19.0, help="guidance w of the target row (0..19, code units)", **once
-    )
-    p.add_argument(
-        "--tau",
-        type=float,
-        help="dynamic guidance: guided iff t <= 1000*tau [default 0.8; SDXL bundles 0.7, where the steps above "
-        "it also run under the source prompt]",
-        **once,
-    )
-    p.add_argument("--mode", choices=("auto", "refine", "replace"), help=f"token mapping [default auto]{sd15}", **once)
-    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
+    _edit_controls(p)
     p.add_argument(
         "--preview", type=Path, metavar="DIR", help="write a preview PNG after every reverse step into DIR", **once
     )
@@ -348,14 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         **once,
     )
     p.add_argument("--force", action="store_true", help="redo outputs that already exist with the same parameters")
-    p.add_argument("--cross-replace", type=float, default=EDIT_P2P_DEFAULTS["cross_replace"], **once)
-    p.add_argument("--self-replace", type=float, default=EDIT_P2P_DEFAULTS["self_replace"], **once)
-    p.add_argument("--amplify", action="append", metavar="WORD=F", help="re-weight a target word (repeatable)")
-    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend", **once)
-    p.add_argument("--guidance", type=float, default=19.0, help="guidance w of the target row", **once)
-    p.add_argument("--tau", type=float, help="dynamic guidance [default 0.8; SDXL 0.7]", **once)
-    p.add_argument("--mode", choices=("auto", "refine", "replace"), default="auto", **once)
-    p.add_argument("--seed", type=int, default=0, help="seed of the inversion noise", **once)
+    _edit_controls(p)
     _fit(p, keep_size=False)
 
     p = sub.add_parser(
@@ -405,16 +417,9 @@ def _check_quality(quality: int | None, path: Path, fmt: str, flag: str = "--out
 
 
 def _metadata(ed, command: str, **params) -> dict:
-    from icd_edge.image import METADATA_KEY
+    from icd_edge.outputs import metadata
 
-    return {
-        METADATA_KEY: __version__,
-        "command": command,
-        "bundle_id": ed.bundle.bundle_id,
-        "model": ed.bundle.manifest.model,
-        "backend": ed.backend.name,
-        **params,
-    }
+    return metadata(ed, command, **params)
 
 
 def _check_room(paths: list[Path], ed, size: tuple[int, int] | None = None) -> None:
@@ -512,7 +517,7 @@ def _input_params(args, inv) -> dict:
 
 
 def _slug(prompt: str) -> str:
-    from icd_edge.batch import slug  # one rule for `edit --out-dir` and `batch` names
+    from icd_edge.outputs import slug
 
     return slug(prompt)
 
@@ -613,18 +618,11 @@ def cmd_edit(args) -> int:
             save_image(image, args.preview / f"step_{step}_of_{total}.png")
 
     blend = tuple(args.blend) if args.blend else None
-    p2p_flags = {
-        "--cross-replace": args.cross_replace,
-        "--self-replace": args.self_replace,
-        "--amplify": args.amplify,
-        "--blend": args.blend,
-        "--mode": args.mode,
-    }
     clock = _Clock()
     photo = load_image(args.image) if args.image is not None else None  # decoded once, before the bundle opens
     with _open(args) as ed:
         if ed.bundle.manifest.family == "sdxl":
-            given = [flag for flag, value in p2p_flags.items() if value is not None]
+            given = _p2p_given(args)
             if given:
                 raise InputError(
                     f"{', '.join(given)}: this SDXL bundle edits by switching prompts, without Prompt-to-Prompt "
@@ -983,21 +981,25 @@ def cmd_batch(args) -> int:
         raise InputError(f"--out-dir {args.out_dir} is a file; give a folder")
     rows = batch.read_jobs(args.jobs)  # the whole file, before the bundle opens
     defaults = {
-        "cross_replace": args.cross_replace,
-        "self_replace": args.self_replace,
+        "cross_replace": _or(args.cross_replace, EDIT_P2P_DEFAULTS["cross_replace"]),
+        "self_replace": _or(args.self_replace, EDIT_P2P_DEFAULTS["self_replace"]),
         "amplify": _amplify(args.amplify),
         "blend": tuple(args.blend) if args.blend else None,
         "guidance": args.guidance,
-        "tau": args.tau if args.tau is not None else 0.8,
-        "mode": args.mode,
+        "tau": args.tau,  # None: the family's default (plan)
+        "mode": _or(args.mode, "auto"),
         "seed": args.seed,
         "fit": args.fit,
         "rng": args.rng,
         "decoder": args.decoder,
     }
     with _open(args, progress=False) as ed:  # one bar for the batch, none per edit
-        if ed.bundle.manifest.family == "sdxl" and args.tau is None:
-            defaults["tau"] = None  # plan() applies SDXL's own default
+        given = _p2p_given(args)
+        if ed.bundle.manifest.family == "sdxl" and given:
+            raise InputError(
+                f"{', '.join(given)}: this SDXL bundle edits by switching prompts, without Prompt-to-Prompt "
+                "controls; leave these flags out (--guidance and --tau apply)"
+            )
         tasks, problems = batch.plan(rows, ed, defaults, args.out_dir, args.force)
         if problems:
             raise InputError(

@@ -234,3 +234,11 @@ def test_ray_executor_same_rows_resume_and_errors(tiny_bundle, photos, tmp_path)
         assert read_metadata(ray_out / path.name)["command"] == "batch"
     again = summary(run_cli(*cmd, "--executor", "ray", env=env))
     assert (again["skipped"], again["written"], again["failed"]) == (2, 0, 1)
+
+
+def test_p2p_flags_are_refused_on_an_sdxl_bundle(tiny_xl_bundle, photos, tmp_path):
+    """SDXL edits switch prompts: a global P2P flag is an error, as it is for `edit`, not ignored."""
+    jobs = write_jsonl(photos / "jobs.jsonl", [ROWS[1]])
+    proc = batch(tiny_xl_bundle, jobs, tmp_path / "out", "--blend", "cat", "dog")
+    assert proc.returncode == 2 and "--blend: this SDXL bundle edits by switching prompts" in proc.stderr
+    assert not (tmp_path / "out").exists()

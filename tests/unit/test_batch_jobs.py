@@ -73,7 +73,9 @@ def test_plan_skips_nothing_new_and_reports_an_unreadable_photo(tmp_path):
     assert len(problems) == 1 and problems[0].startswith(f"line 2: cannot read {tmp_path}: ")
     (task,) = tasks
     assert (
-        task.todo == [0, 1] and task.seed == 3 and [p.name for _, p in task.outputs] == ["a_a-dog.png", "a_a-fox.png"]
+        task.todo == [0, 1]
+        and task.params["seed"] == 3
+        and [p.name for _, p in task.outputs] == ["a_a-dog.png", "a_a-fox.png"]
     )
     assert task.params["image_sha256"] == batch.file_sha256(photo) and task.params["blend"] is None
 
