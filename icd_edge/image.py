@@ -150,6 +150,20 @@ def image_to_uint8(img: Image.Image, side: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def photo_uint8(src, side: int) -> np.ndarray:
+    """:func:`load_image` then :func:`image_to_uint8`, without the PIL round trip for what needs
+    none: a C-contiguous (side, side, 3) uint8 array comes back as it is (the round trip returns
+    the same bytes), anything else takes the general path."""
+    if (
+        isinstance(src, np.ndarray)
+        and src.dtype == np.uint8
+        and src.shape == (side, side, 3)
+        and src.flags.c_contiguous
+    ):
+        return src
+    return image_to_uint8(load_image(src), side)
+
+
 def image_to_tensor(img: Image.Image, side: int) -> np.ndarray:
     """(1, 3, side, side) float32 in [-1, 1]: bicubic resize, ``x/127.5 - 1``."""
     arr = image_to_uint8(img, side).astype(np.float32) / np.float32(127.5) - np.float32(1.0)

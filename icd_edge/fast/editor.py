@@ -37,7 +37,7 @@ from icd_edge.graphs.wrappers import (
     VaeDecoderGraph,
     VaeEncoderGraph,
 )
-from icd_edge.image import image_to_uint8, load_image
+from icd_edge.image import photo_uint8
 from icd_edge.rng import noise as make_noise
 from icd_edge.tokenizer import ClipTokenizer
 
@@ -260,6 +260,12 @@ class FastEditor:
         self._buffers: dict = {}
         self._graphs: dict = {}
         self._lock = threading.Lock()
+        # host work of an edit, kept small (it is time the GPU waits): token ids and P2P controls
+        # of recent prompts, and pinned twins of the input buffers (copied from without blocking)
+        self._ids_cache: dict = {}
+        self._controls_cache: dict = {}
+        self._pinned: dict = {}
+        self._staged: torch.cuda.Event | None = None
         self.events: dict | None = None  # set to {} to record per-stage CUDA-event times (eager only)
 
     @classmethod
@@ -554,11 +560,55 @@ class FastEditor:
     # ----------------------------------------------------------------- public API
     def _stage_in(self, bufs: dict, arrays: dict) -> None:
         """Copy host arrays into the static buffers without blocking the host: from pageable
-        memory a copy waits for the stream (the previous loop), so stage through pinned memory."""
-        pin = self.dev.type == "cuda"
+        memory a copy waits for the stream (the previous loop), so stage through pinned memory,
+        one pinned twin per buffer, reused once the previous upload from it has run."""
+        if self.dev.type != "cuda":
+            for k, a in arrays.items():
+                bufs[k].copy_(torch.from_numpy(np.ascontiguousarray(a)))
+            return
+        if self._staged is not None:
+            self._staged.synchronize()  # the last uploads have left the pinned twins
         for k, a in arrays.items():
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            bufs[k].copy_(t.pin_memory() if pin else t, non_blocking=pin)
+            key = (id(bufs), k)
+            host = self._pinned.get(key)
+            if host is None:
+                host = self._pinned[key] = torch.empty(bufs[k].shape, dtype=bufs[k].dtype, pin_memory=True)
+            if host.dtype == torch.bfloat16:  # no numpy twin: torch casts
+                host.copy_(torch.from_numpy(np.require(a, requirements=["C", "W"])))
+            else:
+                host.numpy()[...] = a  # the same round-to-nearest casts as torch's copy_
+            bufs[k].copy_(host, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+
+    def _ids(self, prompt: str) -> np.ndarray:
+        """Token ids of a prompt (the tokenizer's), from a small cache of recent prompts."""
+        ids = self._ids_cache.get(prompt)
+        if ids is None:
+            if len(self._ids_cache) >= 256:
+                self._ids_cache.pop(next(iter(self._ids_cache)))
+            ids = self._ids_cache[prompt] = self.tokenizer(prompt).ids
+            ids.setflags(write=False)
+        return ids
+
+    def _controls(self, source: str, target: str, k: int, **kw):
+        """:func:`icd_edge.edit.p2p.build_controls`, from a small cache keyed by every argument
+        (the controls are a pure function of them; the cached arrays are read-only)."""
+        try:
+            key = (source, target, k, _frozen(kw))
+            hash(key)
+        except TypeError:  # an unhashable control value: built (and validated) every time
+            return p2p.build_controls(self.tokenizer, source, target, k, **kw)
+        ctl = self._controls_cache.get(key)
+        if ctl is None:
+            ctl = p2p.build_controls(self.tokenizer, source, target, k, **kw)
+            for v in vars(ctl).values():
+                if isinstance(v, np.ndarray):
+                    v.setflags(write=False)
+            if len(self._controls_cache) >= 64:
+                self._controls_cache.pop(next(iter(self._controls_cache)))
+            self._controls_cache[key] = ctl
+        return ctl
 
     def _prepare_invert(self, images: list, source_prompts: list[str], seeds: list[int], rng: str = "torch") -> dict:
         n = len(images)
@@ -567,9 +617,9 @@ class FastEditor:
         rng = check_rng(rng)
         # per photo the same noise as Editor.invert with that seed (one (1, 4, h, h) draw each)
         return {
-            "pixels": np.stack([image_to_uint8(load_image(im), 8 * self.h) for im in images]),
+            "pixels": np.stack([photo_uint8(im, 8 * self.h) for im in images]),
             "noise": np.concatenate([host_noise([(1, 4, self.h, self.h)], check_seed(s), rng)[0] for s in seeds]),
-            "ids_src": np.stack([self.tokenizer(check_prompt(p, "source prompt")).ids for p in source_prompts]),
+            "ids_src": np.stack([self._ids(check_prompt(p, "source prompt")) for p in source_prompts]),
             "w0": np.repeat(self._wemb(0.0), n, 0),
         }
 
@@ -597,8 +647,7 @@ class FastEditor:
         tau = check_range(tau, 0.0, 1.0, "tau")
         k = len(self.c.reverse)
         ctls = [
-            p2p.build_controls(
-                self.tokenizer,
+            self._controls(
                 s,
                 check_prompt(t, "target prompt"),
                 k,
@@ -618,8 +667,8 @@ class FastEditor:
             ]
         )
         arrays = {
-            "ids_src": np.stack([self.tokenizer(p).ids for p in source_prompts]),
-            "ids_tgt": np.stack([self.tokenizer(p).ids for p in target_prompts]),
+            "ids_src": np.stack([self._ids(p) for p in source_prompts]),
+            "ids_tgt": np.stack([self._ids(p) for p in target_prompts]),
             "cond": cond,
             "token_map": np.stack([c.token_map for c in ctls]),
             "refine_alpha": np.stack([c.refine_alpha for c in ctls]),
@@ -641,12 +690,16 @@ class FastEditor:
         self._launch("invert", arrays["pixels"].shape[0], self._invert_fn, b)
         return b["latent"]
 
-    @staticmethod
-    def _fetch(b: dict, output: str = "np") -> np.ndarray:
-        """The images of the last launch: (N, H, W, 3) float32 in [0, 1], or uint8 (``output="u8"``)."""
-        if output == "u8":
-            return b["image_u8"].cpu().numpy()
-        return b["image"].permute(0, 2, 3, 1).cpu().numpy()
+    def _fetch(self, b: dict, output: str = "np") -> np.ndarray:
+        """The images of the last launch: (N, H, W, 3) float32 in [0, 1], or uint8 (``output="u8"``).
+        On a GPU they come back into fresh pinned memory (faster than pageable; the array owns it)."""
+        src = b["image_u8"] if output == "u8" else b["image"].permute(0, 2, 3, 1)
+        if self.dev.type != "cuda":
+            return src.numpy().copy()  # not a view of the static buffer the next launch overwrites
+        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        host.copy_(src, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return host.numpy()
 
     def _run_edit(self, latents: torch.Tensor, arrays: dict, flags: tuple, output: str = "np") -> np.ndarray:
         n = latents.shape[0]
@@ -781,12 +834,21 @@ class FastEditor:
         rng: str = "torch",
         **kw,
     ):
-        """Invert and edit one photo (the 8-UNet-call edit the benchmark times). All host work
-        happens before the first launch, so the GPU runs invert and edit back to back."""
+        """Invert and edit one photo (the 8-UNet-call edit the benchmark times). The inversion is
+        launched as soon as its inputs are ready; the edit's controls are built while it runs."""
+        if output_type not in ("pil", "np"):
+            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}", param="output_type")
+        check_prompt(target_prompt, "target prompt")
+        for name in ("guidance", "tau"):  # cheap checks first: nothing runs for a bad value
+            if name in kw:
+                check_range(kw[name], 0.0, self.c.max_guidance if name == "guidance" else 1.0, name)
         inv = self._prepare_invert([image], [source_prompt], [seed], rng)
-        arrays, flags = self._prepare_edit(1, [source_prompt], [target_prompt], **kw)
         with self._lock:
-            arr = self._run_edit(self._run_invert(inv), arrays, flags, "np" if output_type == "np" else "u8")[0]
+            latent = self._run_invert(inv)
+            # the P2P controls' own checks (blend/amplify words) can still refuse here: the
+            # inversion then ran for nothing, but nothing is written or returned
+            arrays, flags = self._prepare_edit(1, [source_prompt], [target_prompt], **kw)
+            arr = self._run_edit(latent, arrays, flags, "np" if output_type == "np" else "u8")[0]
         if output_type == "np":
             return arr
         from PIL import Image
@@ -797,3 +859,12 @@ class FastEditor:
 def _reedit_once(fast: "FastEditor", img, src: str, tgt: str) -> None:
     latent = fast.invert_batch([img], [src], [0])
     fast.reedit_batch(latent, fast.source_cache(latent, src), src, [tgt], cross_replace=0.4, self_replace=0.6)
+
+
+def _frozen(x):
+    """A hashable twin of control arguments (dicts, lists, tuples, scalars)."""
+    if isinstance(x, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in x.items()))
+    if isinstance(x, (list, tuple)):
+        return tuple(_frozen(v) for v in x)
+    return x

@@ -221,7 +221,8 @@ class FastXLEditor:
                 bufs[k].copy_(t.pin_memory() if pin else t, non_blocking=pin)
             self._launch(float(tau), bufs)
             if output_type == "np":
-                return bufs["image"][0].permute(1, 2, 0).cpu().numpy()
+                out = bufs["image"][0].permute(1, 2, 0)
+                return out.cpu().numpy() if pin else out.numpy().copy()  # a CPU result is no buffer view
             from PIL import Image
 
             return Image.fromarray(bufs["image_u8"][0].cpu().numpy(), "RGB")

@@ -211,3 +211,31 @@ def test_cuda_compile_cache_is_found_by_the_next_process(tiny_bundle, tmp_path):
     assert built["entry"] and Path(built["entry"], "artifacts.bin").stat().st_size > 0
     again = run("edit", 2)
     assert again["loaded"] and again["seconds"] < built["seconds"]
+
+
+def test_host_caches_give_the_same_edit_and_refuse_bad_controls(setup, photo):
+    """The token and P2P-control caches of the host side: a repeated edit equals the first, a
+    change of any control is a new entry, cached arrays are read-only, and a blend word that is not
+    in the prompt is still refused (after the inversion was launched) without spoiling later edits."""
+    from icd_edge.errors import InputError
+
+    _, fast = setup
+    kw = dict(cross_replace=0.4, self_replace=0.6, amplify={"dog": 2.0}, blend=("cat", "dog"))
+    first = fast.edit_image(photo, "a photo of a cat", "a photo of a dog", seed=2, output_type="np", **kw)
+    again = fast.edit_image(photo, "a photo of a cat", "a photo of a dog", seed=2, output_type="np", **kw)
+    np.testing.assert_array_equal(first, again)
+    other = fast.edit_image(
+        photo, "a photo of a cat", "a photo of a dog", seed=2, output_type="np", **{**kw, "self_replace": 0.0}
+    )
+    assert not np.array_equal(first, other)
+    ctl = fast._controls("a photo of a cat", "a photo of a dog", 4, **kw)
+    ctl3 = fast._controls("a photo of a cat", "a photo of a dog", 4, **{**kw, "amplify": {"dog": 3.0}})
+    assert ctl3 is not ctl and ctl3.equalizer.max() == 3.0 and ctl.equalizer.max() == 2.0
+    assert fast._controls("a photo of a cat", "a photo of a dog", 4, **kw) is ctl
+    assert not ctl.token_map.flags.writeable and not fast._ids("a photo of a cat").flags.writeable
+    with pytest.raises(InputError, match="horse"):
+        fast.edit_image(photo, "a photo of a cat", "a photo of a dog", seed=2, blend=("horse", "dog"))
+    with pytest.raises(InputError, match="output_type"):
+        fast.edit_image(photo, "a photo of a cat", "a photo of a dog", output_type="tensor")
+    after = fast.edit_image(photo, "a photo of a cat", "a photo of a dog", seed=2, output_type="np", **kw)
+    np.testing.assert_array_equal(first, after)

@@ -113,3 +113,28 @@ def test_manifest_parser_raises_only_typed_errors(manifest, raw):
             open_bundle(d)
         except (BundleError, InputError):
             pass
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    side=st.sampled_from([8, 16]),
+    shape=st.sampled_from(["exact", "bigger", "gray", "rgba", "float", "strided"]),
+    seed=st.integers(0, 2**16),
+)
+def test_photo_uint8_equals_the_pil_round_trip(side, shape, seed):
+    """The fast path's shortcut for arrays that need no conversion gives the same pixels as
+    load_image + image_to_uint8, and every other input still takes that path."""
+    from icd_edge.image import image_to_uint8, photo_uint8
+
+    rng = np.random.default_rng(seed)
+    arr = {
+        "exact": lambda: rng.integers(0, 256, (side, side, 3), dtype=np.uint8),
+        "bigger": lambda: rng.integers(0, 256, (side + 5, side + 2, 3), dtype=np.uint8),
+        "gray": lambda: rng.integers(0, 256, (side, side), dtype=np.uint8),
+        "rgba": lambda: rng.integers(0, 256, (side, side, 4), dtype=np.uint8),
+        "float": lambda: rng.random((side, side, 3)),
+        "strided": lambda: rng.integers(0, 256, (side, 2 * side, 3), dtype=np.uint8)[:, ::2],
+    }[shape]()
+    got = photo_uint8(arr, side)
+    np.testing.assert_array_equal(got, image_to_uint8(load_image(arr), side))
+    assert got.shape == (side, side, 3) and got.dtype == np.uint8
