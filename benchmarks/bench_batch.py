@@ -30,12 +30,24 @@ PHOTOS = [  # scikit-image's bundled photos with a prompt each: (name, source, t
 ]
 
 
+def gpu_name() -> str | None:
+    """The GPU's name when the host has one (nvidia-smi), else None."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("bundle", type=Path)
     ap.add_argument("--rows", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--backend", default="auto", help="the batch's --backend (auto: the CUDA provider on a GPU host)")
     args = ap.parse_args()
     import numpy as np
     from bench_cpu_edit import machine
@@ -59,7 +71,16 @@ def main() -> int:
             for workers in (1, 2):
                 out = work / f"out_{workers}_{rep}"
                 cmd = [sys.executable, "-m", "icd_edge", "batch", str(jobs), "--bundle", str(args.bundle)]
-                cmd += ["--out-dir", str(out), "--workers", str(workers), "--json", "--no-verify"]
+                cmd += [
+                    "--out-dir",
+                    str(out),
+                    "--workers",
+                    str(workers),
+                    "--json",
+                    "--no-verify",
+                    "--backend",
+                    args.backend,
+                ]
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 wall = time.perf_counter() - t0
@@ -72,6 +93,8 @@ def main() -> int:
     med = {w: statistics.median(r["edits_per_minute"] for r in rs) for w, rs in runs.items()}
     result = {
         "machine": machine(),
+        "gpu": gpu_name(),
+        "backend": args.backend,
         "bundle": str(args.bundle),
         "rows": args.rows,
         "edits": 2 * args.rows,

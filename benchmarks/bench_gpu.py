@@ -259,6 +259,14 @@ def phase_reedit(args, src, bundle) -> dict:
         res["fast_ms"] = wall_ms(lambda: fast.edit_image(img, SRC, TGT, output_type="np", **EDIT), args.iters)
         log("full edit", res["fast_first_call_s"], statistics.median(res["fast_ms"]))
         save()
+        # issue 18's host overhead in the same process: wall minus GPU, then where the host time goes
+        try:
+            res["host"] = host_timings(fast, img, args.iters)
+            res["host"]["split"] = host_split(fast, img, args.iters)
+            log("host", res["host"]["host_overhead_ms_np"], res["host"]["split"]["median_ms"])
+        except Exception as exc:  # a diagnostic: the re-edit figures below still matter
+            res["host_error"] = repr(exc)
+        save()
 
     lat = fast.invert_batch([img], [SRC], [0])
     t0 = time.perf_counter()
@@ -550,7 +558,9 @@ def phase_host(args, src, bundle) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_host.partial.json").write_text(json.dumps({"env": env, "host": res}, indent=1))
     res |= host_timings(fast, img, args.iters)
+    res["split"] = host_split(fast, img, args.iters)
     log("host", res["host_overhead_ms_pil"], res["host_overhead_ms_np"], "gpu", statistics.median(res["fast_gpu_ms"]))
+    log("split", res["split"]["median_ms"])
     return res
 
 
@@ -568,6 +578,53 @@ def host_timings(fast, img, iters: int) -> dict:
     res["host_overhead_ms_pil"] = round(statistics.median(res["fast_ms_pil"]) - gpu, 2)
     res["host_overhead_ms_np"] = round(statistics.median(res["fast_ms_np"]) - gpu, 2)
     return res
+
+
+def host_split(fast, img, iters: int) -> dict:
+    """One fast edit taken apart (the steps of ``edit_image``, in its order): host time of each
+    step (perf_counter) and the GPU's view (CUDA events recorded between the steps; the GPU is
+    idle at the first one, so its clock starts with the host's). Medians over ``iters``."""
+    import torch
+
+    keys = ("prepare", "stage_invert", "launch_invert", "stage_edit", "launch_edit", "fetch")
+    gpu_keys = ("gpu_wait_before_invert", "invert_gpu", "gpu_gap_between", "edit_gpu")
+    rows = {k: [] for k in (*keys, *gpu_keys, "wall", "after_gpu")}
+    with torch.inference_mode():
+        for _ in range(iters + 2):
+            torch.cuda.synchronize()
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(5)]
+            t = [time.perf_counter()]
+            ev[0].record()
+            inv = fast._prepare_invert([img], [SRC], [0], "torch")
+            arrays, flags = fast._prepare_edit(1, [SRC], [TGT], **EDIT)
+            t.append(time.perf_counter())
+            b = fast._buffers_for("invert", 1)
+            fast._stage_in(b, inv)
+            t.append(time.perf_counter())
+            ev[1].record()
+            fast._launch("invert", 1, fast._invert_fn, b)
+            ev[2].record()
+            t.append(time.perf_counter())
+            be = fast._buffers_for("edit", 1)
+            be["latent"].copy_(b["latent"])
+            fast._stage_in(be, arrays)
+            be["flags"] = flags
+            t.append(time.perf_counter())
+            ev[3].record()
+            fast._launch(("edit", flags), 1, fast._edit_fn, be)
+            ev[4].record()
+            t.append(time.perf_counter())
+            fast._fetch(be, "np")
+            t.append(time.perf_counter())
+            torch.cuda.synchronize()
+            for i, k in enumerate(keys):
+                rows[k].append((t[i + 1] - t[i]) * 1000)
+            for i, k in enumerate(gpu_keys):
+                rows[k].append(ev[i].elapsed_time(ev[i + 1]))
+            rows["wall"].append((t[-1] - t[0]) * 1000)
+            rows["after_gpu"].append(rows["wall"][-1] - ev[0].elapsed_time(ev[4]))
+    rows = {k: v[2:] for k, v in rows.items()}
+    return {"median_ms": {k: round(statistics.median(v), 3) for k, v in rows.items()}, "ms": rows}
 
 
 FIRST_EDIT = """
