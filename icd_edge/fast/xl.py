@@ -64,6 +64,14 @@ class FastXLEditor:
         self.text_2 = TextEncoderXLGraph(text_encoder_2, pooled=True).to(self.dev, self.dt).eval()
         self.vae_dt = DTYPES[precision.canonical(options.vae_dtype or "fp32", tuple(DTYPES), "vae_dtype")]
         vae = vae.to(self.dev, self.vae_dt, memory_format=self._mf).eval()
+        if options.vae_attention not in ("fp32", "bf16"):
+            raise InputError(
+                f"vae_attention must be 'fp32' or 'bf16', got {options.vae_attention!r}", param="vae_attention"
+            )
+        if options.vae_attention == "bf16" and self.vae_dt == torch.float32:
+            from icd_edge.graphs.attention import cast_vae_attention
+
+            cast_vae_attention(vae, torch.bfloat16)
         self.vae_enc, self.vae_dec = VaeEncoderXLGraph(vae), VaeDecoderGraph(vae)
         self.unet_f = UNetXLGraph(unet_forward.to(self.dev, self.dt, memory_format=self._mf)).eval()
         self.unet_r = UNetXLGraph(unet_reverse.to(self.dev, self.dt, memory_format=self._mf)).eval()

@@ -431,3 +431,42 @@ def _reedit_call(attn, hidden_states, encoder_hidden_states, tape, fused: bool):
     if isinstance(tape, TargetTape):
         return target_call(attn, hidden_states, encoder_hidden_states, tape, fused)
     return source_call(attn, hidden_states, encoder_hidden_states, tape)
+
+
+class CastAttnProcessor:
+    """The VAE's single-head spatial attention (group norm, 4-D input, residual) with q, k and v in
+    ``dtype`` (bfloat16: flash kernels on a GPU, float32's range), everything else in the module's
+    own dtype. For SDXL's float32 VAE, whose fp32 attention is the slowest part after its
+    convolutions at 1024² (the fast path's ``vae_attention="bf16"``)."""
+
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.dtype = dtype
+
+    def __call__(
+        self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw
+    ):
+        if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 4:
+            raise RuntimeError("CastAttnProcessor is for the VAE's self-attention on (B, C, H, W) maps")
+        residual = hidden_states
+        b, c, h, w = hidden_states.shape
+        x = hidden_states.view(b, c, h * w)
+        if attn.group_norm is not None:
+            x = attn.group_norm(x)
+        x = x.transpose(1, 2)
+        q, k, v = (t.to(self.dtype) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x)))
+        out = _attend(q, k, v, attn.heads, attn.scale).to(hidden_states.dtype)
+        out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def cast_vae_attention(vae, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Install :class:`CastAttnProcessor` on every attention of a diffusers AutoencoderKL; returns
+    how many (SD/SDXL VAEs: one in the encoder's and one in the decoder's mid block)."""
+    n = 0
+    for mod in vae.modules():
+        if isinstance(mod, Attention):
+            mod.set_processor(CastAttnProcessor(dtype))
+            n += 1
+    return n

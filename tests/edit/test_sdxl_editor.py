@@ -260,3 +260,31 @@ def test_compiled_gpu_path_against_the_fp32_reference(tmp_path):
     np.testing.assert_array_equal(got, fast.edit_image(photo, SOURCE, TARGET, output_type="np"))
     half_vae = FastXLEditor(bundle, *mods, FastOptions(vae_dtype="fp16"))
     assert psnr_db(want, half_vae.edit_image(photo, SOURCE, TARGET, output_type="np"), peak=1.0) > 35
+
+
+def test_vae_attention_in_bf16(xl, photo):
+    """``vae_attention="bf16"``: the processor in float32 is the VAE's own attention, in bfloat16 it
+    changes the output a little, and the fast path's edit with it stays close to the float32 one."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.xl import FastXLEditor
+    from icd_edge.graphs.attention import cast_vae_attention
+
+    vae = AutoencoderKL.from_pretrained(xl.root / "torch" / "vae").eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        run = lambda: vae.decode(vae.encode(x).latent_dist.mean).sample  # noqa: E731
+        want = run()
+        assert cast_vae_attention(vae, torch.float32) == 2  # the encoder's and the decoder's mid block
+        torch.testing.assert_close(run(), want, rtol=1e-5, atol=1e-5)
+        cast_vae_attention(vae, torch.bfloat16)
+        assert 0 < (run() - want).abs().max() < 0.05
+    opts = dict(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
+    kw = dict(seed=SEED, guidance=7.0, tau=0.5, output_type="np")
+    full = FastXLEditor.from_bundle(xl.root, **opts).edit_image(photo, SOURCE, TARGET, **kw)
+    low = FastXLEditor.from_bundle(xl.root, vae_attention="bf16", **opts).edit_image(photo, SOURCE, TARGET, **kw)
+    assert 35 < psnr_db(full, low, peak=1.0) < 200
+    with pytest.raises(InputError, match="vae_attention"):
+        FastXLEditor.from_bundle(xl.root, vae_attention="fp8", **opts)

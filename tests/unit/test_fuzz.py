@@ -138,3 +138,14 @@ def test_photo_uint8_equals_the_pil_round_trip(side, shape, seed):
     got = photo_uint8(arr, side)
     np.testing.assert_array_equal(got, image_to_uint8(load_image(arr), side))
     assert got.shape == (side, side, 3) and got.dtype == np.uint8
+
+
+def test_pil_rgb_images_do_not_share_the_array():
+    """The fast path hands PIL a view of its pinned output buffer and reuses the buffer at the next
+    edit: Image.fromarray must copy RGB pixels (it maps only modes such as L/RGBA onto the array)."""
+    from PIL import Image
+
+    arr = np.zeros((4, 4, 3), np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    arr[...] = 200
+    assert np.asarray(img).max() == 0
