@@ -133,6 +133,10 @@ def validate(cfg: ExportConfig) -> None:
         )
     if cfg.calibration is not None and not Path(cfg.calibration).is_dir():
         raise ExportError(f"--calibration {cfg.calibration} is not a folder of photos")
+    if cfg.calibration is not None:
+        from icd_edge.export.quant.calibration import read_prompts
+
+        read_prompts(Path(cfg.calibration))  # a malformed prompts.json fails before any model loads
     if cfg.unet_weights not in ("fused", "shared-base"):
         raise ExportError(f"--unet-weights must be fused or shared-base, got {cfg.unet_weights!r}")
     if cfg.embeddings not in ("float", "int8"):

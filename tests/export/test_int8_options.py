@@ -196,3 +196,28 @@ def test_tensorrt_flags_need_the_target_and_are_recorded(tmp_path):
     with pytest.raises(ExportError, match="--trt-workspace-mb applies"):
         validate(ExportConfig(out=tmp_path / "b", model="tiny", trt_workspace_mb=512))
     assert {"trt_precision", "trt_workspace_mb"} <= set(ExportConfig(out=tmp_path).__dict__)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ('{"a.png": ["a photo of a cat"]}', r"'a\.png' must map to \[source prompt, target prompt\]"),
+        ('{"a.png": ["a cat", ""]}', "two non-empty strings"),
+        ('["a cat", "a dog"]', "must be an object"),
+        ("{not json", "is not readable JSON"),
+    ],
+)
+def test_calibration_prompts_are_checked_before_the_export(tmp_path, text, match):
+    """A malformed prompts.json of --calibration is a typed error from the config check (exit 2 on
+    the command line, no bundle), not a traceback during quantisation."""
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    (calib / "prompts.json").write_text(text)
+    with pytest.raises(ExportError, match=match):
+        validate(_cfg(tmp_path, precision="int8", calibration=calib))
+    proc = run_cli(
+        "--model", "tiny", "--out", str(tmp_path / "b"), "--precision", "int8", "--calibration", str(calib),
+        module="icd_edge.export",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "prompts.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "b").exists()

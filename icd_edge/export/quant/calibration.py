@@ -20,20 +20,40 @@ CALIBRATION = (  # scikit-image's public-domain photos: (name, source prompt, ta
 )
 
 
+def read_prompts(directory: Path) -> dict[str, tuple[str, str]]:
+    """The optional ``prompts.json`` of a calibration folder: ``{file name: [source, target]}``,
+    checked (a typed error that says what was expected, before any model loads)."""
+    path = directory / "prompts.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ExportError(f"{path} is not readable JSON ({exc}); expected {{file name: [source, target]}}") from None
+    if not isinstance(raw, dict):
+        raise ExportError(f"{path} must be an object {{file name: [source, target]}}, got {type(raw).__name__}")
+    out = {}
+    for name, pair in raw.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) and t.strip() for t in pair)):
+            raise ExportError(
+                f"{path}: {name!r} must map to [source prompt, target prompt] (two non-empty strings), got {pair!r}"
+            )
+        out[name] = (pair[0], pair[1])
+    return out
+
+
 def calibration_cases(directory: Path | None, side: int, limit: int) -> list[tuple]:
     """(image array, source, target, blend) cases: a user folder, else scikit-image's photos."""
     from icd_edge.image import load_image
 
     cases = []
     if directory is not None:
-        prompts = {}
-        if (directory / "prompts.json").is_file():
-            prompts = json.loads((directory / "prompts.json").read_text())
+        prompts = read_prompts(directory)
         files = sorted(p for p in directory.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
         if not files:
             raise ExportError(f"--calibration {directory} holds no images (.png, .jpg, .webp, .bmp)")
         for p in files[:limit]:
-            src, tgt = prompts.get(p.name, ["a photo", "a painting"])
+            src, tgt = prompts.get(p.name, ("a photo", "a painting"))
             cases.append((np.asarray(load_image(p)), src, tgt, None))
         return cases
     try:
