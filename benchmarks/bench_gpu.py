@@ -900,6 +900,12 @@ def merge(paths: list[Path]) -> int:
             "source_ms": round(statistics.median(re["source_ms"]), 2),
             "reedit_peak_allocated_gib": re.get("peak_allocated_gib"),
         }
+        if "host" in re:  # issue 18's host overhead, measured in the same process as the full edit
+            data["summary"] |= {
+                "host_overhead_ms": re["host"]["host_overhead_ms_np"],
+                "host_overhead_ms_pil": re["host"]["host_overhead_ms_pil"],
+                "host_overhead_gpu": data.get("reedit_env", data["env"])["gpu"],
+            }
     if sdxl:  # issue 20: iCD-XL, 1024 px 4+4 prompt switch (the onnxruntime CUDA path is not built yet)
         data["summary"] |= {
             "sdxl_gpu": data.get("sdxl_env", data["env"])["gpu"],
@@ -920,6 +926,12 @@ def merge(paths: list[Path]) -> int:
             if "fp16_vae_ms" in sdxl
             else None,
             "sdxl_fp16_vae_vs_fp32_reference_psnr_db": sdxl.get("fp16_vae_vs_ref_psnr_db"),
+        }
+    vae = data.get("sdxl_vae")
+    if vae:  # issue 20: SDXL's VAE alone (encode + decode, 1024², compiled) per precision variant
+        data["summary"]["sdxl_vae_ms"] = {k: v["median_ms"] for k, v in vae["variants"].items()}
+        data["summary"]["sdxl_vae_psnr_db_vs_fp32_strict"] = {
+            k: v["psnr_db_vs_fp32_strict"] for k, v in vae["variants"].items() if "psnr_db_vs_fp32_strict" in v
         }
     ort = data.get("ort")
     if ort:  # issue 17: the onnxruntime CUDA path; the default configuration is what users get

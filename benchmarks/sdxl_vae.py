@@ -101,7 +101,7 @@ def main() -> int:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
     }
-    res: dict = {"env": env, "variants": {}}
+    res: dict = {"env": env, "sdxl_vae": {"variants": {}}}
     sync = torch.cuda.synchronize if not args.smoke else (lambda: None)
     ref = None
     for name in ["fp32-strict", *[v for v in args.variants if v != "fp32-strict"]]:
@@ -161,7 +161,7 @@ def main() -> int:
             if not args.smoke:
                 row["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(name, json.dumps({k: v for k, v in row.items() if k != "ms"}), flush=True)
-        res["variants"][name] = row
+        res["sdxl_vae"]["variants"][name] = row
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sdxl_vae.json").write_text(json.dumps(res, indent=1))
         del vae, fn
