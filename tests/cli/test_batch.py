@@ -188,9 +188,12 @@ def test_two_workers_write_what_one_writes(tiny_bundle, photos, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_stopped_batch_leaves_whole_files_and_a_rerun_finishes_it(tiny_bundle, photos, tmp_path, sig):
+    # enough rows that the batch cannot finish before the signal lands: with 8 (0.3 s each) a CI
+    # host under load once saw all of them done first (exit 0)
+    n = 24
     rows = [
         {"id": f"r{i}", "image": "cat.png", "source": "a photo of a cat", "target": "a dog", "seed": i}
-        for i in range(8)
+        for i in range(n)
     ]
     jobs = write_jsonl(photos / "jobs.jsonl", rows)
     out = tmp_path / "out"
@@ -208,7 +211,7 @@ def test_a_stopped_batch_leaves_whole_files_and_a_rerun_finishes_it(tiny_bundle,
     for name in left:
         assert read_metadata(out / name)["command"] == "batch"  # each one whole
     proc = batch(tiny_bundle, jobs, out, "--json")
-    assert proc.returncode == 0 and summary(proc)["skipped"] == len(left) and len(list(out.iterdir())) == 8
+    assert proc.returncode == 0 and summary(proc)["skipped"] == len(left) and len(list(out.iterdir())) == n
 
 
 def test_ray_executor_same_rows_resume_and_errors(tiny_bundle, photos, tmp_path):
