@@ -28,37 +28,22 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = ("fp32-strict", "fp32", "fp32-tf32-attn", "fp32-bf16-attn", "bf16", "fp16")
 
 
-class CastAttention:
-    """The VAE's single-head attention (diffusers' ``Attention`` with a group norm, 4-D input),
-    with q, k, v in ``dtype`` (flash/cuDNN SDPA) or as explicit matmuls (TF32 when allowed)."""
+def explicit_attention():
+    """The product's :class:`CastAttnProcessor` in float32 with the attention written as two
+    matmuls and a softmax (TF32 when allowed), instead of fused SDPA."""
+    import torch
 
-    def __init__(self, dtype=None, explicit: bool = False):
-        self.dtype, self.explicit = dtype, explicit
+    from icd_edge.graphs.attention import CastAttnProcessor
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
-        import torch
-        import torch.nn.functional as F
+    class Explicit(CastAttnProcessor):
+        @staticmethod
+        def attend(q, k, v, heads: int, scale: float):
+            b, n, c = q.shape
+            q, k, v = (t.view(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v))
+            o = torch.matmul((torch.matmul(q, k.transpose(-1, -2)) * scale).softmax(-1), v)
+            return o.transpose(1, 2).reshape(b, n, c)
 
-        residual = hidden_states
-        b, c, h, w = hidden_states.shape
-        x = hidden_states.view(b, c, h * w)
-        if attn.group_norm is not None:
-            x = attn.group_norm(x)
-        x = x.transpose(1, 2)
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        heads = attn.heads
-        q, k, v = (t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
-        if self.explicit:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-            o = torch.matmul(scores.softmax(-1), v)
-        else:
-            o = F.scaled_dot_product_attention(q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)).to(q.dtype)
-        o = o.transpose(1, 2).reshape(b, -1, c)
-        o = attn.to_out[1](attn.to_out[0](o))
-        o = o.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            o = o + residual
-        return o / attn.rescale_output_factor
+    return Explicit(torch.float32)
 
 
 def kind(name: str) -> str:
@@ -113,11 +98,14 @@ def main() -> int:
         tf32_mm = name == "fp32-tf32-attn"
         torch.backends.cudnn.allow_tf32 = tf32_conv
         torch.backends.cuda.matmul.allow_tf32 = tf32_mm
-        if name in ("fp32-tf32-attn", "fp32-bf16-attn"):
-            proc = CastAttention(explicit=True) if name == "fp32-tf32-attn" else CastAttention(torch.bfloat16)
+        if name == "fp32-bf16-attn":  # what FastOptions(vae_attention="bf16") installs
+            from icd_edge.graphs.attention import cast_vae_attention
+
+            cast_vae_attention(vae, torch.bfloat16)
+        elif name == "fp32-tf32-attn":
             for mod in vae.modules():
                 if type(mod).__name__ == "Attention":
-                    mod.set_processor(proc)
+                    mod.set_processor(explicit_attention())
         vae = vae.to(dev, dt, memory_format=torch.channels_last)
 
         def run(vae=vae, dt=dt):

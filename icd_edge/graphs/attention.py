@@ -454,11 +454,16 @@ class CastAttnProcessor:
             x = attn.group_norm(x)
         x = x.transpose(1, 2)
         q, k, v = (t.to(self.dtype) for t in (attn.to_q(x), attn.to_k(x), attn.to_v(x)))
-        out = _attend(q, k, v, attn.heads, attn.scale).to(hidden_states.dtype)
+        out = self.attend(q, k, v, attn.heads, attn.scale).to(hidden_states.dtype)
         out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(b, c, h, w)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    @staticmethod
+    def attend(q, k, v, heads: int, scale: float) -> torch.Tensor:
+        """(B, L, C) q, k, v → (B, L, C): fused SDPA (a benchmark swaps in other forms)."""
+        return _attend(q, k, v, heads, scale)
 
 
 def cast_vae_attention(vae, dtype: torch.dtype = torch.bfloat16) -> int:
