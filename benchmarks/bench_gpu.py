@@ -322,7 +322,6 @@ def phase_sdxl(args, src, bundle) -> dict:
 
     import torch
 
-    from icd_edge.export.parity import psnr_db
     from icd_edge.export.samples import sample_photo
     from icd_edge.fast.editor import FastOptions
     from icd_edge.fast.xl import FastXLEditor
@@ -332,6 +331,7 @@ def phase_sdxl(args, src, bundle) -> dict:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
     res: dict = {"steps": [len(bundle.manifest.schedule.forward), len(bundle.manifest.schedule.reverse)]}
     edit = dict(guidance=19.0, tau=0.7)
+    steps = set(args.sdxl_steps)
 
     def save():  # partial results survive a command killed at its time limit
         args.out.mkdir(parents=True, exist_ok=True)
@@ -349,6 +349,24 @@ def phase_sdxl(args, src, bundle) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     log("fp32 reference", statistics.median(res["reference_fp32_eager_ms"]))
     save()
+    if "eager" in steps:
+        eager_step(res, bundle, mods, ref, img, edit, args)
+        log("eager fp16", statistics.median(res["eager_ms"]))
+        save()
+    if "fast" not in steps:  # the variants are compared with the default fast edit of the same run
+        return res
+    return sdxl_fast(args, res, bundle, mods, ref, img, edit, steps, save)
+
+
+def eager_step(res, bundle, mods, ref, img, edit, args):
+    import copy
+    import gc
+
+    import torch
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.editor import FastOptions
+    from icd_edge.fast.xl import FastXLEditor
 
     eager = FastXLEditor(bundle, *copy.deepcopy(mods), FastOptions(compile=False, cuda_graphs=False))
     res["eager_ms"] = wall_ms(lambda: eager.edit_image(img, SRC, TGT, **edit), args.iters_eager)
@@ -357,8 +375,42 @@ def phase_sdxl(args, src, bundle) -> dict:
     eager = None
     gc.collect()
     torch.cuda.empty_cache()
-    log("eager fp16", statistics.median(res["eager_ms"]))
-    save()
+
+
+def sdxl_variant(args, res, bundle, mods, ref, img, name, options):
+    """One opt-in FastOptions variant of the compiled SDXL edit: first call, PSNR against the fp32
+    reference, wall and graph-replay ms (keys ``{name}_...``); the editor is freed afterwards."""
+    import gc
+
+    import torch
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.xl import FastXLEditor
+
+    edit = dict(guidance=19.0, tau=0.7)
+    ed = FastXLEditor(bundle, *mods, options)
+    t0 = time.perf_counter()
+    got = ed.edit_image(img, SRC, TGT, output_type="np", **edit)
+    res[f"{name}_first_call_s"] = round(time.perf_counter() - t0, 1)
+    res[f"{name}_vs_ref_psnr_db"] = round(psnr_db(ref, got, peak=1.0), 2)
+    res[f"{name}_ms"] = wall_ms(lambda: ed.edit_image(img, SRC, TGT, **edit), args.iters)
+    (graph,) = ed._graphs.values()
+    res[f"{name}_gpu_ms"] = cuda_ms(graph.replay, args.iters)
+    log(name, statistics.median(res[f"{name}_ms"]), "gpu", statistics.median(res[f"{name}_gpu_ms"]))
+    graph = ed = None
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def sdxl_fast(args, res, bundle, mods, ref, img, edit, steps, save) -> dict:
+    import copy
+    import gc
+
+    import torch
+
+    from icd_edge.export.parity import psnr_db
+    from icd_edge.fast.editor import FastOptions
+    from icd_edge.fast.xl import FastXLEditor
 
     torch.cuda.reset_peak_memory_stats()
     fast = FastXLEditor(bundle, *mods, FastOptions(compile_mode=args.compile_mode))
@@ -398,6 +450,13 @@ def phase_sdxl(args, src, bundle) -> dict:
         }
     log("parts", res["part_ms"])
     save()
+    fast = None
+    if "bf16-attn" in steps:  # the VAE's attention in bf16 (it swaps the VAE's processors: on a copy)
+        variant = FastOptions(compile_mode=args.compile_mode, vae_attention="bf16")
+        sdxl_variant(args, res, bundle, copy.deepcopy(mods), ref, img, "bf16_vae_attn", variant)
+        save()
+    if "fp16-vae" not in steps:
+        return res
     # the opt-in deviation: an fp16-safe VAE (--vae at export) lets the VAE run in float16; the same
     # random weights stand in for it here (the UNets recompile, mostly from inductor's cache)
     fast = None
@@ -926,6 +985,10 @@ def merge(paths: list[Path]) -> int:
             if "fp16_vae_ms" in sdxl
             else None,
             "sdxl_fp16_vae_vs_fp32_reference_psnr_db": sdxl.get("fp16_vae_vs_ref_psnr_db"),
+            "sdxl_edit_ms_bf16_vae_attn": round(statistics.median(sdxl["bf16_vae_attn_ms"]), 2)
+            if "bf16_vae_attn_ms" in sdxl
+            else None,
+            "sdxl_bf16_vae_attn_vs_fp32_reference_psnr_db": sdxl.get("bf16_vae_attn_vs_ref_psnr_db"),
         }
     vae = data.get("sdxl_vae")
     if vae:  # issue 20: SDXL's VAE alone (encode + decode, 1024², compiled) per precision variant
@@ -968,6 +1031,13 @@ def main() -> int:
     ap.add_argument("--ort-work", type=Path, default=Path("/tmp/icd_ort_work"))
     ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15", help="sdxl: the sdxl phase")
     ap.add_argument("--sdxl-model", default="random-sdxl", help="sdxl phase: random-sdxl, or tiny-xl for a smoke run")
+    ap.add_argument(
+        "--sdxl-steps",
+        nargs="+",
+        default=["eager", "fast", "fp16-vae", "bf16-attn"],
+        choices=("eager", "fast", "fp16-vae", "bf16-attn"),
+        help="sdxl phase: what to time after the fp32 reference (bf16-attn: the VAE's attention in bf16)",
+    )
     ap.add_argument("--knobs", nargs="+", default=["default", "conv1x1_mm+coord_descent", "max-autotune-no-cudagraphs"])
     ap.add_argument("--compile-mode", help="torch.compile mode of the fast path (latency/throughput phases)")
     ap.add_argument("--out", type=Path, default=Path("."))
