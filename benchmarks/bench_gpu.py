@@ -451,10 +451,12 @@ def sdxl_fast(args, res, bundle, mods, ref, img, edit, steps, save) -> dict:
     log("parts", res["part_ms"])
     save()
     fast = None
-    if "bf16-attn" in steps:  # the VAE's attention in bf16 (it swaps the VAE's processors: on a copy)
-        variant = FastOptions(compile_mode=args.compile_mode, vae_attention="bf16")
-        sdxl_variant(args, res, bundle, copy.deepcopy(mods), ref, img, "bf16_vae_attn", variant)
-        save()
+    for step, attn in (("bf16-attn", "bf16"), ("fp32-attn", "fp32")):  # the VAE's attention pinned (the
+        # default "auto" is bf16 on CUDA); it swaps the VAE's processors in place: on a copy
+        if step in steps:
+            variant = FastOptions(compile_mode=args.compile_mode, vae_attention=attn)
+            sdxl_variant(args, res, bundle, copy.deepcopy(mods), ref, img, f"{attn}_vae_attn", variant)
+            save()
     if "fp16-vae" not in steps:
         return res
     # the opt-in deviation: an fp16-safe VAE (--vae at export) lets the VAE run in float16; the same
@@ -985,10 +987,19 @@ def merge(paths: list[Path]) -> int:
             if "fp16_vae_ms" in sdxl
             else None,
             "sdxl_fp16_vae_vs_fp32_reference_psnr_db": sdxl.get("fp16_vae_vs_ref_psnr_db"),
-            "sdxl_edit_ms_bf16_vae_attn": round(statistics.median(sdxl["bf16_vae_attn_ms"]), 2)
-            if "bf16_vae_attn_ms" in sdxl
+            "sdxl_edit_ms_fp32_vae_attn": round(statistics.median(sdxl["fp32_vae_attn_ms"]), 2)
+            if "fp32_vae_attn_ms" in sdxl
             else None,
-            "sdxl_bf16_vae_attn_vs_fp32_reference_psnr_db": sdxl.get("bf16_vae_attn_vs_ref_psnr_db"),
+        }
+    attn = data.get("sdxl_attn")
+    if attn:  # a run from before vae_attention="auto": its fast edit had float32 attention, the variant bf16
+        data["summary"] |= {
+            "sdxl_edit_ms": round(statistics.median(attn["bf16_vae_attn_ms"]), 2),
+            "sdxl_edit_gpu_ms": round(statistics.median(attn["bf16_vae_attn_gpu_ms"]), 2),
+            "sdxl_fast_vs_fp32_reference_psnr_db": attn["bf16_vae_attn_vs_ref_psnr_db"],
+            "sdxl_edit_ms_fp32_vae_attn": round(statistics.median(attn["fast_ms"]), 2),
+            "sdxl_fp32_vae_attn_vs_fp32_reference_psnr_db": attn["fast_vs_ref_psnr_db"],
+            "sdxl_edit_ms_from": "sdxl_attn (bf16 VAE attention, the default); eager and fp16-VAE keys: the sdxl run",
         }
     vae = data.get("sdxl_vae")
     if vae:  # issue 20: SDXL's VAE alone (encode + decode, 1024², compiled) per precision variant
@@ -1034,9 +1045,9 @@ def main() -> int:
     ap.add_argument(
         "--sdxl-steps",
         nargs="+",
-        default=["eager", "fast", "fp16-vae", "bf16-attn"],
-        choices=("eager", "fast", "fp16-vae", "bf16-attn"),
-        help="sdxl phase: what to time after the fp32 reference (bf16-attn: the VAE's attention in bf16)",
+        default=["eager", "fast", "fp16-vae", "fp32-attn"],
+        choices=("eager", "fast", "fp16-vae", "bf16-attn", "fp32-attn"),
+        help="sdxl phase: what to time after the fp32 reference (bf16-/fp32-attn: the VAE's attention pinned)",
     )
     ap.add_argument("--knobs", nargs="+", default=["default", "conv1x1_mm+coord_descent", "max-autotune-no-cudagraphs"])
     ap.add_argument("--compile-mode", help="torch.compile mode of the fast path (latency/throughput phases)")

@@ -64,11 +64,19 @@ class FastXLEditor:
         self.text_2 = TextEncoderXLGraph(text_encoder_2, pooled=True).to(self.dev, self.dt).eval()
         self.vae_dt = DTYPES[precision.canonical(options.vae_dtype or "fp32", tuple(DTYPES), "vae_dtype")]
         vae = vae.to(self.dev, self.vae_dt, memory_format=self._mf).eval()
-        if options.vae_attention not in ("fp32", "bf16"):
+        if options.vae_attention not in ("auto", "fp32", "bf16"):
             raise InputError(
-                f"vae_attention must be 'fp32' or 'bf16', got {options.vae_attention!r}", param="vae_attention"
+                f"vae_attention must be 'auto', 'fp32' or 'bf16', got {options.vae_attention!r}",
+                param="vae_attention",
             )
-        if options.vae_attention == "bf16" and self.vae_dt == torch.float32:
+        attn = options.vae_attention
+        if attn == "auto":  # bfloat16 matmuls are native on the GPUs the fast path targets, emulated on CPUs
+            attn = "bf16" if self.dev.type == "cuda" else "fp32"
+        # what the VAE's attention computes in (a float16 VAE keeps its own dtype)
+        self.vae_attention = (
+            attn if self.vae_dt == torch.float32 else precision.canonical(options.vae_dtype, tuple(DTYPES), "vae_dtype")
+        )
+        if self.vae_attention == "bf16":
             from icd_edge.graphs.attention import cast_vae_attention
 
             cast_vae_attention(vae, torch.bfloat16)

@@ -283,8 +283,12 @@ def test_vae_attention_in_bf16(xl, photo):
         assert 0 < (run() - want).abs().max() < 0.05
     opts = dict(device="cpu", dtype="fp32", compile=False, cuda_graphs=False)
     kw = dict(seed=SEED, guidance=7.0, tau=0.5, output_type="np")
-    full = FastXLEditor.from_bundle(xl.root, **opts).edit_image(photo, SOURCE, TARGET, **kw)
-    low = FastXLEditor.from_bundle(xl.root, vae_attention="bf16", **opts).edit_image(photo, SOURCE, TARGET, **kw)
+    default = FastXLEditor.from_bundle(xl.root, **opts)
+    assert default.vae_attention == "fp32"  # "auto": bfloat16 on CUDA only
+    full = default.edit_image(photo, SOURCE, TARGET, **kw)
+    low = FastXLEditor.from_bundle(xl.root, vae_attention="bf16", **opts)
+    assert low.vae_attention == "bf16"
+    low = low.edit_image(photo, SOURCE, TARGET, **kw)
     assert 35 < psnr_db(full, low, peak=1.0) < 200
     with pytest.raises(InputError, match="vae_attention"):
         FastXLEditor.from_bundle(xl.root, vae_attention="fp8", **opts)
