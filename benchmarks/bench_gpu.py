@@ -1001,6 +1001,13 @@ def merge(paths: list[Path]) -> int:
             "sdxl_fp32_vae_attn_vs_fp32_reference_psnr_db": attn["fast_vs_ref_psnr_db"],
             "sdxl_edit_ms_from": "sdxl_attn (bf16 VAE attention, the default); eager and fp16-VAE keys: the sdxl run",
         }
+    fp8 = data.get("fp8_unet")
+    if fp8:  # issue 18's fp8 trial (benchmarks/fp8_unet.py): one UNet call at the edit's shape, not kept
+        v = fp8["variants"]
+        data["summary"] |= {
+            "fp8_unet_ms": {k: r["median_ms"] for k, r in v.items()},
+            "fp8_unet_snr_db_vs_fp16": {k: min(r["snr_db_vs_fp16"]) for k, r in v.items() if "snr_db_vs_fp16" in r},
+        }
     vae = data.get("sdxl_vae")
     if vae:  # issue 20: SDXL's VAE alone (encode + decode, 1024², compiled) per precision variant
         data["summary"]["sdxl_vae_ms"] = {k: v["median_ms"] for k, v in vae["variants"].items()}
