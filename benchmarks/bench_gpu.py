@@ -377,7 +377,7 @@ def eager_step(res, bundle, mods, ref, img, edit, args):
     torch.cuda.empty_cache()
 
 
-def sdxl_variant(args, res, bundle, mods, ref, img, name, options):
+def sdxl_variant(args, res, bundle, mods, ref, img, edit, name, options):
     """One opt-in FastOptions variant of the compiled SDXL edit: first call, PSNR against the fp32
     reference, wall and graph-replay ms (keys ``{name}_...``); the editor is freed afterwards."""
     import gc
@@ -387,7 +387,6 @@ def sdxl_variant(args, res, bundle, mods, ref, img, name, options):
     from icd_edge.export.parity import psnr_db
     from icd_edge.fast.xl import FastXLEditor
 
-    edit = dict(guidance=19.0, tau=0.7)
     ed = FastXLEditor(bundle, *mods, options)
     t0 = time.perf_counter()
     got = ed.edit_image(img, SRC, TGT, output_type="np", **edit)
@@ -450,30 +449,21 @@ def sdxl_fast(args, res, bundle, mods, ref, img, edit, steps, save) -> dict:
         }
     log("parts", res["part_ms"])
     save()
-    fast = None
+    fast = None  # the variants below compile their own editors
+    gc.collect()
+    torch.cuda.empty_cache()
     for step, attn in (("bf16-attn", "bf16"), ("fp32-attn", "fp32")):  # the VAE's attention pinned (the
         # default "auto" is bf16 on CUDA); it swaps the VAE's processors in place: on a copy
         if step in steps:
             variant = FastOptions(compile_mode=args.compile_mode, vae_attention=attn)
-            sdxl_variant(args, res, bundle, copy.deepcopy(mods), ref, img, f"{attn}_vae_attn", variant)
+            sdxl_variant(args, res, bundle, copy.deepcopy(mods), ref, img, edit, f"{attn}_vae_attn", variant)
             save()
-    if "fp16-vae" not in steps:
-        return res
-    # the opt-in deviation: an fp16-safe VAE (--vae at export) lets the VAE run in float16; the same
-    # random weights stand in for it here (the UNets recompile, mostly from inductor's cache)
-    fast = None
-    gc.collect()
-    torch.cuda.empty_cache()
-    fast16 = FastXLEditor(bundle, *mods, FastOptions(compile_mode=args.compile_mode, vae_dtype="fp16"))
-    t0 = time.perf_counter()
-    got16 = fast16.edit_image(img, SRC, TGT, output_type="np", **edit)
-    res["fp16_vae_first_call_s"] = round(time.perf_counter() - t0, 1)
-    res["fp16_vae_vs_ref_psnr_db"] = round(psnr_db(ref, got16, peak=1.0), 2)
-    res["fp16_vae_ms"] = wall_ms(lambda: fast16.edit_image(img, SRC, TGT, **edit), args.iters)
-    (graph,) = fast16._graphs.values()
-    res["fp16_vae_gpu_ms"] = cuda_ms(graph.replay, args.iters)
-    log("fp16 VAE", statistics.median(res["fp16_vae_ms"]), "gpu", statistics.median(res["fp16_vae_gpu_ms"]))
-    save()
+    if "fp16-vae" in steps:
+        # the opt-in deviation: an fp16-safe VAE (--vae at export) lets the VAE run in float16; the same
+        # random weights stand in for it here (the UNets recompile, mostly from inductor's cache)
+        variant = FastOptions(compile_mode=args.compile_mode, vae_dtype="fp16")
+        sdxl_variant(args, res, bundle, mods, ref, img, edit, "fp16_vae", variant)
+        save()
     return res
 
 
