@@ -6,7 +6,9 @@ memory)`` (why ``auto`` should pass it over, or None), ``configure(bundle, memor
 an Editor: the policy's meaning for this backend, warnings about the bundle) and
 ``open_session(bundle, graph)``. A session has ``run(feeds) -> outputs`` and ``close()``.
 Selection: the user's choice, else the first backend in :data:`AUTO_ORDER` that does not skip,
-probes OK and whose format the bundle holds. A backend that was asked for and cannot run raises
+probes OK and whose format the bundle holds; on the CPU, ``auto`` then sends the int8 graphs that
+run faster on the other CPU backend there (:data:`INT8_CPU_GRAPH_BACKEND`) to that one
+(:mod:`icd_edge.runtimes.mixed`). A backend that was asked for and cannot run raises
 :class:`~icd_edge.errors.BackendUnavailable` with the probe's reason; nothing falls back silently.
 """
 
@@ -48,6 +50,12 @@ INT8_CPU_BACKEND = {
     "x86": "onnxruntime",
     "arm-dotprod": "onnxruntime",
     "arm": "onnxruntime",
+}
+# Graphs that run faster on the other CPU backend than the one INT8_CPU_BACKEND picks, per ISA class:
+# int8 graphs of a full-size SD1.5 bundle timed one graph at a time on both backends, interleaved
+# (benchmarks/cpu_graph_backends.py; docs/backends.md). Resident policy only: two runtimes' arenas.
+INT8_CPU_GRAPH_BACKEND = {
+    "avx2": {"vae_encoder": "openvino", "vae_decoder": "openvino"},
 }
 
 
@@ -164,9 +172,39 @@ def select_backend(name: str, bundle, memory: str = "resident", options=(), **fi
         backend = cls(options=_pick(cls, options))
         avail = backend.probe()
         if avail.ok and backend.fmt in formats:
-            return backend
+            return route_graphs(backend, bundle, memory, options)
         reasons.append(f"{candidate}: {avail.reason if not avail.ok else 'bundle has no ' + backend.fmt + ' graphs'}")
     raise BackendUnavailable("no backend can run this bundle here (" + "; ".join(reasons) + ")")
+
+
+def route_graphs(backend, bundle, memory: str = "resident", options=()):
+    """``backend``, or a :class:`~icd_edge.runtimes.mixed.RoutedBackend` sending the int8 graphs
+    that :data:`INT8_CPU_GRAPH_BACKEND` lists for this CPU class to the faster backend (when it is
+    installed): what ``auto`` runs on the CPU."""
+    from icd_edge.precision import is_int8
+
+    if memory != "resident" or backend.name not in ("onnxruntime", "openvino"):
+        return backend
+    if backend.name == "onnxruntime" and not backend.runs_on_cpu():
+        return backend
+    table = INT8_CPU_GRAPH_BACKEND.get(isa_class(), {})
+    routes = {
+        g: name
+        for g, name in table.items()
+        if g in bundle.graphs and name != backend.name and is_int8(bundle.precision(g))
+    }
+    others = {}
+    for name in sorted(set(routes.values())):
+        cls = backend_class(name)
+        other = cls(options=_pick(cls, options))
+        if memory in cls.memory_policies and other.fmt in bundle.formats() and other.probe().ok:
+            others[name] = other
+    routes = {g: name for g, name in routes.items() if name in others}
+    if not routes:
+        return backend
+    from icd_edge.runtimes.mixed import RoutedBackend
+
+    return RoutedBackend(backend, others, routes)
 
 
 def edit_unet_precision(bundle) -> str:
