@@ -77,6 +77,9 @@ CONFIGS = [  # (label, bundle, memory, decoder[, backend options]); onnxruntime 
     ("openvino-int8-sequential", "int8", "sequential", "full", {"backend": "openvino"}),
     ("openvino-int8-resident-taesd", "int8", "resident", "taesd", {"backend": "openvino"}),
     ("openvino-int8-sequential-taesd", "int8", "sequential", "taesd", {"backend": "openvino"}),
+    # what `auto` picks on this CPU, per graph (a RoutedBackend where one CPU backend runs some graphs faster)
+    ("auto-int8-resident", "int8", "resident", "full", {"backend": "auto"}),
+    ("auto-int8-resident-taesd", "int8", "resident", "taesd", {"backend": "auto"}),
 ]
 
 
@@ -94,23 +97,29 @@ def image_file(bundle: Path, config: tuple) -> Path:
     return Path(f"{bundle}.{config[0]}.npy")
 
 
-def worker(label: str, bundle: str, runs: int, cache_dir: str, threads: int = 0) -> dict:
+def worker(label: str, bundle: str, runs: int, cache_dir: str, threads: int = 0, reedit: bool = True) -> dict:
     """One configuration's edits in this process; ``threads`` > 0: pinned to that many cores with as
-    many backend threads (a bigger host standing in for a smaller CPU)."""
+    many backend threads (a bigger host standing in for a smaller CPU); ``reedit``: each run also
+    times the re-edit comparison (three more edits)."""
     import numpy as np
     import skimage.data
 
     from icd_edge.edit.editor import Editor
+    from icd_edge.runtimes.openvino import OvOptions
+    from icd_edge.runtimes.ort import OrtOptions
 
     config = next(c for c in CONFIGS if c[0] == label)
     options = backend_of(config)
-    if options["backend"] == "openvino":
-        options["cache_dir"] = cache_dir
     if threads:
         cores = sorted(os.sched_getaffinity(0))
         if threads > len(cores):
             raise SystemExit(f"--threads {threads}: this process may use only {len(cores)} cores")
         os.sched_setaffinity(0, cores[:threads])
+    if options["backend"] == "auto":  # typed options, each taken by its own backend
+        options["options"] = (OrtOptions(intra_op_threads=threads), OvOptions(threads=threads, cache_dir=cache_dir))
+    elif options["backend"] == "openvino":
+        options["cache_dir"] = cache_dir
+    if threads and options["backend"] != "auto":
         options["intra_op_threads" if options["backend"] == "onnxruntime" else "threads"] = threads
     photo = skimage.data.chelsea()
     ed = Editor.open(bundle, verify=False, memory=config[2], decoder=config[3], **options)
@@ -119,11 +128,16 @@ def worker(label: str, bundle: str, runs: int, cache_dir: str, threads: int = 0)
     out = []
     for r in range(runs):
         img, rec = timed_edit(ed, photo)
-        out.append({"run": r, **rec, **timed_reedit(ed, batch2, photo)})
+        out.append({"run": r, **rec, **(timed_reedit(ed, batch2, photo) if reedit else {})})
     if not threads:  # the PSNR against torch comes from the default (all-core) run
         np.save(image_file(Path(bundle), config), img)
     # ru_maxrss is in KiB; reported in GB (10^9 bytes), the unit of the bundle sizes and the targets
-    return {"runs": out, "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2)}
+    chosen = ed.backend.describe() if hasattr(ed.backend, "describe") else ed.backend.name
+    return {
+        "runs": out,
+        "chosen_backend": chosen,
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, 2),
+    }
 
 
 EXPORT_TIMED = "the whole command, timed in this run"
@@ -214,6 +228,12 @@ def main() -> int:
         help="run only these configurations (and the reference) into --out; add them to cpu.json with --merge",
     )
     ap.add_argument("--export-only", action="store_true", help="export (or reuse) the bundles, run nothing")
+    ap.add_argument("--no-reedit", action="store_true", help="time edits only, not the re-edit comparison")
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="no torch reference (nor its fp32 bundle): no speed-up or PSNR figures (a bigger host's thread scaling)",
+    )
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu.json")
     ap.add_argument(
         "--merge",
@@ -221,14 +241,16 @@ def main() -> int:
         metavar="JSON",
         help="add the configuration runs of a later (--only) report to --out and recompute its summary",
     )
+    ap.add_argument("--merge-labels", nargs="+", metavar="LABEL", help="--merge only these configurations")
     args = ap.parse_args()
     if args.worker:
         threads = args.threads[0] if args.threads else 0
-        print(json.dumps(worker(*args.worker, runs=args.runs, cache_dir=args.ov_cache, threads=threads)))
+        rec = worker(*args.worker, runs=args.runs, cache_dir=args.ov_cache, threads=threads, reedit=not args.no_reedit)
+        print(json.dumps(rec))
         return 0
     if args.merge:
         report = json.loads(args.out.read_text())
-        merge(report, json.loads(args.merge.read_text()))
+        merge(report, json.loads(args.merge.read_text()), labels=args.merge_labels)
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         _chart(report, args.out.with_suffix(".png"))
         print(json.dumps(report["summary"], indent=1))
@@ -245,7 +267,8 @@ def main() -> int:
     }
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     # fp32 carries the torch reference; fp16 is the export-time row of the summary (full runs only)
-    names = sorted({c[1] for c in configs} | {"fp32"} | (set() if args.only else {"fp16"}))
+    reference = set() if args.no_reference else {"fp32"}
+    names = sorted({c[1] for c in configs} | reference | (set() if args.only else {"fp16"}))
     bundles = {n: work / f"sd15-{n}.bundle" for n in names}
     calib = work / "calibration"
     import skimage.data
@@ -286,7 +309,9 @@ def main() -> int:
         key = f"{label}@{threads}t" if threads else label
         # resident: the first edit loads (OpenVINO: compiles) the graphs, the best later one counts; three edits on
         # OpenVINO, whose 15 s edits vary by 10-20 % on this VM; sequential reloads every edit: one
-        runs = "1" if memory == "sequential" else "3" if backend_of(config)["backend"] == "openvino" else "2"
+        # (auto may route graphs to OpenVINO); with --no-reedit a run is one edit and three fit everywhere
+        three = backend_of(config)["backend"] in ("openvino", "auto") or args.no_reedit
+        runs = "1" if memory == "sequential" else "3" if three else "2"
         proc = subprocess.run(
             [
                 sys.executable,
@@ -296,6 +321,7 @@ def main() -> int:
                 "--ov-cache",
                 str(ov_cache),
                 *(("--threads", str(threads)) if threads else ()),
+                *(("--no-reedit",) if args.no_reedit else ()),
                 "--worker",
                 label,
                 str(bundles[bundle]),
@@ -311,6 +337,8 @@ def main() -> int:
         run = {"backend": backend_of(config), **json.loads(proc.stdout.strip().splitlines()[-1])}
         report["runs"][key] = {**run, "threads": threads} if threads else run
         print(key, json.dumps(report["runs"][key])[:300], flush=True)
+    if args.no_reference:
+        return finish(report, bundles, args.out)
     # torch eager fp32 reference, same machine, same run (from bench_cpu_edit's worker)
     proc = subprocess.run(
         [
@@ -345,15 +373,21 @@ def main() -> int:
                 report["runs"][label]["psnr_db_vs_torch_fp32"] = None
                 report["runs"][label]["nonfinite_image"] = True
 
+    return finish(report, bundles, args.out)
+
+
+def finish(report: dict, bundles: dict, out: Path) -> int:
+    """What auto picks for the int8 bundle, the summary; writes ``out`` and its chart."""
     if "int8" in bundles and (bundles["int8"] / "manifest.json").is_file():
         from icd_edge.bundle.store import open_bundle
         from icd_edge.runtimes import select_backend
 
-        report["auto_backend_int8"] = select_backend("auto", open_bundle(bundles["int8"], verify=False)).name
+        chosen = select_backend("auto", open_bundle(bundles["int8"], verify=False))
+        report["auto_backend_int8"] = chosen.describe() if hasattr(chosen, "describe") else chosen.name
     report["summary"] = summarize(report)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    _chart(report, args.out.with_suffix(".png"))
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    _chart(report, out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=1))
     return 0
 
@@ -443,7 +477,7 @@ def summarize(report: dict) -> dict:
         else None,
         "peak_rss_gb_min": rss[0][0] if rss else None,
         "peak_rss_gb_min_config": rss[0][1] if rss else None,
-        "bundle_gb_fp32": report["exports"]["fp32"]["bundle_gb"],
+        "bundle_gb_fp32": report["exports"].get("fp32", {}).get("bundle_gb"),
         "bundle_gb_fp16": fp16_sizes[0][0] if fp16_sizes else None,
         "bundle_gb_fp16_config": fp16_sizes[0][1] if fp16_sizes else None,
         "bundle_gb_int8": int8_sizes[0][0] if int8_sizes else None,
@@ -459,12 +493,13 @@ def summarize(report: dict) -> dict:
     }
 
 
-def merge(report: dict, other: dict) -> None:
-    """Add ``other``'s configuration runs (a later ``--only`` run) to ``report``; the summary's
-    speed-ups stay against ``report``'s torch reference, the other run's is kept beside its runs."""
+def merge(report: dict, other: dict, labels=None) -> None:
+    """Add ``other``'s configuration runs (a later ``--only`` run; ``labels``: only these) to
+    ``report``; the summary's speed-ups stay against ``report``'s torch reference, the other run's
+    is kept beside its runs."""
     ref = other["runs"].get("torch-reference", {})
     for label, run in other["runs"].items():
-        if label == "torch-reference":
+        if label == "torch-reference" or (labels and label not in labels):
             continue
         report["runs"][label] = {
             **run,
