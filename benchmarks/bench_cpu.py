@@ -337,6 +337,8 @@ def main() -> int:
         run = {"backend": backend_of(config), **json.loads(proc.stdout.strip().splitlines()[-1])}
         report["runs"][key] = {**run, "threads": threads} if threads else run
         print(key, json.dumps(report["runs"][key])[:300], flush=True)
+        # a long run (a bigger host's thread scaling) cut short still leaves every finished configuration
+        args.out.with_suffix(".partial.json").write_text(json.dumps(report, indent=1) + "\n")
     if args.no_reference:
         return finish(report, bundles, args.out)
     # torch eager fp32 reference, same machine, same run (from bench_cpu_edit's worker)
@@ -387,6 +389,7 @@ def finish(report: dict, bundles: dict, out: Path) -> int:
     report["summary"] = summarize(report)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".partial.json").unlink(missing_ok=True)
     _chart(report, out.with_suffix(".png"))
     print(json.dumps(report["summary"], indent=1))
     return 0
