@@ -63,7 +63,8 @@ def main() -> int:
 
     bundle = open_bundle(args.bundle, verify=False)
     graphs = args.graphs or [g for g in bundle.graphs if is_int8(bundle.precision(g)) or g == "text_encoder"]
-    cache = args.out.parent / ".cpu_graph_backends_ov_cache"
+    # OpenVINO's compiled graphs (GBs for full-size UNets) go beside the benchmark bundles, not the results
+    cache = ROOT / "benchmarks" / "work" / "openvino-cache-graphs"
     backends = {name: open_backend(name, args.threads, cache) for name in BACKENDS}
     for b in backends.values():
         b.configure(bundle, "resident")
