@@ -39,12 +39,16 @@ def test_auto_routes_int8_graphs_by_cpu_class(int8_bundle, monkeypatch):
     monkeypatch.setattr(runtimes, "isa_class", lambda: "avx2")
     chosen = runtimes.select_backend("auto", vae8)
     assert isinstance(chosen, RoutedBackend) and chosen.name == "onnxruntime+openvino"
-    assert chosen.backend_for("vae_decoder").name == "openvino" and chosen.backend_for("vae_encoder").name == "openvino"
+    assert chosen.backend_for("vae_decoder").name == "openvino" and chosen.backend_for("taesd_decoder").name == "openvino"
+    assert chosen.backend_for("vae_encoder").name == "onnxruntime"  # measured a tie: it stays
     assert chosen.backend_for("unet_forward").name == "onnxruntime"
-    assert chosen.describe() == "onnxruntime (vae_encoder, vae_decoder on openvino)"
+    assert chosen.describe() == "onnxruntime (vae_decoder, taesd_decoder on openvino)"
     assert chosen.memory_policies == ("resident", "sequential")
-    # the VAE graphs stored in fp32 (this bundle as it is): nothing to route
-    assert runtimes.select_backend("auto", int8).name == "onnxruntime"
+    # the VAE decoder stored in fp32 (this bundle as it is) stays: only the int8 TAESD decoder moves
+    assert runtimes.select_backend("auto", int8).routes == {"taesd_decoder": "openvino"}
+    no_int8 = _Int8Vae(int8, int8=())
+    no_int8.precision = lambda graph, fmt="onnx": "fp32" if graph.endswith("decoder") else int8.precision(graph, fmt)
+    assert runtimes.select_backend("auto", no_int8).name == "onnxruntime"
     # not for the sequential policy (one runtime, the lower peak), nor where a backend is named
     assert runtimes.select_backend("auto", vae8, memory="sequential").name == "onnxruntime"
     assert runtimes.select_backend("onnxruntime", vae8).name == "onnxruntime"
