@@ -65,8 +65,9 @@ class SessionPool:
             out = sess.run(feeds)
         for name, value in out.items():  # one bad value would propagate through every later step
             if value.dtype.kind == "f" and not np.isfinite(value).all():
+                ran = self.backend.backend_for(graph) if hasattr(self.backend, "backend_for") else self.backend
                 raise NumericsError(
-                    f"{graph} returned NaN or infinity in {name!r} on the {self.backend.name} backend "
+                    f"{graph} returned NaN or infinity in {name!r} on the {ran.name} backend "
                     f"({stage}); a reduced precision overflowed: use an fp32 bundle, or "
                     f"--ov-precision fp32 on openvino"
                 )

@@ -39,7 +39,9 @@ def test_auto_routes_int8_graphs_by_cpu_class(int8_bundle, monkeypatch):
     monkeypatch.setattr(runtimes, "isa_class", lambda: "avx2")
     chosen = runtimes.select_backend("auto", vae8)
     assert isinstance(chosen, RoutedBackend) and chosen.name == "onnxruntime+openvino"
-    assert chosen.backend_for("vae_decoder").name == "openvino" and chosen.backend_for("taesd_decoder").name == "openvino"
+    assert (
+        chosen.backend_for("vae_decoder").name == "openvino" and chosen.backend_for("taesd_decoder").name == "openvino"
+    )
     assert chosen.backend_for("vae_encoder").name == "onnxruntime"  # measured a tie: it stays
     assert chosen.backend_for("unet_forward").name == "onnxruntime"
     assert chosen.describe() == "onnxruntime (vae_decoder, taesd_decoder on openvino)"
@@ -107,3 +109,34 @@ def test_routes_must_name_members():
 
     with pytest.raises(ValueError, match="not members"):
         RoutedBackend(OrtBackend(), {}, {"vae_decoder": "openvino"})
+
+
+def test_errors_name_the_backend_that_ran_the_graph():
+    import numpy as np
+
+    from icd_edge.edit.sessions import SessionPool
+    from icd_edge.errors import NumericsError
+
+    class Fake:
+        memory_policies = ("resident",)
+        options = None
+
+        def __init__(self, name):
+            self.name = name
+
+        def open_session(self, bundle, graph):
+            class S:
+                def run(self, feeds):
+                    return {"image": np.array([np.nan], np.float32)}
+
+                def close(self):
+                    pass
+
+            return S()
+
+    routed = RoutedBackend(Fake("onnxruntime"), {"openvino": Fake("openvino")}, {"vae_decoder": "openvino"})
+    pool = SessionPool(None, routed)
+    with pytest.raises(NumericsError, match="vae_decoder returned NaN .* on the openvino backend"):
+        pool.run("vae_decoder", "vae_decoder")
+    with pytest.raises(NumericsError, match="unet_forward returned NaN .* on the onnxruntime backend"):
+        pool.run("unet_forward", "forward_0")
