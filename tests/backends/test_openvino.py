@@ -177,15 +177,20 @@ def test_bad_options_and_files(tiny_bundle, tmp_path):
 
 def test_probe_and_auto_selection(tiny_bundle, int8_bundle, monkeypatch):
     from icd_edge import runtimes
+    from icd_edge.precision import is_int8
 
     avail = ovb.OpenVinoBackend().probe()
     assert avail.ok and avail.reason.startswith("openvino ")
     fp32, int8 = open_bundle(tiny_bundle, verify=False), open_bundle(int8_bundle, verify=False)
     # auto: openvino for int8 edit UNets on the CPU classes where it measured faster, onnxruntime on
     # the others, for fp32/fp16 UNets and for the sequential policy (lower peak memory)
+    # (on classes with per-graph routes the chosen backend is a router whose primary is that backend)
     for isa, fastest in runtimes.INT8_CPU_BACKEND.items():
         monkeypatch.setattr(runtimes, "isa_class", lambda isa=isa: isa)
-        assert runtimes.select_backend("auto", int8).name == fastest, isa
+        chosen = runtimes.select_backend("auto", int8)
+        assert getattr(chosen, "primary", chosen).name == fastest, isa
+        routes = runtimes.INT8_CPU_GRAPH_BACKEND.get(isa, {})
+        assert getattr(chosen, "routes", {}) == {g: b for g, b in routes.items() if g in int8.graphs and is_int8(int8.precision(g))}, isa
     assert runtimes.INT8_CPU_BACKEND["amx"] == "openvino" and runtimes.INT8_CPU_BACKEND["avx2"] == "onnxruntime"
     monkeypatch.setattr(runtimes, "isa_class", lambda: "amx")
     assert runtimes.select_backend("auto", int8).name == "openvino"
