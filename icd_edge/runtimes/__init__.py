@@ -58,6 +58,7 @@ INT8_CPU_GRAPH_BACKEND = {
     # OpenVINO 0.96x onnxruntime's time on the VAE decoder, 0.81x on TAESD's; the encoder a tie (1.01x),
     # the UNets 1.19-1.31x: those stay on onnxruntime
     "avx2": {"vae_decoder": "openvino", "taesd_decoder": "openvino"},
+    # avx512-vnni: OpenVINO 0.67-0.79x onnxruntime's time on every int8 graph, so no entry
 }
 
 
