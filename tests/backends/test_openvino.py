@@ -190,7 +190,9 @@ def test_probe_and_auto_selection(tiny_bundle, int8_bundle, monkeypatch):
         chosen = runtimes.select_backend("auto", int8)
         assert getattr(chosen, "primary", chosen).name == fastest, isa
         routes = runtimes.INT8_CPU_GRAPH_BACKEND.get(isa, {})
-        assert getattr(chosen, "routes", {}) == {g: b for g, b in routes.items() if g in int8.graphs and is_int8(int8.precision(g))}, isa
+        assert getattr(chosen, "routes", {}) == {
+            g: b for g, b in routes.items() if g in int8.graphs and is_int8(int8.precision(g))
+        }, isa
     assert runtimes.INT8_CPU_BACKEND["amx"] == "openvino" and runtimes.INT8_CPU_BACKEND["avx2"] == "onnxruntime"
     monkeypatch.setattr(runtimes, "isa_class", lambda: "amx")
     assert runtimes.select_backend("auto", int8).name == "openvino"
