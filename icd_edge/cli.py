@@ -374,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="list every backend as available or why not, and the CPU's int8 behaviour", formatter_class=fmt
     )
     p.add_argument("--json", action="store_true", help="the same as one JSON object")
+    p.add_argument(
+        "--bundle", type=Path, metavar="DIR", help="also say which backend --backend auto opens this bundle with"
+    )
     _verbosity(p)
     return parser
 
@@ -928,8 +931,13 @@ def ort_cuda_doctor() -> dict:
 
 def cmd_doctor(args) -> int:
     from icd_edge import cpu
-    from icd_edge.runtimes import int8_kernels, probe_all
+    from icd_edge.runtimes import auto_cpu_plan, int8_kernels, probe_all
 
+    bundle = None
+    if args.bundle is not None:  # checked before the probes
+        from icd_edge.bundle.store import open_bundle
+
+        bundle = open_bundle(args.bundle, verify=False)
     backends = {name: {"available": a.ok, "reason": a.reason} for name, a in probe_all().items()}
     info = cpu.info()
     # measured, not inferred from flags: which int8 weight ranges each CPU backend sums exactly here
@@ -939,8 +947,13 @@ def cmd_doctor(args) -> int:
         if backends.get(b, {}).get("available")
     }
     gpu = ort_cuda_doctor()
+    avail = {n: backends.get(n, {}).get("available", False) for n in ("onnxruntime", "openvino")}
+    plan = auto_cpu_plan(info["isa"], avail)
+    if bundle is not None:
+        plan["bundle"] = {m: _auto_choice(bundle, m) for m in ("resident", "sequential")}
     if args.json:
-        print(json.dumps({"icd_edge": __version__, "backends": backends, "cpu": info, "int8_exact": int8, "gpu": gpu}))
+        report = {"icd_edge": __version__, "backends": backends, "cpu": info, "int8_exact": int8, "gpu": gpu}
+        print(json.dumps({**report, "auto": plan}))
         return 0
     for name, b in backends.items():
         print(f"{name}: {'available' if b['available'] else 'not available'} ({b['reason']})")
@@ -957,7 +970,35 @@ def cmd_doctor(args) -> int:
     for b, by_w in int8.items():
         exact = [f"[-{w}, {w}] {'exact' if ok else 'SATURATES'}" for w, ok in by_w.items()]
         print(f"int8 on {b}: weights " + ", ".join(exact))
+    print(_auto_line(plan, gpu=bool(gpu.get("provider"))))
+    for memory, chosen in plan.get("bundle", {}).items():
+        print(f"auto for {args.bundle} ({memory}): {chosen}")
     return 0
+
+
+def _auto_choice(bundle, memory: str) -> str:
+    """What ``--backend auto`` opens ``bundle`` with here, or why nothing can."""
+    from icd_edge.errors import BackendUnavailable
+    from icd_edge.runtimes import select_backend
+
+    try:
+        b = select_backend("auto", bundle, memory=memory)
+    except BackendUnavailable as exc:
+        return f"none ({exc})"
+    return b.describe() if hasattr(b, "describe") else b.name
+
+
+def _auto_line(plan: dict, gpu: bool = False) -> str:
+    """One line on what ``auto`` runs int8 bundles with on this CPU class."""
+    line = "auto: onnxruntime's CUDA provider first (found here); without it, " if gpu else "auto on this CPU "
+    line += f"(class {plan['isa']}): int8 bundles on {plan['int8_backend']}"
+    if plan["int8_backend"] != plan["int8_fastest"]:
+        line += f" ({plan['int8_fastest']}, faster on this class, is not available)"
+    if plan["int8_graph_routes"]:
+        moved = ", ".join(sorted(plan["int8_graph_routes"]))
+        others = "/".join(sorted(set(plan["int8_graph_routes"].values())))
+        line += f", their {moved} on {others} (resident policy)"
+    return line + "; fp32/fp16 bundles and --memory sequential on onnxruntime"
 
 
 def cmd_batch(args) -> int:

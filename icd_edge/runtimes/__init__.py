@@ -216,6 +216,19 @@ def edit_unet_precision(bundle) -> str:
     return (bundle.precision(edit) or "fp32") if edit is not None else "fp32"
 
 
+def auto_cpu_plan(isa: str | None = None, available=None) -> dict:
+    """What ``auto`` runs an int8 bundle with on a CPU class (resident policy, onnxruntime without
+    CUDA), from the measured tables; ``available``: backend name -> installed here (None: probe).
+    fp32/fp16 bundles and the sequential policy run on onnxruntime."""
+    isa = isa or isa_class()
+    if available is None:
+        available = {n: backend_class(n)().probe().ok for n in ("onnxruntime", "openvino")}
+    fastest = INT8_CPU_BACKEND.get(isa, "openvino")  # the default openvino's auto_skip applies
+    backend = fastest if available.get(fastest) else "onnxruntime"
+    routes = {g: b for g, b in INT8_CPU_GRAPH_BACKEND.get(isa, {}).items() if b != backend and available.get(b)}
+    return {"isa": isa, "int8_fastest": fastest, "int8_backend": backend, "int8_graph_routes": routes}
+
+
 def isa_class() -> str:
     from icd_edge.cpu import info
 

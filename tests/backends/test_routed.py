@@ -140,3 +140,18 @@ def test_errors_name_the_backend_that_ran_the_graph():
         pool.run("vae_decoder", "vae_decoder")
     with pytest.raises(NumericsError, match="unet_forward returned NaN .* on the onnxruntime backend"):
         pool.run("unet_forward", "forward_0")
+
+
+def test_auto_cpu_plan_follows_the_tables_and_what_is_installed():
+    both = {"onnxruntime": True, "openvino": True}
+    for isa, fastest in runtimes.INT8_CPU_BACKEND.items():
+        plan = runtimes.auto_cpu_plan(isa, both)
+        assert plan["int8_backend"] == plan["int8_fastest"] == fastest, isa
+        assert plan["int8_graph_routes"] == runtimes.INT8_CPU_GRAPH_BACKEND.get(isa, {}), isa
+    avx2 = runtimes.auto_cpu_plan("avx2", both)
+    assert avx2["int8_graph_routes"] == {"vae_decoder": "openvino", "taesd_decoder": "openvino"}
+    # without OpenVINO: onnxruntime runs everything, nothing is routed
+    alone = runtimes.auto_cpu_plan("avx2", {"onnxruntime": True, "openvino": False})
+    assert alone["int8_backend"] == "onnxruntime" and alone["int8_graph_routes"] == {}
+    vnni = runtimes.auto_cpu_plan("avx512-vnni", {"onnxruntime": True, "openvino": False})
+    assert vnni["int8_fastest"] == "openvino" and vnni["int8_backend"] == "onnxruntime"

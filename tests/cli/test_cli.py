@@ -312,6 +312,21 @@ def test_doctor_reports_cpu_and_int8_kernels():
     assert rep["backends"]["onnxruntime"]["available"] is True
     assert rep["cpu"]["isa"] and rep["cpu"]["cores"] >= 1
     assert rep["int8_exact"]["onnxruntime"]["64"] is True
+    from icd_edge import runtimes
+
+    isa = rep["cpu"]["isa"]
+    assert rep["auto"]["isa"] == isa and rep["auto"]["int8_fastest"] == runtimes.INT8_CPU_BACKEND.get(isa, "openvino")
+    assert f"auto on this CPU (class {isa}): int8 bundles on {rep['auto']['int8_backend']}" in out
+
+
+def test_doctor_says_what_auto_opens_a_bundle_with(tiny_bundle, tmp_path):
+    rep = json.loads(run_cli("doctor", "--json", "--bundle", str(tiny_bundle), check=True).stdout)
+    # the tiny bundle is fp32: onnxruntime in both policies, whatever the CPU
+    assert rep["auto"]["bundle"] == {"resident": "onnxruntime", "sequential": "onnxruntime"}
+    out = run_cli("doctor", "--bundle", str(tiny_bundle), check=True).stdout
+    assert f"auto for {tiny_bundle} (resident): onnxruntime" in out
+    proc = run_cli("doctor", "--bundle", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: bundle ") and "Traceback" not in proc.stderr
 
 
 def test_invalid_utf8_from_argv(tiny_bundle, photo_png, tmp_path):
