@@ -105,6 +105,7 @@ def worker(label: str, bundle: str, runs: int, cache_dir: str, threads: int = 0,
     import skimage.data
 
     from icd_edge.edit.editor import Editor
+    from icd_edge.runtimes import describe_backend
     from icd_edge.runtimes.openvino import OvOptions
     from icd_edge.runtimes.ort import OrtOptions
 
@@ -132,7 +133,7 @@ def worker(label: str, bundle: str, runs: int, cache_dir: str, threads: int = 0,
     if not threads:  # the PSNR against torch comes from the default (all-core) run
         np.save(image_file(Path(bundle), config), img)
     # ru_maxrss is in KiB; reported in GB (10^9 bytes), the unit of the bundle sizes and the targets
-    chosen = ed.backend.describe() if hasattr(ed.backend, "describe") else ed.backend.name
+    chosen = describe_backend(ed.backend)
     return {
         "runs": out,
         "chosen_backend": chosen,
@@ -382,10 +383,10 @@ def finish(report: dict, bundles: dict, out: Path) -> int:
     """What auto picks for the int8 bundle, the summary; writes ``out`` and its chart."""
     if "int8" in bundles and (bundles["int8"] / "manifest.json").is_file():
         from icd_edge.bundle.store import open_bundle
-        from icd_edge.runtimes import select_backend
+        from icd_edge.runtimes import describe_backend, select_backend
 
         chosen = select_backend("auto", open_bundle(bundles["int8"], verify=False))
-        report["auto_backend_int8"] = chosen.describe() if hasattr(chosen, "describe") else chosen.name
+        report["auto_backend_int8"] = describe_backend(chosen)
     report["summary"] = summarize(report)
     report["machine"]["loadavg_at_end"] = os.getloadavg()
     out.write_text(json.dumps(report, indent=1) + "\n")

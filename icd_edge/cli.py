@@ -979,13 +979,13 @@ def cmd_doctor(args) -> int:
 def _auto_choice(bundle, memory: str) -> str:
     """What ``--backend auto`` opens ``bundle`` with here, or why nothing can."""
     from icd_edge.errors import BackendUnavailable
-    from icd_edge.runtimes import select_backend
+    from icd_edge.runtimes import describe_backend, select_backend
 
     try:
         b = select_backend("auto", bundle, memory=memory)
     except BackendUnavailable as exc:
         return f"none ({exc})"
-    return b.describe() if hasattr(b, "describe") else b.name
+    return describe_backend(b)
 
 
 def _auto_line(plan: dict, gpu: bool = False) -> str:

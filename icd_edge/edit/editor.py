@@ -90,7 +90,9 @@ class Editor:
         self.constants = loop.Constants.from_manifest(bundle.manifest)
         self.tokenizer = ClipTokenizer(bundle.path(bundle.manifest.tokenizer_file))
         backend.configure(bundle, memory)  # the backend's own reading of the policy, and its checks of the bundle
-        logger.info("backend: %s", backend.describe() if hasattr(backend, "describe") else backend.name)
+        from icd_edge.runtimes import describe_backend
+
+        logger.info("backend: %s", describe_backend(backend))
         self.sessions = SessionPool(bundle, backend, memory)
         self._lock = threading.Lock()
         self._prompt_cache: dict[str, tuple[Tokens, np.ndarray]] = {}

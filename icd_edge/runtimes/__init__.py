@@ -216,6 +216,16 @@ def edit_unet_precision(bundle) -> str:
     return (bundle.precision(edit) or "fp32") if edit is not None else "fp32"
 
 
+def describe_backend(backend) -> str:
+    """A backend's name, or for a routed one which graphs run where (for logs and reports)."""
+    return backend.describe() if hasattr(backend, "describe") else backend.name
+
+
+def int8_cpu_backend(isa: str) -> str:
+    """The faster CPU backend for int8 edit UNets on ``isa`` (openvino for classes not in the table)."""
+    return INT8_CPU_BACKEND.get(isa, "openvino")
+
+
 def auto_cpu_plan(isa: str | None = None, available=None) -> dict:
     """What ``auto`` runs an int8 bundle with on a CPU class (resident policy, onnxruntime without
     CUDA), from the measured tables; ``available``: backend name -> installed here (None: probe).
@@ -223,7 +233,7 @@ def auto_cpu_plan(isa: str | None = None, available=None) -> dict:
     isa = isa or isa_class()
     if available is None:
         available = {n: backend_class(n)().probe().ok for n in ("onnxruntime", "openvino")}
-    fastest = INT8_CPU_BACKEND.get(isa, "openvino")  # the default openvino's auto_skip applies
+    fastest = int8_cpu_backend(isa)
     backend = fastest if available.get(fastest) else "onnxruntime"
     routes = {g: b for g, b in INT8_CPU_GRAPH_BACKEND.get(isa, {}).items() if b != backend and available.get(b)}
     return {"isa": isa, "int8_fastest": fastest, "int8_backend": backend, "int8_graph_routes": routes}

@@ -29,7 +29,7 @@ from icd_edge import precision, runtimes
 from icd_edge.bundle.spec import check_feeds, check_graph_io
 from icd_edge.cache import cache_dir
 from icd_edge.errors import BackendUnavailable, BundleError, InputError, NumericsError
-from icd_edge.runtimes import INT8_CPU_BACKEND, Availability, build_options, edit_unet_precision, warn_if_int8_saturates
+from icd_edge.runtimes import Availability, build_options, edit_unet_precision, warn_if_int8_saturates
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class OpenVinoBackend:
         if runtimes.onnxruntime_has_gpu():  # looked up on the module: tests stand in for the machine
             return "onnxruntime runs on a GPU here"
         isa = runtimes.isa_class()
-        if INT8_CPU_BACKEND.get(isa, "openvino") != "openvino":
+        if runtimes.int8_cpu_backend(isa) != "openvino":
             return f"onnxruntime runs int8 faster on this CPU class ({isa})"
         return None
 
