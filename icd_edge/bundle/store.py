@@ -3,21 +3,35 @@
 A bundle is a folder with ``manifest.json`` plus the files it lists. Every listed file has a
 recorded size and sha256; :func:`open_bundle` refuses a bundle whose files do not match, whose
 paths escape the folder, or whose schema is newer than this runtime understands.
+
+A file is hashed at the first verified open only: its size, mtime, inode and device are then
+recorded in ``$ICD_EDGE_CACHE/verified`` (the "verified stamps"), and later opens hash only the
+files whose stat or recorded sha256 changed. ``ICD_EDGE_VERIFY=full`` hashes every file at every open.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from icd_edge.bundle.schema import FORMAT, READABLE_VERSIONS, SCHEMA_VERSION, Artifact, FileEntry, Graph, Manifest
-from icd_edge.errors import BundleError
+from icd_edge.errors import BundleError, OutputError
 
+logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+# "full": every verified open hashes every file, the verified stamps are not read (still written)
+VERIFY_ENV = "ICD_EDGE_VERIFY"
+STAMP_SCHEMA = 1
+# the errnos for which Path.is_file() says False rather than raising: the file is missing
+_MISSING = (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -140,22 +154,103 @@ def validate_manifest(m: dict, where: str | Path = MANIFEST) -> Manifest:
     return Manifest.from_json(m, str(where))
 
 
+def stamp_file(root: str | Path) -> Path:
+    """Where the verified stamps of a bundle folder live:
+    ``$ICD_EDGE_CACHE/verified/<first 16 hex of sha256(resolved root)>.json``."""
+    return _stamp_file(Path(root).resolve())
+
+
+def _stamp_file(resolved: Path) -> Path:
+    from icd_edge.cache import cache_dir
+
+    return cache_dir("verified") / (hashlib.sha256(os.fsencode(resolved)).hexdigest()[:16] + ".json")
+
+
+def _read_stamps(path: Path, root: Path) -> dict:
+    """The ``files`` table of a stamp file; anything unreadable or unexpected is an empty one."""
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: not UTF-8 or not JSON
+        logger.debug("ignoring the verified stamps %s: %s", path, exc)
+        return {}
+    if (
+        not isinstance(raw, dict)
+        or raw.get("schema") != STAMP_SCHEMA
+        or raw.get("root") != str(root)
+        or not isinstance(raw.get("files"), dict)
+    ):
+        logger.debug("ignoring the verified stamps %s: not schema %d stamps of %s", path, STAMP_SCHEMA, root)
+        return {}
+    return raw["files"]
+
+
+def _write_stamps(path: Path, root: Path, files: dict) -> None:
+    from icd_edge.atomic import write_bytes_atomic
+
+    data = json.dumps({"schema": STAMP_SCHEMA, "root": str(root), "files": files}, indent=1, sort_keys=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, data.encode("utf-8"))
+    except (OSError, OutputError) as exc:  # a read-only or missing cache only costs the next open a re-hash
+        logger.debug("cannot write the verified stamps %s: %s", path, exc)
+
+
 def verify_files(root: Path, files: dict[str, FileEntry], check_hash: bool = True) -> None:
-    """Check that every listed file exists with its recorded size (and sha256)."""
+    """Check that every listed file exists with its recorded size (and sha256).
+
+    With ``check_hash``, a file whose size, mtime, inode and device are those recorded in the
+    bundle's verified stamps (:func:`stamp_file`) when it was last hashed with this manifest's
+    sha256 is not hashed again; the stamps of newly hashed files are recorded once every file
+    passed. ``ICD_EDGE_VERIFY=full`` in the environment hashes every file (stamps are not read).
+    The stamps are a cache: an unreadable one is ignored and a failed write only logged (DEBUG).
+    """
+    stamps: dict = {}
+    where = resolved = None
+    if check_hash:
+        try:
+            resolved = Path(root).resolve()
+            where = _stamp_file(resolved)
+        except (OSError, RuntimeError) as exc:  # a symlink loop, no home folder to hold the cache
+            logger.debug("no verified stamps for %s: %s", root, exc)
+        if where is not None and os.environ.get(VERIFY_ENV, "").strip().lower() != "full":
+            stamps = _read_stamps(where, resolved)
+    verified, hashed = {}, False
     for rel, meta in files.items():
         p = safe_relpath(root, rel)
-        if not p.is_file():
+        try:  # the one stat of the file: existence, size and the stamp
+            st = p.stat()
+        except OSError as exc:
+            if exc.errno not in _MISSING:
+                raise
+            st = None
+        if st is None or not stat.S_ISREG(st.st_mode):
             raise BundleError(f"bundle file {rel} is missing from {root}; re-export the bundle")
-        size = p.stat().st_size
-        if size != meta.bytes:
+        if st.st_size != meta.bytes:
             raise BundleError(
-                f"bundle file {rel} has {size} bytes, the manifest records {meta.bytes}: "
+                f"bundle file {rel} has {st.st_size} bytes, the manifest records {meta.bytes}: "
                 "it is truncated or was changed; re-export the bundle"
             )
-        if check_hash and sha256_file(p) != meta.sha256:
-            raise BundleError(
-                f"bundle file {rel} does not match its recorded sha256: it was modified; re-export the bundle"
-            )
+        if not check_hash:
+            continue
+        # the stat taken before hashing: a file changed while being hashed fails the next comparison
+        stamp = {
+            "bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "ino": st.st_ino,
+            "dev": st.st_dev,
+            "sha256": meta.sha256,
+        }
+        if stamps.get(rel) != stamp:
+            if sha256_file(p) != meta.sha256:
+                raise BundleError(
+                    f"bundle file {rel} does not match its recorded sha256: it was modified; re-export the bundle"
+                )
+            hashed = True
+        verified[rel] = stamp
+    if hashed and where is not None:
+        _write_stamps(where, resolved, verified)
 
 
 def open_bundle(root: str | Path, verify: bool = True, allow_incomplete: bool = False) -> Bundle:
@@ -163,7 +258,9 @@ def open_bundle(root: str | Path, verify: bool = True, allow_incomplete: bool = 
 
     Args:
         root: the bundle folder.
-        verify: also hash every file (sizes are always checked).
+        verify: also check every file's sha256 (sizes are always checked); a file unchanged since
+            an earlier open hashed it is not hashed again (see :func:`verify_files`;
+            ``ICD_EDGE_VERIFY=full`` hashes every file).
         allow_incomplete: accept a manifest the export has not marked complete (the export's
             own parity checks only).
     """
