@@ -239,3 +239,51 @@ def test_host_caches_give_the_same_edit_and_refuse_bad_controls(setup, photo):
         fast.edit_image(photo, "a photo of a cat", "a photo of a dog", output_type="tensor")
     after = fast.edit_image(photo, "a photo of a cat", "a photo of a dog", seed=2, output_type="np", **kw)
     np.testing.assert_array_equal(first, after)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_from_bundle_reads_the_weights_straight_in_the_run_dtype(tiny_bundle, dtype):
+    """The meta-built modules hold exactly the bundle's tensors (cast once to the run dtype), as
+    from_pretrained + .to() gave them."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    fast = FastEditor.from_bundle(tiny_bundle, device="cpu", dtype=dtype, compile=False, cuda_graphs=False)
+    b, dt = open_bundle(tiny_bundle), getattr(torch, dtype)
+    pairs = [
+        (CLIPTextModel, "text_encoder", fast.text.text_encoder),
+        (AutoencoderKL, "vae_encoder", fast.vae),
+        (UNet2DConditionModel, "unet_forward", fast.unet_f.unet),
+        (UNet2DConditionModel, "unet_reverse", fast.unet_e.unet),
+    ]
+    for cls, graph, got in pairs:
+        want = cls.from_pretrained(b.path(b.artifact(graph, "torch").dir), use_safetensors=True).state_dict()
+        have = got.state_dict()
+        assert have.keys() == want.keys(), graph
+        for k, v in want.items():
+            assert have[k].device.type == "cpu" and not have[k].is_meta
+            assert torch.equal(have[k], v.to(dt) if v.is_floating_point() else v), (graph, k)
+    assert set(fast.startup) >= {"bundle_s", "weights_s", "build_s"}
+
+
+def test_from_bundle_refuses_weights_that_do_not_fit(tiny_bundle, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from icd_edge.errors import BundleError
+    from icd_edge.fast.weights import load_module
+
+    folder = tmp_path / "unet"
+    shutil.copytree(Path(tiny_bundle) / "torch" / "unet_forward", folder)
+    f = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(f)
+    state.pop(next(iter(state)))
+    save_file(state, f)
+    from diffusers import UNet2DConditionModel
+
+    with pytest.raises(BundleError, match="do not fit its config"):
+        load_module(UNet2DConditionModel, folder, "cpu", torch.float32)
+    f.unlink()
+    with pytest.raises(BundleError, match="holds no safetensors weights"):
+        load_module(UNet2DConditionModel, folder, "cpu", torch.float32)
