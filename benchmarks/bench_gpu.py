@@ -710,6 +710,8 @@ run()
 torch.cuda.synchronize()
 print(json.dumps({
     "loaded": f.compile_cache_loaded, "import_s": round(t_import, 2), "open_s": round(t_open, 2),
+    "startup": f.startup, "aot_graphs": len(f._aot.models) if f._aot is not None else None,
+    "aot_missed": sorted(g for g, _ in f._aot.missed) if f._aot is not None else None,
     "first_invert_s": round(t_invert, 2), "first_edit_s": round(first, 2),
     "edit_ms": [round(w, 3) for w in walls],
     "allocated_between_edits_gib": round(weights / 2**30, 3),

@@ -333,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile the torch fast path (bundles with --targets onnx,torch; CUDA GPU) and keep its kernels "
         "in $ICD_EDGE_CACHE/torch-compile",
     )
+    p.add_argument(
+        "--aot",
+        action="store_true",
+        help="with --fast: AOTInductor packages (later processes load them without tracing; open the editor "
+        "with FastOptions(aot=True)) instead of torch.compile's cache artifacts",
+    )
     p.add_argument("--no-verify", action="store_true", help="check file sizes only, not sha256 (faster open)")
     p.add_argument("--json", action="store_true", help="print the cache entries as JSON")
     _verbosity(p)
@@ -856,6 +862,8 @@ def cmd_prepare(args) -> int:
 
     if args.jobs < 1:
         raise InputError(f"--jobs must be at least 1, not {args.jobs}", param="jobs")
+    if args.aot and not args.fast:
+        raise InputError("--aot applies to --fast (the torch fast path); add --fast", param="aot")
     if args.fast:
         return _prepare_fast(args)
     missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
@@ -904,7 +912,7 @@ def _prepare_fast(args) -> int:
         raise BackendUnavailable(f"bundle {bundle.root} has no torch weights; re-export with --targets onnx,torch")
     from icd_edge.fast.editor import FastEditor  # refuses a machine without a CUDA GPU before loading weights
 
-    done = FastEditor.prepare(bundle.root, progress=not (args.quiet or args.json))
+    done = FastEditor.prepare(bundle.root, progress=not (args.quiet or args.json), aot=args.aot)
     if args.json:
         print(json.dumps(done))
     elif not args.quiet:

@@ -152,6 +152,10 @@ class FastOptions:
     # keep the compiled kernels between processes (icd_edge.fast.compile_cache); None: the default
     # folder $ICD_EDGE_CACHE/torch-compile, "" : off
     compile_cache: str | None = None
+    # with the cache on: False keeps torch.compile's cache artifacts (a later process re-traces),
+    # True AOTInductor packages of the graphs (icd_edge.fast.aot: loaded without tracing; opt-in,
+    # as loading them crashed on the H200's torch 2.11 + CUDA 13)
+    aot: bool = False
     # final images: "full" (the SD VAE) or "taesd" (the tiny decoder of a bundle exported with
     # --taesd and --targets onnx,torch; the same decoder as Editor(decoder="taesd"))
     decoder: str = "full"
@@ -223,7 +227,7 @@ class FastEditor:
 
             self.taesd_dec = TaesdDecoderGraph(taesd.to(self.dev, self.dt, memory_format=mf)).eval()
             self.taesd_dec_c = self.taesd_dec
-        self._compile_cache = self._compile_material = None
+        self._compile_cache = self._compile_material = self._aot = None
         self.compile_cache_loaded = False
         if options.compile and options.compile_cache != "":
             from icd_edge.fast.compile_cache import CompileCache, key_material
@@ -238,16 +242,14 @@ class FastEditor:
                     "compile_mode": options.compile_mode,
                     # another set of compiled modules (keys of full-decoder entries stay as they were)
                     **({"decoder": options.decoder} if options.decoder != "full" else {}),
+                    **({"format": "aoti"} if options.aot else {}),
                 },
             )
-            # before anything compiles: torch then finds the kernels of an earlier process ready
-            self.compile_cache_loaded = self._compile_cache.load(self._compile_material)
-            if not self.compile_cache_loaded:
-                logger.warning(
-                    "no compiled kernels cached for this GPU, torch and bundle: the first edit compiles the "
-                    "UNets (minutes); FastEditor.prepare(bundle) or `icd-edge prepare --fast BUNDLE` builds "
-                    "them ahead for later processes"
-                )
+            if not options.aot:
+                # before anything compiles: torch then finds the kernels of an earlier process ready
+                self.compile_cache_loaded = self._compile_cache.load(self._compile_material)
+                if not self.compile_cache_loaded:
+                    self._warn_compiles()
         if options.compile:
             self.vae.to(memory_format=mf)
             comp = lambda m: torch.compile(m, mode=options.compile_mode)  # noqa: E731
@@ -256,6 +258,17 @@ class FastEditor:
                 self.taesd_dec_c = comp(self.taesd_dec)
             self.unet_f_c, self.unet_e_c, self.unet_r_c = comp(self.unet_f), comp(self.unet_e), comp(self.unet_r)
             self.unet_s_c, self.unet_t_c = comp(self.unet_s), comp(self.unet_t)
+            if self._compile_cache is not None and options.aot:
+                from icd_edge.fast.aot import AotGraphs
+
+                self._aot = AotGraphs(
+                    self._compile_cache.entry(self._compile_material),
+                    self._compile_material,
+                    self.dev,
+                    record=FastEditor._recording,
+                )
+                for graph, attr, module in self._aot_modules():
+                    setattr(self, attr, self._aot.wrap(graph, module, getattr(self, attr)))
         else:
             self.unet_f_c, self.unet_e_c, self.unet_r_c = self.unet_f, self.unet_e, self.unet_r
             self.unet_s_c, self.unet_t_c = self.unet_s, self.unet_t
@@ -272,6 +285,34 @@ class FastEditor:
         self._pinned: dict = {}
         self._staged: torch.cuda.Event | None = None
         self.events: dict | None = None  # set to {} to record per-stage CUDA-event times (eager only)
+        if self._aot is not None and not self._aot.record:
+            # last: the packages read the parameters in place, so no .to() may replace them after
+            self.compile_cache_loaded = self._aot.load({g: m for g, _, m in self._aot_modules()})
+            if not self.compile_cache_loaded:
+                self._warn_compiles()
+
+    _recording = False  # prepare: the calls run eagerly and are recorded for compiling
+
+    def _aot_modules(self):
+        """(graph, attribute of its compiled callable, module) of everything the fast path compiles."""
+        rows = [
+            ("vae_encoder", "vae_enc_c", self.vae_enc),
+            ("vae_decoder", "vae_dec_c", self.vae_dec),
+            ("unet_forward", "unet_f_c", self.unet_f),
+            ("unet_reverse_edit", "unet_e_c", self.unet_e),
+            ("unet_reverse", "unet_r_c", self.unet_r),
+            ("unet_reverse_source", "unet_s_c", self.unet_s),
+            ("unet_reverse_target", "unet_t_c", self.unet_t),
+        ]
+        return rows + ([("taesd_decoder", "taesd_dec_c", self.taesd_dec)] if self.taesd_dec is not None else [])
+
+    @staticmethod
+    def _warn_compiles() -> None:
+        logger.warning(
+            "no compiled graphs cached for this GPU, torch and bundle: the first edit compiles the "
+            "UNets (minutes); FastEditor.prepare(bundle) or `icd-edge prepare --fast BUNDLE` builds "
+            "them ahead for later processes"
+        )
 
     @classmethod
     def from_bundle(cls, path, **options) -> "FastEditor":
@@ -318,6 +359,7 @@ class FastEditor:
             "bundle_s": round(t_bundle, 3),
             "weights_s": round(t_weights, 3),
             "build_s": round(time.perf_counter() - t0 - t_bundle - t_weights, 3),
+            "graphs_s": fast._aot.load_s if fast._aot is not None else None,  # part of build_s
         }
         return fast
 
@@ -325,7 +367,9 @@ class FastEditor:
     def prepare(cls, path, progress: bool = True, **options) -> dict:
         """Compile every specialisation an edit session uses (invert, edit with P2P and local
         blend, an edit with the default controls, source pass and re-edit) once and save the kernels, so that a later
-        process's first edit loads them instead of compiling. Returns ``{"seconds", "entry"}``."""
+        process's first edit loads them instead of compiling. Returns ``{"seconds", "entry"}``.
+        With ``aot=True`` the passes run eagerly and each call signature they made is compiled
+        into an AOTInductor package (:mod:`icd_edge.fast.aot`) instead."""
         from tqdm import tqdm
 
         if FastOptions(**options).device.startswith("cuda") and not torch.cuda.is_available():
@@ -333,10 +377,12 @@ class FastEditor:
         t0 = time.perf_counter()
         level = logger.level
         logger.setLevel(logging.ERROR)  # "the first edit compiles": what prepare is here to do
+        cls._recording = FastOptions(**options).aot
         try:
             fast = cls.from_bundle(path, **options)
         finally:
             logger.setLevel(level)
+            cls._recording = False
         if fast._compile_cache is None:
             raise InputError("prepare needs compile=True and a compile cache (compile_cache is off)")
         hw = fast.c.image_hw  # any photo compiles the same kernels: a gradient
@@ -351,12 +397,14 @@ class FastEditor:
             ("plain edit", lambda: fast.edit_image(img, src, tgt)),
             ("re-edit", lambda: _reedit_once(fast, img, src, tgt)),
         ]
-        with tqdm(total=len(steps), desc="compiling", unit="pass", disable=not progress, file=sys.stderr) as bar:
+        desc = "recording" if fast._aot is not None else "compiling"
+        with tqdm(total=len(steps), desc=desc, unit="pass", disable=not progress, file=sys.stderr) as bar:
             for name, step in steps:
                 bar.set_postfix_str(name)
                 step()
                 bar.update(1)
-        entry = fast.save_compile_cache()
+        # AOT: every call signature the passes made, exported and compiled once each
+        entry = fast._aot.build(progress) if fast._aot is not None else fast.save_compile_cache()
         return {"seconds": round(time.perf_counter() - t0, 1), "entry": str(entry) if entry else None}
 
     def save_compile_cache(self):

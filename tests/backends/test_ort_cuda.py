@@ -427,6 +427,8 @@ def test_prepare_cli(tiny_bundle, tmp_path):
     assert bad.returncode == 2 and "--jobs" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("prepare", str(tmp_path / "nope"), env=env)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    lone = run_cli("prepare", "--aot", str(tiny_bundle), env=env)  # --aot is an option of --fast
+    assert lone.returncode == 2 and "add --fast" in lone.stderr and "Traceback" not in lone.stderr
     if importlib.util.find_spec("torch") is not None:
         import torch
 
