@@ -102,26 +102,33 @@ class FastXLEditor:
 
     @classmethod
     def from_bundle(cls, path, **options) -> "FastXLEditor":
-        """Load the fused torch weights of an SDXL bundle exported with ``--targets onnx,torch``."""
+        """Load the fused torch weights of an SDXL bundle exported with ``--targets onnx,torch``,
+        read straight onto the device in the dtypes they run in (:mod:`icd_edge.fast.weights`)."""
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         from icd_edge.bundle.store import open_bundle
+        from icd_edge.fast.weights import load_module
 
+        opts = FastOptions(**options)
+        if opts.device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+        dt = DTYPES[precision.canonical(opts.dtype, tuple(DTYPES), "dtype", param="dtype")]
+        vae_dt = DTYPES[precision.canonical(opts.vae_dtype or "fp32", tuple(DTYPES), "vae_dtype")]
         b = open_bundle(path)
         names = ("text_encoder", "text_encoder_2", "vae_encoder", "unet_forward", "unet_reverse")
         art = {g: b.artifact(g, "torch") for g in names if g in b.graphs}
         if len(art) != len(names) or any(a is None for a in art.values()):
             raise BackendUnavailable(f"bundle {b.root} has no SDXL torch weights; re-export with --targets onnx,torch")
-        load = lambda cls_, g: cls_.from_pretrained(b.path(art[g].dir), use_safetensors=True)  # noqa: E731
+        load = lambda cls_, g, d=dt: load_module(cls_, b.path(art[g].dir), opts.device, d)  # noqa: E731
         return cls(
             b,
             load(CLIPTextModel, "text_encoder"),
             load(CLIPTextModelWithProjection, "text_encoder_2"),
-            load(AutoencoderKL, "vae_encoder"),
+            load(AutoencoderKL, "vae_encoder", vae_dt),
             load(UNet2DConditionModel, "unet_forward"),
             load(UNet2DConditionModel, "unet_reverse"),
-            FastOptions(**options),
+            opts,
         )
 
     # ----------------------------------------------------------------- device side
