@@ -133,7 +133,7 @@ class AotGraphs:
         self.models = models
         self.loaded = bool(models)
         self.load_s = round(time.perf_counter() - t0, 3)
-        logger.info("%d compiled graphs loaded from %s in %.1f s", len(models), self.folder, time.perf_counter() - t0)
+        logger.info("%d compiled graphs loaded from %s in %.1f s", len(models), self.folder, self.load_s)
         return self.loaded
 
     def _drop(self, why: str) -> bool:

@@ -100,6 +100,12 @@ class TorchOps:
         return torch.stack(rows)
 
 
+def require_device(device: str) -> None:
+    """The fast path's one refusal of a CUDA device on a machine without a CUDA GPU."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+
+
 def host_noise(shapes, seed: int, rng: str) -> list[np.ndarray]:
     """Consecutive draws of ``shapes`` from one generator seeded with ``seed``: torch's own here
     (torch is loaded; icd_edge.rng reproduces it bit for bit without torch, more slowly), or
@@ -191,8 +197,7 @@ class FastEditor:
                 "exported with --taesd and --targets onnx,torch)",
                 param="decoder",
             )
-        if options.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+        require_device(options.device)
         dtype = precision.canonical(options.dtype, tuple(DTYPES), "dtype", param="dtype")
         self.opt = options
         if options.device.startswith("cuda"):
@@ -325,8 +330,7 @@ class FastEditor:
         from icd_edge.fast.weights import load_module
 
         opts = FastOptions(**options)
-        if opts.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+        require_device(opts.device)  # before any weights move
         dtype = DTYPES[precision.canonical(opts.dtype, tuple(DTYPES), "dtype", param="dtype")]
         t0 = time.perf_counter()
         b = open_bundle(path)
@@ -372,8 +376,7 @@ class FastEditor:
         into an AOTInductor package (:mod:`icd_edge.fast.aot`) instead."""
         from tqdm import tqdm
 
-        if FastOptions(**options).device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+        require_device(FastOptions(**options).device)
         t0 = time.perf_counter()
         level = logger.level
         logger.setLevel(logging.ERROR)  # "the first edit compiles": what prepare is here to do

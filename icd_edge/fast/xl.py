@@ -18,7 +18,7 @@ from icd_edge import precision
 from icd_edge.edit import loop
 from icd_edge.edit.validate import check_prompt, check_range, check_rng, check_seed
 from icd_edge.errors import BackendUnavailable, InputError
-from icd_edge.fast.editor import DTYPES, FastOptions, TorchOps, host_noise, launch
+from icd_edge.fast.editor import DTYPES, FastOptions, TorchOps, host_noise, launch, require_device
 from icd_edge.graphs.wrappers import TextEncoderXLGraph, UNetXLGraph, VaeDecoderGraph, VaeEncoderXLGraph
 from icd_edge.image import image_to_uint8, load_image
 from icd_edge.tokenizer import ClipTokenizer
@@ -48,8 +48,7 @@ class FastXLEditor:
         m = bundle.manifest
         if m.family != "sdxl":
             raise InputError(f"FastXLEditor runs SDXL bundles; {bundle.root} is {m.family} (use FastEditor)")
-        if options.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+        require_device(options.device)
         dtype = precision.canonical(options.dtype, tuple(DTYPES), "dtype", param="dtype")
         self.opt, self.bundle = options, bundle
         if options.device.startswith("cuda"):
@@ -111,8 +110,7 @@ class FastXLEditor:
         from icd_edge.fast.weights import load_module
 
         opts = FastOptions(**options)
-        if opts.device.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendUnavailable("the fast torch path needs a CUDA GPU (torch.cuda.is_available() is False)")
+        require_device(opts.device)  # before any weights move
         dt = DTYPES[precision.canonical(opts.dtype, tuple(DTYPES), "dtype", param="dtype")]
         vae_dt = DTYPES[precision.canonical(opts.vae_dtype or "fp32", tuple(DTYPES), "vae_dtype")]
         b = open_bundle(path)
