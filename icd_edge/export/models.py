@@ -16,6 +16,7 @@ import torch
 
 from icd_edge.errors import ExportError
 from icd_edge.export import lora as lora_mod
+from icd_edge.export import paging
 from icd_edge.schedule import (
     FORWARD_POINTS,
     REVERSE_POINTS,
@@ -419,7 +420,7 @@ def _random_pair(teacher, work: Path, points, rank: int, seed: int, unet_weights
     fwd_points, rev_points = points
     fwd_file = write_random_lora(teacher, work / _lora_name("forward", fwd_points), rank, seed + 1, std=0.02)
     rev_file = write_random_lora(teacher, work / _lora_name("reverse", rev_points), rank, seed + 2, std=0.02)
-    unet_forward, unet_reverse, facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights, lora_rounding)
+    unet_forward, unet_reverse, facts = _fuse_pair(teacher, fwd_file, rev_file, unet_weights, lora_rounding, work)
     return unet_forward, unet_reverse, step_config(fwd_points, rev_points), facts
 
 
@@ -472,26 +473,37 @@ def build_random(
     )
 
 
-def _fuse_pair(teacher, forward_file: Path, reverse_file: Path, unet_weights: str = "fused", rounding: str = "fp16"):
+def _fuse_pair(
+    teacher,
+    forward_file: Path,
+    reverse_file: Path,
+    unet_weights: str = "fused",
+    rounding: str = "fp16",
+    work: Path | None = None,
+):
     """(forward UNet, reverse UNet, facts): LoRAs fused into copies of the teacher, or attached as
-    low-rank branches over identical teacher weights (``shared-base``)."""
-    import copy
+    low-rank branches over identical teacher weights (``shared-base``).
 
+    With ``work``, the teacher is paged out to a file there first, the reverse UNet maps the same
+    file instead of being a deep copy, and each fused UNet is paged out again: the weights are never
+    in ordinary memory more than once (a full-size SDXL pair is 2 × 10.3 GB in float32)."""
     load = lora_mod.load_and_fuse if unet_weights == "fused" else lora_mod.load_as_branches
     unet_forward = teacher
-    unet_reverse = copy.deepcopy(teacher)
-    facts = {
-        "forward": {
-            "file": forward_file.name,
-            "sha256": _sha(forward_file),
-            **load(unet_forward, forward_file, rounding=rounding),
-        },
-        "reverse": {
-            "file": reverse_file.name,
-            "sha256": _sha(reverse_file),
-            **load(unet_reverse, reverse_file, rounding=rounding),
-        },
-    }
+    if work is None:
+        import copy
+
+        unet_reverse = copy.deepcopy(teacher)
+    else:
+        paging.page_out(teacher, work / "teacher.pt")
+        unet_reverse = paging.twin(teacher)
+    facts = {}
+    for kind, unet, path in (("forward", unet_forward, forward_file), ("reverse", unet_reverse, reverse_file)):
+        facts[kind] = {"file": path.name, "sha256": _sha(path), **load(unet, path, rounding=rounding)}
+        if work is not None and unet_weights == "fused":  # fusing wrote into the mapped weights
+            paging.mark_dirty(unet)
+            paging.page_out(unet, work / f"unet_{kind}.pt")
+    if work is not None and unet_weights == "fused":  # neither UNet maps the teacher's file now
+        (work / "teacher.pt").unlink()
     return unet_forward.eval(), unet_reverse.eval(), facts
 
 
@@ -633,7 +645,7 @@ def load_icd_sd15(
     )
     vae = _from_pretrained(AutoencoderKL, base, revision, "VAE", "--base DIR", subfolder="vae")
     unet = load_teacher(teacher, revision, base)
-    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights, lora_rounding)
+    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights, lora_rounding, work)
     tok_dir = work / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.backend_tokenizer.save(str(tok_dir / "tokenizer.json"))
@@ -683,7 +695,7 @@ def load_icd_sdxl(
     ):
         parts[sub] = _from_pretrained(cls, base, revision, sub.replace("_", " "), "--base DIR", subfolder=sub)
     unet = load_teacher(teacher, revision, base)
-    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights, lora_rounding)
+    unet_forward, unet_reverse, facts = _fuse_pair(unet, fwd_path, rev_path, unet_weights, lora_rounding, work)
     tok_files = []
     if _pad_token(parts["tokenizer"]) is not None:
         raise ExportError(f"the base's first tokenizer pads with {parts['tokenizer'].pad_token!r}, not its end token")

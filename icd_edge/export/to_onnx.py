@@ -28,7 +28,6 @@ from icd_edge.atomic import scratch_dir
 from icd_edge.bundle.schema import Artifact, Int8Scheme
 from icd_edge.errors import ExportError
 from icd_edge.graphs.wrappers import HalfGraph
-from icd_edge.memory import trim_heap as _trim_heap
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +73,34 @@ class WeightStore:
                 entry = fresh.external_data.add()
                 entry.key, entry.value = k, v
             tensor.CopyFrom(fresh)
+
+    def externalize_ir(self, model) -> None:
+        """:meth:`externalize` for an ``onnx_ir`` model, before it becomes a proto: each tensor's
+        bytes go to this file one at a time, where serialising first would hold a second copy of
+        every weight (10 GB for a float32 SDXL UNet)."""
+        import onnx_ir as ir
+
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if tensor is None:
+                    continue
+                if isinstance(tensor, ir.ExternalTensor):
+                    raise ExportError(f"initializer {value.name} still points to external data; load it first")
+                raw = tensor.tobytes()
+                if len(raw) <= INLINE_MAX_BYTES:
+                    continue
+                offset, length = self.put(raw)
+                del raw
+                value.const_value = ir.ExternalTensor(
+                    self.path.name,
+                    offset,
+                    length,
+                    tensor.dtype,
+                    shape=tensor.shape,
+                    name=value.name,
+                    base_dir=self.path.parent,
+                )
 
     def close(self) -> None:
         if not self._f.closed:
@@ -213,9 +240,9 @@ def write_program(program, out_path: Path, store: WeightStore) -> None:
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         program.optimize()
-        model = program.model_proto
+    store.externalize_ir(program.model)
+    model = program.model_proto
     strip_debug_metadata(model.graph)
-    store.externalize(model)
     onnx.save_model(model, str(out_path))
     del model
     try:
@@ -421,27 +448,19 @@ def _convert_all(ctx, scratch: Path, precisions: dict[str, str], groups: dict[st
 
 
 def _page_out_modules(ctx, scratch: Path) -> None:
-    """Move the torch modules' tensors into memory-mapped files in ``scratch``.
-
-    The tensors keep their values (parity still runs on them), but their pages become clean
-    file-backed memory that the kernel can drop while a quantiser needs the RAM and read back
-    afterwards. Modules shared by several graphs are paged out once.
-    """
-    import gc
+    """Page the torch modules out to memory-mapped files in ``scratch`` (:mod:`icd_edge.export.paging`):
+    they keep their values for parity, but the kernel can drop their pages while a quantiser needs
+    the RAM. Modules shared by several graphs, or paged out already when loaded, are skipped."""
+    from icd_edge.export import paging
 
     seen: set[int] = set()
     for i, module in enumerate(m for m in _source_modules(ctx) if id(m) not in seen and not seen.add(id(m))):
-        path = scratch / f"paged_{i}.pt"
-        state = module.state_dict(keep_vars=False)
-        torch.save(state, path)
-        del state
-        module.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
-    gc.collect()
-    _trim_heap()
+        if paging.paged_file(module) is None:
+            paging.page_out(module, scratch / f"paged_{i}.pt")
 
 
 def _source_modules(ctx):
-    for name in ("text_encoder", "vae", "unet_forward", "unet_reverse"):
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet_forward", "unet_reverse"):
         m = getattr(ctx.src, name, None)
         if isinstance(m, torch.nn.Module):
             yield m

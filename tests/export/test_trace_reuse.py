@@ -105,3 +105,31 @@ def test_modules_that_trace_differently_do_not_match(tiny_graphs):
     template = Template.of(trace_graph(fwd, args, INPUTS, ["eps"], "unet_forward", 18), fwd)
     with pytest.raises(ExportError, match="structure differs"):
         retarget(template, other)
+
+
+def test_weights_externalised_before_serialising_equal_the_proto_path(tmp_path):
+    """write_program moves each tensor to the weight file from the IR model (no second copy of the
+    weights in a proto): same bytes, offsets and graph as externalising the serialised proto."""
+    import onnx
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(64, 64)
+    module = torch.nn.Sequential(shared, torch.nn.ReLU(), shared, torch.nn.Linear(64, 3)).eval()
+    args = (torch.randn(2, 64),)
+    program = trace_graph(module, args, ["x"], ["y"], "toy", 18)
+    program.optimize()
+    proto = program.model_proto
+    old = WeightStore(tmp_path / "old.weights")
+    old.externalize(proto)
+    old.close()
+    new = WeightStore(tmp_path / "new.weights")
+    new.externalize_ir(program.model)
+    new.close()
+    assert (tmp_path / "old.weights").read_bytes() == (tmp_path / "new.weights").read_bytes()
+    got = program.model_proto
+    assert got.graph.SerializeToString() == proto.graph.SerializeToString().replace(b"old.weights", b"new.weights")
+    external = [t for t in got.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and not any(t.raw_data for t in external)
+    onnx.save_model(got, str(tmp_path / "toy.onnx"))
+    ref = module(*args).detach().numpy()
+    np.testing.assert_allclose(_run(tmp_path / "toy.onnx", {"x": args[0].numpy()}), ref, rtol=1e-5, atol=1e-6)
