@@ -164,6 +164,9 @@ def calibrate_ranges(src: Path, calibration: list[dict], op_types, exclude=()) -
     so.enable_mem_pattern = False
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    # the weights stay memory-mapped file pages: packed copies of them would double the session's
+    # memory (20 GB of anonymous memory for a float32 SDXL UNet, 0.1 GB without; same run time)
+    so.add_session_config_entry("session.disable_prepacking", "1")
     # the augmented graph is passed as bytes; its weights are read from the original files
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(src.parent.resolve()))
     blob = model.SerializeToString()
