@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -19,7 +20,9 @@ import torch
 from icd_edge.errors import ExportError
 from icd_edge.memory import trim_heap
 
-_PAGED = "_icd_edge_paged_to"
+# module -> the file its tensors map; kept outside the module, whose attributes the trace reuse
+# compares (same_structure): a per-module path there would make the two UNets differ
+_PAGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def page_out(module: torch.nn.Module, path: Path) -> None:
@@ -41,7 +44,7 @@ def page_out(module: torch.nn.Module, path: Path) -> None:
         ) from None
     del state
     module.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True)
-    setattr(module, _PAGED, str(path))
+    _PAGED[module] = str(path)
     gc.collect()
     trim_heap()
 
@@ -56,13 +59,12 @@ def _no_room(path: Path, need: int, free: int) -> str:
 
 def paged_file(module: torch.nn.Module) -> str | None:
     """The file ``module`` was paged out to, if its tensors are still that file's views."""
-    return getattr(module, _PAGED, None)
+    return _PAGED.get(module)
 
 
 def mark_dirty(module: torch.nn.Module) -> None:
     """``module``'s tensors were changed in place (their touched pages are ordinary memory again)."""
-    if hasattr(module, _PAGED):
-        delattr(module, _PAGED)
+    _PAGED.pop(module, None)
 
 
 def twin(module: torch.nn.Module) -> torch.nn.Module:
@@ -78,5 +80,5 @@ def twin(module: torch.nn.Module) -> torch.nn.Module:
     out.load_state_dict(torch.load(path, mmap=True, weights_only=True), assign=True, strict=True)
     if any(t.is_meta for t in [*out.parameters(), *out.buffers()]):
         raise RuntimeError("twin(): a tensor of the module is not in its state dict")
-    setattr(out, _PAGED, path)
+    _PAGED[out] = path
     return out

@@ -57,6 +57,7 @@ def test_lean_pair_equals_the_deep_copy_pair(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from icd_edge.export.models import _fuse_pair, tiny_configs, write_random_lora
+    from icd_edge.export.to_onnx import same_structure
 
     def teacher():
         torch.manual_seed(0)
@@ -74,6 +75,8 @@ def test_lean_pair_equals_the_deep_copy_pair(tmp_path):
             sa, sb = a.state_dict(), b.state_dict()
             assert sa.keys() == sb.keys()
             assert all(torch.equal(sa[k], sb[k]) for k in sa), weights
+        # the exporter reuses the forward trace for the reverse UNet only if they still match
+        assert same_structure(b_fwd, b_rev), weights
         # the LoRAs differ, so forward and reverse must too (a twin that aliased would not)
         sf, sr = b_fwd.state_dict(), b_rev.state_dict()
         assert any(not torch.equal(sf[k], sr[k]) for k in sf), weights
